@@ -1,0 +1,225 @@
+//! Tollgate's own API keys: generated here, stored only as SHA-256 hashes, looked up in memory.
+//!
+//! Keys carry 192 random bits, so a plain SHA-256 is the right hash: it cannot be brute-forced
+//! and costs well under a microsecond per request (a password hash would cost milliseconds).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use sha2::{Digest, Sha256};
+
+use crate::config::KeyConfig;
+use crate::routing::glob_match;
+
+pub const KEY_PREFIX: &str = "tg-";
+
+pub type KeyHash = [u8; 32];
+
+pub fn hash_key(key: &[u8]) -> KeyHash {
+    Sha256::digest(key).into()
+}
+
+/// A fresh key and the `sha256:` hash to put in the config.
+pub fn generate_key() -> (String, String) {
+    let bytes: [u8; 24] = rand::random();
+    let key = format!("{KEY_PREFIX}{}", hex::encode(bytes));
+    let hash = format!("sha256:{}", hex::encode(hash_key(key.as_bytes())));
+    (key, hash)
+}
+
+pub fn parse_key_hash(s: &str) -> Result<KeyHash, String> {
+    let hex_part = s.strip_prefix("sha256:").ok_or_else(|| {
+        "a key hash looks like `sha256:<64 hex digits>` (see `tollgate keys new`)".to_string()
+    })?;
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_part, &mut out)
+        .map_err(|_| "a key hash needs exactly 64 hex digits after `sha256:`".to_string())?;
+    Ok(out)
+}
+
+pub fn parse_expiry(dt: &toml::value::Datetime) -> Result<SystemTime, String> {
+    use toml::value::Offset;
+    let (Some(date), Some(time), Some(offset)) = (dt.date, dt.time, dt.offset) else {
+        return Err(
+            "an expiry needs a date, a time and an offset, e.g. 2027-01-31T00:00:00Z".into(),
+        );
+    };
+    let offset_minutes = match offset {
+        Offset::Z => 0,
+        Offset::Custom { minutes } => i64::from(minutes),
+    };
+    let days = days_from_civil(
+        i64::from(date.year),
+        i64::from(date.month),
+        i64::from(date.day),
+    );
+    let secs = days * 86_400
+        + i64::from(time.hour) * 3600
+        + i64::from(time.minute) * 60
+        + i64::from(time.second)
+        - offset_minutes * 60;
+    let secs = u64::try_from(secs).map_err(|_| format!("expiry {dt} is before 1970"))?;
+    Ok(SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, time.nanosecond))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Who is calling: the key and the people it belongs to.
+#[derive(Debug)]
+pub struct ApiKey {
+    pub id: String,
+    pub user: Option<String>,
+    pub team: Option<String>,
+    /// Globs over public model names; `None` allows every model.
+    pub models: Option<Vec<String>>,
+    pub expires: Option<SystemTime>,
+    pub disabled: bool,
+}
+
+impl ApiKey {
+    pub fn allows(&self, public_name: &str, requested: &str) -> bool {
+        match &self.models {
+            None => true,
+            Some(list) => list
+                .iter()
+                .any(|g| glob_match(g, public_name) || glob_match(g, requested)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("no API key: send it in the x-api-key header or as Authorization: Bearer")]
+    Missing,
+    #[error("invalid API key")]
+    Unknown,
+    #[error("API key {0:?} is disabled")]
+    Disabled(String),
+    #[error("API key {0:?} has expired")]
+    Expired(String),
+}
+
+#[derive(Debug, Default)]
+pub struct KeyStore {
+    by_hash: HashMap<KeyHash, Arc<ApiKey>>,
+}
+
+impl KeyStore {
+    pub fn from_config(keys: &[KeyConfig]) -> Result<Self, String> {
+        let mut by_hash = HashMap::with_capacity(keys.len());
+        for k in keys {
+            let hash = parse_key_hash(k.hash.get_ref())?;
+            let key = ApiKey {
+                id: k.id.get_ref().clone(),
+                user: k.user.clone(),
+                team: k.team.clone(),
+                models: k.models.clone(),
+                expires: k
+                    .expires
+                    .as_ref()
+                    .map(|e| parse_expiry(e.get_ref()))
+                    .transpose()?,
+                disabled: k.disabled,
+            };
+            if by_hash.insert(hash, Arc::new(key)).is_some() {
+                return Err(format!(
+                    "key {:?} has the same hash as another key",
+                    k.id.get_ref()
+                ));
+            }
+        }
+        Ok(KeyStore { by_hash })
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+
+    /// Finds and checks the key presented by a client.
+    pub fn authenticate(
+        &self,
+        presented: Option<&[u8]>,
+        now: SystemTime,
+    ) -> Result<Arc<ApiKey>, AuthError> {
+        let presented = presented
+            .filter(|p| !p.is_empty())
+            .ok_or(AuthError::Missing)?;
+        let key = self
+            .by_hash
+            .get(&hash_key(presented))
+            .ok_or(AuthError::Unknown)?;
+        if key.disabled {
+            return Err(AuthError::Disabled(key.id.clone()));
+        }
+        if key.expires.is_some_and(|e| e <= now) {
+            return Err(AuthError::Expired(key.id.clone()));
+        }
+        Ok(key.clone())
+    }
+}
+
+/// The key a client presented: `x-api-key` (Claude Code's `ANTHROPIC_API_KEY`) or
+/// `Authorization: Bearer` (`ANTHROPIC_AUTH_TOKEN`, the SDKs' `auth_token`).
+pub fn presented_key<'a>(
+    x_api_key: Option<&'a [u8]>,
+    authorization: Option<&'a [u8]>,
+) -> Option<&'a [u8]> {
+    if let Some(k) = x_api_key.filter(|k| !k.is_empty()) {
+        return Some(k.trim_ascii());
+    }
+    let auth = authorization?.trim_ascii();
+    let scheme = auth.get(..7)?;
+    scheme
+        .eq_ignore_ascii_case(b"bearer ")
+        .then(|| auth[7..].trim_ascii())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_key_matches_its_hash() {
+        let (key, hash) = generate_key();
+        assert!(key.starts_with("tg-") && key.len() == 3 + 48);
+        assert_eq!(parse_key_hash(&hash).unwrap(), hash_key(key.as_bytes()));
+    }
+
+    #[test]
+    fn presented_key_sources() {
+        assert_eq!(
+            presented_key(Some(b"a"), Some(b"Bearer b")),
+            Some(&b"a"[..])
+        );
+        assert_eq!(presented_key(None, Some(b"bearer  b ")), Some(&b"b"[..]));
+        assert_eq!(presented_key(None, Some(b"Basic xyz")), None);
+        assert_eq!(presented_key(Some(b""), None), None);
+    }
+
+    #[test]
+    fn expiry_parses_utc() {
+        let dt: toml::value::Datetime = "2027-01-31T00:00:00Z".parse().unwrap();
+        let t = parse_expiry(&dt).unwrap();
+        assert_eq!(
+            humantime::format_rfc3339(t).to_string(),
+            "2027-01-31T00:00:00Z"
+        );
+        let dt: toml::value::Datetime = "2027-01-31T02:00:00+02:00".parse().unwrap();
+        assert_eq!(parse_expiry(&dt).unwrap(), t);
+        let local: toml::value::Datetime = "2027-01-31T00:00:00".parse().unwrap();
+        assert!(parse_expiry(&local).is_err());
+    }
+}

@@ -1,0 +1,230 @@
+//! Reading the file and checking what serde cannot: addresses, references between tables,
+//! duplicates. Every error carries the place in the file it is about.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+
+use super::Config;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based; 0 when the error is about the file as a whole.
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.message
+            )
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        line: 0,
+        column: 0,
+        message: format!("cannot read the config file: {e}"),
+    })?;
+    load_str(&text, &file)
+}
+
+/// Parses and validates config text; `file` names it in errors.
+pub fn load_str(text: &str, file: &str) -> Result<Config, ConfigError> {
+    let at = |span: Option<Range<usize>>, message: String| {
+        let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+        ConfigError {
+            file: file.to_string(),
+            line,
+            column,
+            message,
+        }
+    };
+    let config: Config = toml::from_str(text).map_err(|e| at(e.span(), e.message().to_string()))?;
+    validate(&config).map_err(|(span, msg)| at(Some(span), msg))?;
+    Ok(config)
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
+    (line, column)
+}
+
+type Invalid = (Range<usize>, String);
+
+fn validate(c: &Config) -> Result<(), Invalid> {
+    if c.listeners.is_empty() {
+        return Err((0..0, "at least one [[listener]] is needed".into()));
+    }
+    let mut addresses = HashSet::new();
+    let admin = c.admin.iter().map(|a| &a.address);
+    for addr in c.listeners.iter().map(|l| &l.address).chain(admin) {
+        let parsed: SocketAddr = addr.get_ref().parse().map_err(|_| {
+            (
+                addr.span(),
+                format!("{:?} is not an IP:port address", addr.get_ref()),
+            )
+        })?;
+        if !addresses.insert(parsed) {
+            return Err((addr.span(), format!("address {parsed} is used twice")));
+        }
+    }
+    if c.server.threads == 0 {
+        return Err((0..0, "server.threads must be at least 1".into()));
+    }
+
+    let mut providers = HashSet::new();
+    for p in &c.providers {
+        if !providers.insert(p.name.get_ref().as_str()) {
+            return Err((
+                p.name.span(),
+                format!("provider {:?} is defined twice", p.name.get_ref()),
+            ));
+        }
+        crate::providers::UpstreamUrl::parse(p.base_url.get_ref())
+            .map_err(|e| (p.base_url.span(), e))?;
+    }
+
+    let mut names = HashSet::new();
+    for m in &c.models {
+        for n in std::iter::once(&m.name).chain(&m.aliases) {
+            if !names.insert(n.get_ref().as_str()) {
+                return Err((
+                    n.span(),
+                    format!("model name {:?} is used twice", n.get_ref()),
+                ));
+            }
+        }
+        if m.deployments.is_empty() {
+            return Err((
+                m.name.span(),
+                format!("model {:?} has no deployments", m.name.get_ref()),
+            ));
+        }
+        for d in &m.deployments {
+            if !providers.contains(d.provider.get_ref().as_str()) {
+                return Err((
+                    d.provider.span(),
+                    format!(
+                        "deployment names provider {:?}, which is not defined",
+                        d.provider.get_ref()
+                    ),
+                ));
+            }
+        }
+    }
+
+    let mut ids = HashSet::new();
+    for k in &c.keys {
+        if !ids.insert(k.id.get_ref().as_str()) {
+            return Err((
+                k.id.span(),
+                format!("key id {:?} is used twice", k.id.get_ref()),
+            ));
+        }
+        crate::auth::parse_key_hash(k.hash.get_ref()).map_err(|e| (k.hash.span(), e))?;
+        if let Some(exp) = &k.expires {
+            crate::auth::parse_expiry(exp.get_ref()).map_err(|e| (exp.span(), e))?;
+        }
+    }
+
+    for p in &c.prices {
+        let rates = [
+            p.input,
+            p.output,
+            p.cache_read,
+            p.cache_write_5m,
+            p.cache_write_1h,
+        ];
+        if rates.iter().any(|r| !r.is_finite() || *r < 0.0) {
+            return Err((
+                0..0,
+                format!(
+                    "price for {:?}: rates must be non-negative numbers",
+                    p.pattern
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[listener]]
+address = "127.0.0.1:8080"
+
+[[provider]]
+name = "anthropic"
+kind = "anthropic"
+base_url = "https://api.anthropic.com"
+credential = "env:ANTHROPIC_API_KEY"
+
+[[model]]
+name = "claude-sonnet-4-5"
+deployments = [{ provider = "anthropic" }]
+"#;
+
+    #[test]
+    fn minimal_loads() {
+        let c = load_str(MINIMAL, "t.toml").unwrap();
+        assert_eq!(c.models[0].deployments[0].provider.get_ref(), "anthropic");
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_position() {
+        let text = MINIMAL.replace(
+            "kind = \"anthropic\"",
+            "kind = \"anthropic\"\nbase_ulr = \"x\"",
+        );
+        let e = load_str(&text, "t.toml").unwrap_err();
+        assert!(e.message.contains("unknown field `base_ulr`"), "{e}");
+        assert_eq!((e.line, e.column), (8, 1), "{e}");
+    }
+
+    #[test]
+    fn undefined_provider_points_at_reference() {
+        let text = MINIMAL.replace(
+            "{ provider = \"anthropic\" }",
+            "{ provider = \"antropic\" }",
+        );
+        let e = load_str(&text, "t.toml").unwrap_err();
+        assert!(e.message.contains("\"antropic\""), "{e}");
+        assert_eq!((e.line, e.column), (13, 29), "{e}");
+    }
+
+    #[test]
+    fn inline_secret_is_refused() {
+        let text = MINIMAL.replace("env:ANTHROPIC_API_KEY", "sk-ant-secret");
+        let e = load_str(&text, "t.toml").unwrap_err();
+        assert!(e.message.contains("must be a reference"), "{e}");
+        assert!(!e.to_string().contains("sk-ant-secret"));
+    }
+}

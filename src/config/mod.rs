@@ -1,0 +1,245 @@
+//! The TOML configuration: its schema (this file), secret references, and loading with errors
+//! that point at `file:line:column`.
+
+mod load;
+mod secret;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+pub use load::{load, load_str, ConfigError};
+pub use secret::{Secret, SecretRef};
+
+/// The whole file. Every table refuses fields it does not know, naming them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default, rename = "provider")]
+    pub providers: Vec<ProviderConfig>,
+    #[serde(default, rename = "model")]
+    pub models: Vec<ModelConfig>,
+    #[serde(default, rename = "key")]
+    pub keys: Vec<KeyConfig>,
+    /// Price overrides, same shape as the shipped table; they win over it.
+    #[serde(default, rename = "price")]
+    pub prices: Vec<PriceConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Worker threads for the proxy service.
+    pub threads: usize,
+    /// How long in-flight requests may run after SIGTERM before the process stops.
+    #[serde(deserialize_with = "duration")]
+    pub grace_period: Duration,
+    /// Request bodies larger than this are refused with 413.
+    pub max_body_bytes: usize,
+    /// Idle upstream connections kept for reuse, across all providers.
+    pub upstream_pool_size: usize,
+    /// Where a new process started with `--upgrade` takes the listening sockets from.
+    pub upgrade_socket: PathBuf,
+    pub pid_file: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            threads: 2,
+            grace_period: Duration::from_secs(300),
+            max_body_bytes: 32 << 20,
+            upstream_pool_size: 256,
+            upgrade_socket: PathBuf::from("/tmp/tollgate-upgrade.sock"),
+            pid_file: PathBuf::from("/tmp/tollgate.pid"),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub address: Spanned<String>,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub address: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// JSON lines, one usage record per request. Relative paths are taken from the working
+    /// directory.
+    pub path: PathBuf,
+    /// Records waiting to be written; when full, new records are dropped and counted.
+    pub queue_capacity: usize,
+    /// Buffered records reach the file at least this often.
+    #[serde(deserialize_with = "duration")]
+    pub flush_interval: Duration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            path: PathBuf::from("tollgate-audit.jsonl"),
+            queue_capacity: 65536,
+            flush_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Anthropic,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub name: Spanned<String>,
+    pub kind: ProviderKind,
+    pub base_url: Spanned<String>,
+    pub credential: Spanned<SecretRef>,
+    /// Extra CA certificates (PEM) trusted for this provider instead of the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Until the response header arrives. Non-streamed answers of long generations come late.
+    #[serde(default = "default_first_byte_timeout", deserialize_with = "duration")]
+    pub first_byte_timeout: Duration,
+    /// Longest silence between two body reads.
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// How long an unused pooled connection is kept.
+    #[serde(default = "default_pool_idle", deserialize_with = "duration")]
+    pub pool_idle_timeout: Duration,
+    /// How often the host name is resolved again.
+    #[serde(default = "default_dns_refresh", deserialize_with = "duration")]
+    pub dns_refresh: Duration,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_first_byte_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_pool_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_dns_refresh() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The public name clients send.
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub aliases: Vec<Spanned<String>>,
+    /// Globs (`*` matches any run of characters) for names that route here.
+    #[serde(default)]
+    pub patterns: Vec<Spanned<String>>,
+    /// Tried in order; the first is the primary.
+    pub deployments: Vec<DeploymentConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentConfig {
+    pub provider: Spanned<String>,
+    /// The provider's model id. When absent, the name the client sent goes through unchanged.
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    pub id: Spanned<String>,
+    /// `sha256:<hex>`, as `tollgate keys new` prints it.
+    pub hash: Spanned<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub team: Option<String>,
+    /// Public model names or globs this key may use; all models when absent.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    #[serde(default)]
+    pub expires: Option<Spanned<toml::value::Datetime>>,
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+/// USD per million tokens for each token class.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    /// An exact model id, or a glob where `*` matches any run of characters.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub input: f64,
+    pub output: f64,
+    pub cache_read: f64,
+    pub cache_write_5m: f64,
+    pub cache_write_1h: f64,
+    #[serde(default)]
+    pub long_context: Option<LongContextConfig>,
+}
+
+/// Rates for the whole request when its prompt exceeds `threshold` tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LongContextConfig {
+    pub threshold: u64,
+    pub input: f64,
+    pub output: f64,
+    pub cache_read: f64,
+    pub cache_write_5m: f64,
+    pub cache_write_1h: f64,
+}
+
+/// The shipped price table's file shape.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceFile {
+    #[serde(default)]
+    pub price: Vec<PriceConfig>,
+}
+
+/// Durations are written as `"10s"`, `"5m"`, `"250ms"`.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!("invalid duration {s:?}: {e} (write e.g. \"30s\")"))
+    })
+}

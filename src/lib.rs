@@ -1,0 +1,17 @@
+//! Tollgate: an LLM gateway for Anthropic-format traffic, built on Pingora.
+//!
+//! The request path lives in [`proxy`]; the pure pieces it calls (wire formats, routing,
+//! pricing) are in their own modules so they can be tested and benchmarked without I/O.
+
+pub mod admin;
+pub mod audit;
+pub mod auth;
+pub mod config;
+pub mod metering;
+pub mod metrics;
+pub mod mock;
+pub mod protocol;
+pub mod providers;
+pub mod proxy;
+pub mod routing;
+pub mod server;

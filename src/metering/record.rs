@@ -1,0 +1,60 @@
+//! The usage record: one per request, written to the audit log (and later the ledger).
+
+use std::time::SystemTime;
+
+use serde::{Serialize, Serializer};
+
+use crate::protocol::usage::Usage;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The provider's answer reached the client whole.
+    Complete,
+    /// The answer started but was cut short (client gone, upstream broke off, timeout).
+    Incomplete,
+    /// The provider answered with an error status, passed on to the client.
+    UpstreamError,
+    /// The gateway refused the request itself (auth, validation, unknown model).
+    Rejected,
+    /// The gateway could not get an answer from any provider.
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UsageRecord {
+    pub request_id: String,
+    #[serde(serialize_with = "rfc3339")]
+    pub time: SystemTime,
+    pub key_id: Option<String>,
+    pub user: Option<String>,
+    pub team: Option<String>,
+    pub client_ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub session_id: Option<String>,
+    pub method: String,
+    pub path: String,
+    pub requested_model: Option<String>,
+    /// The public model name the request resolved to.
+    pub model: Option<String>,
+    pub provider: Option<String>,
+    pub provider_model: Option<String>,
+    pub upstream_status: Option<u16>,
+    pub status: u16,
+    pub stream: bool,
+    pub usage: Usage,
+    /// Exact cost in nano-dollars (1e-9 USD); `cost_usd` is the same for people.
+    pub cost_nanos: u64,
+    pub cost_usd: f64,
+    /// False when the model had no price: the cost is then 0 and must not be trusted.
+    pub priced: bool,
+    pub latency_ms: f64,
+    pub ttfb_ms: Option<f64>,
+    pub outcome: Outcome,
+    /// Why the request did not complete, when it did not.
+    pub error: Option<String>,
+}
+
+fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}

@@ -1,0 +1,127 @@
+//! Prometheus metrics. Labels are bounded: public model names and teams come from the config,
+//! providers likewise; raw keys and client-supplied model names never become labels.
+
+use prometheus::{
+    CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub tokens: IntCounterVec,
+    pub cost_usd: CounterVec,
+    pub duration: HistogramVec,
+    pub ttfb: HistogramVec,
+    pub in_flight: IntGauge,
+    pub upstream_errors: IntCounterVec,
+    pub unpriced: IntCounterVec,
+    pub audit_dropped: IntCounter,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tollgate_requests_total",
+                "Requests handled, by final status class",
+            ),
+            &["model", "provider", "status_class", "team"],
+        )
+        .unwrap();
+        let tokens = IntCounterVec::new(
+            Opts::new("tollgate_tokens_total", "Tokens metered, by class"),
+            &["model", "provider", "team", "class"],
+        )
+        .unwrap();
+        let cost_usd = CounterVec::new(
+            Opts::new("tollgate_cost_usd_total", "Metered cost in USD"),
+            &["model", "provider", "team"],
+        )
+        .unwrap();
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_request_duration_seconds",
+                "Whole request, first byte in to last byte out",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["model", "provider", "stream"],
+        )
+        .unwrap();
+        let ttfb = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_time_to_first_byte_seconds",
+                "Request start to the first response body byte sent",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["model", "provider", "stream"],
+        )
+        .unwrap();
+        let in_flight =
+            IntGauge::new("tollgate_in_flight_requests", "Requests being handled now").unwrap();
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "tollgate_upstream_errors_total",
+                "Failed upstream exchanges, by kind",
+            ),
+            &["provider", "kind"],
+        )
+        .unwrap();
+        let unpriced = IntCounterVec::new(
+            Opts::new(
+                "tollgate_unpriced_requests_total",
+                "Requests metered for a model with no price",
+            ),
+            &["model", "provider"],
+        )
+        .unwrap();
+        let audit_dropped = IntCounter::new(
+            "tollgate_audit_dropped_total",
+            "Usage records dropped because the audit queue was full",
+        )
+        .unwrap();
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tokens.clone()),
+            Box::new(cost_usd.clone()),
+            Box::new(duration.clone()),
+            Box::new(ttfb.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(upstream_errors.clone()),
+            Box::new(unpriced.clone()),
+            Box::new(audit_dropped.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            requests,
+            tokens,
+            cost_usd,
+            duration,
+            ttfb,
+            in_flight,
+            upstream_errors,
+            unpriced,
+            audit_dropped,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        use prometheus::Encoder;
+        let mut out = Vec::with_capacity(16 << 10);
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,378 @@
+//! A mock Anthropic provider for tests and benchmarks. It speaks the Messages wire format
+//! (JSON and SSE with the real event sequence and usage), records what it receives, and can be
+//! told to fail, to delay chunks, or to cut a stream.
+//!
+//! Behaviour comes from [`Behavior`] (set by the test) and can be overridden per request with
+//! headers, which pass through the gateway untouched:
+//! `x-mock-status` (answer this status with an Anthropic error body), `x-mock-delay-ms` (pause
+//! between SSE events), `x-mock-cut-after` (close the connection after this many events),
+//! `x-mock-deltas` (number of text deltas), `x-mock-usage` (JSON usage object to report).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::protocol::json_peek::peek_request;
+
+/// Usage the mock reports, per token class.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MockUsage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_input_tokens: u64,
+    pub cache_creation_5m_input_tokens: u64,
+    pub cache_creation_1h_input_tokens: u64,
+}
+
+impl Default for MockUsage {
+    fn default() -> Self {
+        MockUsage {
+            input_tokens: 25,
+            output_tokens: 15,
+            cache_read_input_tokens: 0,
+            cache_creation_5m_input_tokens: 0,
+            cache_creation_1h_input_tokens: 0,
+        }
+    }
+}
+
+impl MockUsage {
+    fn input_side(&self) -> serde_json::Value {
+        serde_json::json!({
+            "input_tokens": self.input_tokens,
+            "cache_creation_input_tokens": self.cache_creation_5m_input_tokens + self.cache_creation_1h_input_tokens,
+            "cache_read_input_tokens": self.cache_read_input_tokens,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": self.cache_creation_5m_input_tokens,
+                "ephemeral_1h_input_tokens": self.cache_creation_1h_input_tokens,
+            },
+        })
+    }
+
+    fn full(&self, output_tokens: u64) -> serde_json::Value {
+        let mut v = self.input_side();
+        v["output_tokens"] = output_tokens.into();
+        v["service_tier"] = "standard".into();
+        v
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Behavior {
+    /// Answer every request with this status and an Anthropic error body.
+    pub status: Option<u16>,
+    pub usage: MockUsage,
+    /// Text deltas in a streamed answer.
+    pub deltas: usize,
+    pub delay: Duration,
+    /// Close the connection after this many SSE events.
+    pub cut_after: Option<usize>,
+    /// Keep a copy of every request (off for benchmarks).
+    pub record: bool,
+}
+
+impl Default for Behavior {
+    fn default() -> Self {
+        Behavior {
+            status: None,
+            usage: MockUsage::default(),
+            deltas: 3,
+            delay: Duration::ZERO,
+            cut_after: None,
+            record: true,
+        }
+    }
+}
+
+/// A request as the mock received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Default)]
+struct Shared {
+    behavior: Mutex<Behavior>,
+    received: Mutex<Vec<Received>>,
+}
+
+/// A running mock; it stops when dropped.
+pub struct MockProvider {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl MockProvider {
+    /// Starts on `127.0.0.1` with a free port, on the current tokio runtime.
+    pub async fn start(behavior: Behavior) -> std::io::Result<Self> {
+        Self::start_on("127.0.0.1:0".parse().expect("valid"), behavior).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, behavior: Behavior) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            behavior: Mutex::new(behavior),
+            received: Mutex::default(),
+        });
+        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let s = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = &mut stop_rx => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(_) => continue,
+                    },
+                };
+                let _ = stream.set_nodelay(true);
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(s.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(MockProvider {
+            addr,
+            shared,
+            _stop: stop_tx,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_behavior(&self, b: Behavior) {
+        *self.shared.behavior.lock().unwrap() = b;
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.shared.received.lock().unwrap().clone()
+    }
+
+    pub fn clear(&self) {
+        self.shared.received.lock().unwrap().clear();
+    }
+}
+
+type Body = http_body_util::Either<http_body_util::Full<Bytes>, ChannelBody>;
+
+/// A response body fed by a channel; an `Err` item aborts the connection mid-body.
+pub struct ChannelBody(mpsc::Receiver<Result<Bytes, std::io::Error>>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
+    }
+}
+
+fn header<T: std::str::FromStr>(h: &HeaderMap, name: &str) -> Option<T> {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut b = shared.behavior.lock().unwrap().clone();
+    if b.record {
+        shared.received.lock().unwrap().push(Received {
+            method: parts.method.to_string(),
+            uri: parts.uri.to_string(),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+        });
+    }
+    let h = &parts.headers;
+    if let Some(s) = header::<u16>(h, "x-mock-status") {
+        b.status = Some(s);
+    }
+    if let Some(ms) = header::<u64>(h, "x-mock-delay-ms") {
+        b.delay = Duration::from_millis(ms);
+    }
+    if let Some(n) = header::<usize>(h, "x-mock-cut-after") {
+        b.cut_after = Some(n);
+    }
+    if let Some(n) = header::<usize>(h, "x-mock-deltas") {
+        b.deltas = n;
+    }
+    if let Some(u) = h
+        .get("x-mock-usage")
+        .and_then(|v| serde_json::from_slice(v.as_bytes()).ok())
+    {
+        b.usage = u;
+    }
+
+    if let Some(status) = b.status {
+        return Ok(error_response(status));
+    }
+    let path = parts.uri.path();
+    if path.ends_with("/count_tokens") {
+        return Ok(json_response(
+            StatusCode::OK,
+            serde_json::json!({"input_tokens": b.usage.input_tokens}),
+        ));
+    }
+    if !path.ends_with("/v1/messages") {
+        return Ok(error_response(404));
+    }
+    let Ok(peek) = peek_request(&body) else {
+        return Ok(json_response(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"type":"error","error":{"type":"invalid_request_error","message":"mock: invalid JSON"}}),
+        ));
+    };
+    let model = peek.model.map(|(m, _)| m).unwrap_or_default();
+    if peek.stream {
+        Ok(stream_response(model, b))
+    } else {
+        let text = "Hello from the mock. ".repeat(b.deltas);
+        Ok(json_response(
+            StatusCode::OK,
+            serde_json::json!({
+                "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": "end_turn", "stop_sequence": null,
+                "usage": b.usage.full(b.usage.output_tokens),
+            }),
+        ))
+    }
+}
+
+fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+    let body = Bytes::from(serde_json::to_vec(&v).expect("serializes"));
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("request-id", "req_mock")
+        .body(http_body_util::Either::Left(http_body_util::Full::new(
+            body,
+        )))
+        .expect("valid response")
+}
+
+fn error_response(status: u16) -> Response<Body> {
+    let (kind, message) = match status {
+        400 => ("invalid_request_error", "mock: bad request"),
+        401 => ("authentication_error", "mock: invalid x-api-key"),
+        404 => ("not_found_error", "mock: not found"),
+        413 => ("request_too_large", "mock: too large"),
+        429 => ("rate_limit_error", "mock: rate limited"),
+        529 => ("overloaded_error", "Overloaded"),
+        _ => ("api_error", "mock: internal error"),
+    };
+    let mut r = json_response(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        serde_json::json!({"type": "error", "error": {"type": kind, "message": message}}),
+    );
+    if status == 429 {
+        r.headers_mut()
+            .insert("retry-after", http::HeaderValue::from_static("1"));
+    }
+    r
+}
+
+/// The events of a streamed answer, in the order the Messages API sends them.
+pub fn sse_events(model: &str, usage: &MockUsage, deltas: usize) -> Vec<Bytes> {
+    let ev = |name: &str, data: serde_json::Value| {
+        Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
+    };
+    let mut out = Vec::with_capacity(deltas + 6);
+    let mut start_usage = usage.input_side();
+    start_usage["output_tokens"] = 1.into();
+    out.push(ev(
+        "message_start",
+        serde_json::json!({"type": "message_start", "message": {
+            "id": "msg_mock", "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": null, "stop_sequence": null, "usage": start_usage}}),
+    ));
+    out.push(ev(
+        "content_block_start",
+        serde_json::json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ));
+    out.push(ev("ping", serde_json::json!({"type": "ping"})));
+    for i in 0..deltas {
+        out.push(ev(
+            "content_block_delta",
+            serde_json::json!({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": format!("chunk {i} of the mock's answer. ")}}),
+        ));
+    }
+    out.push(ev(
+        "content_block_stop",
+        serde_json::json!({"type": "content_block_stop", "index": 0}),
+    ));
+    out.push(ev(
+        "message_delta",
+        serde_json::json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+            "usage": usage.full(usage.output_tokens)}),
+    ));
+    out.push(ev(
+        "message_stop",
+        serde_json::json!({"type": "message_stop"}),
+    ));
+    out
+}
+
+fn stream_response(model: String, b: Behavior) -> Response<Body> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        for (i, event) in sse_events(&model, &b.usage, b.deltas)
+            .into_iter()
+            .enumerate()
+        {
+            if b.cut_after == Some(i) {
+                // Let what was sent reach the wire first: hyper drops unflushed output on abort.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = tx.send(Err(std::io::Error::other("mock: cut"))).await;
+                return;
+            }
+            if i > 0 && !b.delay.is_zero() {
+                tokio::time::sleep(b.delay).await;
+            }
+            if tx.send(Ok(event)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .header("request-id", "req_mock")
+        .body(http_body_util::Either::Right(ChannelBody(rx)))
+        .expect("valid response")
+}

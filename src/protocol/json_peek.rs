@@ -1,0 +1,299 @@
+//! A single pass over the top level of a JSON object that finds the byte spans of the fields the
+//! gateway needs (`model`, `stream`, `max_tokens`, ...) without building a document.
+//!
+//! Why not serde: the gateway must forward the body byte-exact (prompt-cache prefixes depend on
+//! it) and may only rewrite the `model` value in place, so it needs the value's span, not a tree.
+//! Nested values are skipped with `memchr` over strings (where nearly all the bytes of a Claude
+//! request are), checking that brackets balance and strings terminate. Deeper grammar mistakes
+//! (a stray comma inside a tool schema) are left to the provider, which answers them with its own
+//! 400 `invalid_request_error`.
+
+use std::ops::Range;
+
+use memchr::memchr2;
+
+/// Nesting deeper than this is refused, as serde_json refuses it by default.
+const MAX_DEPTH: usize = 128;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} at byte {at}")]
+pub struct JsonError {
+    pub what: &'static str,
+    pub at: usize,
+}
+
+fn err<T>(what: &'static str, at: usize) -> Result<T, JsonError> {
+    Err(JsonError { what, at })
+}
+
+/// Calls `visit(key, value_span)` for every top-level member of the object in `body`.
+/// Keys are passed unescaped. The whole input is checked for balanced structure.
+pub fn scan_object(
+    body: &[u8],
+    mut visit: impl FnMut(&str, Range<usize>) -> Result<(), JsonError>,
+) -> Result<(), JsonError> {
+    let mut i = skip_ws(body, 0);
+    if body.get(i) != Some(&b'{') {
+        return err("expected a JSON object", i);
+    }
+    i = skip_ws(body, i + 1);
+    if body.get(i) == Some(&b'}') {
+        return finish(body, i + 1);
+    }
+    loop {
+        if body.get(i) != Some(&b'"') {
+            return err("expected a string key", i);
+        }
+        let key_end = skip_string(body, i)?;
+        let raw_key = &body[i + 1..key_end - 1];
+        let key_owned;
+        let key = if raw_key.contains(&b'\\') {
+            key_owned =
+                serde_json::from_slice::<String>(&body[i..key_end]).map_err(|_| JsonError {
+                    what: "invalid escape in key",
+                    at: i,
+                })?;
+            key_owned.as_str()
+        } else {
+            std::str::from_utf8(raw_key).map_err(|_| JsonError {
+                what: "invalid UTF-8 in key",
+                at: i,
+            })?
+        };
+        i = skip_ws(body, key_end);
+        if body.get(i) != Some(&b':') {
+            return err("expected ':' after key", i);
+        }
+        let start = skip_ws(body, i + 1);
+        let end = skip_value(body, start)?;
+        visit(key, start..end)?;
+        i = skip_ws(body, end);
+        match body.get(i) {
+            Some(b',') => i = skip_ws(body, i + 1),
+            Some(b'}') => return finish(body, i + 1),
+            _ => return err("expected ',' or '}'", i),
+        }
+    }
+}
+
+fn finish(body: &[u8], i: usize) -> Result<(), JsonError> {
+    let j = skip_ws(body, i);
+    if j != body.len() {
+        return err("trailing characters after the object", j);
+    }
+    Ok(())
+}
+
+#[inline]
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while let Some(c) = b.get(i) {
+        if !matches!(c, b' ' | b'\t' | b'\n' | b'\r') {
+            break;
+        }
+        i += 1;
+    }
+    i
+}
+
+/// `i` is at an opening quote; returns the index just past the closing quote.
+#[inline]
+fn skip_string(b: &[u8], i: usize) -> Result<usize, JsonError> {
+    let mut j = i + 1;
+    loop {
+        match memchr2(b'"', b'\\', &b[j.min(b.len())..]) {
+            Some(off) => {
+                let k = j + off;
+                if b[k] == b'"' {
+                    return Ok(k + 1);
+                }
+                // A backslash escapes exactly the next byte as far as finding the end goes
+                // (`\uXXXX` continues with hex digits, never a quote).
+                j = k + 2;
+            }
+            None => return err("unterminated string", i),
+        }
+    }
+}
+
+fn skip_value(b: &[u8], i: usize) -> Result<usize, JsonError> {
+    match b.get(i) {
+        Some(b'"') => skip_string(b, i),
+        Some(b'{') | Some(b'[') => skip_nested(b, i),
+        Some(c) if c.is_ascii_digit() || matches!(c, b'-' | b't' | b'f' | b'n') => {
+            let mut j = i;
+            while let Some(c) = b.get(j) {
+                if !(c.is_ascii_alphanumeric() || matches!(c, b'-' | b'+' | b'.')) {
+                    break;
+                }
+                j += 1;
+            }
+            Ok(j)
+        }
+        Some(_) => err("expected a value", i),
+        None => err("unexpected end of input", i),
+    }
+}
+
+fn skip_nested(b: &[u8], i: usize) -> Result<usize, JsonError> {
+    let mut stack = [0u8; MAX_DEPTH];
+    let mut depth = 0usize;
+    let mut j = i;
+    while j < b.len() {
+        match b[j] {
+            b'"' => {
+                j = skip_string(b, j)?;
+                continue;
+            }
+            open @ (b'{' | b'[') => {
+                if depth == MAX_DEPTH {
+                    return err("nesting too deep", j);
+                }
+                stack[depth] = if open == b'{' { b'}' } else { b']' };
+                depth += 1;
+            }
+            close @ (b'}' | b']') => {
+                if depth == 0 || stack[depth - 1] != close {
+                    return err("mismatched bracket", j);
+                }
+                depth -= 1;
+                if depth == 0 {
+                    return Ok(j + 1);
+                }
+            }
+            _ => {}
+        }
+        j += 1;
+    }
+    err("unexpected end of input", j)
+}
+
+/// What the gateway reads from an Anthropic Messages request body.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RequestPeek {
+    /// The `model` value, unescaped, and the span of its JSON string (quotes included).
+    pub model: Option<(String, Range<usize>)>,
+    pub stream: bool,
+    pub max_tokens: Option<u64>,
+}
+
+/// Reads `model`, `stream` and `max_tokens`. A duplicated `model` is refused: providers keep the
+/// last one, so letting it through would let a client pass one model to the gateway's checks and
+/// another to the provider.
+pub fn peek_request(body: &[u8]) -> Result<RequestPeek, JsonError> {
+    let mut peek = RequestPeek::default();
+    let mut seen_stream = false;
+    let mut seen_max = false;
+    scan_object(body, |key, span| {
+        match key {
+            "model" => {
+                if peek.model.is_some() {
+                    return err("duplicate \"model\" field", span.start);
+                }
+                let raw = &body[span.clone()];
+                if raw.first() != Some(&b'"') {
+                    return err("\"model\" must be a string", span.start);
+                }
+                let value: String = serde_json::from_slice(raw).map_err(|_| JsonError {
+                    what: "invalid \"model\" string",
+                    at: span.start,
+                })?;
+                peek.model = Some((value, span));
+            }
+            "stream" => {
+                if std::mem::replace(&mut seen_stream, true) {
+                    return err("duplicate \"stream\" field", span.start);
+                }
+                peek.stream = match &body[span.clone()] {
+                    b"true" => true,
+                    b"false" | b"null" => false,
+                    _ => return err("\"stream\" must be a boolean", span.start),
+                };
+            }
+            "max_tokens" => {
+                if std::mem::replace(&mut seen_max, true) {
+                    return err("duplicate \"max_tokens\" field", span.start);
+                }
+                let raw = std::str::from_utf8(&body[span.clone()]).unwrap_or("");
+                peek.max_tokens = Some(raw.parse().map_err(|_| JsonError {
+                    what: "\"max_tokens\" must be a non-negative integer",
+                    at: span.start,
+                })?);
+            }
+            _ => {}
+        }
+        Ok(())
+    })?;
+    Ok(peek)
+}
+
+/// Returns `body` with the bytes in `span` replaced by `new_model` as a JSON string; everything
+/// else is copied as it was.
+pub fn replace_string_value(body: &[u8], span: Range<usize>, new_value: &str) -> bytes::Bytes {
+    let quoted = serde_json::to_string(new_value).expect("a string always serializes");
+    let mut out = bytes::BytesMut::with_capacity(body.len() - span.len() + quoted.len());
+    out.extend_from_slice(&body[..span.start]);
+    out.extend_from_slice(quoted.as_bytes());
+    out.extend_from_slice(&body[span.end..]);
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_fields_and_spans() {
+        let body =
+            br#" {"max_tokens": 64000, "messages":[{"role":"user","content":"a \"model\": x}"}],
+            "model" : "claude-sonnet-4-5", "stream":true, "metadata":{"user_id":"{\"a\":1}"}} "#;
+        let p = peek_request(body).unwrap();
+        let (model, span) = p.model.unwrap();
+        assert_eq!(model, "claude-sonnet-4-5");
+        assert_eq!(&body[span], br#""claude-sonnet-4-5""#);
+        assert!(p.stream);
+        assert_eq!(p.max_tokens, Some(64000));
+    }
+
+    #[test]
+    fn escaped_key_is_still_model() {
+        let body = br#"{"mod\u0065l":"a","model":"b"}"#;
+        assert_eq!(
+            peek_request(body).unwrap_err().what,
+            "duplicate \"model\" field"
+        );
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        for bad in [
+            &b""[..],
+            b"[]",
+            b"{",
+            b"{\"model\":\"a\"",
+            b"{\"model\":\"a\",}",
+            b"{\"model\":\"a\"} x",
+            b"{\"a\":[1,2}",
+            b"{\"a\":\"unterminated}",
+            b"{\"model\":5}",
+            b"{\"stream\":\"yes\"}",
+            b"{\"max_tokens\":-1}",
+        ] {
+            assert!(
+                peek_request(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn rewrite_touches_only_the_value() {
+        let body = br#"{"model":"sonnet","messages":[]}"#;
+        let p = peek_request(body).unwrap();
+        let out = replace_string_value(body, p.model.unwrap().1, "claude-sonnet-4-5-20250929");
+        assert_eq!(
+            &out[..],
+            br#"{"model":"claude-sonnet-4-5-20250929","messages":[]}"#
+        );
+    }
+}

@@ -1,0 +1,5 @@
+//! Wire formats: pure code, no I/O, so it can be tested and benchmarked alone.
+
+pub mod json_peek;
+pub mod sse;
+pub mod usage;

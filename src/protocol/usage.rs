@@ -1,0 +1,132 @@
+//! Token usage as Anthropic reports it, and how the pieces of a response fold into one total.
+
+use serde::{Deserialize, Serialize};
+
+/// Tokens per billing class for one request.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_input_tokens: u64,
+    /// All cache writes; the split below says how many were 5-minute and 1-hour writes.
+    pub cache_creation_input_tokens: u64,
+    pub cache_creation_5m_input_tokens: u64,
+    pub cache_creation_1h_input_tokens: u64,
+}
+
+impl Usage {
+    /// Prompt tokens of every kind: what long-context price tiers are measured against.
+    pub fn prompt_tokens(&self) -> u64 {
+        self.input_tokens + self.cache_read_input_tokens + self.cache_creation_input_tokens
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == Usage::default()
+    }
+
+    /// Applies a `usage` object: fields present replace what was known (a `message_delta`
+    /// carries cumulative output and may revise the input side), absent or null ones are kept.
+    pub fn apply(&mut self, u: &UsageJson) {
+        if let Some(v) = u.input_tokens {
+            self.input_tokens = v;
+        }
+        if let Some(v) = u.output_tokens {
+            self.output_tokens = v;
+        }
+        if let Some(v) = u.cache_read_input_tokens {
+            self.cache_read_input_tokens = v;
+        }
+        if let Some(v) = u.cache_creation_input_tokens {
+            self.cache_creation_input_tokens = v;
+            // Without a split, a write is a 5-minute write: the API's default TTL.
+            self.cache_creation_5m_input_tokens = v;
+            self.cache_creation_1h_input_tokens = 0;
+        }
+        if let Some(split) = &u.cache_creation {
+            let m5 = split.ephemeral_5m_input_tokens.unwrap_or(0);
+            let h1 = split.ephemeral_1h_input_tokens.unwrap_or(0);
+            if m5 + h1 > 0 || u.cache_creation_input_tokens.is_none() {
+                self.cache_creation_5m_input_tokens = m5;
+                self.cache_creation_1h_input_tokens = h1;
+                self.cache_creation_input_tokens = self.cache_creation_input_tokens.max(m5 + h1);
+            }
+        }
+    }
+}
+
+/// The wire shape of a `usage` object; every field may be missing or null.
+#[derive(Debug, Default, Deserialize)]
+pub struct UsageJson {
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub cache_read_input_tokens: Option<u64>,
+    pub cache_creation_input_tokens: Option<u64>,
+    pub cache_creation: Option<CacheCreationJson>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct CacheCreationJson {
+    pub ephemeral_5m_input_tokens: Option<u64>,
+    pub ephemeral_1h_input_tokens: Option<u64>,
+}
+
+/// The parts of a non-streamed Messages response (or error) that metering reads.
+#[derive(Debug, Default, Deserialize)]
+pub struct MessageJson {
+    pub usage: Option<UsageJson>,
+    pub error: Option<ErrorJson>,
+    /// Present on `count_tokens` answers.
+    pub input_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ErrorJson {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+}
+
+/// Reads usage from a complete non-streamed JSON body. `None` when the body is not JSON.
+pub fn usage_from_json(body: &[u8]) -> Option<(Usage, Option<String>)> {
+    let msg: MessageJson = serde_json::from_slice(body).ok()?;
+    let mut usage = Usage::default();
+    if let Some(u) = &msg.usage {
+        usage.apply(u);
+    }
+    Some((usage, msg.error.and_then(|e| e.kind)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_stream_usage_with_cache_split() {
+        let body = br#"{"id":"msg_1","type":"message","content":[{"type":"text","text":"hi"}],
+          "usage":{"input_tokens":12,"cache_creation_input_tokens":300,"cache_read_input_tokens":4000,
+          "cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200},
+          "output_tokens":55,"service_tier":"standard"}}"#;
+        let (u, err) = usage_from_json(body).unwrap();
+        assert_eq!(err, None);
+        assert_eq!(
+            u,
+            Usage {
+                input_tokens: 12,
+                output_tokens: 55,
+                cache_read_input_tokens: 4000,
+                cache_creation_input_tokens: 300,
+                cache_creation_5m_input_tokens: 100,
+                cache_creation_1h_input_tokens: 200,
+            }
+        );
+    }
+
+    #[test]
+    fn write_without_split_is_five_minutes() {
+        let (u, _) = usage_from_json(
+            br#"{"usage":{"input_tokens":1,"cache_creation_input_tokens":7,"output_tokens":2}}"#,
+        )
+        .unwrap();
+        assert_eq!(u.cache_creation_5m_input_tokens, 7);
+        assert_eq!(u.cache_creation_1h_input_tokens, 0);
+    }
+}

@@ -1,0 +1,96 @@
+//! Errors the gateway answers itself, in the Anthropic shape:
+//! `{"type":"error","error":{"type":"…","message":"…"}}`.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+
+use crate::metering::Outcome;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    /// Anthropic's error type for the status (`invalid_request_error`, ...).
+    pub kind: &'static str,
+    pub message: String,
+    pub outcome: Outcome,
+    /// Close the client connection after answering (the request body was not read).
+    pub close: bool,
+}
+
+impl ApiError {
+    fn new(status: u16, kind: &'static str, message: impl Into<String>, outcome: Outcome) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+            outcome,
+            close: false,
+        }
+    }
+
+    pub fn invalid_request(message: impl Into<String>) -> Self {
+        Self::new(400, "invalid_request_error", message, Outcome::Rejected)
+    }
+    pub fn authentication(message: impl Into<String>) -> Self {
+        Self::new(401, "authentication_error", message, Outcome::Rejected)
+    }
+    pub fn permission(message: impl Into<String>) -> Self {
+        Self::new(403, "permission_error", message, Outcome::Rejected)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(404, "not_found_error", message, Outcome::Rejected)
+    }
+    pub fn method_not_allowed(message: impl Into<String>) -> Self {
+        Self::new(405, "invalid_request_error", message, Outcome::Rejected)
+    }
+    pub fn too_large(message: impl Into<String>) -> Self {
+        let mut e = Self::new(413, "request_too_large", message, Outcome::Rejected);
+        e.close = true;
+        e
+    }
+    /// The gateway could not reach or use the provider.
+    pub fn bad_gateway(message: impl Into<String>) -> Self {
+        Self::new(502, "api_error", message, Outcome::Failed)
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(503, "api_error", message, Outcome::Failed)
+    }
+    pub fn gateway_timeout(message: impl Into<String>) -> Self {
+        Self::new(504, "api_error", message, Outcome::Failed)
+    }
+
+    pub fn body(&self) -> Bytes {
+        let v = serde_json::json!({
+            "type": "error",
+            "error": { "type": self.kind, "message": self.message },
+        });
+        Bytes::from(serde_json::to_vec(&v).expect("JSON values serialize"))
+    }
+
+    pub fn response_header(&self, request_id: &str, body_len: usize) -> ResponseHeader {
+        let mut h = ResponseHeader::build(self.status, Some(5)).expect("valid status");
+        let _ = h.insert_header(http::header::CONTENT_TYPE, "application/json");
+        let _ = h.insert_header(http::header::CONTENT_LENGTH, body_len);
+        let _ = h.insert_header("request-id", request_id);
+        let _ = h.insert_header(super::headers::REQUEST_ID_HEADER, request_id);
+        if self.close {
+            let _ = h.insert_header(http::header::CONNECTION, "close");
+        }
+        h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anthropic_shape() {
+        let e = ApiError::not_found("model: claude-nope");
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"error","error":{"type":"not_found_error","message":"model: claude-nope"}})
+        );
+    }
+}

@@ -1,0 +1,393 @@
+//! The gateway's request path: Pingora's `ProxyHttp`, with the whole exchange in
+//! `request_filter`.
+//!
+//! Why not Pingora's `upstream_peer` phases: the body must be read whole before the request is
+//! sent (to find the model, rewrite it, and later to replay it to a fallback or sign it), and
+//! Pingora can replay only 64 KiB. So `request_filter` reads the body, sends it through
+//! Pingora's pooled connector and streams the answer back itself; `logging` then writes the
+//! usage record. See DESIGN.md §1.
+
+mod context;
+mod errors;
+mod exchange;
+mod headers;
+mod meter;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use http::Method;
+use pingora::connectors::http::Connector;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::upstreams::peer::HttpPeer;
+use pingora_proxy::{ProxyHttp, Session};
+
+pub use context::{Client, RequestCtx};
+pub use errors::ApiError;
+pub use headers::REQUEST_ID_HEADER;
+
+use crate::audit::AuditLog;
+use crate::auth::{presented_key, KeyStore};
+use crate::config::Config;
+use crate::metering::{Outcome, PriceTable};
+use crate::metrics::Metrics;
+use crate::protocol::json_peek::{peek_request, replace_string_value};
+use crate::providers::Provider;
+use crate::routing::ModelTable;
+
+/// Everything a request needs from the config, swapped whole on reload.
+pub struct State {
+    pub keys: KeyStore,
+    pub models: ModelTable,
+    pub providers: Vec<Arc<Provider>>,
+    pub prices: PriceTable,
+    pub max_body_bytes: usize,
+}
+
+impl State {
+    pub fn build(config: &Config) -> Result<Self, String> {
+        let prices = PriceTable::with_overrides(&config.prices)?;
+        let mut providers = Vec::new();
+        let mut by_name = HashMap::new();
+        for p in &config.providers {
+            let provider = Arc::new(
+                Provider::from_config(p)
+                    .map_err(|e| format!("provider {:?}: {e}", p.name.get_ref()))?,
+            );
+            by_name.insert(provider.name.clone(), provider.clone());
+            providers.push(provider);
+        }
+        Ok(State {
+            keys: KeyStore::from_config(&config.keys)?,
+            models: ModelTable::build(&config.models, &by_name, &prices)?,
+            providers,
+            prices,
+            max_body_bytes: config.server.max_body_bytes,
+        })
+    }
+}
+
+/// The API endpoints the gateway serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Messages,
+    CountTokens,
+}
+
+/// The live configuration, shared with the admin listener and swapped whole on reload.
+pub type SharedState = Arc<ArcSwap<State>>;
+
+pub struct Gateway {
+    state: SharedState,
+    connector: Connector,
+    audit: AuditLog,
+    metrics: Arc<Metrics>,
+}
+
+impl Gateway {
+    pub fn new(
+        state: SharedState,
+        pool_size: usize,
+        audit: AuditLog,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let options = pingora::connectors::ConnectorOptions::new(pool_size);
+        Gateway {
+            state,
+            connector: Connector::new(Some(options)),
+            audit,
+            metrics,
+        }
+    }
+
+    async fn serve(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), ApiError> {
+        let req = session.req_header();
+        let endpoint = match (req.uri.path(), &req.method) {
+            ("/", &Method::HEAD) | ("/", &Method::GET) => {
+                ctx.probe = true;
+                return self.answer_probe(session, ctx).await;
+            }
+            ("/v1/messages", &Method::POST) => Endpoint::Messages,
+            ("/v1/messages/count_tokens", &Method::POST) => Endpoint::CountTokens,
+            ("/v1/messages" | "/v1/messages/count_tokens", m) => {
+                return Err(ApiError::method_not_allowed(format!(
+                    "{m} is not allowed here: use POST"
+                )))
+            }
+            (path, m) => {
+                let shown: String = path.chars().take(200).collect();
+                return Err(ApiError::not_found(format!("no endpoint at {m} {shown}")));
+            }
+        };
+
+        let state = self.state.load_full();
+        let presented = presented_key(
+            req.headers.get("x-api-key").map(|v| v.as_bytes()),
+            req.headers
+                .get(http::header::AUTHORIZATION)
+                .map(|v| v.as_bytes()),
+        );
+        let key = state
+            .keys
+            .authenticate(presented, SystemTime::now())
+            .map_err(|e| ApiError::authentication(e.to_string()))?;
+        ctx.key = Some(key.clone());
+
+        let body = read_body(session, state.max_body_bytes).await?;
+        let peek = peek_request(&body)
+            .map_err(|e| ApiError::invalid_request(format!("the body is not valid JSON: {e}")))?;
+        let (requested, model_span) = peek
+            .model
+            .ok_or_else(|| ApiError::invalid_request("model: field required"))?;
+        ctx.stream = peek.stream;
+        let route = state
+            .models
+            .resolve(&requested)
+            .ok_or_else(|| ApiError::not_found(format!("model: {requested}")))?
+            .clone();
+        ctx.requested_model = Some(requested);
+        let requested = ctx.requested_model.as_deref().unwrap_or_default();
+        if !key.allows(&route.name, requested) {
+            return Err(ApiError::permission(format!(
+                "API key {:?} may not use model {}",
+                key.id, route.name
+            )));
+        }
+        ctx.route = Some(route.clone());
+        ctx.deployment = 0;
+        let deployment = &route.deployments[0];
+        let model_id = deployment.model_id.as_deref().unwrap_or(requested);
+        ctx.price = deployment
+            .price
+            .clone()
+            .or_else(|| state.prices.lookup(model_id));
+        let body = if model_id != requested {
+            replace_string_value(&body, model_span, model_id)
+        } else {
+            body
+        };
+        ctx.provider_model = Some(model_id.to_string());
+        self.forward(
+            session,
+            ctx,
+            &deployment.provider,
+            body,
+            endpoint == Endpoint::Messages,
+        )
+        .await
+    }
+
+    async fn answer_probe(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), ApiError> {
+        let body = Bytes::from_static(b"{\"status\":\"ok\"}");
+        let mut h = ResponseHeader::build(200, Some(3)).expect("valid status");
+        let _ = h.insert_header(http::header::CONTENT_TYPE, "application/json");
+        let _ = h.insert_header(http::header::CONTENT_LENGTH, body.len());
+        let _ = h.insert_header(REQUEST_ID_HEADER, ctx.id.as_str());
+        ctx.status = 200;
+        ctx.outcome = Outcome::Complete;
+        let head = session.req_header().method == Method::HEAD;
+        if session
+            .write_response_header(Box::new(h), head)
+            .await
+            .is_ok()
+            && !head
+        {
+            let _ = session.write_response_body(Some(body), true).await;
+        }
+        Ok(())
+    }
+
+    /// Answers `err` to the client, or, when the answer already started, cuts the connection so
+    /// the client cannot take a truncated answer for a whole one.
+    async fn answer_error(&self, session: &mut Session, ctx: &mut RequestCtx, err: ApiError) {
+        ctx.outcome = err.outcome;
+        ctx.error.get_or_insert_with(|| err.message.clone());
+        if session.response_written().is_some() {
+            session.shutdown().await;
+            return;
+        }
+        ctx.status = err.status;
+        let body = err.body();
+        let header = err.response_header(&ctx.id, body.len());
+        if err.close {
+            session.set_keepalive(None);
+        }
+        if session
+            .write_response_header(Box::new(header), false)
+            .await
+            .is_ok()
+        {
+            let _ = session.write_response_body(Some(body), true).await;
+        }
+    }
+}
+
+/// Reads the whole request body, refusing it past `max` bytes (before reading, when
+/// `Content-Length` already says so).
+async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::too_large(format!(
+            "request body is larger than the {max} bytes allowed"
+        ))
+    };
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(16 << 10));
+    while let Some(chunk) = session
+        .read_request_body()
+        .await
+        .map_err(|e| ApiError::invalid_request(format!("cannot read the request body: {e}")))?
+    {
+        if buf.len() + chunk.len() > max {
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx::new()
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
+        // `request_filter` answers every request; Pingora's own upstream phase never runs.
+        Error::e_explain(InternalError, "the gateway answers in request_filter")
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        self.metrics.in_flight.inc();
+        ctx.in_flight = true;
+        if let Err(e) = self.serve(session, ctx).await {
+            self.answer_error(session, ctx, e).await;
+        }
+        Ok(true)
+    }
+
+    async fn logging(
+        &self,
+        session: &mut Session,
+        _e: Option<&pingora::Error>,
+        ctx: &mut Self::CTX,
+    ) {
+        self.account(session, ctx);
+        // Last, so a drain that waits for zero in flight also waits for the record.
+        if ctx.in_flight {
+            self.metrics.in_flight.dec();
+        }
+    }
+}
+
+impl Gateway {
+    /// Metrics and the usage record for a finished request.
+    fn account(&self, session: &Session, ctx: &mut RequestCtx) {
+        if ctx.status == 0 {
+            ctx.status = session
+                .response_written()
+                .map(|h| h.status.as_u16())
+                .unwrap_or(0);
+        }
+        let model = ctx
+            .route
+            .as_ref()
+            .map(|r| r.name.as_str())
+            .unwrap_or("none");
+        let provider = ctx
+            .deployment()
+            .map(|d| d.provider.name.as_str())
+            .unwrap_or("none");
+        let team = ctx
+            .key
+            .as_ref()
+            .and_then(|k| k.team.as_deref())
+            .unwrap_or("none");
+        let status_class = match ctx.status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "none",
+        };
+        let m = &self.metrics;
+        m.requests
+            .with_label_values(&[model, provider, status_class, team])
+            .inc();
+        if ctx.probe {
+            return;
+        }
+        let stream = if ctx.stream { "true" } else { "false" };
+        m.duration
+            .with_label_values(&[model, provider, stream])
+            .observe(ctx.start.elapsed().as_secs_f64());
+        if let Some(t) = ctx.ttfb {
+            m.ttfb
+                .with_label_values(&[model, provider, stream])
+                .observe(t.as_secs_f64());
+        }
+        let u = &ctx.usage;
+        for (class, n) in [
+            ("input", u.input_tokens),
+            ("output", u.output_tokens),
+            ("cache_read", u.cache_read_input_tokens),
+            ("cache_write_5m", u.cache_creation_5m_input_tokens),
+            ("cache_write_1h", u.cache_creation_1h_input_tokens),
+        ] {
+            if n > 0 {
+                m.tokens
+                    .with_label_values(&[model, provider, team, class])
+                    .inc_by(n);
+            }
+        }
+
+        let req = session.req_header();
+        let header = |name: &str| {
+            req.headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let client = Client {
+            ip: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip().to_string()),
+            user_agent: header("user-agent"),
+            session_id: header("x-claude-code-session-id"),
+        };
+        let record = ctx.record(req.method.as_str(), req.uri.path(), client);
+        if record.cost_nanos > 0 {
+            m.cost_usd
+                .with_label_values(&[model, provider, team])
+                .inc_by(record.cost_usd);
+        }
+        if !record.priced {
+            m.unpriced.with_label_values(&[model, provider]).inc();
+        }
+        self.audit.submit(record);
+    }
+}

@@ -1,0 +1,90 @@
+//! Public model names to deployments: exact names and aliases in a hash map, then globs.
+//! Everything is resolved when the config loads (provider, price), so a request pays for one
+//! hash lookup, or a short glob scan for names that only patterns match.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::ModelConfig;
+use crate::metering::{Price, PriceTable};
+use crate::providers::Provider;
+
+mod glob;
+pub use glob::glob_match;
+
+/// One place a model can be served: a provider and the model id it knows the model by.
+#[derive(Debug)]
+pub struct Deployment {
+    pub provider: Arc<Provider>,
+    /// The provider's model id; `None` passes the requested name through unchanged.
+    pub model_id: Option<String>,
+    /// The price of `model_id`, resolved at load; `None` when the table has no entry for it
+    /// (or the id is only known per request).
+    pub price: Option<Arc<Price>>,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub deployments: Vec<Deployment>,
+}
+
+#[derive(Debug, Default)]
+pub struct ModelTable {
+    exact: HashMap<String, Arc<Route>>,
+    patterns: Vec<(String, Arc<Route>)>,
+    routes: Vec<Arc<Route>>,
+}
+
+impl ModelTable {
+    pub fn build(
+        models: &[ModelConfig],
+        providers: &HashMap<String, Arc<Provider>>,
+        prices: &PriceTable,
+    ) -> Result<Self, String> {
+        let mut table = ModelTable::default();
+        for m in models {
+            let mut deployments = Vec::with_capacity(m.deployments.len());
+            for d in &m.deployments {
+                let provider = providers
+                    .get(d.provider.get_ref())
+                    .ok_or_else(|| format!("unknown provider {:?}", d.provider.get_ref()))?
+                    .clone();
+                let model_id = d.model.clone();
+                let price = model_id.as_deref().and_then(|id| prices.lookup(id));
+                deployments.push(Deployment {
+                    provider,
+                    model_id,
+                    price,
+                });
+            }
+            let route = Arc::new(Route {
+                name: m.name.get_ref().clone(),
+                deployments,
+            });
+            for n in std::iter::once(&m.name).chain(&m.aliases) {
+                table.exact.insert(n.get_ref().clone(), route.clone());
+            }
+            for p in &m.patterns {
+                table.patterns.push((p.get_ref().clone(), route.clone()));
+            }
+            table.routes.push(route);
+        }
+        Ok(table)
+    }
+
+    /// The route for a requested model name: exact names and aliases first, then patterns in
+    /// config order.
+    pub fn resolve(&self, requested: &str) -> Option<&Arc<Route>> {
+        self.exact.get(requested).or_else(|| {
+            self.patterns
+                .iter()
+                .find(|(p, _)| glob_match(p, requested))
+                .map(|(_, r)| r)
+        })
+    }
+
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+}

@@ -1,0 +1,150 @@
+//! Assembles the Pingora server: the proxy listeners, the admin listener, background tasks,
+//! and the audit writer that outlives them to flush on the way out.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use pingora::apps::http_app::HttpServer;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{ExecutionPhase, RunArgs, Server};
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+use prometheus::IntGauge;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::admin::AdminApp;
+use crate::audit::AuditWriter;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::providers::DnsRefresher;
+use crate::proxy::{Gateway, State};
+
+/// Runs until SIGTERM (graceful: in-flight requests get `server.grace_period`) or SIGINT.
+/// With `upgrade`, takes the listening sockets over from a running instance (SIGQUIT it).
+pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let state = State::build(&config).map_err(anyhow::Error::msg)?;
+    for p in &state.providers {
+        p.resolve_blocking();
+        if let Some(reason) = p.unready_reason() {
+            tracing::warn!("{reason}; requests routed to it will fail until this is fixed");
+        }
+    }
+    let providers = state.providers.clone();
+    let shared = Arc::new(ArcSwap::from_pointee(state));
+    let (audit, audit_writer) = crate::audit::start(&config.audit, metrics.audit_dropped.clone())?;
+
+    let mut conf = ServerConf::default();
+    conf.threads = config.server.threads;
+    conf.grace_period_seconds = Some(config.server.grace_period.as_secs());
+    conf.graceful_shutdown_timeout_seconds = Some(5);
+    conf.upgrade_sock = config.server.upgrade_socket.display().to_string();
+    conf.pid_file = config.server.pid_file.display().to_string();
+    conf.daemon = false;
+    let opt = Opt {
+        upgrade,
+        daemon: false,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let metrics_in_flight = metrics.in_flight.clone();
+    let gateway = Gateway::new(
+        shared.clone(),
+        config.server.upstream_pool_size,
+        audit,
+        metrics.clone(),
+    );
+    let mut proxy =
+        pingora_proxy::http_proxy_service_with_name(&server.configuration, gateway, "tollgate");
+    for l in &config.listeners {
+        let addr = l.address.get_ref();
+        match &l.tls {
+            Some(tls) => proxy
+                .add_tls(
+                    addr,
+                    &tls.cert.display().to_string(),
+                    &tls.key.display().to_string(),
+                )
+                .with_context(|| format!("TLS listener {addr}"))?,
+            None => proxy.add_tcp(addr),
+        }
+        tracing::info!(address = %addr, tls = l.tls.is_some(), "listening");
+    }
+    server.add_service(proxy);
+
+    if let Some(admin) = &config.admin {
+        let mut service = Service::new(
+            "tollgate-admin".into(),
+            HttpServer::new_app(AdminApp {
+                state: shared,
+                metrics,
+            }),
+        );
+        service.threads = Some(1);
+        service.add_tcp(admin.address.get_ref());
+        tracing::info!(address = %admin.address.get_ref(), "admin listening");
+        server.add_service(service);
+    }
+    server.add_service(background_service(
+        "tollgate-dns",
+        DnsRefresher { providers },
+    ));
+
+    let audit_writer = Arc::new(Mutex::new(Some(audit_writer)));
+    watch_drain(
+        &server,
+        metrics_in_flight,
+        config.server.grace_period,
+        audit_writer.clone(),
+    );
+    server.run(RunArgs::default());
+    tracing::info!("stopped; flushing the audit log");
+    if let Some(w) = audit_writer.lock().unwrap().take() {
+        w.shutdown();
+    }
+    Ok(())
+}
+
+/// Ends the process as soon as the drain is done instead of sleeping out the whole grace period.
+///
+/// After SIGTERM Pingora closes the listeners and then sleeps for the full grace period, even
+/// with nothing in flight; with a grace period long enough for real streams (minutes) every
+/// stop would take that long. This watches for the grace period to start, waits until no request
+/// is in flight (or the grace period ends), flushes the audit log and exits.
+fn watch_drain(
+    server: &Server,
+    in_flight: IntGauge,
+    grace: Duration,
+    audit: Arc<Mutex<Option<AuditWriter>>>,
+) {
+    let mut phases = server.watch_execution_phase();
+    std::thread::Builder::new()
+        .name("tollgate-drain".into())
+        .spawn(move || loop {
+            match phases.blocking_recv() {
+                Ok(ExecutionPhase::ShutdownGracePeriod) => {
+                    let deadline = Instant::now() + grace;
+                    while in_flight.get() > 0 && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    tracing::info!(
+                        in_flight = in_flight.get(),
+                        "drained; flushing the audit log"
+                    );
+                    if let Some(w) = audit.lock().unwrap().take() {
+                        w.shutdown();
+                    }
+                    std::process::exit(0);
+                }
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return,
+            }
+        })
+        .expect("can spawn a thread");
+}

@@ -1,0 +1,189 @@
+//! Test harness: the real `tollgate` binary on loopback ports, against the in-process mock
+//! provider, driven by a real HTTP client.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+pub use tollgate::mock::{Behavior, MockProvider, MockUsage};
+
+/// The provider credential the gateway is given; tests check it reaches the mock.
+pub const PROVIDER_SECRET: &str = "sk-ant-test-provider-secret";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A key known to the test: the plaintext and the config entry.
+pub struct TestKey {
+    pub key: String,
+    pub hash: String,
+}
+
+pub fn new_key() -> TestKey {
+    let (key, hash) = tollgate::auth::generate_key();
+    TestKey { key, hash }
+}
+
+pub struct Gateway {
+    child: Option<Child>,
+    pub port: u16,
+    pub admin_port: u16,
+    pub dir: TempDir,
+    pub audit_path: PathBuf,
+    pub config_path: PathBuf,
+}
+
+/// Placeholders in config text: `{port}`, `{admin}`, `{dir}`.
+pub fn start_gateway(config: &str) -> Gateway {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin_port = free_port();
+    let audit_path = dir.path().join("audit.jsonl");
+    let text = format!(
+        "[server]\nthreads = 2\ngrace_period = \"5s\"\nupgrade_socket = \"{d}/upgrade.sock\"\npid_file = \"{d}/pid\"\n\
+         [[listener]]\naddress = \"127.0.0.1:{port}\"\n\
+         [admin]\naddress = \"127.0.0.1:{admin_port}\"\n\
+         [audit]\npath = \"{audit}\"\nflush_interval = \"20ms\"\n\n{config}",
+        d = dir.path().display(),
+        audit = audit_path.display(),
+    );
+    let config_path = dir.path().join("tollgate.toml");
+    std::fs::write(&config_path, text).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .env("TG_TEST_PROVIDER_KEY", PROVIDER_SECRET)
+        .env("TOLLGATE_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("the tollgate binary starts");
+    let gw = Gateway {
+        child: Some(child),
+        port,
+        admin_port,
+        dir,
+        audit_path,
+        config_path,
+    };
+    gw.wait_listening();
+    gw
+}
+
+impl Gateway {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.admin_port, path)
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for port in [self.port, self.admin_port] {
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "gateway did not start listening on {port}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// All usage records written so far.
+    pub fn records(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.audit_path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit lines are JSON"))
+            .collect()
+    }
+
+    /// Waits for the record of `request_id`.
+    pub fn record(&self, request_id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(r) = self
+                .records()
+                .into_iter()
+                .find(|r| r["request_id"] == request_id)
+            {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no usage record for {request_id}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id();
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} {pid}");
+    }
+
+    /// SIGTERM, and wait for the process to exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// A Messages request body like the ones Claude Code sends, at a chosen model and size.
+pub fn messages_body(model: &str, stream: bool, padding: usize) -> String {
+    serde_json::json!({
+        "model": model,
+        "max_tokens": 64000,
+        "stream": stream,
+        "system": [
+            {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.0"},
+            {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+        ],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "a".repeat(padding)}]}],
+        "metadata": {"user_id": "{\"device_id\":\"d1\",\"session_id\":\"s1\"}"},
+        "tools": [{"name": "Bash", "description": "Run a command", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}],
+    })
+    .to_string()
+}

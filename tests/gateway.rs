@@ -1,0 +1,632 @@
+//! The gateway core end to end: the real binary, the mock provider, a real HTTP client.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+struct Setup {
+    mock: MockProvider,
+    gw: Gateway,
+    alice: TestKey,
+    bob: TestKey,
+    disabled: TestKey,
+    expired: TestKey,
+}
+
+/// Prices for the test models, so costs are exact whatever the shipped table says.
+const TEST_PRICES: &str = r#"
+[[price]]
+match = "claude-sonnet-4-5-20250929"
+input = 3.0
+output = 15.0
+cache_read = 0.3
+cache_write_5m = 3.75
+cache_write_1h = 6.0
+"#;
+
+async fn setup_with(behavior: Behavior, extra: &str) -> Setup {
+    let mock = MockProvider::start(behavior).await.unwrap();
+    let (alice, bob, disabled, expired) = (new_key(), new_key(), new_key(), new_key());
+    let config = format!(
+        r#"
+[[provider]]
+name = "mock"
+kind = "anthropic"
+base_url = "{mock}"
+credential = "env:TG_TEST_PROVIDER_KEY"
+first_byte_timeout = "5s"
+idle_timeout = "5s"
+
+[[provider]]
+name = "keyless"
+kind = "anthropic"
+base_url = "{mock}"
+credential = "env:TG_TEST_UNSET_VARIABLE"
+
+[[model]]
+name = "claude-sonnet-4-5"
+aliases = ["sonnet"]
+patterns = ["claude-sonnet-4-5-*"]
+deployments = [{{ provider = "mock", model = "claude-sonnet-4-5-20250929" }}]
+
+[[model]]
+name = "claude-haiku-4-5"
+deployments = [{{ provider = "mock", model = "claude-haiku-4-5-20251001" }}]
+
+[[model]]
+name = "claude-keyless"
+deployments = [{{ provider = "keyless" }}]
+
+[[key]]
+id = "alice"
+hash = "{alice}"
+user = "alice@example.com"
+team = "platform"
+
+[[key]]
+id = "bob"
+hash = "{bob}"
+user = "bob"
+team = "web"
+models = ["claude-haiku-*"]
+
+[[key]]
+id = "old"
+hash = "{disabled}"
+disabled = true
+
+[[key]]
+id = "expired"
+hash = "{expired}"
+expires = 2020-01-01T00:00:00Z
+{TEST_PRICES}
+{extra}
+"#,
+        mock = mock.url(),
+        alice = alice.hash,
+        bob = bob.hash,
+        disabled = disabled.hash,
+        expired = expired.hash,
+    );
+    let gw = start_gateway(&config);
+    Setup {
+        mock,
+        gw,
+        alice,
+        bob,
+        disabled,
+        expired,
+    }
+}
+
+async fn setup() -> Setup {
+    setup_with(Behavior::default(), "").await
+}
+
+fn cache_usage() -> MockUsage {
+    MockUsage {
+        input_tokens: 25,
+        output_tokens: 15,
+        cache_read_input_tokens: 4000,
+        cache_creation_5m_input_tokens: 100,
+        cache_creation_1h_input_tokens: 200,
+    }
+}
+
+/// 25*3 + 15*15 + 4000*0.3 + 100*3.75 + 200*6 USD per million tokens, in nano-dollars.
+const CACHE_USAGE_COST_NANOS: u64 = 75_000 + 225_000 + 1_200_000 + 375_000 + 1_200_000;
+
+fn request_id(resp: &reqwest::Response) -> String {
+    resp.headers()["x-tollgate-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_passes_byte_exact_with_headers_and_is_metered() {
+    let s = setup_with(
+        Behavior {
+            usage: cache_usage(),
+            deltas: 5,
+            ..Behavior::default()
+        },
+        "",
+    )
+    .await;
+    let beta = "claude-code-20250219,context-1m-2025-08-07,interleaved-thinking-2025-05-14";
+    let resp = client()
+        .post(s.gw.url("/v1/messages?beta=true"))
+        .header("x-api-key", &s.alice.key)
+        .header("anthropic-version", "2023-06-01")
+        .header("anthropic-beta", beta)
+        .header("x-claude-code-session-id", "3f1c-session")
+        .header("user-agent", "claude-cli/2.1.0 (external, cli)")
+        .header("content-type", "application/json")
+        .body(messages_body("claude-sonnet-4-5-20250929", true, 100))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let id = request_id(&resp);
+    let got = resp.bytes().await.unwrap();
+    let expected: Vec<u8> =
+        tollgate::mock::sse_events("claude-sonnet-4-5-20250929", &cache_usage(), 5).concat();
+    assert_eq!(got, expected, "the SSE stream must arrive unchanged");
+
+    let received = s.mock.received();
+    assert_eq!(received.len(), 1);
+    let r = &received[0];
+    assert_eq!(r.uri, "/v1/messages?beta=true");
+    assert_eq!(r.headers["anthropic-beta"], beta);
+    assert_eq!(r.headers["anthropic-version"], "2023-06-01");
+    assert_eq!(r.headers["x-api-key"], PROVIDER_SECRET);
+    assert!(r.headers.get("authorization").is_none());
+    assert_eq!(r.headers["host"], s.mock.addr.to_string());
+    assert_eq!(r.headers["x-claude-code-session-id"], "3f1c-session");
+    assert_eq!(
+        r.body,
+        messages_body("claude-sonnet-4-5-20250929", true, 100).as_bytes()
+    );
+
+    let rec = s.gw.record(&id);
+    assert_eq!(rec["key_id"], "alice");
+    assert_eq!(rec["user"], "alice@example.com");
+    assert_eq!(rec["team"], "platform");
+    assert_eq!(rec["session_id"], "3f1c-session");
+    assert_eq!(rec["user_agent"], "claude-cli/2.1.0 (external, cli)");
+    assert_eq!(rec["client_ip"], "127.0.0.1");
+    assert_eq!(rec["model"], "claude-sonnet-4-5");
+    assert_eq!(rec["requested_model"], "claude-sonnet-4-5-20250929");
+    assert_eq!(rec["provider"], "mock");
+    assert_eq!(rec["provider_model"], "claude-sonnet-4-5-20250929");
+    assert_eq!(rec["stream"], true);
+    assert_eq!(rec["status"], 200);
+    assert_eq!(rec["upstream_status"], 200);
+    assert_eq!(rec["outcome"], "complete");
+    let u = &rec["usage"];
+    assert_eq!(u["input_tokens"], 25);
+    assert_eq!(u["output_tokens"], 15);
+    assert_eq!(u["cache_read_input_tokens"], 4000);
+    assert_eq!(u["cache_creation_input_tokens"], 300);
+    assert_eq!(u["cache_creation_5m_input_tokens"], 100);
+    assert_eq!(u["cache_creation_1h_input_tokens"], 200);
+    assert_eq!(rec["cost_nanos"], CACHE_USAGE_COST_NANOS);
+    assert_eq!(rec["priced"], true);
+    assert!(rec["ttfb_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_stream_round_trip_with_bearer_key() {
+    let s = setup_with(
+        Behavior {
+            usage: cache_usage(),
+            ..Behavior::default()
+        },
+        "",
+    )
+    .await;
+    let resp = client()
+        .post(s.gw.url("/v1/messages"))
+        .bearer_auth(&s.alice.key)
+        .header("anthropic-version", "2026-10-21")
+        .body(messages_body("claude-sonnet-4-5", false, 10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["type"], "message");
+    assert_eq!(
+        v["model"], "claude-sonnet-4-5-20250929",
+        "the public name was rewritten to the provider id"
+    );
+    assert_eq!(v["usage"]["cache_read_input_tokens"], 4000);
+    let r = &s.mock.received()[0];
+    assert_eq!(r.headers["x-api-key"], PROVIDER_SECRET);
+    assert_eq!(r.headers["anthropic-version"], "2026-10-21");
+    assert!(
+        r.headers.get("authorization").is_none(),
+        "the client's bearer key must not reach the provider"
+    );
+    let rec = s.gw.record(&id);
+    assert_eq!(rec["stream"], false);
+    assert_eq!(rec["outcome"], "complete");
+    assert_eq!(rec["usage"]["input_tokens"], 25);
+    assert_eq!(rec["usage"]["output_tokens"], 15);
+    assert_eq!(rec["cost_nanos"], CACHE_USAGE_COST_NANOS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_megabyte_body_is_forwarded_with_only_model_rewritten() {
+    let s = setup().await;
+    let original = messages_body("sonnet", false, 1 << 20);
+    let resp = client()
+        .post(s.gw.url("/v1/messages"))
+        .header("x-api-key", &s.alice.key)
+        .header("anthropic-version", "2023-06-01")
+        .body(original.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let received = &s.mock.received()[0];
+    let expected = original.replacen(
+        "\"model\":\"sonnet\"",
+        "\"model\":\"claude-sonnet-4-5-20250929\"",
+        1,
+    );
+    assert_ne!(expected, original);
+    assert!(received.body.len() > 1 << 20);
+    assert_eq!(received.body.len(), expected.len());
+    assert!(
+        received.body == expected.as_bytes(),
+        "only the model value may change"
+    );
+    assert_eq!(
+        received.headers["content-length"],
+        expected.len().to_string()
+    );
+}
+
+/// Sends a request and checks the gateway's own error: status, Anthropic shape, request id.
+async fn expect_error(
+    req: reqwest::RequestBuilder,
+    status: u16,
+    kind: &str,
+    message_has: &str,
+) -> String {
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), status);
+    let id = request_id(&resp);
+    assert_eq!(resp.headers()["request-id"].to_str().unwrap(), id);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["error"]["type"], kind, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(message_has),
+        "{msg:?} should mention {message_has:?}"
+    );
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_errors_have_status_and_anthropic_shape() {
+    let s = setup().await;
+    let c = client();
+    let post = |key: Option<&str>, body: String| {
+        let mut r = c.post(s.gw.url("/v1/messages")).body(body);
+        if let Some(k) = key {
+            r = r.header("x-api-key", k);
+        }
+        r
+    };
+    let ok_body = || messages_body("claude-sonnet-4-5", false, 10);
+    expect_error(
+        post(None, ok_body()),
+        401,
+        "authentication_error",
+        "no API key",
+    )
+    .await;
+    expect_error(
+        post(Some("tg-not-a-key"), ok_body()),
+        401,
+        "authentication_error",
+        "invalid API key",
+    )
+    .await;
+    expect_error(
+        post(Some(&s.disabled.key), ok_body()),
+        401,
+        "authentication_error",
+        "disabled",
+    )
+    .await;
+    let id = expect_error(
+        post(Some(&s.expired.key), ok_body()),
+        401,
+        "authentication_error",
+        "expired",
+    )
+    .await;
+    expect_error(
+        post(Some(&s.bob.key), ok_body()),
+        403,
+        "permission_error",
+        "claude-sonnet-4-5",
+    )
+    .await;
+    expect_error(
+        post(Some(&s.alice.key), messages_body("claude-nope-9", false, 1)),
+        404,
+        "not_found_error",
+        "model: claude-nope-9",
+    )
+    .await;
+    expect_error(
+        post(
+            Some(&s.alice.key),
+            "{\"model\": \"claude-sonnet-4-5\",".into(),
+        ),
+        400,
+        "invalid_request_error",
+        "not valid JSON",
+    )
+    .await;
+    expect_error(
+        post(Some(&s.alice.key), "{\"max_tokens\": 10}".into()),
+        400,
+        "invalid_request_error",
+        "model: field required",
+    )
+    .await;
+    expect_error(
+        post(
+            Some(&s.alice.key),
+            "{\"model\":\"a\",\"model\":\"b\"}".into(),
+        ),
+        400,
+        "invalid_request_error",
+        "duplicate",
+    )
+    .await;
+    expect_error(
+        c.get(s.gw.url("/v1/nothing"))
+            .header("x-api-key", &s.alice.key),
+        404,
+        "not_found_error",
+        "/v1/nothing",
+    )
+    .await;
+    expect_error(
+        c.get(s.gw.url("/v1/messages")),
+        405,
+        "invalid_request_error",
+        "POST",
+    )
+    .await;
+    expect_error(
+        post(
+            Some(&s.alice.key),
+            messages_body("claude-keyless", false, 1),
+        ),
+        503,
+        "api_error",
+        "TG_TEST_UNSET_VARIABLE",
+    )
+    .await;
+    assert!(
+        s.mock.received().is_empty(),
+        "no refused request may reach the provider"
+    );
+    let rec = s.gw.record(&id);
+    assert_eq!(rec["status"], 401);
+    assert_eq!(rec["outcome"], "rejected");
+    assert_eq!(rec["key_id"], Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_body_is_refused_with_413() {
+    let s = setup_with(Behavior::default(), "").await;
+    // The default limit is 32 MiB; a declared 33 MiB body is refused before it is read.
+    let body = messages_body("claude-sonnet-4-5", false, 33 << 20);
+    let resp = client()
+        .post(s.gw.url("/v1/messages"))
+        .header("x-api-key", &s.alice.key)
+        .body(body)
+        .send()
+        .await;
+    // The gateway may close before the client finishes sending; either way nothing reaches the mock.
+    if let Ok(resp) = resp {
+        assert_eq!(resp.status(), 413);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "request_too_large");
+    }
+    assert!(s.mock.received().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_stream_still_leaves_an_incomplete_record() {
+    let s = setup().await;
+    let resp = client()
+        .post(s.gw.url("/v1/messages"))
+        .header("x-api-key", &s.alice.key)
+        .header("x-mock-cut-after", "4")
+        .header("x-mock-usage", r#"{"input_tokens":900,"output_tokens":40,"cache_read_input_tokens":10,"cache_creation_5m_input_tokens":0,"cache_creation_1h_input_tokens":0}"#)
+        .body(messages_body("claude-sonnet-4-5", true, 10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    assert!(
+        resp.bytes().await.is_err(),
+        "the client must see the stream cut short, not a clean end"
+    );
+    let rec = s.gw.record(&id);
+    assert_eq!(rec["outcome"], "incomplete");
+    assert_eq!(rec["usage"]["input_tokens"], 900);
+    assert_eq!(rec["usage"]["cache_read_input_tokens"], 10);
+    assert_eq!(
+        rec["usage"]["output_tokens"], 1,
+        "message_start's output count; no message_delta came"
+    );
+    assert_eq!(rec["cost_nanos"], 900 * 3000 + 10 * 300 + 15_000);
+    assert!(rec["error"].as_str().unwrap().contains("broke off"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_errors_pass_through_and_are_recorded() {
+    let s = setup().await;
+    let resp = client()
+        .post(s.gw.url("/v1/messages"))
+        .header("x-api-key", &s.alice.key)
+        .header("x-mock-status", "529")
+        .body(messages_body("claude-sonnet-4-5", true, 10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 529);
+    let id = request_id(&resp);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "overloaded_error");
+    let rec = s.gw.record(&id);
+    assert_eq!(rec["outcome"], "upstream_error");
+    assert_eq!(rec["error"], "overloaded_error");
+    assert_eq!(rec["upstream_status"], 529);
+    assert_eq!(rec["cost_nanos"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_tokens_and_probes() {
+    let s = setup().await;
+    let c = client();
+    let resp = c
+        .post(s.gw.url("/v1/messages/count_tokens?beta=true"))
+        .header("x-api-key", &s.alice.key)
+        .header("anthropic-beta", "token-counting-2024-11-01")
+        .body(r#"{"model":"claude-haiku-4-5","messages":[{"role":"user","content":"hi"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["input_tokens"], 25);
+    let r = &s.mock.received()[0];
+    assert_eq!(r.uri, "/v1/messages/count_tokens?beta=true");
+    assert_eq!(
+        r.body,
+        r#"{"model":"claude-haiku-4-5-20251001","messages":[{"role":"user","content":"hi"}]}"#
+            .as_bytes()
+    );
+
+    // Claude Code's reachability probe needs no key.
+    let head = c.head(s.gw.url("/")).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    let get = c.get(s.gw.url("/")).send().await.unwrap();
+    assert_eq!(get.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_reflect_requests() {
+    let s = setup_with(
+        Behavior {
+            usage: cache_usage(),
+            ..Behavior::default()
+        },
+        "",
+    )
+    .await;
+    let c = client();
+    for stream in [true, false] {
+        let resp = c
+            .post(s.gw.url("/v1/messages"))
+            .header("x-api-key", &s.alice.key)
+            .body(messages_body("claude-sonnet-4-5", stream, 10))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap();
+    }
+    let resp = c
+        .post(s.gw.url("/v1/messages"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+
+    // The last request leaves the in-flight gauge just after its answer: give it a moment.
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = c
+            .get(s.gw.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains("tollgate_in_flight_requests 0") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let has = |line: &str| {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line:?} in\n{metrics}"
+        )
+    };
+    has(
+        r#"tollgate_requests_total{model="claude-sonnet-4-5",provider="mock",status_class="2xx",team="platform"} 2"#,
+    );
+    has(
+        r#"tollgate_requests_total{model="none",provider="none",status_class="4xx",team="none"} 1"#,
+    );
+    has(
+        r#"tollgate_tokens_total{class="cache_read",model="claude-sonnet-4-5",provider="mock",team="platform"} 8000"#,
+    );
+    has(
+        r#"tollgate_tokens_total{class="output",model="claude-sonnet-4-5",provider="mock",team="platform"} 30"#,
+    );
+    has(
+        r#"tollgate_tokens_total{class="cache_write_1h",model="claude-sonnet-4-5",provider="mock",team="platform"} 400"#,
+    );
+    has("tollgate_in_flight_requests 0");
+    assert!(metrics.contains("tollgate_cost_usd_total{model=\"claude-sonnet-4-5\",provider=\"mock\",team=\"platform\"} 0.00615"));
+    assert!(metrics.contains("tollgate_time_to_first_byte_seconds_count{model=\"claude-sonnet-4-5\",provider=\"mock\",stream=\"true\"} 1"));
+    assert!(!metrics.contains(&s.alice.key));
+
+    assert_eq!(
+        c.get(s.gw.admin_url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // The `keyless` provider has no credential, so the gateway is not ready, and says why.
+    let ready = c.get(s.gw.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let v: Value = ready.json().await.unwrap();
+    assert!(v["problems"][0].as_str().unwrap().contains("keyless"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_flushes_every_record() {
+    let mut s = setup().await;
+    let c = client();
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let resp = c
+            .post(s.gw.url("/v1/messages"))
+            .header("x-api-key", &s.alice.key)
+            .body(messages_body("claude-sonnet-4-5", true, 10))
+            .send()
+            .await
+            .unwrap();
+        ids.push(request_id(&resp));
+        resp.bytes().await.unwrap();
+    }
+    let status = s.gw.stop();
+    assert!(status.success(), "{status:?}");
+    let records = s.gw.records();
+    for id in &ids {
+        assert_eq!(
+            records
+                .iter()
+                .filter(|r| r["request_id"] == id.as_str())
+                .count(),
+            1,
+            "{id}"
+        );
+    }
+}
