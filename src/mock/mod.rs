@@ -376,3 +376,38 @@ fn stream_response(model: String, b: Behavior) -> Response<Body> {
         .body(http_body_util::Either::Right(ChannelBody(rx)))
         .expect("valid response")
 }
+
+/// A request body shaped like Claude Code's (three system blocks, 24 tools, metadata, a user
+/// turn), padded with prompt text to about `size` bytes. For tests and benchmarks.
+pub fn claude_code_body(model: &str, stream: bool, size: usize) -> Vec<u8> {
+    let tools: Vec<serde_json::Value> = (0..24)
+        .map(|i| {
+            serde_json::json!({
+                "name": format!("Tool{i}"),
+                "description": format!("Tool number {i}. ").repeat(40),
+                "input_schema": {"type": "object", "properties": {
+                    "path": {"type": "string", "description": "An absolute path."},
+                    "limit": {"type": "integer", "description": "At most this many lines."}},
+                    "required": ["path"], "additionalProperties": false, "$schema": "http://json-schema.org/draft-07/schema#"}
+            })
+        })
+        .collect();
+    let mut body = serde_json::json!({
+        "model": model,
+        "max_tokens": 64000,
+        "stream": stream,
+        "thinking": {"type": "adaptive"},
+        "system": [
+            {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.0; cc_entrypoint=cli"},
+            {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude.", "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+            {"type": "text", "text": "Follow the user's instructions. \"Quote\" and \\ escapes, unicode caf\u{e9}. ".repeat(150), "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+        ],
+        "tools": tools,
+        "metadata": {"user_id": "{\"device_id\":\"4c2f\",\"session_id\":\"9a1e\"}"},
+        "messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}],
+    });
+    let current = serde_json::to_vec(&body).expect("serializes").len();
+    let pad = size.saturating_sub(current);
+    body["messages"][0]["content"][0]["text"] = "Please look at src/main.rs and explain it. ".repeat(pad / 43 + 1)[..pad].into();
+    serde_json::to_vec(&body).expect("serializes")
+}

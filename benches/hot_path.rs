@@ -1,0 +1,153 @@
+//! Microbenchmarks of everything the gateway does per request or per chunk.
+//! `cargo bench --bench hot_path`; each line reports time per operation or bytes per second.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use tollgate::auth::{generate_key, presented_key, KeyStore};
+use tollgate::config::load_str;
+use tollgate::metering::PriceTable;
+use tollgate::mock::{claude_code_body, sse_events, MockUsage};
+use tollgate::protocol::json_peek::{peek_request, replace_string_value};
+use tollgate::protocol::sse::SseUsageScanner;
+use tollgate::protocol::usage::{usage_from_json, Usage};
+use tollgate::providers::Provider;
+use tollgate::routing::ModelTable;
+
+/// A streamed answer like a real one: 400 text deltas, usage at both ends.
+fn realistic_stream() -> Vec<u8> {
+    let usage = MockUsage {
+        input_tokens: 3,
+        output_tokens: 812,
+        cache_read_input_tokens: 61_000,
+        cache_creation_5m_input_tokens: 0,
+        cache_creation_1h_input_tokens: 2_400,
+    };
+    sse_events("claude-sonnet-5", &usage, 400).concat()
+}
+
+fn sse_scan(c: &mut Criterion) {
+    let stream = realistic_stream();
+    let mut g = c.benchmark_group("sse_usage_scan");
+    g.throughput(Throughput::Bytes(stream.len() as u64));
+    for chunk in [64usize, 512, 4096, 16384] {
+        g.bench_with_input(BenchmarkId::new("chunk_bytes", chunk), &chunk, |b, &chunk| {
+            b.iter(|| {
+                let mut s = SseUsageScanner::new();
+                for part in stream.chunks(chunk) {
+                    s.feed(black_box(part));
+                }
+                black_box(s.usage())
+            })
+        });
+    }
+    g.finish();
+}
+
+fn json_usage(c: &mut Criterion) {
+    let text = "word ".repeat(800);
+    let body = serde_json::to_vec(&serde_json::json!({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-5",
+        "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": null,
+        "usage": {"input_tokens": 12, "cache_creation_input_tokens": 300, "cache_read_input_tokens": 4000,
+            "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 200},
+            "output_tokens": 812, "service_tier": "standard"}
+    }))
+    .unwrap();
+    let mut g = c.benchmark_group("non_stream_usage");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("4KB_answer", |b| b.iter(|| black_box(usage_from_json(black_box(&body)))));
+    g.finish();
+}
+
+fn request_body(c: &mut Criterion) {
+    let mut g = c.benchmark_group("request_body");
+    for (name, size) in [("80KB", 80 << 10), ("2MB", 2 << 20)] {
+        let body = claude_code_body("sonnet", true, size);
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(BenchmarkId::new("peek", name), |b| b.iter(|| black_box(peek_request(black_box(&body)).unwrap())));
+        let span = peek_request(&body).unwrap().model.unwrap().1;
+        g.bench_function(BenchmarkId::new("model_rewrite", name), |b| {
+            b.iter(|| black_box(replace_string_value(black_box(&body), span.clone(), "claude-sonnet-4-5-20250929")))
+        });
+    }
+    g.finish();
+}
+
+const CONFIG: &str = r#"
+[[listener]]
+address = "127.0.0.1:8080"
+[[provider]]
+name = "anthropic"
+kind = "anthropic"
+base_url = "http://127.0.0.1:9999"
+credential = "env:HOME"
+[[model]]
+name = "claude-opus-4-8"
+deployments = [{ provider = "anthropic" }]
+[[model]]
+name = "claude-sonnet-5"
+aliases = ["sonnet"]
+deployments = [{ provider = "anthropic", model = "claude-sonnet-5" }]
+[[model]]
+name = "claude-haiku-4-5"
+patterns = ["claude-haiku-4-5-*"]
+deployments = [{ provider = "anthropic", model = "claude-haiku-4-5-20251001" }]
+[[model]]
+name = "claude"
+patterns = ["claude-*"]
+deployments = [{ provider = "anthropic" }]
+"#;
+
+fn routing_and_keys(c: &mut Criterion) {
+    let config = load_str(CONFIG, "bench.toml").unwrap();
+    let prices = PriceTable::with_overrides(&[]).unwrap();
+    let providers: HashMap<_, _> = config
+        .providers
+        .iter()
+        .map(|p| (p.name.get_ref().clone(), Arc::new(Provider::from_config(p).unwrap())))
+        .collect();
+    let table = ModelTable::build(&config.models, &providers, &prices).unwrap();
+    let mut g = c.benchmark_group("route_selection");
+    for name in ["sonnet", "claude-haiku-4-5-20251001", "claude-opus-4-1-20250805"] {
+        g.bench_function(name, |b| b.iter(|| black_box(table.resolve(black_box(name)).unwrap())));
+    }
+    g.finish();
+
+    // 10,000 keys in the store; look one up from its header, as a request does.
+    let mut text = String::from(CONFIG);
+    let mut presented = String::new();
+    for i in 0..10_000 {
+        let (key, hash) = generate_key();
+        text += &format!("[[key]]\nid = \"k{i}\"\nhash = \"{hash}\"\nteam = \"t{}\"\n", i % 20);
+        presented = key;
+    }
+    let keys = KeyStore::from_config(&load_str(&text, "keys.toml").unwrap().keys).unwrap();
+    let header = presented.as_bytes().to_vec();
+    c.bench_function("key_lookup_10k_keys", |b| {
+        b.iter(|| black_box(keys.authenticate(presented_key(Some(black_box(&header)), None), SystemTime::now()).unwrap()))
+    });
+}
+
+fn cost(c: &mut Criterion) {
+    let prices = PriceTable::with_overrides(&[]).unwrap();
+    let usage = Usage {
+        input_tokens: 3,
+        output_tokens: 812,
+        cache_read_input_tokens: 61_000,
+        cache_creation_input_tokens: 2_400,
+        cache_creation_5m_input_tokens: 0,
+        cache_creation_1h_input_tokens: 2_400,
+    };
+    let price = prices.lookup("claude-sonnet-5").unwrap();
+    c.bench_function("cost_computation", |b| b.iter(|| black_box(price.cost_nanos(black_box(&usage)))));
+    c.bench_function("price_lookup_by_pattern", |b| {
+        b.iter(|| black_box(prices.lookup(black_box("us.anthropic.claude-sonnet-4-5-20250929-v1:0"))))
+    });
+}
+
+criterion_group!(benches, sse_scan, json_usage, request_body, routing_and_keys, cost);
+criterion_main!(benches);
