@@ -68,7 +68,9 @@ fn request_body(c: &mut Criterion) {
     for (name, size) in [("80KB", 80 << 10), ("2MB", 2 << 20)] {
         let body = claude_code_body("sonnet", true, size);
         g.throughput(Throughput::Bytes(body.len() as u64));
-        g.bench_function(BenchmarkId::new("peek", name), |b| b.iter(|| black_box(peek_request(black_box(&body)).unwrap())));
+        g.bench_function(BenchmarkId::new("peek", name), |b| {
+            b.iter(|| black_box(peek_request(black_box(&body)).unwrap()))
+        });
         let span = peek_request(&body).unwrap().model.unwrap().1;
         g.bench_function(BenchmarkId::new("model_rewrite", name), |b| {
             b.iter(|| black_box(replace_string_value(black_box(&body), span.clone(), "claude-sonnet-4-5-20250929")))
@@ -128,7 +130,9 @@ fn routing_and_keys(c: &mut Criterion) {
     let keys = KeyStore::from_config(&load_str(&text, "keys.toml").unwrap().keys).unwrap();
     let header = presented.as_bytes().to_vec();
     c.bench_function("key_lookup_10k_keys", |b| {
-        b.iter(|| black_box(keys.authenticate(presented_key(Some(black_box(&header)), None), SystemTime::now()).unwrap()))
+        b.iter(|| {
+            black_box(keys.authenticate(presented_key(Some(black_box(&header)), None), SystemTime::now()).unwrap())
+        })
     });
 }
 

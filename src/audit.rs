@@ -38,10 +38,7 @@ impl AuditLog {
                 self.dropped.inc();
                 // One log line per thousand drops is enough to be seen without flooding.
                 if DROPPED_LOGGED.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
-                    tracing::error!(
-                        total = self.dropped.get(),
-                        "audit queue full: usage records dropped"
-                    );
+                    tracing::error!(total = self.dropped.get(), "audit queue full: usage records dropped");
                 }
             }
         }
@@ -61,32 +58,17 @@ impl AuditWriter {
     }
 }
 
-pub fn start(
-    config: &AuditConfig,
-    dropped: IntCounter,
-) -> std::io::Result<(AuditLog, AuditWriter)> {
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&config.path)
-        .map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("cannot open audit log {}: {e}", config.path.display()),
-            )
+pub fn start(config: &AuditConfig, dropped: IntCounter) -> std::io::Result<(AuditLog, AuditWriter)> {
+    let file =
+        OpenOptions::new().create(true).append(true).open(&config.path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot open audit log {}: {e}", config.path.display()))
         })?;
     let (tx, rx) = sync_channel(config.queue_capacity.max(1));
     let interval = config.flush_interval;
     let thread = std::thread::Builder::new()
         .name("tollgate-audit".into())
         .spawn(move || write_loop(rx, BufWriter::with_capacity(256 << 10, file), interval))?;
-    Ok((
-        AuditLog {
-            tx: tx.clone(),
-            dropped,
-        },
-        AuditWriter { tx, thread },
-    ))
+    Ok((AuditLog { tx: tx.clone(), dropped }, AuditWriter { tx, thread }))
 }
 
 fn write_loop(rx: Receiver<Msg>, mut out: BufWriter<std::fs::File>, interval: Duration) {
@@ -95,9 +77,8 @@ fn write_loop(rx: Receiver<Msg>, mut out: BufWriter<std::fs::File>, interval: Du
     loop {
         match rx.recv_timeout(interval) {
             Ok(Msg::Record(r)) => {
-                if let Err(e) = serde_json::to_writer(&mut out, &r)
-                    .map_err(std::io::Error::from)
-                    .and_then(|_| out.write_all(b"\n"))
+                if let Err(e) =
+                    serde_json::to_writer(&mut out, &r).map_err(std::io::Error::from).and_then(|_| out.write_all(b"\n"))
                 {
                     tracing::error!(error = %e, request_id = %r.request_id, "cannot write usage record");
                 }

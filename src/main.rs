@@ -6,11 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "tollgate",
-    version,
-    about = "An LLM gateway for Anthropic-format traffic"
-)]
+#[command(name = "tollgate", version, about = "An LLM gateway for Anthropic-format traffic")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -66,9 +62,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { file } => check(file.as_deref().unwrap_or(&cli.config)),
-        Command::Keys {
-            command: KeysCommand::New,
-        } => {
+        Command::Keys { command: KeysCommand::New } => {
             let (key, hash) = tollgate::auth::generate_key();
             println!("key:  {key}");
             println!("hash: {hash}");
@@ -105,10 +99,7 @@ fn check(path: &std::path::Path) -> ExitCode {
     );
     println!("routes:");
     for m in &config.models {
-        let route = state
-            .models
-            .resolve(m.name.get_ref())
-            .expect("every configured name resolves");
+        let route = state.models.resolve(m.name.get_ref()).expect("every configured name resolves");
         let names: Vec<&str> = m.aliases.iter().map(|a| a.get_ref().as_str()).collect();
         let patterns: Vec<&str> = m.patterns.iter().map(|p| p.get_ref().as_str()).collect();
         let mut line = format!("  {}", route.name);
@@ -122,18 +113,10 @@ fn check(path: &std::path::Path) -> ExitCode {
         for (i, d) in route.deployments.iter().enumerate() {
             match &d.model_id {
                 Some(id) => {
-                    let price = if d.price.is_some() {
-                        "priced"
-                    } else {
-                        "NO PRICE"
-                    };
+                    let price = if d.price.is_some() { "priced" } else { "NO PRICE" };
                     println!("    {}. {} -> {id} [{price}]", i + 1, d.provider.name);
                 }
-                None => println!(
-                    "    {}. {} -> the requested name, priced per request",
-                    i + 1,
-                    d.provider.name
-                ),
+                None => println!("    {}. {} -> the requested name, priced per request", i + 1, d.provider.name),
             }
         }
     }
@@ -148,8 +131,5 @@ fn check(path: &std::path::Path) -> ExitCode {
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("TOLLGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
 }

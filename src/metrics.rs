@@ -1,9 +1,7 @@
 //! Prometheus metrics. Labels are bounded: public model names and teams come from the config,
 //! providers likewise; raw keys and client-supplied model names never become labels.
 
-use prometheus::{
-    CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -18,18 +16,14 @@ pub struct Metrics {
     pub audit_dropped: IntCounter,
 }
 
-const LATENCY_BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new(
-                "tollgate_requests_total",
-                "Requests handled, by final status class",
-            ),
+            Opts::new("tollgate_requests_total", "Requests handled, by final status class"),
             &["model", "provider", "status_class", "team"],
         )
         .unwrap();
@@ -44,11 +38,8 @@ impl Metrics {
         )
         .unwrap();
         let duration = HistogramVec::new(
-            HistogramOpts::new(
-                "tollgate_request_duration_seconds",
-                "Whole request, first byte in to last byte out",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new("tollgate_request_duration_seconds", "Whole request, first byte in to last byte out")
+                .buckets(LATENCY_BUCKETS.to_vec()),
             &["model", "provider", "stream"],
         )
         .unwrap();
@@ -61,29 +52,20 @@ impl Metrics {
             &["model", "provider", "stream"],
         )
         .unwrap();
-        let in_flight =
-            IntGauge::new("tollgate_in_flight_requests", "Requests being handled now").unwrap();
+        let in_flight = IntGauge::new("tollgate_in_flight_requests", "Requests being handled now").unwrap();
         let upstream_errors = IntCounterVec::new(
-            Opts::new(
-                "tollgate_upstream_errors_total",
-                "Failed upstream exchanges, by kind",
-            ),
+            Opts::new("tollgate_upstream_errors_total", "Failed upstream exchanges, by kind"),
             &["provider", "kind"],
         )
         .unwrap();
         let unpriced = IntCounterVec::new(
-            Opts::new(
-                "tollgate_unpriced_requests_total",
-                "Requests metered for a model with no price",
-            ),
+            Opts::new("tollgate_unpriced_requests_total", "Requests metered for a model with no price"),
             &["model", "provider"],
         )
         .unwrap();
-        let audit_dropped = IntCounter::new(
-            "tollgate_audit_dropped_total",
-            "Usage records dropped because the audit queue was full",
-        )
-        .unwrap();
+        let audit_dropped =
+            IntCounter::new("tollgate_audit_dropped_total", "Usage records dropped because the audit queue was full")
+                .unwrap();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(tokens.clone()),

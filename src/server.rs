@@ -43,34 +43,18 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     conf.upgrade_sock = config.server.upgrade_socket.display().to_string();
     conf.pid_file = config.server.pid_file.display().to_string();
     conf.daemon = false;
-    let opt = Opt {
-        upgrade,
-        daemon: false,
-        nocapture: false,
-        test: false,
-        conf: None,
-    };
+    let opt = Opt { upgrade, daemon: false, nocapture: false, test: false, conf: None };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
     let metrics_in_flight = metrics.in_flight.clone();
-    let gateway = Gateway::new(
-        shared.clone(),
-        config.server.upstream_pool_size,
-        audit,
-        metrics.clone(),
-    );
-    let mut proxy =
-        pingora_proxy::http_proxy_service_with_name(&server.configuration, gateway, "tollgate");
+    let gateway = Gateway::new(shared.clone(), &config.server, audit, metrics.clone());
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(&server.configuration, gateway, "tollgate");
     for l in &config.listeners {
         let addr = l.address.get_ref();
         match &l.tls {
             Some(tls) => proxy
-                .add_tls(
-                    addr,
-                    &tls.cert.display().to_string(),
-                    &tls.key.display().to_string(),
-                )
+                .add_tls(addr, &tls.cert.display().to_string(), &tls.key.display().to_string())
                 .with_context(|| format!("TLS listener {addr}"))?,
             None => proxy.add_tcp(addr),
         }
@@ -79,30 +63,17 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     server.add_service(proxy);
 
     if let Some(admin) = &config.admin {
-        let mut service = Service::new(
-            "tollgate-admin".into(),
-            HttpServer::new_app(AdminApp {
-                state: shared,
-                metrics,
-            }),
-        );
+        let mut service =
+            Service::new("tollgate-admin".into(), HttpServer::new_app(AdminApp { state: shared, metrics }));
         service.threads = Some(1);
         service.add_tcp(admin.address.get_ref());
         tracing::info!(address = %admin.address.get_ref(), "admin listening");
         server.add_service(service);
     }
-    server.add_service(background_service(
-        "tollgate-dns",
-        DnsRefresher { providers },
-    ));
+    server.add_service(background_service("tollgate-dns", DnsRefresher { providers }));
 
     let audit_writer = Arc::new(Mutex::new(Some(audit_writer)));
-    watch_drain(
-        &server,
-        metrics_in_flight,
-        config.server.grace_period,
-        audit_writer.clone(),
-    );
+    watch_drain(&server, metrics_in_flight, config.server.grace_period, audit_writer.clone());
     server.run(RunArgs::default());
     tracing::info!("stopped; flushing the audit log");
     if let Some(w) = audit_writer.lock().unwrap().take() {
@@ -117,12 +88,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
 /// with nothing in flight; with a grace period long enough for real streams (minutes) every
 /// stop would take that long. This watches for the grace period to start, waits until no request
 /// is in flight (or the grace period ends), flushes the audit log and exits.
-fn watch_drain(
-    server: &Server,
-    in_flight: IntGauge,
-    grace: Duration,
-    audit: Arc<Mutex<Option<AuditWriter>>>,
-) {
+fn watch_drain(server: &Server, in_flight: IntGauge, grace: Duration, audit: Arc<Mutex<Option<AuditWriter>>>) {
     let mut phases = server.watch_execution_phase();
     std::thread::Builder::new()
         .name("tollgate-drain".into())
@@ -133,10 +99,7 @@ fn watch_drain(
                     while in_flight.get() > 0 && Instant::now() < deadline {
                         std::thread::sleep(Duration::from_millis(20));
                     }
-                    tracing::info!(
-                        in_flight = in_flight.get(),
-                        "drained; flushing the audit log"
-                    );
+                    tracing::info!(in_flight = in_flight.get(), "drained; flushing the audit log");
                     if let Some(w) = audit.lock().unwrap().take() {
                         w.shutdown();
                     }

@@ -36,9 +36,7 @@ fn keys_new_prints_a_key_and_its_hash() {
     let out = tollgate(&["keys", "new"]);
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let field = |name: &str| {
-        stdout.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string()).unwrap()
-    };
+    let field = |name: &str| stdout.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string()).unwrap();
     let (key, hash) = (field("key:"), field("hash:"));
     assert!(key.starts_with("tg-"));
     assert_eq!(tollgate::auth::parse_key_hash(&hash).unwrap(), tollgate::auth::hash_key(key.as_bytes()));

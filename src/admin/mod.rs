@@ -42,11 +42,7 @@ impl ServeHttp for AdminApp {
             "/healthz" => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
             "/readyz" => {
                 let state = self.state.load();
-                let problems: Vec<String> = state
-                    .providers
-                    .iter()
-                    .filter_map(|p| p.unready_reason())
-                    .collect();
+                let problems: Vec<String> = state.providers.iter().filter_map(|p| p.unready_reason()).collect();
                 if problems.is_empty() {
                     json(StatusCode::OK, serde_json::json!({"status": "ready"}))
                 } else {

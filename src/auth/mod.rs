@@ -29,9 +29,9 @@ pub fn generate_key() -> (String, String) {
 }
 
 pub fn parse_key_hash(s: &str) -> Result<KeyHash, String> {
-    let hex_part = s.strip_prefix("sha256:").ok_or_else(|| {
-        "a key hash looks like `sha256:<64 hex digits>` (see `tollgate keys new`)".to_string()
-    })?;
+    let hex_part = s
+        .strip_prefix("sha256:")
+        .ok_or_else(|| "a key hash looks like `sha256:<64 hex digits>` (see `tollgate keys new`)".to_string())?;
     let mut out = [0u8; 32];
     hex::decode_to_slice(hex_part, &mut out)
         .map_err(|_| "a key hash needs exactly 64 hex digits after `sha256:`".to_string())?;
@@ -41,23 +41,14 @@ pub fn parse_key_hash(s: &str) -> Result<KeyHash, String> {
 pub fn parse_expiry(dt: &toml::value::Datetime) -> Result<SystemTime, String> {
     use toml::value::Offset;
     let (Some(date), Some(time), Some(offset)) = (dt.date, dt.time, dt.offset) else {
-        return Err(
-            "an expiry needs a date, a time and an offset, e.g. 2027-01-31T00:00:00Z".into(),
-        );
+        return Err("an expiry needs a date, a time and an offset, e.g. 2027-01-31T00:00:00Z".into());
     };
     let offset_minutes = match offset {
         Offset::Z => 0,
         Offset::Custom { minutes } => i64::from(minutes),
     };
-    let days = days_from_civil(
-        i64::from(date.year),
-        i64::from(date.month),
-        i64::from(date.day),
-    );
-    let secs = days * 86_400
-        + i64::from(time.hour) * 3600
-        + i64::from(time.minute) * 60
-        + i64::from(time.second)
+    let days = days_from_civil(i64::from(date.year), i64::from(date.month), i64::from(date.day));
+    let secs = days * 86_400 + i64::from(time.hour) * 3600 + i64::from(time.minute) * 60 + i64::from(time.second)
         - offset_minutes * 60;
     let secs = u64::try_from(secs).map_err(|_| format!("expiry {dt} is before 1970"))?;
     Ok(SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, time.nanosecond))
@@ -86,12 +77,17 @@ pub struct ApiKey {
 }
 
 impl ApiKey {
-    pub fn allows(&self, public_name: &str, requested: &str) -> bool {
-        match &self.models {
-            None => true,
-            Some(list) => list
-                .iter()
-                .any(|g| glob_match(g, public_name) || glob_match(g, requested)),
+    /// Whether the key may use the route `public_name`; `passthrough` is the requested name
+    /// when the provider will receive it unchanged, and must then be allowed instead.
+    pub fn allows(&self, public_name: &str, passthrough: Option<&str>) -> bool {
+        let Some(list) = &self.models else {
+            return true;
+        };
+        let ok = |name: &str| list.iter().any(|g| glob_match(g, name));
+        match passthrough {
+            // A catch-all route's own name says nothing about the model that will run.
+            Some(requested) => ok(requested),
+            None => ok(public_name),
         }
     }
 }
@@ -123,18 +119,11 @@ impl KeyStore {
                 user: k.user.clone(),
                 team: k.team.clone(),
                 models: k.models.clone(),
-                expires: k
-                    .expires
-                    .as_ref()
-                    .map(|e| parse_expiry(e.get_ref()))
-                    .transpose()?,
+                expires: k.expires.as_ref().map(|e| parse_expiry(e.get_ref())).transpose()?,
                 disabled: k.disabled,
             };
             if by_hash.insert(hash, Arc::new(key)).is_some() {
-                return Err(format!(
-                    "key {:?} has the same hash as another key",
-                    k.id.get_ref()
-                ));
+                return Err(format!("key {:?} has the same hash as another key", k.id.get_ref()));
             }
         }
         Ok(KeyStore { by_hash })
@@ -149,18 +138,9 @@ impl KeyStore {
     }
 
     /// Finds and checks the key presented by a client.
-    pub fn authenticate(
-        &self,
-        presented: Option<&[u8]>,
-        now: SystemTime,
-    ) -> Result<Arc<ApiKey>, AuthError> {
-        let presented = presented
-            .filter(|p| !p.is_empty())
-            .ok_or(AuthError::Missing)?;
-        let key = self
-            .by_hash
-            .get(&hash_key(presented))
-            .ok_or(AuthError::Unknown)?;
+    pub fn authenticate(&self, presented: Option<&[u8]>, now: SystemTime) -> Result<Arc<ApiKey>, AuthError> {
+        let presented = presented.filter(|p| !p.is_empty()).ok_or(AuthError::Missing)?;
+        let key = self.by_hash.get(&hash_key(presented)).ok_or(AuthError::Unknown)?;
         if key.disabled {
             return Err(AuthError::Disabled(key.id.clone()));
         }
@@ -173,18 +153,13 @@ impl KeyStore {
 
 /// The key a client presented: `x-api-key` (Claude Code's `ANTHROPIC_API_KEY`) or
 /// `Authorization: Bearer` (`ANTHROPIC_AUTH_TOKEN`, the SDKs' `auth_token`).
-pub fn presented_key<'a>(
-    x_api_key: Option<&'a [u8]>,
-    authorization: Option<&'a [u8]>,
-) -> Option<&'a [u8]> {
+pub fn presented_key<'a>(x_api_key: Option<&'a [u8]>, authorization: Option<&'a [u8]>) -> Option<&'a [u8]> {
     if let Some(k) = x_api_key.filter(|k| !k.is_empty()) {
         return Some(k.trim_ascii());
     }
     let auth = authorization?.trim_ascii();
     let scheme = auth.get(..7)?;
-    scheme
-        .eq_ignore_ascii_case(b"bearer ")
-        .then(|| auth[7..].trim_ascii())
+    scheme.eq_ignore_ascii_case(b"bearer ").then(|| auth[7..].trim_ascii())
 }
 
 #[cfg(test)]
@@ -200,10 +175,7 @@ mod tests {
 
     #[test]
     fn presented_key_sources() {
-        assert_eq!(
-            presented_key(Some(b"a"), Some(b"Bearer b")),
-            Some(&b"a"[..])
-        );
+        assert_eq!(presented_key(Some(b"a"), Some(b"Bearer b")), Some(&b"a"[..]));
         assert_eq!(presented_key(None, Some(b"bearer  b ")), Some(&b"b"[..]));
         assert_eq!(presented_key(None, Some(b"Basic xyz")), None);
         assert_eq!(presented_key(Some(b""), None), None);
@@ -213,10 +185,7 @@ mod tests {
     fn expiry_parses_utc() {
         let dt: toml::value::Datetime = "2027-01-31T00:00:00Z".parse().unwrap();
         let t = parse_expiry(&dt).unwrap();
-        assert_eq!(
-            humantime::format_rfc3339(t).to_string(),
-            "2027-01-31T00:00:00Z"
-        );
+        assert_eq!(humantime::format_rfc3339(t).to_string(), "2027-01-31T00:00:00Z");
         let dt: toml::value::Datetime = "2027-01-31T02:00:00+02:00".parse().unwrap();
         assert_eq!(parse_expiry(&dt).unwrap(), t);
         let local: toml::value::Datetime = "2027-01-31T00:00:00".parse().unwrap();

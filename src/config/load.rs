@@ -23,11 +23,7 @@ impl fmt::Display for ConfigError {
         if self.line == 0 {
             write!(f, "{}: {}", self.file, self.message)
         } else {
-            write!(
-                f,
-                "{}:{}:{}: {}",
-                self.file, self.line, self.column, self.message
-            )
+            write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
         }
     }
 }
@@ -50,12 +46,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn load_str(text: &str, file: &str) -> Result<Config, ConfigError> {
     let at = |span: Option<Range<usize>>, message: String| {
         let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((0, 0));
-        ConfigError {
-            file: file.to_string(),
-            line,
-            column,
-            message,
-        }
+        ConfigError { file: file.to_string(), line, column, message }
     };
     let config: Config = toml::from_str(text).map_err(|e| at(e.span(), e.message().to_string()))?;
     validate(&config).map_err(|(span, msg)| at(Some(span), msg))?;
@@ -65,12 +56,7 @@ pub fn load_str(text: &str, file: &str) -> Result<Config, ConfigError> {
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before
-        .rsplit('\n')
-        .next()
-        .map(|l| l.chars().count())
-        .unwrap_or(0)
-        + 1;
+    let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
     (line, column)
 }
 
@@ -83,12 +69,10 @@ fn validate(c: &Config) -> Result<(), Invalid> {
     let mut addresses = HashSet::new();
     let admin = c.admin.iter().map(|a| &a.address);
     for addr in c.listeners.iter().map(|l| &l.address).chain(admin) {
-        let parsed: SocketAddr = addr.get_ref().parse().map_err(|_| {
-            (
-                addr.span(),
-                format!("{:?} is not an IP:port address", addr.get_ref()),
-            )
-        })?;
+        let parsed: SocketAddr = addr
+            .get_ref()
+            .parse()
+            .map_err(|_| (addr.span(), format!("{:?} is not an IP:port address", addr.get_ref())))?;
         if !addresses.insert(parsed) {
             return Err((addr.span(), format!("address {parsed} is used twice")));
         }
@@ -100,39 +84,26 @@ fn validate(c: &Config) -> Result<(), Invalid> {
     let mut providers = HashSet::new();
     for p in &c.providers {
         if !providers.insert(p.name.get_ref().as_str()) {
-            return Err((
-                p.name.span(),
-                format!("provider {:?} is defined twice", p.name.get_ref()),
-            ));
+            return Err((p.name.span(), format!("provider {:?} is defined twice", p.name.get_ref())));
         }
-        crate::providers::UpstreamUrl::parse(p.base_url.get_ref())
-            .map_err(|e| (p.base_url.span(), e))?;
+        crate::providers::UpstreamUrl::parse(p.base_url.get_ref()).map_err(|e| (p.base_url.span(), e))?;
     }
 
     let mut names = HashSet::new();
     for m in &c.models {
         for n in std::iter::once(&m.name).chain(&m.aliases) {
             if !names.insert(n.get_ref().as_str()) {
-                return Err((
-                    n.span(),
-                    format!("model name {:?} is used twice", n.get_ref()),
-                ));
+                return Err((n.span(), format!("model name {:?} is used twice", n.get_ref())));
             }
         }
         if m.deployments.is_empty() {
-            return Err((
-                m.name.span(),
-                format!("model {:?} has no deployments", m.name.get_ref()),
-            ));
+            return Err((m.name.span(), format!("model {:?} has no deployments", m.name.get_ref())));
         }
         for d in &m.deployments {
             if !providers.contains(d.provider.get_ref().as_str()) {
                 return Err((
                     d.provider.span(),
-                    format!(
-                        "deployment names provider {:?}, which is not defined",
-                        d.provider.get_ref()
-                    ),
+                    format!("deployment names provider {:?}, which is not defined", d.provider.get_ref()),
                 ));
             }
         }
@@ -141,10 +112,7 @@ fn validate(c: &Config) -> Result<(), Invalid> {
     let mut ids = HashSet::new();
     for k in &c.keys {
         if !ids.insert(k.id.get_ref().as_str()) {
-            return Err((
-                k.id.span(),
-                format!("key id {:?} is used twice", k.id.get_ref()),
-            ));
+            return Err((k.id.span(), format!("key id {:?} is used twice", k.id.get_ref())));
         }
         crate::auth::parse_key_hash(k.hash.get_ref()).map_err(|e| (k.hash.span(), e))?;
         if let Some(exp) = &k.expires {
@@ -153,21 +121,33 @@ fn validate(c: &Config) -> Result<(), Invalid> {
     }
 
     for p in &c.prices {
-        let rates = [
-            p.input,
-            p.output,
-            p.cache_read,
-            p.cache_write_5m,
-            p.cache_write_1h,
-        ];
-        if rates.iter().any(|r| !r.is_finite() || *r < 0.0) {
-            return Err((
-                0..0,
-                format!(
-                    "price for {:?}: rates must be non-negative numbers",
-                    p.pattern
-                ),
-            ));
+        let mut rates = vec![p.input, p.output, p.cache_read, p.cache_write_5m, p.cache_write_1h];
+        if let Some(l) = &p.long_context {
+            rates.extend([l.input, l.output, l.cache_read, l.cache_write_5m, l.cache_write_1h]);
+        }
+        // A million dollars per million tokens is far beyond any real price: a typo.
+        if rates.iter().any(|r| !r.is_finite() || *r < 0.0 || *r > 1e6) {
+            return Err((0..0, format!("price for {:?}: rates must be numbers from 0 to 1000000", p.pattern)));
+        }
+    }
+
+    let positive = [
+        ("audit.flush_interval", c.audit.flush_interval),
+        ("server.client_write_timeout", c.server.client_write_timeout),
+    ]
+    .into_iter()
+    .chain(c.providers.iter().flat_map(|p| {
+        [
+            ("connect_timeout", p.connect_timeout),
+            ("first_byte_timeout", p.first_byte_timeout),
+            ("idle_timeout", p.idle_timeout),
+            ("pool_idle_timeout", p.pool_idle_timeout),
+            ("dns_refresh", p.dns_refresh),
+        ]
+    }));
+    for (name, d) in positive {
+        if d.is_zero() {
+            return Err((0..0, format!("{name} must be longer than zero")));
         }
     }
     Ok(())
@@ -200,10 +180,7 @@ deployments = [{ provider = "anthropic" }]
 
     #[test]
     fn unknown_field_is_named_with_position() {
-        let text = MINIMAL.replace(
-            "kind = \"anthropic\"",
-            "kind = \"anthropic\"\nbase_ulr = \"x\"",
-        );
+        let text = MINIMAL.replace("kind = \"anthropic\"", "kind = \"anthropic\"\nbase_ulr = \"x\"");
         let e = load_str(&text, "t.toml").unwrap_err();
         assert!(e.message.contains("unknown field `base_ulr`"), "{e}");
         assert_eq!((e.line, e.column), (8, 1), "{e}");
@@ -211,10 +188,7 @@ deployments = [{ provider = "anthropic" }]
 
     #[test]
     fn undefined_provider_points_at_reference() {
-        let text = MINIMAL.replace(
-            "{ provider = \"anthropic\" }",
-            "{ provider = \"antropic\" }",
-        );
+        let text = MINIMAL.replace("{ provider = \"anthropic\" }", "{ provider = \"antropic\" }");
         let e = load_str(&text, "t.toml").unwrap_err();
         assert!(e.message.contains("\"antropic\""), "{e}");
         assert_eq!((e.line, e.column), (13, 29), "{e}");

@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Idle upstream connections kept for reuse, across all providers.
     pub upstream_pool_size: usize,
+    /// A client that accepts no bytes of an answer for this long is disconnected.
+    #[serde(deserialize_with = "duration")]
+    pub client_write_timeout: Duration,
     /// Where a new process started with `--upgrade` takes the listening sockets from.
     pub upgrade_socket: PathBuf,
     pub pid_file: PathBuf,
@@ -60,6 +63,7 @@ impl Default for ServerConfig {
             grace_period: Duration::from_secs(300),
             max_body_bytes: 32 << 20,
             upstream_pool_size: 256,
+            client_write_timeout: Duration::from_secs(60),
             upgrade_socket: PathBuf::from("/tmp/tollgate-upgrade.sock"),
             pid_file: PathBuf::from("/tmp/tollgate.pid"),
         }
@@ -239,7 +243,6 @@ pub struct PriceFile {
 /// Durations are written as `"10s"`, `"5m"`, `"250ms"`.
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| {
-        serde::de::Error::custom(format!("invalid duration {s:?}: {e} (write e.g. \"30s\")"))
-    })
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e} (write e.g. \"30s\")")))
 }

@@ -25,10 +25,7 @@ impl SecretRef {
             Ok(SecretRef::File(PathBuf::from(path)))
         } else {
             // Never echo the value: it may be a pasted secret.
-            Err(
-                "a secret must be a reference, `env:NAME` or `file:PATH`, not a literal value"
-                    .into(),
-            )
+            Err("a secret must be a reference, `env:NAME` or `file:PATH`, not a literal value".into())
         }
     }
 
@@ -99,9 +96,6 @@ mod tests {
 
     #[test]
     fn debug_redacts() {
-        assert_eq!(
-            format!("{:?}", Secret("sk-ant-123".into())),
-            "Secret(<redacted>)"
-        );
+        assert_eq!(format!("{:?}", Secret("sk-ant-123".into())), "Secret(<redacted>)");
     }
 }

@@ -57,10 +57,7 @@ impl Price {
                 },
             )
         });
-        Price {
-            rates,
-            long_context,
-        }
+        Price { rates, long_context }
     }
 
     /// The cost of `usage` in nano-dollars, each class at its own rate.
@@ -69,11 +66,16 @@ impl Price {
             Some((threshold, long)) if u.prompt_tokens() > threshold => long,
             _ => self.rates,
         };
-        u.input_tokens * r.input
-            + u.output_tokens * r.output
-            + u.cache_read_input_tokens * r.cache_read
-            + u.cache_creation_5m_input_tokens * r.cache_write_5m
-            + u.cache_creation_1h_input_tokens * r.cache_write_1h
+        // Saturating: absurd token counts from a broken upstream must not wrap or panic.
+        [
+            (u.input_tokens, r.input),
+            (u.output_tokens, r.output),
+            (u.cache_read_input_tokens, r.cache_read),
+            (u.cache_creation_5m_input_tokens, r.cache_write_5m),
+            (u.cache_creation_1h_input_tokens, r.cache_write_1h),
+        ]
+        .iter()
+        .fold(0u64, |sum, (tokens, rate)| sum.saturating_add(tokens.saturating_mul(*rate)))
     }
 }
 
@@ -93,8 +95,8 @@ impl PriceTable {
     /// The shipped table with `overrides` on top: an override for an exact id replaces the
     /// shipped one, and override patterns are tried before shipped ones.
     pub fn with_overrides(overrides: &[PriceConfig]) -> Result<Self, String> {
-        let shipped: PriceFile = toml::from_str(DEFAULT_PRICES)
-            .map_err(|e| format!("the shipped price table is invalid: {e}"))?;
+        let shipped: PriceFile =
+            toml::from_str(DEFAULT_PRICES).map_err(|e| format!("the shipped price table is invalid: {e}"))?;
         let mut table = PriceTable::default();
         for entry in overrides.iter().chain(shipped.price.iter()) {
             let price = Arc::new(Price::from_config(entry));
@@ -110,12 +112,7 @@ impl PriceTable {
     pub fn lookup(&self, model_id: &str) -> Option<Arc<Price>> {
         self.exact
             .get(model_id)
-            .or_else(|| {
-                self.patterns
-                    .iter()
-                    .find(|(p, _)| glob_match(p, model_id))
-                    .map(|(_, p)| p)
-            })
+            .or_else(|| self.patterns.iter().find(|(p, _)| glob_match(p, model_id)).map(|(_, p)| p))
             .cloned()
     }
 }
@@ -164,16 +161,8 @@ mod tests {
             cache_write_1h: 12.0,
         });
         let p = Price::from_config(&c);
-        let small = Usage {
-            input_tokens: 200_000,
-            output_tokens: 1,
-            ..Default::default()
-        };
-        let big = Usage {
-            input_tokens: 200_001,
-            output_tokens: 1,
-            ..Default::default()
-        };
+        let small = Usage { input_tokens: 200_000, output_tokens: 1, ..Default::default() };
+        let big = Usage { input_tokens: 200_001, output_tokens: 1, ..Default::default() };
         assert_eq!(p.cost_nanos(&small), 200_000 * 3000 + 15_000);
         assert_eq!(p.cost_nanos(&big), 200_001 * 6000 + 22_500);
     }
@@ -183,10 +172,7 @@ mod tests {
         let mut o = price(1.0, 2.0);
         o.pattern = "claude-sonnet-4-5-20250929".into();
         let t = PriceTable::with_overrides(&[o]).unwrap();
-        assert_eq!(
-            t.lookup("claude-sonnet-4-5-20250929").unwrap().rates.input,
-            1000
-        );
+        assert_eq!(t.lookup("claude-sonnet-4-5-20250929").unwrap().rates.input, 1000);
         assert!(t.lookup("no-such-model").is_none());
     }
 }

@@ -6,7 +6,8 @@
 //! headers, which pass through the gateway untouched:
 //! `x-mock-status` (answer this status with an Anthropic error body), `x-mock-delay-ms` (pause
 //! between SSE events), `x-mock-cut-after` (close the connection after this many events),
-//! `x-mock-deltas` (number of text deltas), `x-mock-usage` (JSON usage object to report).
+//! `x-mock-deltas` (number of text deltas), `x-mock-usage` (JSON usage object to report),
+//! `x-mock-header-delay-ms` (answer this late).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -67,6 +68,16 @@ impl MockUsage {
         v["service_tier"] = "standard".into();
         v
     }
+
+    /// What a real `message_delta` carries: cumulative totals, but no `cache_creation` split.
+    fn delta(&self) -> serde_json::Value {
+        serde_json::json!({
+            "input_tokens": self.input_tokens,
+            "cache_creation_input_tokens": self.cache_creation_5m_input_tokens + self.cache_creation_1h_input_tokens,
+            "cache_read_input_tokens": self.cache_read_input_tokens,
+            "output_tokens": self.output_tokens,
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +121,7 @@ pub struct Received {
 struct Shared {
     behavior: Mutex<Behavior>,
     received: Mutex<Vec<Received>>,
+    abandoned: std::sync::atomic::AtomicUsize,
 }
 
 /// A running mock; it stops when dropped.
@@ -126,12 +138,34 @@ impl MockProvider {
     }
 
     pub async fn start_on(addr: SocketAddr, behavior: Behavior) -> std::io::Result<Self> {
+        Self::serve(addr, behavior, None).await
+    }
+
+    /// Starts serving HTTPS with the given PEM certificate chain and key.
+    pub async fn start_tls(behavior: Behavior, cert_pem: &str, key_pem: &str) -> std::io::Result<Self> {
+        let certs = rustls_pemfile::certs(&mut cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+        let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())?
+            .ok_or_else(|| std::io::Error::other("no private key in the PEM"))?;
+        let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(std::io::Error::other)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        Self::serve("127.0.0.1:0".parse().expect("valid"), behavior, Some(acceptor)).await
+    }
+
+    async fn serve(
+        addr: SocketAddr,
+        behavior: Behavior,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared {
-            behavior: Mutex::new(behavior),
-            received: Mutex::default(),
-        });
+        let shared = Arc::new(Shared { behavior: Mutex::new(behavior), ..Shared::default() });
         let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
         let s = shared.clone();
         tokio::spawn(async move {
@@ -145,23 +179,33 @@ impl MockProvider {
                 };
                 let _ = stream.set_nodelay(true);
                 let s = s.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| handle(s.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                    }
                 });
             }
         });
-        Ok(MockProvider {
-            addr,
-            shared,
-            _stop: stop_tx,
-        })
+        Ok(MockProvider { addr, shared, _stop: stop_tx })
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// How many streamed answers ended early because the reader went away.
+    pub fn abandoned_streams(&self) -> usize {
+        self.shared.abandoned.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn set_behavior(&self, b: Behavior) {
@@ -186,27 +230,18 @@ impl hyper::body::Body for ChannelBody {
     type Data = Bytes;
     type Error = std::io::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         self.0.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
     }
 }
 
 fn header<T: std::str::FromStr>(h: &HeaderMap, name: &str) -> Option<T> {
-    h.get(name)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
+    h.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
 }
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let (parts, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let mut b = shared.behavior.lock().unwrap().clone();
     if b.record {
         shared.received.lock().unwrap().push(Received {
@@ -229,11 +264,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     if let Some(n) = header::<usize>(h, "x-mock-deltas") {
         b.deltas = n;
     }
-    if let Some(u) = h
-        .get("x-mock-usage")
-        .and_then(|v| serde_json::from_slice(v.as_bytes()).ok())
-    {
+    if let Some(u) = h.get("x-mock-usage").and_then(|v| serde_json::from_slice(v.as_bytes()).ok()) {
         b.usage = u;
+    }
+    if let Some(ms) = header::<u64>(h, "x-mock-header-delay-ms") {
+        // A slow first byte: the answer's header comes this late.
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 
     if let Some(status) = b.status {
@@ -241,10 +277,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     }
     let path = parts.uri.path();
     if path.ends_with("/count_tokens") {
-        return Ok(json_response(
-            StatusCode::OK,
-            serde_json::json!({"input_tokens": b.usage.input_tokens}),
-        ));
+        return Ok(json_response(StatusCode::OK, serde_json::json!({"input_tokens": b.usage.input_tokens})));
     }
     if !path.ends_with("/v1/messages") {
         return Ok(error_response(404));
@@ -257,7 +290,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     };
     let model = peek.model.map(|(m, _)| m).unwrap_or_default();
     if peek.stream {
-        Ok(stream_response(model, b))
+        Ok(stream_response(model, b, shared))
     } else {
         let text = "Hello from the mock. ".repeat(b.deltas);
         Ok(json_response(
@@ -278,9 +311,7 @@ fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Body> {
         .status(status)
         .header("content-type", "application/json")
         .header("request-id", "req_mock")
-        .body(http_body_util::Either::Left(http_body_util::Full::new(
-            body,
-        )))
+        .body(http_body_util::Either::Left(http_body_util::Full::new(body)))
         .expect("valid response")
 }
 
@@ -299,17 +330,14 @@ fn error_response(status: u16) -> Response<Body> {
         serde_json::json!({"type": "error", "error": {"type": kind, "message": message}}),
     );
     if status == 429 {
-        r.headers_mut()
-            .insert("retry-after", http::HeaderValue::from_static("1"));
+        r.headers_mut().insert("retry-after", http::HeaderValue::from_static("1"));
     }
     r
 }
 
 /// The events of a streamed answer, in the order the Messages API sends them.
 pub fn sse_events(model: &str, usage: &MockUsage, deltas: usize) -> Vec<Bytes> {
-    let ev = |name: &str, data: serde_json::Value| {
-        Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
-    };
+    let ev = |name: &str, data: serde_json::Value| Bytes::from(format!("event: {name}\ndata: {data}\n\n"));
     let mut out = Vec::with_capacity(deltas + 6);
     let mut start_usage = usage.input_side();
     start_usage["output_tokens"] = 1.into();
@@ -331,29 +359,20 @@ pub fn sse_events(model: &str, usage: &MockUsage, deltas: usize) -> Vec<Bytes> {
                 "delta": {"type": "text_delta", "text": format!("chunk {i} of the mock's answer. ")}}),
         ));
     }
-    out.push(ev(
-        "content_block_stop",
-        serde_json::json!({"type": "content_block_stop", "index": 0}),
-    ));
+    out.push(ev("content_block_stop", serde_json::json!({"type": "content_block_stop", "index": 0})));
     out.push(ev(
         "message_delta",
         serde_json::json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
-            "usage": usage.full(usage.output_tokens)}),
+            "usage": usage.delta()}),
     ));
-    out.push(ev(
-        "message_stop",
-        serde_json::json!({"type": "message_stop"}),
-    ));
+    out.push(ev("message_stop", serde_json::json!({"type": "message_stop"})));
     out
 }
 
-fn stream_response(model: String, b: Behavior) -> Response<Body> {
+fn stream_response(model: String, b: Behavior, shared: Arc<Shared>) -> Response<Body> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
-        for (i, event) in sse_events(&model, &b.usage, b.deltas)
-            .into_iter()
-            .enumerate()
-        {
+        for (i, event) in sse_events(&model, &b.usage, b.deltas).into_iter().enumerate() {
             if b.cut_after == Some(i) {
                 // Let what was sent reach the wire first: hyper drops unflushed output on abort.
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -364,6 +383,7 @@ fn stream_response(model: String, b: Behavior) -> Response<Body> {
                 tokio::time::sleep(b.delay).await;
             }
             if tx.send(Ok(event)).await.is_err() {
+                shared.abandoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return;
             }
         }
@@ -408,6 +428,7 @@ pub fn claude_code_body(model: &str, stream: bool, size: usize) -> Vec<u8> {
     });
     let current = serde_json::to_vec(&body).expect("serializes").len();
     let pad = size.saturating_sub(current);
-    body["messages"][0]["content"][0]["text"] = "Please look at src/main.rs and explain it. ".repeat(pad / 43 + 1)[..pad].into();
+    body["messages"][0]["content"][0]["text"] =
+        "Please look at src/main.rs and explain it. ".repeat(pad / 43 + 1)[..pad].into();
     serde_json::to_vec(&body).expect("serializes")
 }

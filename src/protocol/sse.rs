@@ -138,9 +138,7 @@ impl SseUsageScanner {
         }
         if head.starts_with(b"data:") {
             return match self.event {
-                Event::MessageStart | Event::MessageDelta | Event::Error | Event::Unnamed => {
-                    LineState::Keep
-                }
+                Event::MessageStart | Event::MessageDelta | Event::Error | Event::Unnamed => LineState::Keep,
                 _ => LineState::Skip,
             };
         }
@@ -168,9 +166,7 @@ impl SseUsageScanner {
             }
         } else if let Some(data) = line.strip_prefix(b"data:") {
             match self.event {
-                Event::MessageStart | Event::MessageDelta | Event::Error | Event::Unnamed => {
-                    self.data(trim(data))
-                }
+                Event::MessageStart | Event::MessageDelta | Event::Error | Event::Unnamed => self.data(trim(data)),
                 _ => {}
             }
         }
@@ -206,11 +202,7 @@ impl SseUsageScanner {
             }
             "message_stop" => self.saw_message_stop = true,
             "error" => {
-                self.error_type = Some(
-                    d.error
-                        .and_then(|e| e.kind)
-                        .unwrap_or_else(|| "error".into()),
-                );
+                self.error_type = Some(d.error.and_then(|e| e.kind).unwrap_or_else(|| "error".into()));
             }
             _ => {}
         }

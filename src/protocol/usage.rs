@@ -17,7 +17,7 @@ pub struct Usage {
 impl Usage {
     /// Prompt tokens of every kind: what long-context price tiers are measured against.
     pub fn prompt_tokens(&self) -> u64 {
-        self.input_tokens + self.cache_read_input_tokens + self.cache_creation_input_tokens
+        self.input_tokens.saturating_add(self.cache_read_input_tokens).saturating_add(self.cache_creation_input_tokens)
     }
 
     pub fn is_zero(&self) -> bool {
@@ -36,21 +36,27 @@ impl Usage {
         if let Some(v) = u.cache_read_input_tokens {
             self.cache_read_input_tokens = v;
         }
-        if let Some(v) = u.cache_creation_input_tokens {
-            self.cache_creation_input_tokens = v;
-            // Without a split, a write is a 5-minute write: the API's default TTL.
-            self.cache_creation_5m_input_tokens = v;
-            self.cache_creation_1h_input_tokens = 0;
-        }
-        if let Some(split) = &u.cache_creation {
-            let m5 = split.ephemeral_5m_input_tokens.unwrap_or(0);
-            let h1 = split.ephemeral_1h_input_tokens.unwrap_or(0);
-            if m5 + h1 > 0 || u.cache_creation_input_tokens.is_none() {
-                self.cache_creation_5m_input_tokens = m5;
-                self.cache_creation_1h_input_tokens = h1;
-                self.cache_creation_input_tokens = self.cache_creation_input_tokens.max(m5 + h1);
+        let split = u
+            .cache_creation
+            .as_ref()
+            .map(|c| (c.ephemeral_5m_input_tokens.unwrap_or(0), c.ephemeral_1h_input_tokens.unwrap_or(0)));
+        match (u.cache_creation_input_tokens, split) {
+            (total, Some((m5, h1))) => {
+                let total = total.unwrap_or(0).max(m5.saturating_add(h1));
+                self.set_cache_writes(total, h1);
             }
+            // `message_delta` repeats the total without the split: keep the 1-hour part known
+            // from `message_start`; only a difference nobody explained counts as 5-minute
+            // writes, the API's default TTL.
+            (Some(total), None) => self.set_cache_writes(total, self.cache_creation_1h_input_tokens.min(total)),
+            (None, None) => {}
         }
+    }
+
+    fn set_cache_writes(&mut self, total: u64, one_hour: u64) {
+        self.cache_creation_input_tokens = total;
+        self.cache_creation_1h_input_tokens = one_hour;
+        self.cache_creation_5m_input_tokens = total - one_hour;
     }
 }
 
@@ -121,11 +127,33 @@ mod tests {
     }
 
     #[test]
-    fn write_without_split_is_five_minutes() {
-        let (u, _) = usage_from_json(
-            br#"{"usage":{"input_tokens":1,"cache_creation_input_tokens":7,"output_tokens":2}}"#,
+    fn delta_total_without_split_keeps_the_one_hour_part() {
+        let mut u = Usage::default();
+        let start: UsageJson = serde_json::from_str(
+            r#"{"input_tokens":3,"cache_creation_input_tokens":2400,"cache_read_input_tokens":0,
+                "cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":2400},"output_tokens":1}"#,
         )
         .unwrap();
+        u.apply(&start);
+        // The real message_delta: cumulative totals, no cache_creation object.
+        let delta: UsageJson = serde_json::from_str(
+            r#"{"input_tokens":3,"cache_creation_input_tokens":2400,"cache_read_input_tokens":0,"output_tokens":812}"#,
+        )
+        .unwrap();
+        u.apply(&delta);
+        assert_eq!((u.cache_creation_1h_input_tokens, u.cache_creation_5m_input_tokens), (2400, 0));
+        assert_eq!(u.output_tokens, 812);
+        // A larger total than the split explains: the difference is 5-minute writes.
+        let more: UsageJson = serde_json::from_str(r#"{"cache_creation_input_tokens":2500}"#).unwrap();
+        u.apply(&more);
+        assert_eq!((u.cache_creation_1h_input_tokens, u.cache_creation_5m_input_tokens), (2400, 100));
+    }
+
+    #[test]
+    fn write_without_split_is_five_minutes() {
+        let (u, _) =
+            usage_from_json(br#"{"usage":{"input_tokens":1,"cache_creation_input_tokens":7,"output_tokens":2}}"#)
+                .unwrap();
         assert_eq!(u.cache_creation_5m_input_tokens, 7);
         assert_eq!(u.cache_creation_1h_input_tokens, 0);
     }

@@ -44,20 +44,13 @@ impl Provider {
     /// [`Provider::resolve_blocking`] (start-up) and the background refresher.
     pub fn from_config(c: &ProviderConfig) -> Result<Self, String> {
         let url = UpstreamUrl::parse(c.base_url.get_ref())?;
-        let host_header =
-            HeaderValue::from_str(&url.host_header()).map_err(|e| format!("base_url host: {e}"))?;
+        let host_header = HeaderValue::from_str(&url.host_header()).map_err(|e| format!("base_url host: {e}"))?;
         let credential = c.credential.get_ref().resolve().and_then(|secret| {
             let (name, value) = match c.kind {
-                ProviderKind::Anthropic => (
-                    http::HeaderName::from_static("x-api-key"),
-                    secret.expose().to_string(),
-                ),
+                ProviderKind::Anthropic => (http::HeaderName::from_static("x-api-key"), secret.expose().to_string()),
             };
             let mut value = HeaderValue::from_str(&value).map_err(|_| {
-                format!(
-                    "credential {} holds characters not allowed in a header",
-                    c.credential.get_ref()
-                )
+                format!("credential {} holds characters not allowed in a header", c.credential.get_ref())
             })?;
             value.set_sensitive(true);
             Ok((name, value))
@@ -93,12 +86,10 @@ impl Provider {
 
     /// A peer for the current address, or why there is none yet.
     pub fn peer(&self) -> Result<Arc<HttpPeer>, String> {
-        self.peer
-            .load_full()
-            .ok_or_else(|| match &**self.dns_error.load() {
-                Some(e) => format!("cannot resolve {}: {e}", self.url.host),
-                None => format!("{} is not resolved yet", self.url.host),
-            })
+        self.peer.load_full().ok_or_else(|| match &**self.dns_error.load() {
+            Some(e) => format!("cannot resolve {}: {e}", self.url.host),
+            None => format!("{} is not resolved yet", self.url.host),
+        })
     }
 
     /// Why this provider cannot take traffic, if it cannot.
@@ -106,9 +97,7 @@ impl Provider {
         if let Err(e) = &self.credential {
             return Some(format!("provider {}: no credential: {e}", self.name));
         }
-        self.peer()
-            .err()
-            .map(|e| format!("provider {}: {e}", self.name))
+        self.peer().err().map(|e| format!("provider {}: {e}", self.name))
     }
 
     fn needs_dns(&self) -> bool {
@@ -129,9 +118,15 @@ impl Provider {
         o.connection_timeout = Some(self.connect_timeout);
         // TCP and TLS together.
         o.total_connection_timeout = Some(self.connect_timeout * 2);
-        o.read_timeout = Some(self.first_byte_timeout);
-        o.write_timeout = Some(self.idle_timeout);
         o.idle_timeout = Some(self.pool_idle_timeout);
+        // Keep NAT and load-balancer state alive while a long answer is being generated.
+        o.tcp_keepalive = Some(pingora::protocols::TcpKeepalive {
+            idle: Duration::from_secs(30),
+            interval: Duration::from_secs(10),
+            count: 6,
+            #[cfg(target_os = "linux")]
+            user_timeout: Duration::ZERO,
+        });
         o.ca = self.ca.clone();
         self.peer.store(Some(Arc::new(peer)));
         self.dns_error.store(Arc::new(None));
@@ -143,7 +138,7 @@ impl Provider {
             return;
         }
         match (self.url.host.as_str(), self.url.port).to_socket_addrs() {
-            Ok(mut addrs) => match addrs.next() {
+            Ok(addrs) => match pick(addrs) {
                 Some(a) => self.set_address(a),
                 None => self.dns_error.store(Arc::new(Some("no addresses".into()))),
             },
@@ -153,7 +148,7 @@ impl Provider {
 
     async fn resolve(&self) {
         match tokio::net::lookup_host((self.url.host.as_str(), self.url.port)).await {
-            Ok(mut addrs) => match addrs.next() {
+            Ok(addrs) => match pick(addrs) {
                 Some(a) => self.set_address(a),
                 None => self.dns_error.store(Arc::new(Some("no addresses".into()))),
             },
@@ -166,19 +161,22 @@ impl Provider {
     }
 }
 
+/// One address to connect to: the first IPv4 one when there is one (a gateway host without
+/// IPv6 routes would otherwise fail on an AAAA answer), else the first.
+fn pick(addrs: impl Iterator<Item = SocketAddr>) -> Option<SocketAddr> {
+    let all: Vec<SocketAddr> = addrs.collect();
+    all.iter().find(|a| a.is_ipv4()).or(all.first()).copied()
+}
+
 fn load_ca(path: &std::path::Path) -> Result<Arc<CaType>, String> {
-    let pem =
-        std::fs::read(path).map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
     let mut certs = Vec::new();
     for der in rustls_pemfile::certs(&mut &pem[..]) {
         let der = der.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
         // Pingora's wrapper panics on a certificate it cannot parse: check first.
         x509_parser::parse_x509_certificate(&der)
             .map_err(|e| format!("ca_file {}: not a valid certificate: {e}", path.display()))?;
-        certs.push(WrappedX509::new(
-            der.to_vec(),
-            pingora::utils::tls::parse_x509,
-        ));
+        certs.push(WrappedX509::new(der.to_vec(), pingora::utils::tls::parse_x509));
     }
     if certs.is_empty() {
         return Err(format!("ca_file {} holds no certificates", path.display()));
@@ -194,20 +192,11 @@ pub struct DnsRefresher {
 #[async_trait]
 impl BackgroundService for DnsRefresher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let targets: Vec<_> = self
-            .providers
-            .iter()
-            .filter(|p| p.needs_dns())
-            .cloned()
-            .collect();
+        let targets: Vec<_> = self.providers.iter().filter(|p| p.needs_dns()).cloned().collect();
         if targets.is_empty() {
             return;
         }
-        let period = targets
-            .iter()
-            .map(|p| p.dns_refresh)
-            .min()
-            .unwrap_or(Duration::from_secs(30));
+        let period = targets.iter().map(|p| p.dns_refresh).min().unwrap_or(Duration::from_secs(30));
         let mut tick = tokio::time::interval(period);
         loop {
             tokio::select! {

@@ -58,9 +58,7 @@ impl RequestCtx {
     }
 
     pub fn deployment(&self) -> Option<&Deployment> {
-        self.route
-            .as_ref()
-            .and_then(|r| r.deployments.get(self.deployment))
+        self.route.as_ref().and_then(|r| r.deployments.get(self.deployment))
     }
 
     /// The usage record, priced.

@@ -19,13 +19,7 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: u16, kind: &'static str, message: impl Into<String>, outcome: Outcome) -> Self {
-        ApiError {
-            status,
-            kind,
-            message: message.into(),
-            outcome,
-            close: false,
-        }
+        ApiError { status, kind, message: message.into(), outcome, close: false }
     }
 
     pub fn invalid_request(message: impl Into<String>) -> Self {

@@ -1,6 +1,8 @@
 //! One exchange with a provider: send the request through Pingora's pooled connector, then
 //! stream the answer to the client chunk by chunk while metering it.
 
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
 use pingora::http::RequestHeader;
 use pingora::protocols::http::client::HttpSession;
@@ -18,6 +20,9 @@ use crate::providers::Provider;
 /// another connection, at most this many times.
 const STALE_RETRIES: usize = 2;
 
+/// A close this soon after the request was written, with no answer, is a stale connection.
+const STALE_WINDOW: Duration = Duration::from_millis(500);
+
 impl Gateway {
     pub(super) async fn forward(
         &self,
@@ -27,46 +32,33 @@ impl Gateway {
         body: Bytes,
         metered: bool,
     ) -> Result<(), ApiError> {
-        let (cred_name, cred_value) = provider.credential().map_err(|e| {
-            ApiError::unavailable(format!("provider {} has no credential: {e}", provider.name))
-        })?;
-        let peer = provider
-            .peer()
-            .map_err(|e| ApiError::unavailable(format!("provider {}: {e}", provider.name)))?;
+        let (cred_name, cred_value) = provider
+            .credential()
+            .map_err(|e| ApiError::unavailable(format!("provider {} has no credential: {e}", provider.name)))?;
+        let peer = provider.peer().map_err(|e| ApiError::unavailable(format!("provider {}: {e}", provider.name)))?;
 
         let client = session.req_header();
-        let path = client
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
+        let path = client.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let target = format!("{}{}", provider.url.path_prefix, path);
-        let mut req =
-            RequestHeader::build("POST", target.as_bytes(), Some(client.headers.len() + 3))
-                .map_err(|e| {
-                    ApiError::invalid_request(format!("cannot build the upstream request: {e}"))
-                })?;
+        let mut req = RequestHeader::build("POST", target.as_bytes(), Some(client.headers.len() + 3))
+            .map_err(|e| ApiError::invalid_request(format!("cannot build the upstream request: {e}")))?;
         copy_request_headers(client, &mut req);
         let _ = req.insert_header(http::header::HOST, provider.host_header.clone());
         let _ = req.insert_header(cred_name.clone(), cred_value.clone());
         let _ = req.insert_header(http::header::CONTENT_LENGTH, body.len());
 
         let mut up = self.send(provider, &peer, req, body).await?;
-        let upstream_header = up
-            .response_header()
-            .expect("read_response_header succeeded");
+        let upstream_header = up.response_header().expect("read_response_header succeeded");
         let status = upstream_header.status.as_u16();
         ctx.upstream_status = Some(status);
         ctx.status = status;
         let mut meter = ResponseMeter::for_response(upstream_header, metered);
-        let out = response_for_client(upstream_header, &ctx.id);
+        let chunked_ok = session.req_header().version >= http::Version::HTTP_11;
+        let out = response_for_client(upstream_header, &ctx.id, chunked_ok);
 
-        if session
-            .write_response_header(Box::new(out), false)
-            .await
-            .is_err()
-        {
-            return self.client_gone(ctx, meter);
+        session.set_write_timeout(Some(self.client_write_timeout));
+        if session.write_response_header(Box::new(out), false).await.is_err() {
+            return self.client_gone(ctx, meter, up, provider, &peer).await;
         }
         up.set_read_timeout(Some(provider.idle_timeout));
         loop {
@@ -76,33 +68,18 @@ impl Gateway {
                     if ctx.ttfb.is_none() {
                         ctx.ttfb = Some(ctx.start.elapsed());
                     }
-                    if session
-                        .write_response_body(Some(chunk), false)
-                        .await
-                        .is_err()
-                    {
-                        // Dropping `up` closes the upstream connection, which stops the generation.
-                        return self.client_gone(ctx, meter);
+                    if session.write_response_body(Some(chunk), false).await.is_err() {
+                        return self.client_gone(ctx, meter, up, provider, &peer).await;
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let kind = if e.etype() == &ErrorType::ReadTimedout {
-                        "idle_timeout"
-                    } else {
-                        "read_error"
-                    };
-                    self.metrics
-                        .upstream_errors
-                        .with_label_values(&[&provider.name, kind])
-                        .inc();
+                    let kind = if e.etype() == &ErrorType::ReadTimedout { "idle_timeout" } else { "read_error" };
+                    self.metrics.upstream_errors.with_label_values(&[&provider.name, kind]).inc();
                     let m = meter.finish();
                     ctx.usage = m.usage;
                     ctx.outcome = Outcome::Incomplete;
-                    ctx.error = Some(format!(
-                        "provider {} broke off the answer: {e}",
-                        provider.name
-                    ));
+                    ctx.error = Some(format!("provider {} broke off the answer: {e}", provider.name));
                     // Close without the final chunk: the client must see the answer as cut short.
                     session.shutdown().await;
                     return Ok(());
@@ -113,9 +90,7 @@ impl Gateway {
         let m = meter.finish();
         ctx.usage = m.usage;
         ctx.outcome = if !(200..300).contains(&status) {
-            ctx.error = m
-                .error_type
-                .or_else(|| Some(format!("provider answered {status}")));
+            ctx.error = m.error_type.or_else(|| Some(format!("provider answered {status}")));
             Outcome::UpstreamError
         } else if let Some(err) = m.error_type {
             ctx.error = Some(err);
@@ -129,21 +104,47 @@ impl Gateway {
         } else {
             Outcome::Complete
         };
-        self.connector
-            .release_http_session(up, &*peer, Some(provider.pool_idle_timeout))
-            .await;
+        self.connector.release_http_session(up, &*peer, Some(provider.pool_idle_timeout)).await;
         Ok(())
     }
 
-    fn client_gone(&self, ctx: &mut RequestCtx, meter: ResponseMeter) -> Result<(), ApiError> {
-        let m = meter.finish();
-        ctx.usage = m.usage;
+    /// The client went away mid-answer. A stream is cut upstream too (closing the connection
+    /// stops the generation, and the spending); a non-streamed answer is already generated and
+    /// paid for, so it is read to the end to meter it, and the connection goes back to the pool.
+    async fn client_gone(
+        &self,
+        ctx: &mut RequestCtx,
+        mut meter: ResponseMeter,
+        mut up: HttpSession,
+        provider: &Provider,
+        peer: &HttpPeer,
+    ) -> Result<(), ApiError> {
         ctx.outcome = Outcome::Incomplete;
         ctx.error = Some("client disconnected".into());
+        if matches!(meter, ResponseMeter::Json { .. }) {
+            up.set_read_timeout(Some(provider.idle_timeout));
+            let drained = loop {
+                match up.read_response_body().await {
+                    Ok(Some(chunk)) => meter.feed(&chunk),
+                    Ok(None) => break true,
+                    Err(_) => break false,
+                }
+            };
+            if drained {
+                self.connector.release_http_session(up, peer, Some(provider.pool_idle_timeout)).await;
+            }
+        }
+        ctx.usage = meter.finish().usage;
         Ok(())
     }
 
-    /// Sends the request and reads the response header.
+    /// Sends the request and reads the final (non-1xx) response header.
+    ///
+    /// A pooled connection the provider closed while idle fails at once: such a failure is
+    /// retried on another connection, but only when the request cannot have been processed
+    /// (the write failed, or the connection closed right after the write with no answer).
+    /// Anything later (a reset after minutes, a broken header) is not retried: the provider
+    /// may already be generating, and billing, the answer.
     async fn send(
         &self,
         provider: &Provider,
@@ -154,71 +155,65 @@ impl Gateway {
         let mut attempt = 0;
         loop {
             let (mut up, reused) = self.connector.get_http_session(peer).await.map_err(|e| {
-                let kind = if e.etype() == &ErrorType::ConnectTimedout {
-                    "connect_timeout"
+                let timeout = matches!(e.etype(), ErrorType::ConnectTimedout | ErrorType::TLSHandshakeTimedout);
+                let kind = if timeout { "connect_timeout" } else { "connect_error" };
+                self.metrics.upstream_errors.with_label_values(&[&provider.name, kind]).inc();
+                if timeout {
+                    ApiError::gateway_timeout(format!("provider {}: connect timed out", provider.name))
                 } else {
-                    "connect_error"
-                };
-                self.metrics
-                    .upstream_errors
-                    .with_label_values(&[&provider.name, kind])
-                    .inc();
-                if kind == "connect_timeout" {
-                    ApiError::gateway_timeout(format!(
-                        "provider {}: connect timed out",
-                        provider.name
-                    ))
-                } else {
-                    ApiError::bad_gateway(format!(
-                        "provider {}: cannot connect: {}",
-                        provider.name,
-                        e.etype().as_str()
-                    ))
+                    ApiError::bad_gateway(format!("provider {}: cannot connect: {}", provider.name, e.etype().as_str()))
                 }
             })?;
-            up.set_read_timeout(Some(provider.first_byte_timeout));
-            let sent = async {
+            up.set_write_timeout(Some(provider.idle_timeout));
+            let written = async {
                 up.write_request_header(Box::new(req.clone())).await?;
                 up.write_request_body(body.clone(), true).await?;
-                up.finish_request_body().await?;
-                up.read_response_header().await
+                up.finish_request_body().await
             }
             .await;
-            match sent {
+            let written_at = Instant::now();
+            let write_failed = written.is_err();
+            let result = match written {
+                Ok(()) => read_final_header(&mut up, provider.first_byte_timeout).await,
+                Err(e) => Err(e),
+            };
+            let e = match result {
                 Ok(()) => return Ok(up),
-                Err(e)
-                    if reused
-                        && attempt < STALE_RETRIES
-                        && e.etype() != &ErrorType::ReadTimedout =>
-                {
-                    attempt += 1;
-                    tracing::debug!(provider = %provider.name, error = %e, "pooled connection failed, retrying on another");
-                }
-                Err(e) => {
-                    let timeout = e.etype() == &ErrorType::ReadTimedout;
-                    let kind = if timeout {
-                        "first_byte_timeout"
-                    } else {
-                        "exchange_error"
-                    };
-                    self.metrics
-                        .upstream_errors
-                        .with_label_values(&[&provider.name, kind])
-                        .inc();
-                    return Err(if timeout {
-                        ApiError::gateway_timeout(format!(
-                            "provider {} sent no answer in time",
-                            provider.name
-                        ))
-                    } else {
-                        ApiError::bad_gateway(format!(
-                            "provider {}: {}",
-                            provider.name,
-                            e.etype().as_str()
-                        ))
-                    });
-                }
+                Err(e) => e,
+            };
+            let stale = reused
+                && attempt < STALE_RETRIES
+                && (write_failed || (e.etype() == &ErrorType::ConnectionClosed && written_at.elapsed() < STALE_WINDOW));
+            if stale {
+                attempt += 1;
+                tracing::debug!(provider = %provider.name, error = %e, "pooled connection was stale, retrying on another");
+                continue;
             }
+            let timeout = e.etype() == &ErrorType::ReadTimedout;
+            let kind = if timeout { "first_byte_timeout" } else { "exchange_error" };
+            self.metrics.upstream_errors.with_label_values(&[&provider.name, kind]).inc();
+            return Err(if timeout {
+                ApiError::gateway_timeout(format!(
+                    "provider {} sent no answer within {}s",
+                    provider.name,
+                    provider.first_byte_timeout.as_secs()
+                ))
+            } else {
+                ApiError::bad_gateway(format!("provider {}: {}", provider.name, e.etype().as_str()))
+            });
+        }
+    }
+}
+
+/// Reads response headers until a final one: informational answers (100, 103) may come first
+/// and carry no body.
+async fn read_final_header(up: &mut HttpSession, timeout: Duration) -> pingora::Result<()> {
+    up.set_read_timeout(Some(timeout));
+    loop {
+        up.read_response_header().await?;
+        let status = up.response_header().map(|h| h.status);
+        if !status.is_some_and(|s| s.is_informational() && s != http::StatusCode::SWITCHING_PROTOCOLS) {
+            return Ok(());
         }
     }
 }

@@ -26,12 +26,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Headers named in `Connection` are hop-by-hop too.
 fn connection_listed(headers: &HeaderMap, name: &HeaderName) -> bool {
     headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str()
-            .map(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
-            })
-            .unwrap_or(false)
+        v.to_str().map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))).unwrap_or(false)
     })
 }
 
@@ -45,12 +40,7 @@ pub fn copy_request_headers(client: &RequestHeader, upstream: &mut RequestHeader
         if is_hop_by_hop(name)
             || matches!(
                 name.as_str(),
-                "host"
-                    | "content-length"
-                    | "x-api-key"
-                    | "authorization"
-                    | "accept-encoding"
-                    | "expect"
+                "host" | "content-length" | "x-api-key" | "authorization" | "accept-encoding" | "expect"
             )
             || (has_connection && connection_listed(&client.headers, name))
         {
@@ -63,10 +53,10 @@ pub fn copy_request_headers(client: &RequestHeader, upstream: &mut RequestHeader
 }
 
 /// The response header for the client: the provider's, less hop-by-hop headers, plus the
-/// gateway's request id. Without a `Content-Length` the body goes chunked.
-pub fn response_for_client(upstream: &ResponseHeader, request_id: &str) -> ResponseHeader {
-    let mut out = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + 2))
-        .expect("valid status");
+/// gateway's request id. A body without `Content-Length` goes chunked to HTTP/1.1 clients, and
+/// until the connection closes to HTTP/1.0 ones (`chunked_ok` false).
+pub fn response_for_client(upstream: &ResponseHeader, request_id: &str, chunked_ok: bool) -> ResponseHeader {
+    let mut out = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + 2)).expect("valid status");
     let has_connection = upstream.headers.contains_key(header::CONNECTION);
     for (name, value) in upstream.headers.iter() {
         if is_hop_by_hop(name) || (has_connection && connection_listed(&upstream.headers, name)) {
@@ -74,7 +64,8 @@ pub fn response_for_client(upstream: &ResponseHeader, request_id: &str) -> Respo
         }
         let _ = out.append_header(name.clone(), value.clone());
     }
-    if !out.headers.contains_key(header::CONTENT_LENGTH) {
+    let bodyless = matches!(upstream.status.as_u16(), 100..=199 | 204 | 304);
+    if chunked_ok && !bodyless && !out.headers.contains_key(header::CONTENT_LENGTH) {
         let _ = out.insert_header(header::TRANSFER_ENCODING, "chunked");
     }
     let _ = out.insert_header(REQUEST_ID_HEADER, request_id);
@@ -104,15 +95,7 @@ mod tests {
         let mut up = RequestHeader::build("POST", b"/v1/messages", None).unwrap();
         copy_request_headers(&client, &mut up);
         let names: Vec<_> = up.headers.keys().map(|k| k.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "anthropic-beta",
-                "anthropic-version",
-                "x-claude-code-session-id",
-                "accept-encoding"
-            ]
-        );
+        assert_eq!(names, ["anthropic-beta", "anthropic-version", "x-claude-code-session-id", "accept-encoding"]);
         assert_eq!(up.headers["anthropic-beta"], "a-1,b-2");
         assert_eq!(up.headers["accept-encoding"], "identity");
     }

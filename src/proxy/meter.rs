@@ -39,10 +39,7 @@ impl ResponseMeter {
             ResponseMeter::Sse(SseUsageScanner::new())
         } else if metered || !resp.status.is_success() {
             // Error bodies are read too, for the error type.
-            ResponseMeter::Json {
-                buf: Vec::new(),
-                overflow: false,
-            }
+            ResponseMeter::Json { buf: Vec::new(), overflow: false }
         } else {
             ResponseMeter::Off
         }
@@ -65,27 +62,15 @@ impl ResponseMeter {
 
     pub fn finish(self) -> Metered {
         match self {
-            ResponseMeter::Sse(s) => Metered {
-                usage: s.usage(),
-                complete: s.completed(),
-                error_type: s.error_type().map(str::to_string),
-            },
-            ResponseMeter::Json {
-                buf,
-                overflow: false,
-            } => match usage_from_json(&buf) {
-                Some((usage, error_type)) => Metered {
-                    usage,
-                    complete: true,
-                    error_type,
-                },
+            ResponseMeter::Sse(s) => {
+                Metered { usage: s.usage(), complete: s.completed(), error_type: s.error_type().map(str::to_string) }
+            }
+            ResponseMeter::Json { buf, overflow: false } => match usage_from_json(&buf) {
+                Some((usage, error_type)) => Metered { usage, complete: true, error_type },
                 None => Metered::default(),
             },
             ResponseMeter::Json { overflow: true, .. } => Metered::default(),
-            ResponseMeter::Off => Metered {
-                complete: true,
-                ..Default::default()
-            },
+            ResponseMeter::Off => Metered { complete: true, ..Default::default() },
         }
     }
 }

@@ -15,7 +15,7 @@ mod meter;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -33,7 +33,7 @@ pub use headers::REQUEST_ID_HEADER;
 
 use crate::audit::AuditLog;
 use crate::auth::{presented_key, KeyStore};
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
 use crate::metering::{Outcome, PriceTable};
 use crate::metrics::Metrics;
 use crate::protocol::json_peek::{peek_request, replace_string_value};
@@ -55,10 +55,8 @@ impl State {
         let mut providers = Vec::new();
         let mut by_name = HashMap::new();
         for p in &config.providers {
-            let provider = Arc::new(
-                Provider::from_config(p)
-                    .map_err(|e| format!("provider {:?}: {e}", p.name.get_ref()))?,
-            );
+            let provider =
+                Arc::new(Provider::from_config(p).map_err(|e| format!("provider {:?}: {e}", p.name.get_ref()))?);
             by_name.insert(provider.name.clone(), provider.clone());
             providers.push(provider);
         }
@@ -87,21 +85,19 @@ pub struct Gateway {
     connector: Connector,
     audit: AuditLog,
     metrics: Arc<Metrics>,
+    /// A client that accepts no bytes for this long is dropped.
+    client_write_timeout: Duration,
 }
 
 impl Gateway {
-    pub fn new(
-        state: SharedState,
-        pool_size: usize,
-        audit: AuditLog,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let options = pingora::connectors::ConnectorOptions::new(pool_size);
+    pub fn new(state: SharedState, server: &ServerConfig, audit: AuditLog, metrics: Arc<Metrics>) -> Self {
+        let options = pingora::connectors::ConnectorOptions::new(server.upstream_pool_size);
         Gateway {
             state,
             connector: Connector::new(Some(options)),
             audit,
             metrics,
+            client_write_timeout: server.client_write_timeout,
         }
     }
 
@@ -115,22 +111,15 @@ impl Gateway {
             ("/v1/messages", &Method::POST) => Endpoint::Messages,
             ("/v1/messages/count_tokens", &Method::POST) => Endpoint::CountTokens,
             ("/v1/messages" | "/v1/messages/count_tokens", m) => {
-                return Err(ApiError::method_not_allowed(format!(
-                    "{m} is not allowed here: use POST"
-                )))
+                return Err(ApiError::method_not_allowed(format!("{m} is not allowed here: use POST")))
             }
-            (path, m) => {
-                let shown: String = path.chars().take(200).collect();
-                return Err(ApiError::not_found(format!("no endpoint at {m} {shown}")));
-            }
+            (path, m) => return Err(ApiError::not_found(format!("no endpoint at {m} {}", shorten(path)))),
         };
 
         let state = self.state.load_full();
         let presented = presented_key(
             req.headers.get("x-api-key").map(|v| v.as_bytes()),
-            req.headers
-                .get(http::header::AUTHORIZATION)
-                .map(|v| v.as_bytes()),
+            req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes()),
         );
         let key = state
             .keys
@@ -139,54 +128,34 @@ impl Gateway {
         ctx.key = Some(key.clone());
 
         let body = read_body(session, state.max_body_bytes).await?;
-        let peek = peek_request(&body)
-            .map_err(|e| ApiError::invalid_request(format!("the body is not valid JSON: {e}")))?;
-        let (requested, model_span) = peek
-            .model
-            .ok_or_else(|| ApiError::invalid_request("model: field required"))?;
+        let peek =
+            peek_request(&body).map_err(|e| ApiError::invalid_request(format!("the body is not valid JSON: {e}")))?;
+        let (requested, model_span) = peek.model.ok_or_else(|| ApiError::invalid_request("model: field required"))?;
         ctx.stream = peek.stream;
         let route = state
             .models
             .resolve(&requested)
-            .ok_or_else(|| ApiError::not_found(format!("model: {requested}")))?
+            .ok_or_else(|| ApiError::not_found(format!("model: {}", shorten(&requested))))?
             .clone();
-        ctx.requested_model = Some(requested);
+        ctx.requested_model = Some(shorten(&requested).into_owned());
         let requested = ctx.requested_model.as_deref().unwrap_or_default();
-        if !key.allows(&route.name, requested) {
-            return Err(ApiError::permission(format!(
-                "API key {:?} may not use model {}",
-                key.id, route.name
-            )));
+        let deployment = &route.deployments[0];
+        // A pass-through deployment sends the requested name on, so that name must be allowed
+        // too; a fixed one sends its own id, so only the route's public name counts.
+        let passthrough = deployment.model_id.is_none().then_some(requested);
+        if !key.allows(&route.name, passthrough) {
+            return Err(ApiError::permission(format!("API key {:?} may not use model {}", key.id, route.name)));
         }
         ctx.route = Some(route.clone());
         ctx.deployment = 0;
-        let deployment = &route.deployments[0];
         let model_id = deployment.model_id.as_deref().unwrap_or(requested);
-        ctx.price = deployment
-            .price
-            .clone()
-            .or_else(|| state.prices.lookup(model_id));
-        let body = if model_id != requested {
-            replace_string_value(&body, model_span, model_id)
-        } else {
-            body
-        };
+        ctx.price = deployment.price.clone().or_else(|| state.prices.lookup(model_id));
+        let body = if model_id != requested { replace_string_value(&body, model_span, model_id) } else { body };
         ctx.provider_model = Some(model_id.to_string());
-        self.forward(
-            session,
-            ctx,
-            &deployment.provider,
-            body,
-            endpoint == Endpoint::Messages,
-        )
-        .await
+        self.forward(session, ctx, &deployment.provider, body, endpoint == Endpoint::Messages).await
     }
 
-    async fn answer_probe(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> Result<(), ApiError> {
+    async fn answer_probe(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), ApiError> {
         let body = Bytes::from_static(b"{\"status\":\"ok\"}");
         let mut h = ResponseHeader::build(200, Some(3)).expect("valid status");
         let _ = h.insert_header(http::header::CONTENT_TYPE, "application/json");
@@ -195,12 +164,7 @@ impl Gateway {
         ctx.status = 200;
         ctx.outcome = Outcome::Complete;
         let head = session.req_header().method == Method::HEAD;
-        if session
-            .write_response_header(Box::new(h), head)
-            .await
-            .is_ok()
-            && !head
-        {
+        if session.write_response_header(Box::new(h), head).await.is_ok() && !head {
             let _ = session.write_response_body(Some(body), true).await;
         }
         Ok(())
@@ -217,28 +181,35 @@ impl Gateway {
         }
         ctx.status = err.status;
         let body = err.body();
+        // A body left unread would be drained before the connection could be reused, at
+        // whatever pace the client likes: close instead.
+        let close = err.close || !session.is_body_done();
+        let mut err = err;
+        err.close = close;
         let header = err.response_header(&ctx.id, body.len());
-        if err.close {
+        if close {
             session.set_keepalive(None);
         }
-        if session
-            .write_response_header(Box::new(header), false)
-            .await
-            .is_ok()
-        {
+        if session.write_response_header(Box::new(header), false).await.is_ok() {
             let _ = session.write_response_body(Some(body), true).await;
         }
+    }
+}
+
+/// Client-supplied names are cut to this many characters before they are echoed or recorded.
+const MAX_ECHO: usize = 200;
+
+fn shorten(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(MAX_ECHO) {
+        Some((i, _)) => format!("{}…", &s[..i]).into(),
+        None => s.into(),
     }
 }
 
 /// Reads the whole request body, refusing it past `max` bytes (before reading, when
 /// `Content-Length` already says so).
 async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, ApiError> {
-    let too_large = || {
-        ApiError::too_large(format!(
-            "request body is larger than the {max} bytes allowed"
-        ))
-    };
+    let too_large = || ApiError::too_large(format!("request body is larger than the {max} bytes allowed"));
     let declared = session
         .req_header()
         .headers
@@ -247,6 +218,15 @@ async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, ApiError>
         .and_then(|v| v.trim().parse::<usize>().ok());
     if declared.is_some_and(|n| n > max) {
         return Err(too_large());
+    }
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        // The key was accepted: let the client send the body.
+        let _ = session.write_continue_response().await;
     }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(16 << 10));
     while let Some(chunk) = session
@@ -270,11 +250,7 @@ impl ProxyHttp for Gateway {
         RequestCtx::new()
     }
 
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut Self::CTX,
-    ) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
         // `request_filter` answers every request; Pingora's own upstream phase never runs.
         Error::e_explain(InternalError, "the gateway answers in request_filter")
     }
@@ -288,12 +264,7 @@ impl ProxyHttp for Gateway {
         Ok(true)
     }
 
-    async fn logging(
-        &self,
-        session: &mut Session,
-        _e: Option<&pingora::Error>,
-        ctx: &mut Self::CTX,
-    ) {
+    async fn logging(&self, session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut Self::CTX) {
         self.account(session, ctx);
         // Last, so a drain that waits for zero in flight also waits for the record.
         if ctx.in_flight {
@@ -306,25 +277,11 @@ impl Gateway {
     /// Metrics and the usage record for a finished request.
     fn account(&self, session: &Session, ctx: &mut RequestCtx) {
         if ctx.status == 0 {
-            ctx.status = session
-                .response_written()
-                .map(|h| h.status.as_u16())
-                .unwrap_or(0);
+            ctx.status = session.response_written().map(|h| h.status.as_u16()).unwrap_or(0);
         }
-        let model = ctx
-            .route
-            .as_ref()
-            .map(|r| r.name.as_str())
-            .unwrap_or("none");
-        let provider = ctx
-            .deployment()
-            .map(|d| d.provider.name.as_str())
-            .unwrap_or("none");
-        let team = ctx
-            .key
-            .as_ref()
-            .and_then(|k| k.team.as_deref())
-            .unwrap_or("none");
+        let model = ctx.route.as_ref().map(|r| r.name.as_str()).unwrap_or("none");
+        let provider = ctx.deployment().map(|d| d.provider.name.as_str()).unwrap_or("none");
+        let team = ctx.key.as_ref().and_then(|k| k.team.as_deref()).unwrap_or("none");
         let status_class = match ctx.status {
             100..=199 => "1xx",
             200..=299 => "2xx",
@@ -334,20 +291,14 @@ impl Gateway {
             _ => "none",
         };
         let m = &self.metrics;
-        m.requests
-            .with_label_values(&[model, provider, status_class, team])
-            .inc();
+        m.requests.with_label_values(&[model, provider, status_class, team]).inc();
         if ctx.probe {
             return;
         }
         let stream = if ctx.stream { "true" } else { "false" };
-        m.duration
-            .with_label_values(&[model, provider, stream])
-            .observe(ctx.start.elapsed().as_secs_f64());
+        m.duration.with_label_values(&[model, provider, stream]).observe(ctx.start.elapsed().as_secs_f64());
         if let Some(t) = ctx.ttfb {
-            m.ttfb
-                .with_label_values(&[model, provider, stream])
-                .observe(t.as_secs_f64());
+            m.ttfb.with_label_values(&[model, provider, stream]).observe(t.as_secs_f64());
         }
         let u = &ctx.usage;
         for (class, n) in [
@@ -358,32 +309,20 @@ impl Gateway {
             ("cache_write_1h", u.cache_creation_1h_input_tokens),
         ] {
             if n > 0 {
-                m.tokens
-                    .with_label_values(&[model, provider, team, class])
-                    .inc_by(n);
+                m.tokens.with_label_values(&[model, provider, team, class]).inc_by(n);
             }
         }
 
         let req = session.req_header();
-        let header = |name: &str| {
-            req.headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
+        let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         let client = Client {
-            ip: session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip().to_string()),
+            ip: session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string()),
             user_agent: header("user-agent"),
             session_id: header("x-claude-code-session-id"),
         };
         let record = ctx.record(req.method.as_str(), req.uri.path(), client);
         if record.cost_nanos > 0 {
-            m.cost_usd
-                .with_label_values(&[model, provider, team])
-                .inc_by(record.cost_usd);
+            m.cost_usd.with_label_values(&[model, provider, team]).inc_by(record.cost_usd);
         }
         if !record.priced {
             m.unpriced.with_label_values(&[model, provider]).inc();

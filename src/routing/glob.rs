@@ -31,10 +31,7 @@ mod tests {
     fn globs() {
         assert!(glob_match("*", ""));
         assert!(glob_match("claude-*", "claude-sonnet-4-5"));
-        assert!(glob_match(
-            "*claude-sonnet-4-5*",
-            "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
-        ));
+        assert!(glob_match("*claude-sonnet-4-5*", "us.anthropic.claude-sonnet-4-5-20250929-v1:0"));
         assert!(glob_match("a*b*c", "aXXbYYc"));
         assert!(!glob_match("a*b*c", "aXXbYY"));
         assert!(!glob_match("claude-opus", "claude-opus-4"));

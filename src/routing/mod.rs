@@ -52,16 +52,9 @@ impl ModelTable {
                     .clone();
                 let model_id = d.model.clone();
                 let price = model_id.as_deref().and_then(|id| prices.lookup(id));
-                deployments.push(Deployment {
-                    provider,
-                    model_id,
-                    price,
-                });
+                deployments.push(Deployment { provider, model_id, price });
             }
-            let route = Arc::new(Route {
-                name: m.name.get_ref().clone(),
-                deployments,
-            });
+            let route = Arc::new(Route { name: m.name.get_ref().clone(), deployments });
             for n in std::iter::once(&m.name).chain(&m.aliases) {
                 table.exact.insert(n.get_ref().clone(), route.clone());
             }
@@ -76,12 +69,9 @@ impl ModelTable {
     /// The route for a requested model name: exact names and aliases first, then patterns in
     /// config order.
     pub fn resolve(&self, requested: &str) -> Option<&Arc<Route>> {
-        self.exact.get(requested).or_else(|| {
-            self.patterns
-                .iter()
-                .find(|(p, _)| glob_match(p, requested))
-                .map(|(_, r)| r)
-        })
+        self.exact
+            .get(requested)
+            .or_else(|| self.patterns.iter().find(|(p, _)| glob_match(p, requested)).map(|(_, r)| r))
     }
 
     pub fn routes(&self) -> &[Arc<Route>] {

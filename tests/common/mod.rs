@@ -11,17 +11,14 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
+#[allow(unused_imports)]
 pub use tollgate::mock::{Behavior, MockProvider, MockUsage};
 
 /// The provider credential the gateway is given; tests check it reaches the mock.
 pub const PROVIDER_SECRET: &str = "sk-ant-test-provider-secret";
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A key known to the test: the plaintext and the config entry.
@@ -44,15 +41,26 @@ pub struct Gateway {
     pub config_path: PathBuf,
 }
 
-/// Placeholders in config text: `{port}`, `{admin}`, `{dir}`.
+/// Starts the gateway with `config` (providers, models, keys...) after the harness's own
+/// server, listener, admin and audit sections.
 pub fn start_gateway(config: &str) -> Gateway {
+    start_gateway_with("", config)
+}
+
+/// Like [`start_gateway`], with `server_extra` lines added to `[server]` and `listener_extra`
+/// to the `[[listener]]` table.
+pub fn start_gateway_with(server_extra: &str, config: &str) -> Gateway {
+    start_gateway_full(server_extra, "", config)
+}
+
+pub fn start_gateway_full(server_extra: &str, listener_extra: &str, config: &str) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let admin_port = free_port();
     let audit_path = dir.path().join("audit.jsonl");
     let text = format!(
-        "[server]\nthreads = 2\ngrace_period = \"5s\"\nupgrade_socket = \"{d}/upgrade.sock\"\npid_file = \"{d}/pid\"\n\
-         [[listener]]\naddress = \"127.0.0.1:{port}\"\n\
+        "[server]\nthreads = 2\ngrace_period = \"5s\"\nupgrade_socket = \"{d}/upgrade.sock\"\npid_file = \"{d}/pid\"\n{server_extra}\n\
+         [[listener]]\naddress = \"127.0.0.1:{port}\"\n{listener_extra}\n\
          [admin]\naddress = \"127.0.0.1:{admin_port}\"\n\
          [audit]\npath = \"{audit}\"\nflush_interval = \"20ms\"\n\n{config}",
         d = dir.path().display(),
@@ -68,14 +76,7 @@ pub fn start_gateway(config: &str) -> Gateway {
         .stdin(Stdio::null())
         .spawn()
         .expect("the tollgate binary starts");
-    let gw = Gateway {
-        child: Some(child),
-        port,
-        admin_port,
-        dir,
-        audit_path,
-        config_path,
-    };
+    let gw = Gateway { child: Some(child), port, admin_port, dir, audit_path, config_path };
     gw.wait_listening();
     gw
 }
@@ -93,10 +94,7 @@ impl Gateway {
         let deadline = Instant::now() + Duration::from_secs(20);
         for port in [self.port, self.admin_port] {
             while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "gateway did not start listening on {port}"
-                );
+                assert!(Instant::now() < deadline, "gateway did not start listening on {port}");
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -115,28 +113,17 @@ impl Gateway {
     pub fn record(&self, request_id: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(r) = self
-                .records()
-                .into_iter()
-                .find(|r| r["request_id"] == request_id)
-            {
+            if let Some(r) = self.records().into_iter().find(|r| r["request_id"] == request_id) {
                 return r;
             }
-            assert!(
-                Instant::now() < deadline,
-                "no usage record for {request_id}"
-            );
+            assert!(Instant::now() < deadline, "no usage record for {request_id}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     pub fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().unwrap().id();
-        let ok = Command::new("kill")
-            .args([format!("-{sig}"), pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
+        let ok = Command::new("kill").args([format!("-{sig}"), pid.to_string()]).status().unwrap().success();
         assert!(ok, "kill -{sig} {pid}");
     }
 
@@ -149,10 +136,7 @@ impl Gateway {
             if let Some(status) = child.try_wait().unwrap() {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "gateway did not stop after SIGTERM"
-            );
+            assert!(Instant::now() < deadline, "gateway did not stop after SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
     }

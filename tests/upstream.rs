@@ -1,0 +1,217 @@
+//! The provider side: HTTPS with a private CA, TLS on the listener, timeouts and connection
+//! failures, each with its status, shape and metric.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+struct Pki {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+/// A private CA and a certificate for `localhost` signed by it.
+fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&key, &ca, &ca_key).unwrap();
+    Pki { ca_pem: ca.pem(), cert_pem: cert.pem(), key_pem: key.serialize_pem() }
+}
+
+fn models_and_key(key: &TestKey, provider: &str) -> String {
+    format!(
+        r#"
+[[model]]
+name = "claude-sonnet-4-5"
+deployments = [{{ provider = "{provider}", model = "claude-sonnet-4-5-20250929" }}]
+
+[[key]]
+id = "alice"
+hash = "{hash}"
+team = "platform"
+"#,
+        hash = key.hash
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_with_private_ca_and_tls_listener() {
+    let pki = pki();
+    let mock = MockProvider::start_tls(Behavior::default(), &pki.cert_pem, &pki.key_pem).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key_file) = (dir.path().join("ca.pem"), dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    std::fs::write(&cert, &pki.cert_pem).unwrap();
+    std::fs::write(&key_file, &pki.key_pem).unwrap();
+    let key = new_key();
+    let config = format!(
+        r#"
+[[provider]]
+name = "tls"
+kind = "anthropic"
+base_url = "https://localhost:{port}"
+credential = "env:TG_TEST_PROVIDER_KEY"
+ca_file = "{ca}"
+{rest}"#,
+        port = mock.addr.port(),
+        ca = ca.display(),
+        rest = models_and_key(&key, "tls"),
+    );
+    let listener_tls = format!("tls = {{ cert = \"{}\", key = \"{}\" }}", cert.display(), key_file.display());
+    let gw = start_gateway_full("", &listener_tls, &config);
+
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap())
+        .resolve("localhost", format!("127.0.0.1:{}", gw.port).parse().unwrap())
+        .build()
+        .unwrap();
+    let resp = client
+        .post(format!("https://localhost:{}/v1/messages", gw.port))
+        .header("x-api-key", &key.key)
+        .body(messages_body("claude-sonnet-4-5", true, 10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.bytes().await.unwrap();
+    assert!(body.ends_with(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
+    let r = &mock.received()[0];
+    assert_eq!(r.headers["x-api-key"], PROVIDER_SECRET);
+    assert_eq!(r.headers["host"], format!("localhost:{}", mock.addr.port()));
+
+    // Plain HTTP to the TLS listener is not served.
+    assert!(client
+        .post(format!("http://127.0.0.1:{}/v1/messages", gw.port))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_upstream_certificate_is_a_502() {
+    let pki = pki();
+    let mock = MockProvider::start_tls(Behavior::default(), &pki.cert_pem, &pki.key_pem).await.unwrap();
+    let key = new_key();
+    // No ca_file: the system roots do not know the test CA.
+    let config = format!(
+        r#"
+[[provider]]
+name = "tls"
+kind = "anthropic"
+base_url = "https://localhost:{port}"
+credential = "env:TG_TEST_PROVIDER_KEY"
+{rest}"#,
+        port = mock.addr.port(),
+        rest = models_and_key(&key, "tls"),
+    );
+    let gw = start_gateway(&config);
+    let resp = client()
+        .post(gw.url("/v1/messages"))
+        .header("x-api-key", &key.key)
+        .body(messages_body("claude-sonnet-4-5", false, 10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "api_error");
+    assert!(mock.received().is_empty());
+}
+
+async fn metrics(gw: &Gateway) -> String {
+    client().get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_and_refused_connections_are_clear_errors() {
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let closed_port = free_port();
+    let key = new_key();
+    let config = format!(
+        r#"
+[[provider]]
+name = "slow"
+kind = "anthropic"
+base_url = "{mock}"
+credential = "env:TG_TEST_PROVIDER_KEY"
+first_byte_timeout = "300ms"
+idle_timeout = "300ms"
+
+[[provider]]
+name = "down"
+kind = "anthropic"
+base_url = "http://127.0.0.1:{closed_port}"
+credential = "env:TG_TEST_PROVIDER_KEY"
+
+[[model]]
+name = "claude-slow"
+deployments = [{{ provider = "slow" }}]
+
+[[model]]
+name = "claude-down"
+deployments = [{{ provider = "down" }}]
+
+[[key]]
+id = "alice"
+hash = "{hash}"
+"#,
+        mock = mock.url(),
+        hash = key.hash
+    );
+    let gw = start_gateway(&config);
+    let c = client();
+    let send = |model: &str, stream: bool, headers: &[(&str, &str)]| {
+        let mut r = c.post(gw.url("/v1/messages")).header("x-api-key", &key.key).body(messages_body(model, stream, 10));
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.send()
+    };
+
+    // No header within the first-byte timeout: 504.
+    let resp = send("claude-slow", false, &[("x-mock-header-delay-ms", "2000")]).await.unwrap();
+    assert_eq!(resp.status(), 504);
+    let id = resp.headers()["x-tollgate-request-id"].to_str().unwrap().to_string();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "api_error");
+    assert!(v["error"]["message"].as_str().unwrap().contains("no answer within"), "{v}");
+    assert_eq!(gw.record(&id)["outcome"], "failed");
+
+    // A stream that goes silent longer than the idle timeout is cut, and recorded as such.
+    let resp = send("claude-slow", true, &[("x-mock-delay-ms", "2000")]).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = resp.headers()["x-tollgate-request-id"].to_str().unwrap().to_string();
+    assert!(resp.bytes().await.is_err());
+    let rec = gw.record(&id);
+    assert_eq!(rec["outcome"], "incomplete");
+    assert_eq!(rec["usage"]["input_tokens"], 25);
+
+    // Nobody listening: 502.
+    let resp = send("claude-down", false, &[]).await.unwrap();
+    assert_eq!(resp.status(), 502);
+    let v: Value = resp.json().await.unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("cannot connect"), "{v}");
+
+    let m = metrics(&gw).await;
+    for line in [
+        r#"tollgate_upstream_errors_total{kind="first_byte_timeout",provider="slow"} 1"#,
+        r#"tollgate_upstream_errors_total{kind="idle_timeout",provider="slow"} 1"#,
+        r#"tollgate_upstream_errors_total{kind="connect_error",provider="down"} 1"#,
+    ] {
+        assert!(m.lines().any(|l| l == line), "missing {line} in\n{m}");
+    }
+    // The gateway stays healthy for the next request.
+    let resp = send("claude-slow", false, &[]).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = Duration::ZERO;
+}
