@@ -175,7 +175,8 @@ fn main() {
     });
 }
 
-/// Opens `n` streams at once and keeps them open until they end on their own.
+/// Opens `n` streams at once and keeps them open until they end on their own. Reports how many
+/// started and completed, and the largest gap between two chunks of any stream.
 async fn hold(args: Args, body: Bytes, n: usize) {
     let started = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
     let mut tasks = Vec::with_capacity(n);
@@ -190,25 +191,36 @@ async fn hold(args: Args, body: Bytes, n: usize) {
                 req = req.header(k.trim(), v.trim());
             }
             let resp = s.send_request(req.body(Full::new(body)).ok()?).await.ok()?;
+            if !resp.status().is_success() {
+                started.add_permits(1);
+                return None;
+            }
             let mut b = resp.into_body();
             let first = b.frame().await;
             started.add_permits(1);
             first?.ok()?;
+            let mut last = Instant::now();
+            let mut gap = Duration::ZERO;
             while let Some(f) = b.frame().await {
                 f.ok()?;
+                gap = gap.max(last.elapsed());
+                last = Instant::now();
             }
-            Some(())
+            Some(gap)
         }));
     }
     let all = tokio::time::timeout(Duration::from_secs(60), started.acquire_many(n as u32)).await.is_ok();
     if let Some(p) = &args.hold_signal {
         std::fs::write(p, if all { "open" } else { "timeout" }).unwrap();
     }
-    let mut ok = 0;
+    let (mut ok, mut max_gap) = (0, Duration::ZERO);
     for t in tasks {
-        if let Ok(Some(())) = t.await {
+        if let Ok(Some(gap)) = t.await {
             ok += 1;
+            max_gap = max_gap.max(gap);
         }
     }
-    println!("{}", serde_json::json!({"held": n, "all_started": all, "completed": ok}));
+    let out = serde_json::json!({"held": n, "all_started": all, "completed": ok, "errors": n - ok,
+        "max_gap_ms": max_gap.as_secs_f64() * 1000.0});
+    println!("{out}");
 }
