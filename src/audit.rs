@@ -68,11 +68,10 @@ impl AuditWriter {
 }
 
 pub fn start(config: &AuditConfig, dropped: IntCounter) -> std::io::Result<(AuditLog, AuditWriter)> {
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&config.path)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot open audit log {}: {e}", config.path.display())))?;
+    let file =
+        OpenOptions::new().create(true).append(true).open(&config.path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot open audit log {}: {e}", config.path.display()))
+        })?;
     let capacity = config.queue_capacity.max(1);
     let shared =
         Arc::new(Shared { batch: Mutex::new(Vec::with_capacity(1024)), capacity, stopping: AtomicBool::new(false) });
@@ -93,7 +92,8 @@ fn write_loop(shared: &Shared, mut out: BufWriter<std::fs::File>, flush_interval
         let stopping = shared.stopping.load(Ordering::Acquire);
         std::mem::swap(&mut *shared.batch.lock().unwrap_or_else(|p| p.into_inner()), &mut spare);
         for r in spare.drain(..) {
-            let line = serde_json::to_writer(&mut out, &r).map_err(std::io::Error::from).and_then(|_| out.write_all(b"\n"));
+            let line =
+                serde_json::to_writer(&mut out, &r).map_err(std::io::Error::from).and_then(|_| out.write_all(b"\n"));
             if let Err(e) = line {
                 tracing::error!(error = %e, request_id = %r.request_id, "cannot write usage record");
             }

@@ -5,6 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// jemalloc returns freed memory to the system and fragments less than glibc's allocator under
+/// many threads and connections: the RSS of a gateway holding 1,000 streams depends on it.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "tollgate", version, about = "An LLM gateway for Anthropic-format traffic")]
 struct Cli {

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use pingora::apps::http_app::HttpServer;
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, RunArgs, Server};
 use pingora::services::background::background_service;
@@ -20,6 +22,9 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::providers::DnsRefresher;
 use crate::proxy::{Gateway, State};
+
+/// Read buffer per client connection.
+const LISTENER_READ_BUFFER: usize = 8 << 10;
 
 /// Runs until SIGTERM (graceful: in-flight requests get `server.grace_period`) or SIGINT.
 /// With `upgrade`, takes the listening sockets over from a running instance (SIGQUIT it).
@@ -52,12 +57,17 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     let mut proxy = pingora_proxy::http_proxy_service_with_name(&server.configuration, gateway, "tollgate");
     for l in &config.listeners {
         let addr = l.address.get_ref();
-        match &l.tls {
-            Some(tls) => proxy
-                .add_tls(addr, &tls.cert.display().to_string(), &tls.key.display().to_string())
-                .with_context(|| format!("TLS listener {addr}"))?,
-            None => proxy.add_tcp(addr),
+        // A small read buffer per connection: request headers are a few KB and bodies are read
+        // in large reads that bypass it. Pingora's default (64 KiB, touched in full when a large
+        // body follows the header) costs 64 KiB of memory per open stream.
+        let mut endpoint = ListenerConfig::tcp(addr.as_str())
+            .l4_buffer(L4BufferSettings::new(LISTENER_READ_BUFFER, pingora::listeners::DEFAULT_L4_WRITE_BUFFER_SIZE));
+        if let Some(tls) = &l.tls {
+            let settings = TlsSettings::intermediate(&tls.cert.display().to_string(), &tls.key.display().to_string())
+                .with_context(|| format!("TLS listener {addr}"))?;
+            endpoint = endpoint.tls(settings);
         }
+        proxy.add_listener(endpoint);
         tracing::info!(address = %addr, tls = l.tls.is_some(), "listening");
     }
     server.add_service(proxy);

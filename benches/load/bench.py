@@ -27,6 +27,10 @@ VENV = HERE / ".venv"
 MODEL = "claude-sonnet-4-5"
 PORTS = {"mock": 19101, "slow_mock": 19102, "bare": 19103, "tollgate": 19104, "tollgate_admin": 19105, "litellm": 19106}
 PROVIDER_KEY = "sk-ant-bench-provider"
+# Streams in the throughput matrix: 36 SSE events, this far apart. The memory test's streams are
+# slow (250 ms apart, 15 s long) so that all 1,000 are open at once.
+STREAM_DELAY_MS = 2
+HOLD_DELAY_MS = 250
 LITELLM_KEY = "sk-bench-master-key"
 
 
@@ -85,12 +89,12 @@ def cpu_seconds(pid):
     return total / CLK
 
 
-def rss_mb(pid):
+def rss_mb(pid, field="VmRSS:"):
     total = 0
     for p in tree(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     total += int(line.split()[1])
         except OSError:
             pass
@@ -303,13 +307,14 @@ def run_target(t, args, bodies, results):
     finally:
         if proc:
             stop(proc)
-    if t.launch and args.hold:
-        proc, ready = t.launch(PORTS["slow_mock"])
+    if args.hold:
+        proc, ready = t.launch(PORTS["slow_mock"]) if t.launch else (None, lambda: None)
+        hold_port = t.port or PORTS["slow_mock"]
         try:
             ready()
             signal_file = WORK / "held"
             signal_file.unlink(missing_ok=True)
-            holder = subprocess.Popen(pinned([str(LOADGEN), "--target", f"127.0.0.1:{t.port}", "--body", str(bodies[True]),
+            holder = subprocess.Popen(pinned([str(LOADGEN), "--target", f"127.0.0.1:{hold_port}", "--body", str(bodies[True]),
                                               "--hold", str(args.hold), "--hold-signal", str(signal_file),
                                               "--header", "anthropic-version: 2023-06-01"] +
                                              [x for h in t.headers for x in ("--header", h)], PIN["other"]),
@@ -317,12 +322,15 @@ def run_target(t, args, bodies, results):
             deadline = time.time() + 90
             while not signal_file.exists() and time.time() < deadline:
                 time.sleep(0.1)
-            rss = rss_mb(proc.pid)
+            rss = rss_mb(proc.pid) if proc else None
             out = json.loads(holder.communicate(timeout=180)[0])
-            results["hold"][t.name] = {"rss_mb": round(rss, 1), **out}
-            log(f"{t.name:13} {args.hold} streams open: RSS {rss:.1f} MB ({out})")
+            # The process was started for this test: its high-water mark is the test's peak.
+            peak = rss_mb(proc.pid, "VmHWM:") if proc else None
+            results["hold"][t.name] = {"rss_mb": rss and round(rss, 1), "peak_rss_mb": peak and round(peak, 1), **out}
+            log(f"{t.name:13} {args.hold} streams open: RSS {rss} MB ({out})")
         finally:
-            stop(proc)
+            if proc:
+                stop(proc)
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -353,7 +361,8 @@ def report(results, args):
               f"- Versions: Tollgate {v['tollgate']} (Pingora {v['pingora']}, {v['rustc']}), LiteLLM {v['litellm']} "
               f"(Python {v['python']}, 1 worker)",
               f"- Pinning: gateway on CPU {v['pinning']['gateway']}; load generator and mock on CPU {v['pinning']['other']}",
-              f"- Body: {results['body_bytes']} bytes (3 system blocks, 24 tools); streams: 36 SSE events, 10 ms apart",
+              f"- Body: {results['body_bytes']} bytes (3 system blocks, 24 tools); streams: 36 SSE events, "
+              f"{STREAM_DELAY_MS} ms apart; held streams: 66 events, {HOLD_DELAY_MS} ms apart",
               f"- Each cell: {args.duration} s at a fixed concurrency over keep-alive connections", ""]
     head = "| target | mode | conc | req/s | p50 ms | p90 ms | p99 ms | max ms | +p50 ms | +p99 ms | TTFB p50 | TTFB p99 | max gap p99 | errors | CPU s/1k req | peak RSS MB |"
     lines += [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "---|" * (head.count("|") - 1)]
@@ -368,17 +377,46 @@ def report(results, args):
                      f"{f(add99)} | {f(r['ttfb_ms']['p50']) if s else ''} | {f(r['ttfb_ms']['p99']) if s else ''} | "
                      f"{f(r['max_gap_ms']['p99']) if s else ''} | {r['errors']} | {r.get('cpu_s_per_1k', '')} | "
                      f"{r.get('peak_rss_mb', '')} |")
-    lines += ["", "| gateway | idle RSS MB | RSS with streams open, MB | streams started | completed |", "|---|---|---|---|---|"]
-    for name, idle in results["idle_rss_mb"].items():
-        h = results["hold"].get(name, {})
-        lines.append(f"| {name} | {idle} | {h.get('rss_mb', '')} | {h.get('all_started', '')} of {h.get('held', '')} | "
-                     f"{h.get('completed', '')} |")
+    lines += ["", f"{args.hold} streams open at once:", "",
+              "| target | idle RSS MB | RSS with all open, MB | peak RSS MB | completed | errors | largest gap ms |",
+              "|---|---|---|---|---|---|---|"]
+    for name, h in results["hold"].items():
+        lines.append(f"| {name} | {results['idle_rss_mb'].get(name, '')} | {h.get('rss_mb') or ''} | "
+                     f"{h.get('peak_rss_mb') or ''} | {h.get('completed')} of {h.get('held')} | {h.get('errors')} | "
+                     f"{h.get('max_gap_ms', 0):.1f} |")
+    lines += ["", "Targets (ratios from this run):", ""] + targets_met(results)
     lines += ["", "![load chart](load.png)", ""]
     md = "\n".join(lines)
     (RESULTS / "load.md").write_text(md)
     (RESULTS / "load.json").write_text(json.dumps(results, indent=1))
     chart(runs, args)
     print(md)
+
+
+def targets_met(results):
+    runs = results["runs"]
+    cell = {(r["target"], r["mode"], r["concurrency"]): r for r in runs}
+    out = []
+    for mode in ["json", "stream"]:
+        for c in sorted({r["concurrency"] for r in runs}):
+            t, b, d, l = (cell.get((n, mode, c)) for n in ["tollgate", "bare-pingora", "direct", "litellm"])
+            if not (t and b):
+                continue
+            parts = [f"- {mode} c={c}: throughput {t['rps'] / b['rps']:.0%} of bare Pingora (target >= 80%)"]
+            if d:
+                for q in ["p50", "p99"]:
+                    ta, ba = t["latency_ms"][q] - d["latency_ms"][q], b["latency_ms"][q] - d["latency_ms"][q]
+                    parts.append(f"added {q} {ta:.2f} ms vs {ba:.2f} ms" + (f" ({ta / ba:.1f}x, target <= 1.5x)" if ba > 0 else ""))
+            if l and l["rps"] > 0:
+                parts.append(f"{t['rps'] / l['rps']:.0f}x LiteLLM (target >= 300x)")
+            out.append("; ".join(parts))
+    h = results["hold"].get("tollgate")
+    if h:
+        base = results["hold"].get("direct", {}).get("max_gap_ms")
+        out.append(f"- {h['held']} streams: {h['errors']} errors (target 0); largest gap {h['max_gap_ms']:.1f} ms "
+                   f"(mock delay {HOLD_DELAY_MS} ms; direct-to-mock largest gap {base and round(base, 1)} ms; target: delay + 1 ms); "
+                   f"peak RSS {h.get('peak_rss_mb')} MB (target < 64 MB)")
+    return out
 
 
 def chart(runs, args):
@@ -412,7 +450,7 @@ def chart(runs, args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--duration", type=int, default=10, help="seconds per cell")
+    ap.add_argument("--duration", type=int, default=8, help="seconds per cell")
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64, 256])
     ap.add_argument("--hold", type=int, default=1000, help="streams held open for the memory test (0: skip)")
     ap.add_argument("--targets", default="direct,bare-pingora,tollgate,litellm")
@@ -422,9 +460,9 @@ def main():
     global PIN
     PIN = pin_plan()
     mocks = [start([str(REL / "tollgate-mock"), "--listen", f"127.0.0.1:{PORTS['mock']}", "--threads", "1",
-                    "--deltas", "30", "--delay-ms", "10"], PIN["other"], logname="mock"),
+                    "--deltas", "30", "--delay-ms", str(STREAM_DELAY_MS)], PIN["other"], logname="mock"),
              start([str(REL / "tollgate-mock"), "--listen", f"127.0.0.1:{PORTS['slow_mock']}", "--threads", "1",
-                    "--deltas", "60", "--delay-ms", "250"], PIN["other"], logname="slow_mock")]
+                    "--deltas", "60", "--delay-ms", str(HOLD_DELAY_MS)], PIN["other"], logname="slow_mock")]
     try:
         wait_port(PORTS["mock"])
         wait_port(PORTS["slow_mock"])

@@ -150,7 +150,7 @@ impl Gateway {
         ctx.deployment = 0;
         let model_id = deployment.model_id.as_deref().unwrap_or(requested);
         ctx.price = deployment.price.clone().or_else(|| state.prices.lookup(model_id));
-        let body = if model_id != requested { replace_string_value(&body, model_span, model_id) } else { body };
+        let body = with_model(body, model_span, requested, model_id);
         ctx.provider_model = Some(model_id.to_string());
         self.forward(session, ctx, &deployment.provider, body, endpoint == Endpoint::Messages).await
     }
@@ -193,6 +193,16 @@ impl Gateway {
         if session.write_response_header(Box::new(header), false).await.is_ok() {
             let _ = session.write_response_body(Some(body), true).await;
         }
+    }
+}
+
+/// The body with `model` set to `model_id`. Takes the original by value so that, when a copy is
+/// made, the original is freed now rather than held for the whole answer.
+fn with_model(body: Bytes, span: std::ops::Range<usize>, requested: &str, model_id: &str) -> Bytes {
+    if model_id == requested {
+        body
+    } else {
+        replace_string_value(&body, span, model_id)
     }
 }
 
