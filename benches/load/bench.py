@@ -355,7 +355,7 @@ def report(results, args):
     runs = results["runs"]
     direct = {(r["mode"], r["concurrency"]): r for r in runs if r["target"] == "direct"}
     lines = [f"# Load benchmark: Tollgate vs LiteLLM", "",
-             f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `{' '.join(sys.argv)}`.", ""]
+             f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `benches/load/run.sh {' '.join(sys.argv[1:])}`.", ""]
     v = results["versions"]
     lines += [f"- Machine: {v['cpu']}, {v['cores']} cores, {v['memory_gib']} GiB, Linux {v['kernel']}",
               f"- Versions: Tollgate {v['tollgate']} (Pingora {v['pingora']}, {v['rustc']}), LiteLLM {v['litellm']} "
