@@ -153,5 +153,26 @@ fn cost(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, sse_scan, json_usage, request_body, routing_and_keys, cost);
+/// Picking an endpoint from a provider's pool of three, per selection strategy.
+fn endpoint_selection(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut g = c.benchmark_group("endpoint_selection");
+    for selection in ["round_robin", "weighted", "least_in_flight", "session_affinity"] {
+        let text = format!(
+            "[[listener]]\naddress = \"127.0.0.1:8080\"\n[[provider]]\nname = \"p\"\nkind = \"anthropic\"\n\
+             endpoints = [{{ url = \"http://127.0.0.1:9001\" }}, {{ url = \"http://127.0.0.2:9001\", weight = 2 }}, {{ url = \"http://127.0.0.3:9001\" }}]\n\
+             credential = \"env:HOME\"\nselection = \"{selection}\"\nhealth = {{ probe = \"none\" }}\n"
+        );
+        let config = load_str(&text, "bench.toml").unwrap();
+        let provider = Provider::from_config(&config.providers[0]).unwrap();
+        rt.block_on(provider.pool.update());
+        let key = b"3f1c2a9e-session-id".to_vec();
+        g.bench_function(selection, |b| {
+            b.iter(|| black_box(provider.pool.select(black_box(&key), &[], tollgate::providers::now_ms(), false).unwrap()))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, sse_scan, json_usage, request_body, routing_and_keys, endpoint_selection, cost);
 criterion_main!(benches);

@@ -1,7 +1,9 @@
 //! Prometheus metrics. Labels are bounded: public model names and teams come from the config,
 //! providers likewise; raw keys and client-supplied model names never become labels.
 
-use prometheus::{CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -14,6 +16,10 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     pub unpriced: IntCounterVec,
     pub audit_dropped: IntCounter,
+    pub attempts: IntCounterVec,
+    pub fallbacks: IntCounterVec,
+    pub cooldowns: IntCounterVec,
+    pub endpoint_up: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] =
@@ -63,6 +69,26 @@ impl Metrics {
             &["model", "provider"],
         )
         .unwrap();
+        let attempts = IntCounterVec::new(
+            Opts::new("tollgate_upstream_attempts_total", "Tries at provider endpoints, by what became of them"),
+            &["provider", "outcome"],
+        )
+        .unwrap();
+        let fallbacks = IntCounterVec::new(
+            Opts::new("tollgate_fallbacks_total", "Requests answered by other than their first attempt"),
+            &["model"],
+        )
+        .unwrap();
+        let cooldowns = IntCounterVec::new(
+            Opts::new("tollgate_endpoint_cooldowns_total", "Times an endpoint left rotation after failures"),
+            &["provider", "endpoint"],
+        )
+        .unwrap();
+        let endpoint_up = IntGaugeVec::new(
+            Opts::new("tollgate_endpoint_up", "1 while an endpoint is in rotation (probe up, not cooling down)"),
+            &["provider", "endpoint"],
+        )
+        .unwrap();
         let audit_dropped =
             IntCounter::new("tollgate_audit_dropped_total", "Usage records dropped because the audit queue was full")
                 .unwrap();
@@ -76,6 +102,10 @@ impl Metrics {
             Box::new(upstream_errors.clone()),
             Box::new(unpriced.clone()),
             Box::new(audit_dropped.clone()),
+            Box::new(attempts.clone()),
+            Box::new(fallbacks.clone()),
+            Box::new(cooldowns.clone()),
+            Box::new(endpoint_up.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -90,6 +120,10 @@ impl Metrics {
             upstream_errors,
             unpriced,
             audit_dropped,
+            attempts,
+            fallbacks,
+            cooldowns,
+            endpoint_up,
         }
     }
 

@@ -11,7 +11,6 @@ use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, RunArgs, Server};
-use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use prometheus::IntGauge;
 use tokio::sync::broadcast::error::RecvError;
@@ -20,7 +19,6 @@ use crate::admin::AdminApp;
 use crate::audit::AuditWriter;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::providers::DnsRefresher;
 use crate::proxy::{Gateway, State};
 
 /// Read buffer per client connection.
@@ -80,7 +78,9 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         tracing::info!(address = %admin.address.get_ref(), "admin listening");
         server.add_service(service);
     }
-    server.add_service(background_service("tollgate-dns", DnsRefresher { providers }));
+    for p in &providers {
+        server.add_boxed_service(p.pool.service(&p.name));
+    }
 
     let audit_writer = Arc::new(Mutex::new(Some(audit_writer)));
     watch_drain(&server, metrics_in_flight, config.server.grace_period, audit_writer.clone());

@@ -8,6 +8,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::metrics::Metrics;
+use crate::providers::now_ms;
 use crate::proxy::SharedState;
 
 pub struct AdminApp {
@@ -25,12 +26,67 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Vec<u8>> {
         .expect("valid response")
 }
 
+impl AdminApp {
+    /// Pools and the health of each endpoint, as JSON.
+    fn status(&self) -> serde_json::Value {
+        let state = self.state.load();
+        let now = now_ms();
+        let providers: Vec<_> = state
+            .providers
+            .iter()
+            .map(|p| {
+                let endpoints: Vec<_> = p
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        let cooling = e.passive.cooling_down_for(now);
+                        let probe_up = p.pool.probed_healthy(e);
+                        serde_json::json!({
+                            "endpoint": e.url.host_header(),
+                            "address": e.address().map(|a| a.to_string()),
+                            "dns_error": e.dns_error(),
+                            "probe_up": probe_up,
+                            "in_rotation": probe_up && cooling.is_none() && e.address().is_some(),
+                            "cooldown_remaining_ms": cooling.map(|d| d.as_millis() as u64),
+                            "consecutive_failures": e.passive.consecutive_failures(),
+                            "cooldowns": e.passive.cooldowns(),
+                            "in_flight": e.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                            "weight": e.weight,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "provider": p.name,
+                    "selection": p.pool.selection,
+                    "credentials": p.credential_count(),
+                    "ready": p.unready_reason().is_none(),
+                    "problem": p.unready_reason(),
+                    "endpoints": endpoints,
+                })
+            })
+            .collect();
+        serde_json::json!({ "providers": providers })
+    }
+
+    fn update_endpoint_gauges(&self) {
+        let state = self.state.load();
+        let now = now_ms();
+        for p in &state.providers {
+            for e in &p.endpoints {
+                let up = p.pool.probed_healthy(e) && e.passive.available(now) && e.address().is_some();
+                self.metrics.endpoint_up.with_label_values(&[&p.name, &e.url.host_header()]).set(up as i64);
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         match path.as_str() {
             "/metrics" => {
+                self.update_endpoint_gauges();
                 let body = self.metrics.render();
                 Response::builder()
                     .status(StatusCode::OK)
@@ -39,6 +95,7 @@ impl ServeHttp for AdminApp {
                     .body(body)
                     .expect("valid response")
             }
+            "/status" => json(StatusCode::OK, self.status()),
             "/healthz" => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
             "/readyz" => {
                 let state = self.state.load();

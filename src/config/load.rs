@@ -86,7 +86,19 @@ fn validate(c: &Config) -> Result<(), Invalid> {
         if !providers.insert(p.name.get_ref().as_str()) {
             return Err((p.name.span(), format!("provider {:?} is defined twice", p.name.get_ref())));
         }
-        crate::providers::UpstreamUrl::parse(p.base_url.get_ref()).map_err(|e| (p.base_url.span(), e))?;
+        let endpoints = p.endpoint_list();
+        if p.base_url.is_some() == !p.endpoints.is_empty() {
+            return Err((p.name.span(), format!("provider {:?} needs either base_url or endpoints", p.name.get_ref())));
+        }
+        for (url, _) in endpoints {
+            crate::providers::UpstreamUrl::parse(url.get_ref()).map_err(|e| (url.span(), e))?;
+        }
+        if p.credential_list().is_empty() || (p.credential.is_some() && !p.credentials.is_empty()) {
+            return Err((
+                p.name.span(),
+                format!("provider {:?} needs either credential or credentials", p.name.get_ref()),
+            ));
+        }
     }
 
     let mut names = HashSet::new();
@@ -99,11 +111,25 @@ fn validate(c: &Config) -> Result<(), Invalid> {
         if m.deployments.is_empty() {
             return Err((m.name.span(), format!("model {:?} has no deployments", m.name.get_ref())));
         }
+        if m.max_attempts == 0 {
+            return Err((m.name.span(), format!("model {:?}: max_attempts must be at least 1", m.name.get_ref())));
+        }
         for d in &m.deployments {
             if !providers.contains(d.provider.get_ref().as_str()) {
                 return Err((
                     d.provider.span(),
                     format!("deployment names provider {:?}, which is not defined", d.provider.get_ref()),
+                ));
+            }
+        }
+    }
+
+    for m in &c.models {
+        if let Some(f) = &m.context_fallback {
+            if !names.contains(f.get_ref().as_str()) {
+                return Err((
+                    f.span(),
+                    format!("context_fallback names model {:?}, which is not defined", f.get_ref()),
                 ));
             }
         }
@@ -136,8 +162,11 @@ fn validate(c: &Config) -> Result<(), Invalid> {
         ("server.client_write_timeout", c.server.client_write_timeout),
     ]
     .into_iter()
+    .chain(c.models.iter().map(|m| ("deadline", m.deadline)))
     .chain(c.providers.iter().flat_map(|p| {
         [
+            ("health.interval", p.health.interval),
+            ("health.cooldown", p.health.cooldown),
             ("connect_timeout", p.connect_timeout),
             ("first_byte_timeout", p.first_byte_timeout),
             ("idle_timeout", p.idle_timeout),

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
+pub use crate::providers::Selection;
 pub use load::{load, load_str, ConfigError};
 pub use secret::{Secret, SecretRef};
 
@@ -125,8 +126,21 @@ pub enum ProviderKind {
 pub struct ProviderConfig {
     pub name: Spanned<String>,
     pub kind: ProviderKind,
-    pub base_url: Spanned<String>,
-    pub credential: Spanned<SecretRef>,
+    /// One endpoint; or list several in `endpoints`.
+    #[serde(default)]
+    pub base_url: Option<Spanned<String>>,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+    /// One credential; or list several in `credentials` (used in turn; a 429 cools down only
+    /// the credential that got it).
+    #[serde(default)]
+    pub credential: Option<Spanned<SecretRef>>,
+    #[serde(default)]
+    pub credentials: Vec<Spanned<SecretRef>>,
+    #[serde(default)]
+    pub selection: Selection,
+    #[serde(default)]
+    pub health: HealthConfig,
     /// Extra CA certificates (PEM) trusted for this provider instead of the system roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -141,9 +155,80 @@ pub struct ProviderConfig {
     /// How long an unused pooled connection is kept.
     #[serde(default = "default_pool_idle", deserialize_with = "duration")]
     pub pool_idle_timeout: Duration,
-    /// How often the host name is resolved again.
+    /// How often host names are resolved again.
     #[serde(default = "default_dns_refresh", deserialize_with = "duration")]
     pub dns_refresh: Duration,
+}
+
+impl ProviderConfig {
+    /// The endpoints, whichever way they were written.
+    pub fn endpoint_list(&self) -> Vec<(&Spanned<String>, usize)> {
+        match &self.base_url {
+            Some(u) => vec![(u, 1)],
+            None => self.endpoints.iter().map(|e| (&e.url, e.weight)).collect(),
+        }
+    }
+
+    pub fn credential_list(&self) -> Vec<&Spanned<SecretRef>> {
+        self.credential.iter().chain(self.credentials.iter()).collect()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    pub url: Spanned<String>,
+    #[serde(default = "one")]
+    pub weight: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeKind {
+    /// No active probe: live traffic alone decides.
+    None,
+    /// A TCP (and TLS) connect.
+    Tcp,
+    /// An unauthenticated `GET` of `path`; any HTTP answer counts as up.
+    Http,
+}
+
+/// Health of a provider's endpoints: the active probe and the passive rules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    pub probe: ProbeKind,
+    pub path: String,
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+    /// Consecutive probe results that flip an endpoint up or down.
+    pub probe_threshold: usize,
+    /// Consecutive failures in live traffic (connect errors, timeouts, 5xx, 529) that take an
+    /// endpoint out of rotation.
+    pub failures: u32,
+    /// The first cool-down; each repeated one doubles, up to `max_cooldown`.
+    #[serde(deserialize_with = "duration")]
+    pub cooldown: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub max_cooldown: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            probe: ProbeKind::Tcp,
+            path: "/".into(),
+            interval: Duration::from_secs(10),
+            probe_threshold: 2,
+            failures: 3,
+            cooldown: Duration::from_secs(10),
+            max_cooldown: Duration::from_secs(300),
+        }
+    }
 }
 
 fn default_connect_timeout() -> Duration {
@@ -174,6 +259,24 @@ pub struct ModelConfig {
     pub patterns: Vec<Spanned<String>>,
     /// Tried in order; the first is the primary.
     pub deployments: Vec<DeploymentConfig>,
+    /// Attempts per request, over all deployments and endpoints, before giving up.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: usize,
+    /// How long the attempts together may take before the answer starts.
+    #[serde(default = "default_deadline", deserialize_with = "duration")]
+    pub deadline: Duration,
+    /// A model (public name) with a larger context window, tried when a provider rejects the
+    /// prompt as too long.
+    #[serde(default)]
+    pub context_fallback: Option<Spanned<String>>,
+}
+
+fn default_max_attempts() -> usize {
+    4
+}
+
+fn default_deadline() -> Duration {
+    Duration::from_secs(600)
 }
 
 #[derive(Debug, Deserialize)]

@@ -53,6 +53,8 @@ pub struct UsageRecord {
     pub outcome: Outcome,
     /// Why the request did not complete, when it did not.
     pub error: Option<String>,
+    /// Each try at a provider endpoint, in order; more than one means a fallback happened.
+    pub attempts: Vec<crate::proxy::AttemptRecord>,
 }
 
 fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {

@@ -92,6 +92,10 @@ pub struct Behavior {
     pub cut_after: Option<usize>,
     /// Keep a copy of every request (off for benchmarks).
     pub record: bool,
+    /// Wait this long before answering (a stalled first byte).
+    pub header_delay: Duration,
+    /// The `error.message` of error answers, instead of a generic one.
+    pub error_message: Option<String>,
 }
 
 impl Default for Behavior {
@@ -103,6 +107,8 @@ impl Default for Behavior {
             delay: Duration::ZERO,
             cut_after: None,
             record: true,
+            header_delay: Duration::ZERO,
+            error_message: None,
         }
     }
 }
@@ -268,19 +274,22 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         b.usage = u;
     }
     if let Some(ms) = header::<u64>(h, "x-mock-header-delay-ms") {
+        b.header_delay = Duration::from_millis(ms);
+    }
+    if !b.header_delay.is_zero() {
         // A slow first byte: the answer's header comes this late.
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+        tokio::time::sleep(b.header_delay).await;
     }
 
     if let Some(status) = b.status {
-        return Ok(error_response(status));
+        return Ok(error_response(status, b.error_message.as_deref()));
     }
     let path = parts.uri.path();
     if path.ends_with("/count_tokens") {
         return Ok(json_response(StatusCode::OK, serde_json::json!({"input_tokens": b.usage.input_tokens})));
     }
     if !path.ends_with("/v1/messages") {
-        return Ok(error_response(404));
+        return Ok(error_response(404, None));
     }
     let Ok(peek) = peek_request(&body) else {
         return Ok(json_response(
@@ -315,7 +324,7 @@ fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Body> {
         .expect("valid response")
 }
 
-fn error_response(status: u16) -> Response<Body> {
+fn error_response(status: u16, custom: Option<&str>) -> Response<Body> {
     let (kind, message) = match status {
         400 => ("invalid_request_error", "mock: bad request"),
         401 => ("authentication_error", "mock: invalid x-api-key"),
@@ -325,6 +334,7 @@ fn error_response(status: u16) -> Response<Body> {
         529 => ("overloaded_error", "Overloaded"),
         _ => ("api_error", "mock: internal error"),
     };
+    let message = custom.unwrap_or(message);
     let mut r = json_response(
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         serde_json::json!({"type": "error", "error": {"type": kind, "message": message}}),

@@ -168,6 +168,8 @@ pub struct RequestPeek {
     pub model: Option<(String, Range<usize>)>,
     pub stream: bool,
     pub max_tokens: Option<u64>,
+    /// The span of the `metadata` object, if any (it may carry `user_id`).
+    pub metadata: Option<Range<usize>>,
 }
 
 /// Reads `model`, `stream` and `max_tokens`. A duplicated `model` is refused: providers keep the
@@ -193,6 +195,7 @@ pub fn peek_request(body: &[u8]) -> Result<RequestPeek, JsonError> {
             // the provider's job (it answers a bad value with its own 400). The last one wins,
             // as in the provider's parser.
             "stream" => peek.stream = &body[span] == b"true",
+            "metadata" => peek.metadata = Some(span),
             "max_tokens" => {
                 peek.max_tokens = std::str::from_utf8(&body[span]).ok().and_then(|v| v.parse().ok());
             }

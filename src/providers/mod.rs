@@ -1,171 +1,149 @@
-//! Upstream providers at run time: where they are (resolved in the background, never on a
-//! worker), how to reach them (a ready-made Pingora peer) and the credential to present.
+//! Upstream providers at run time: a pool of endpoints (resolved in the background, never on a
+//! worker, each with a ready-made Pingora peer and its health) and the credentials to present.
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
-use async_trait::async_trait;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use pingora::protocols::tls::CaType;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
-use pingora::upstreams::peer::HttpPeer;
 use pingora::utils::tls::WrappedX509;
 
-use crate::config::{ProviderConfig, ProviderKind};
+use crate::config::{ProbeKind, ProviderConfig, ProviderKind};
 
+mod endpoint;
+mod health;
+mod pool;
 mod url;
+
+pub use endpoint::{Endpoint, EndpointRef, PeerSettings};
+pub use health::{now_ms, HealthPolicy, PassiveHealth};
+pub use pool::{Balancer, Pool, Schedule, Selection};
 pub use url::UpstreamUrl;
 
+/// One credential of a provider, with its own cool-down (a 429 is often per key).
 #[derive(Debug)]
+pub struct Credential {
+    pub index: usize,
+    pub header: (HeaderName, HeaderValue),
+    pub passive: PassiveHealth,
+}
+
 pub struct Provider {
     pub name: String,
     pub kind: ProviderKind,
-    pub url: UpstreamUrl,
-    /// `Host` for upstream requests.
-    pub host_header: HeaderValue,
-    /// The header that carries the credential, or why there is none.
-    credential: Result<(http::HeaderName, HeaderValue), String>,
-    pub connect_timeout: Duration,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    pub pool: Pool,
+    /// Usable credentials, or why there are none.
+    credentials: Result<Vec<Credential>, String>,
+    next_credential: AtomicUsize,
+    pub health: HealthPolicy,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub dns_refresh: Duration,
-    ca: Option<Arc<CaType>>,
-    peer: ArcSwapOption<HttpPeer>,
-    /// The last resolution failure, for `/readyz` and error messages.
-    dns_error: ArcSwap<Option<String>>,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider").field("name", &self.name).field("endpoints", &self.endpoints).finish_non_exhaustive()
+    }
 }
 
 impl Provider {
-    /// Builds the provider and resolves its credential. Name resolution is left to
-    /// [`Provider::resolve_blocking`] (start-up) and the background refresher.
+    /// Builds the provider and resolves its credentials. Name resolution is left to
+    /// [`Provider::resolve_blocking`] (start-up) and the pool's background discovery.
     pub fn from_config(c: &ProviderConfig) -> Result<Self, String> {
-        let url = UpstreamUrl::parse(c.base_url.get_ref())?;
-        let host_header = HeaderValue::from_str(&url.host_header()).map_err(|e| format!("base_url host: {e}"))?;
-        let credential = c.credential.get_ref().resolve().and_then(|secret| {
-            let (name, value) = match c.kind {
-                ProviderKind::Anthropic => (http::HeaderName::from_static("x-api-key"), secret.expose().to_string()),
-            };
-            let mut value = HeaderValue::from_str(&value).map_err(|_| {
-                format!("credential {} holds characters not allowed in a header", c.credential.get_ref())
-            })?;
-            value.set_sensitive(true);
-            Ok((name, value))
-        });
         let ca = match &c.ca_file {
             Some(path) => Some(load_ca(path)?),
             None => None,
         };
-        let provider = Provider {
+        let settings = PeerSettings { connect_timeout: c.connect_timeout, pool_idle_timeout: c.pool_idle_timeout, ca };
+        let endpoints = c
+            .endpoint_list()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (url, weight))| {
+                Endpoint::new(i, UpstreamUrl::parse(url.get_ref())?, weight, settings.clone()).map(Arc::new)
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let credentials = c
+            .credential_list()
+            .into_iter()
+            .enumerate()
+            .map(|(index, r)| {
+                let secret = r.get_ref().resolve()?;
+                let name = match c.kind {
+                    ProviderKind::Anthropic => HeaderName::from_static("x-api-key"),
+                };
+                let mut value = HeaderValue::from_str(secret.expose())
+                    .map_err(|_| format!("credential {} holds characters not allowed in a header", r.get_ref()))?;
+                value.set_sensitive(true);
+                Ok(Credential { index, header: (name, value), passive: PassiveHealth::default() })
+            })
+            .collect::<Result<Vec<_>, String>>();
+        let probe = (c.health.probe != ProbeKind::None).then(|| {
+            Box::new(health::Probe {
+                kind: c.health.probe,
+                path: c.health.path.clone(),
+                connector: pingora::connectors::http::Connector::new(None),
+                threshold: c.health.probe_threshold.max(1),
+                provider: c.name.get_ref().clone(),
+            }) as Box<dyn pingora_load_balancing::health_check::HealthCheck + Send + Sync>
+        });
+        let schedule = pool::Schedule { probe, probe_interval: c.health.interval, dns_refresh: c.dns_refresh };
+        Ok(Provider {
             name: c.name.get_ref().clone(),
             kind: c.kind,
-            url,
-            host_header,
-            credential,
-            connect_timeout: c.connect_timeout,
+            pool: Pool::new(&endpoints, c.selection, schedule),
+            endpoints,
+            credentials,
+            next_credential: AtomicUsize::new(0),
+            health: HealthPolicy::from(&c.health),
             first_byte_timeout: c.first_byte_timeout,
             idle_timeout: c.idle_timeout,
             pool_idle_timeout: c.pool_idle_timeout,
             dns_refresh: c.dns_refresh,
-            ca,
-            peer: ArcSwapOption::empty(),
-            dns_error: ArcSwap::from_pointee(None),
-        };
-        if let Ok(ip) = provider.url.host.parse::<IpAddr>() {
-            provider.set_address(SocketAddr::new(ip, provider.url.port));
-        }
-        Ok(provider)
-    }
-
-    pub fn credential(&self) -> Result<&(http::HeaderName, HeaderValue), &str> {
-        self.credential.as_ref().map_err(|e| e.as_str())
-    }
-
-    /// A peer for the current address, or why there is none yet.
-    pub fn peer(&self) -> Result<Arc<HttpPeer>, String> {
-        self.peer.load_full().ok_or_else(|| match &**self.dns_error.load() {
-            Some(e) => format!("cannot resolve {}: {e}", self.url.host),
-            None => format!("{} is not resolved yet", self.url.host),
         })
+    }
+
+    /// A credential for the next attempt: in turn, skipping those cooling down (all of them
+    /// cooling down: the one that comes back first).
+    pub fn credential(&self) -> Result<&Credential, &str> {
+        let all = self.credentials.as_ref().map_err(|e| e.as_str())?;
+        let now = now_ms();
+        let start = self.next_credential.fetch_add(1, Ordering::Relaxed);
+        (0..all.len())
+            .map(|i| &all[(start + i) % all.len()])
+            .find(|c| c.passive.available(now))
+            .or_else(|| all.iter().min_by_key(|c| c.passive.cooling_down_for(now)))
+            .ok_or("no credentials")
+    }
+
+    pub fn credential_count(&self) -> usize {
+        self.credentials.as_ref().map_or(0, Vec::len)
     }
 
     /// Why this provider cannot take traffic, if it cannot.
     pub fn unready_reason(&self) -> Option<String> {
-        if let Err(e) = &self.credential {
+        if let Err(e) = &self.credentials {
             return Some(format!("provider {}: no credential: {e}", self.name));
         }
-        self.peer().err().map(|e| format!("provider {}: {e}", self.name))
-    }
-
-    fn needs_dns(&self) -> bool {
-        self.url.host.parse::<IpAddr>().is_err()
-    }
-
-    fn set_address(&self, addr: SocketAddr) {
-        if self
-            .peer
-            .load()
-            .as_ref()
-            .is_some_and(|p| p._address == pingora::protocols::l4::socket::SocketAddr::Inet(addr))
-        {
-            return;
+        if self.endpoints.iter().all(|e| e.peer().is_err()) {
+            let why: Vec<String> = self.endpoints.iter().filter_map(|e| e.peer().err()).collect();
+            return Some(format!("provider {}: no endpoint resolved: {}", self.name, why.join("; ")));
         }
-        let mut peer = HttpPeer::new(addr, self.url.tls, self.url.host.clone());
-        let o = &mut peer.options;
-        o.connection_timeout = Some(self.connect_timeout);
-        // TCP and TLS together.
-        o.total_connection_timeout = Some(self.connect_timeout * 2);
-        o.idle_timeout = Some(self.pool_idle_timeout);
-        // Keep NAT and load-balancer state alive while a long answer is being generated.
-        o.tcp_keepalive = Some(pingora::protocols::TcpKeepalive {
-            idle: Duration::from_secs(30),
-            interval: Duration::from_secs(10),
-            count: 6,
-            #[cfg(target_os = "linux")]
-            user_timeout: Duration::ZERO,
-        });
-        o.ca = self.ca.clone();
-        self.peer.store(Some(Arc::new(peer)));
-        self.dns_error.store(Arc::new(None));
+        None
     }
 
-    /// Resolves the host once, blocking: for start-up, before any worker runs.
+    /// Resolves every endpoint once, blocking, then fills the pool: for start-up.
     pub fn resolve_blocking(&self) {
-        if !self.needs_dns() {
-            return;
+        for e in &self.endpoints {
+            e.resolve_blocking();
         }
-        match (self.url.host.as_str(), self.url.port).to_socket_addrs() {
-            Ok(addrs) => match pick(addrs) {
-                Some(a) => self.set_address(a),
-                None => self.dns_error.store(Arc::new(Some("no addresses".into()))),
-            },
-            Err(e) => self.dns_error.store(Arc::new(Some(e.to_string()))),
-        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
+        rt.block_on(self.pool.update());
     }
-
-    async fn resolve(&self) {
-        match tokio::net::lookup_host((self.url.host.as_str(), self.url.port)).await {
-            Ok(addrs) => match pick(addrs) {
-                Some(a) => self.set_address(a),
-                None => self.dns_error.store(Arc::new(Some("no addresses".into()))),
-            },
-            Err(e) => {
-                // Keep the last good address: a failed lookup is no reason to stop serving.
-                tracing::warn!(provider = %self.name, host = %self.url.host, error = %e, "DNS refresh failed");
-                self.dns_error.store(Arc::new(Some(e.to_string())));
-            }
-        }
-    }
-}
-
-/// One address to connect to: the first IPv4 one when there is one (a gateway host without
-/// IPv6 routes would otherwise fail on an AAAA answer), else the first.
-fn pick(addrs: impl Iterator<Item = SocketAddr>) -> Option<SocketAddr> {
-    let all: Vec<SocketAddr> = addrs.collect();
-    all.iter().find(|a| a.is_ipv4()).or(all.first()).copied()
 }
 
 fn load_ca(path: &std::path::Path) -> Result<Arc<CaType>, String> {
@@ -182,31 +160,4 @@ fn load_ca(path: &std::path::Path) -> Result<Arc<CaType>, String> {
         return Err(format!("ca_file {} holds no certificates", path.display()));
     }
     Ok(Arc::from(certs.into_boxed_slice()))
-}
-
-/// Re-resolves provider host names in the background.
-pub struct DnsRefresher {
-    pub providers: Vec<Arc<Provider>>,
-}
-
-#[async_trait]
-impl BackgroundService for DnsRefresher {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let targets: Vec<_> = self.providers.iter().filter(|p| p.needs_dns()).cloned().collect();
-        if targets.is_empty() {
-            return;
-        }
-        let period = targets.iter().map(|p| p.dns_refresh).min().unwrap_or(Duration::from_secs(30));
-        let mut tick = tokio::time::interval(period);
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tick.tick() => {
-                    for p in &targets {
-                        p.resolve().await;
-                    }
-                }
-            }
-        }
-    }
 }

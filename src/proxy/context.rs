@@ -31,6 +31,8 @@ pub struct RequestCtx {
     pub ttfb: Option<Duration>,
     pub outcome: Outcome,
     pub error: Option<String>,
+    /// Every try at an endpoint, the abandoned ones first.
+    pub attempts: Vec<super::AttemptRecord>,
 }
 
 impl RequestCtx {
@@ -54,6 +56,7 @@ impl RequestCtx {
             ttfb: None,
             outcome: Outcome::Failed,
             error: None,
+            attempts: Vec::new(),
         }
     }
 
@@ -92,6 +95,7 @@ impl RequestCtx {
             ttfb_ms: self.ttfb.map(|t| t.as_secs_f64() * 1e3),
             outcome: self.outcome,
             error: self.error.clone(),
+            attempts: self.attempts.clone(),
         }
     }
 }

@@ -1,5 +1,6 @@
-//! One exchange with a provider: send the request through Pingora's pooled connector, then
-//! stream the answer to the client chunk by chunk while metering it.
+//! One exchange with one endpoint: send the request through Pingora's pooled connector, then
+//! stream the answer to the client chunk by chunk while metering it. Which endpoint, and what
+//! happens when an attempt fails, is `fallback`'s business.
 
 use std::time::{Duration, Instant};
 
@@ -10,11 +11,12 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 use pingora_proxy::Session;
 
-use super::headers::{copy_request_headers, response_for_client};
+use super::fallback::InFlight;
+use super::headers::response_for_client;
 use super::meter::ResponseMeter;
 use super::{ApiError, Gateway, RequestCtx};
 use crate::metering::Outcome;
-use crate::providers::Provider;
+use crate::providers::{Endpoint, Provider};
 
 /// A pooled connection the provider closed while idle fails on first use; retry those on
 /// another connection, at most this many times.
@@ -24,30 +26,19 @@ const STALE_RETRIES: usize = 2;
 const STALE_WINDOW: Duration = Duration::from_millis(500);
 
 impl Gateway {
-    pub(super) async fn forward(
+    /// Streams the chosen attempt's answer to the client, metering it on the way.
+    pub(super) async fn stream_answer(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
+        mut up: HttpSession,
         provider: &Provider,
-        body: Bytes,
+        endpoint: &Endpoint,
+        // Held until the answer ends: the endpoint counts this request as in flight.
+        _in_flight: InFlight,
         metered: bool,
     ) -> Result<(), ApiError> {
-        let (cred_name, cred_value) = provider
-            .credential()
-            .map_err(|e| ApiError::unavailable(format!("provider {} has no credential: {e}", provider.name)))?;
-        let peer = provider.peer().map_err(|e| ApiError::unavailable(format!("provider {}: {e}", provider.name)))?;
-
-        let client = session.req_header();
-        let path = client.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let target = format!("{}{}", provider.url.path_prefix, path);
-        let mut req = RequestHeader::build("POST", target.as_bytes(), Some(client.headers.len() + 3))
-            .map_err(|e| ApiError::invalid_request(format!("cannot build the upstream request: {e}")))?;
-        copy_request_headers(client, &mut req);
-        let _ = req.insert_header(http::header::HOST, provider.host_header.clone());
-        let _ = req.insert_header(cred_name.clone(), cred_value.clone());
-        let _ = req.insert_header(http::header::CONTENT_LENGTH, body.len());
-
-        let mut up = self.send(provider, &peer, req, body).await?;
+        let peer = endpoint.peer().map_err(ApiError::unavailable)?;
         let upstream_header = up.response_header().expect("read_response_header succeeded");
         let status = upstream_header.status.as_u16();
         ctx.upstream_status = Some(status);
@@ -145,13 +136,16 @@ impl Gateway {
     /// (the write failed, or the connection closed right after the write with no answer).
     /// Anything later (a reset after minutes, a broken header) is not retried: the provider
     /// may already be generating, and billing, the answer.
-    async fn send(
+    pub(super) async fn send(
         &self,
         provider: &Provider,
-        peer: &HttpPeer,
+        endpoint: &Endpoint,
         req: RequestHeader,
         body: Bytes,
+        first_byte_timeout: Duration,
     ) -> Result<HttpSession, ApiError> {
+        let peer = endpoint.peer().map_err(|e| ApiError::unavailable(format!("provider {}: {e}", provider.name)))?;
+        let peer = &*peer;
         let mut attempt = 0;
         loop {
             let (mut up, reused) = self.connector.get_http_session(peer).await.map_err(|e| {
@@ -174,7 +168,7 @@ impl Gateway {
             let written_at = Instant::now();
             let write_failed = written.is_err();
             let result = match written {
-                Ok(()) => read_final_header(&mut up, provider.first_byte_timeout).await,
+                Ok(()) => read_final_header(&mut up, first_byte_timeout).await,
                 Err(e) => Err(e),
             };
             let e = match result {
@@ -194,9 +188,9 @@ impl Gateway {
             self.metrics.upstream_errors.with_label_values(&[&provider.name, kind]).inc();
             return Err(if timeout {
                 ApiError::gateway_timeout(format!(
-                    "provider {} sent no answer within {}s",
+                    "provider {} sent no answer within {:.1}s",
                     provider.name,
-                    provider.first_byte_timeout.as_secs()
+                    first_byte_timeout.as_secs_f64()
                 ))
             } else {
                 ApiError::bad_gateway(format!("provider {}: {}", provider.name, e.etype().as_str()))

@@ -10,6 +10,7 @@
 mod context;
 mod errors;
 mod exchange;
+mod fallback;
 mod headers;
 mod meter;
 
@@ -29,6 +30,7 @@ use pingora_proxy::{ProxyHttp, Session};
 
 pub use context::{Client, RequestCtx};
 pub use errors::ApiError;
+pub use fallback::AttemptRecord;
 pub use headers::REQUEST_ID_HEADER;
 
 use crate::audit::AuditLog;
@@ -138,21 +140,17 @@ impl Gateway {
             .ok_or_else(|| ApiError::not_found(format!("model: {}", shorten(&requested))))?
             .clone();
         ctx.requested_model = Some(shorten(&requested).into_owned());
-        let requested = ctx.requested_model.as_deref().unwrap_or_default();
-        let deployment = &route.deployments[0];
-        // A pass-through deployment sends the requested name on, so that name must be allowed
-        // too; a fixed one sends its own id, so only the route's public name counts.
-        let passthrough = deployment.model_id.is_none().then_some(requested);
+        // A pass-through deployment sends the requested name on, so that name must be allowed;
+        // a fixed one sends its own id, so the route's public name counts.
+        let passthrough = route.deployments.iter().any(|d| d.model_id.is_none()).then_some(requested.as_str());
         if !key.allows(&route.name, passthrough) {
             return Err(ApiError::permission(format!("API key {:?} may not use model {}", key.id, route.name)));
         }
         ctx.route = Some(route.clone());
-        ctx.deployment = 0;
-        let model_id = deployment.model_id.as_deref().unwrap_or(requested);
-        ctx.price = deployment.price.clone().or_else(|| state.prices.lookup(model_id));
-        let body = with_model(body, model_span, requested, model_id);
-        ctx.provider_model = Some(model_id.to_string());
-        self.forward(session, ctx, &deployment.provider, body, endpoint == Endpoint::Messages).await
+        let affinity_key = session_key(session.req_header(), &body, peek.metadata);
+        let request =
+            fallback::Request { body, model_span, requested, affinity_key, metered: endpoint == Endpoint::Messages };
+        self.forward(session, ctx, &state, route, request).await
     }
 
     async fn answer_probe(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), ApiError> {
@@ -194,6 +192,22 @@ impl Gateway {
             let _ = session.write_response_body(Some(body), true).await;
         }
     }
+}
+
+/// What keeps a session on one endpoint: Claude Code's session id, else `metadata.user_id`.
+fn session_key(req: &pingora::http::RequestHeader, body: &[u8], metadata: Option<std::ops::Range<usize>>) -> Vec<u8> {
+    if let Some(v) = req.headers.get("x-claude-code-session-id") {
+        return v.as_bytes().to_vec();
+    }
+    #[derive(serde::Deserialize)]
+    struct Metadata {
+        user_id: Option<String>,
+    }
+    metadata
+        .and_then(|span| serde_json::from_slice::<Metadata>(&body[span]).ok())
+        .and_then(|m| m.user_id)
+        .map(String::into_bytes)
+        .unwrap_or_default()
 }
 
 /// The body with `model` set to `model_id`. Takes the original by value so that, when a copy is

@@ -27,6 +27,12 @@ pub struct Deployment {
 pub struct Route {
     pub name: String,
     pub deployments: Vec<Deployment>,
+    /// Attempts per request over all deployments and endpoints.
+    pub max_attempts: usize,
+    /// Time allowed for the attempts before the answer starts.
+    pub deadline: std::time::Duration,
+    /// A model to retry with when the prompt is too long for this one.
+    pub context_fallback: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -54,7 +60,13 @@ impl ModelTable {
                 let price = model_id.as_deref().and_then(|id| prices.lookup(id));
                 deployments.push(Deployment { provider, model_id, price });
             }
-            let route = Arc::new(Route { name: m.name.get_ref().clone(), deployments });
+            let route = Arc::new(Route {
+                name: m.name.get_ref().clone(),
+                deployments,
+                max_attempts: m.max_attempts,
+                deadline: m.deadline,
+                context_fallback: m.context_fallback.as_ref().map(|f| f.get_ref().clone()),
+            });
             for n in std::iter::once(&m.name).chain(&m.aliases) {
                 table.exact.insert(n.get_ref().clone(), route.clone());
             }

@@ -1,0 +1,143 @@
+//! One endpoint of a provider: a base URL, its current address and ready-made Pingora peer, and
+//! its health.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use http::HeaderValue;
+use pingora::protocols::tls::CaType;
+use pingora::upstreams::peer::HttpPeer;
+
+use super::health::PassiveHealth;
+use super::UpstreamUrl;
+
+/// What a peer needs besides the address.
+#[derive(Debug, Clone)]
+pub struct PeerSettings {
+    pub connect_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub ca: Option<Arc<CaType>>,
+}
+
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Position in the provider's list: stable, used in records and labels.
+    pub index: usize,
+    pub url: UpstreamUrl,
+    /// `Host` for upstream requests.
+    pub host_header: HeaderValue,
+    pub weight: usize,
+    pub passive: PassiveHealth,
+    /// Requests being sent or streamed through this endpoint now.
+    pub in_flight: AtomicUsize,
+    settings: PeerSettings,
+    peer: ArcSwapOption<HttpPeer>,
+    /// The last resolution failure, for `/readyz`, `/status` and error messages.
+    dns_error: ArcSwap<Option<String>>,
+}
+
+/// How a Pingora `Backend` points back at its endpoint (in its `ext`).
+#[derive(Debug, Clone)]
+pub struct EndpointRef(pub Arc<Endpoint>);
+
+impl Endpoint {
+    pub fn new(index: usize, url: UpstreamUrl, weight: usize, settings: PeerSettings) -> Result<Self, String> {
+        let host_header = HeaderValue::from_str(&url.host_header()).map_err(|e| format!("endpoint host: {e}"))?;
+        let e = Endpoint {
+            index,
+            url,
+            host_header,
+            weight: weight.max(1),
+            passive: PassiveHealth::default(),
+            in_flight: AtomicUsize::new(0),
+            settings,
+            peer: ArcSwapOption::empty(),
+            dns_error: ArcSwap::from_pointee(None),
+        };
+        if let Ok(ip) = e.url.host.parse::<IpAddr>() {
+            e.set_address(SocketAddr::new(ip, e.url.port));
+        }
+        Ok(e)
+    }
+
+    /// A peer for the current address, or why there is none yet.
+    pub fn peer(&self) -> Result<Arc<HttpPeer>, String> {
+        self.peer.load_full().ok_or_else(|| match &**self.dns_error.load() {
+            Some(e) => format!("cannot resolve {}: {e}", self.url.host),
+            None => format!("{} is not resolved yet", self.url.host),
+        })
+    }
+
+    pub fn address(&self) -> Option<SocketAddr> {
+        self.peer.load().as_ref().and_then(|p| p._address.as_inet().copied())
+    }
+
+    pub fn dns_error(&self) -> Option<String> {
+        (**self.dns_error.load()).clone()
+    }
+
+    pub fn needs_dns(&self) -> bool {
+        self.url.host.parse::<IpAddr>().is_err()
+    }
+
+    fn set_address(&self, addr: SocketAddr) {
+        if self.address() == Some(addr) {
+            return;
+        }
+        let mut peer = HttpPeer::new(addr, self.url.tls, self.url.host.clone());
+        let o = &mut peer.options;
+        o.connection_timeout = Some(self.settings.connect_timeout);
+        // TCP and TLS together.
+        o.total_connection_timeout = Some(self.settings.connect_timeout * 2);
+        o.idle_timeout = Some(self.settings.pool_idle_timeout);
+        // Keep NAT and load-balancer state alive while a long answer is being generated.
+        o.tcp_keepalive = Some(pingora::protocols::TcpKeepalive {
+            idle: Duration::from_secs(30),
+            interval: Duration::from_secs(10),
+            count: 6,
+            #[cfg(target_os = "linux")]
+            user_timeout: Duration::ZERO,
+        });
+        o.ca = self.settings.ca.clone();
+        self.peer.store(Some(Arc::new(peer)));
+        self.dns_error.store(Arc::new(None));
+    }
+
+    /// Resolves the host once, blocking: for start-up, before any worker runs.
+    pub fn resolve_blocking(&self) {
+        if self.needs_dns() {
+            let result = (self.url.host.as_str(), self.url.port).to_socket_addrs().map(|a| pick(a));
+            self.apply(result);
+        }
+    }
+
+    /// Resolves the host again, in the background.
+    pub async fn resolve(&self) {
+        if self.needs_dns() {
+            let result = tokio::net::lookup_host((self.url.host.as_str(), self.url.port)).await.map(pick);
+            self.apply(result);
+        }
+    }
+
+    fn apply(&self, result: std::io::Result<Option<SocketAddr>>) {
+        match result {
+            Ok(Some(a)) => self.set_address(a),
+            Ok(None) => self.dns_error.store(Arc::new(Some("no addresses".into()))),
+            // Keep the last good address: a failed lookup is no reason to stop serving.
+            Err(e) => {
+                tracing::warn!(host = %self.url.host, error = %e, "DNS lookup failed");
+                self.dns_error.store(Arc::new(Some(e.to_string())));
+            }
+        }
+    }
+}
+
+/// One address to connect to: the first IPv4 one when there is one (a gateway host without
+/// IPv6 routes would otherwise fail on an AAAA answer), else the first.
+fn pick(addrs: impl Iterator<Item = SocketAddr>) -> Option<SocketAddr> {
+    let all: Vec<SocketAddr> = addrs.collect();
+    all.iter().find(|a| a.is_ipv4()).or(all.first()).copied()
+}

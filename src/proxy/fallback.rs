@@ -1,0 +1,316 @@
+//! The attempt loop: deployments in order, endpoints within each, until one answers usably.
+//!
+//! An attempt is abandoned (and the next one made) only before any byte went to the client:
+//! on a connect error, a connect or first-byte timeout, or a 429, 500, 502, 503, 504 or 529.
+//! A client mistake (400, 401, 403, 404, 413) goes straight back. The body is the whole
+//! request, kept in memory, so it can be sent again however large it is; each deployment gets
+//! its own `model` value. When every attempt fails, the client gets the last provider error as
+//! the provider sent it (a 429 keeps its `retry-after`), or the gateway's own error when no
+//! provider answered at all.
+
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::client::HttpSession;
+use pingora_proxy::Session;
+use serde::Serialize;
+
+use super::headers::{copy_request_headers, response_for_client};
+use super::{with_model, ApiError, Gateway, RequestCtx, State};
+use crate::metering::Outcome;
+use crate::providers::{now_ms, Endpoint, Provider};
+use crate::routing::Route;
+
+/// An error body is read whole to decide on a fallback; none is near this size.
+const MAX_ERROR_BODY: usize = 256 << 10;
+
+/// One try at one endpoint, as the usage record shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptRecord {
+    pub provider: String,
+    pub endpoint: String,
+    pub model: String,
+    pub status: Option<u16>,
+    pub latency_ms: f64,
+    /// Why the attempt was abandoned; absent for the one that answered.
+    pub abandoned: Option<String>,
+}
+
+/// Counts a request on an endpoint while it is sent or streamed.
+pub(super) struct InFlight(Arc<Endpoint>);
+
+impl InFlight {
+    fn new(e: Arc<Endpoint>) -> Self {
+        e.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(e)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What the client gets when nothing better came.
+enum Failure {
+    /// A provider's error answer, read whole.
+    Upstream { header: Box<ResponseHeader>, body: Bytes },
+    /// The gateway's own error (no provider answered).
+    Gateway(ApiError),
+}
+
+/// Statuses worth another endpoint or deployment.
+fn retryable(status: u16) -> bool {
+    matches!(status, 429 | 500 | 502 | 503 | 504 | 529)
+}
+
+fn retry_after(h: &ResponseHeader) -> Option<Duration> {
+    let v = h.headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// What the request looks like to the attempt loop.
+pub(super) struct Request {
+    pub body: Bytes,
+    pub model_span: Range<usize>,
+    /// The model name the client sent.
+    pub requested: String,
+    /// Picks the endpoint under session affinity.
+    pub affinity_key: Vec<u8>,
+    pub metered: bool,
+}
+
+impl Gateway {
+    pub(super) async fn forward(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        state: &State,
+        first: Arc<Route>,
+        req: Request,
+    ) -> Result<(), ApiError> {
+        let started = Instant::now();
+        let mut route = first.clone();
+        let mut attempts = 0usize;
+        let mut widened = false;
+        let mut last: Option<Failure> = None;
+        // When every endpoint is down or cooling down, one more pass tries them anyway.
+        let mut last_resort = false;
+        'routes: loop {
+            let deadline = started + route.deadline;
+            for d in 0..route.deployments.len() {
+                let provider = route.deployments[d].provider.clone();
+                let fixed_price = route.deployments[d].price.clone();
+                let model_id = route.deployments[d].model_id.as_deref().unwrap_or(&req.requested).to_string();
+                let mut tried = Vec::new();
+                loop {
+                    let now = Instant::now();
+                    if attempts >= route.max_attempts || now >= deadline {
+                        break;
+                    }
+                    let Some(endpoint) = provider.pool.select(&req.affinity_key, &tried, now_ms(), last_resort) else {
+                        break;
+                    };
+                    tried.push(endpoint.index);
+                    attempts += 1;
+                    let credential = match provider.credential() {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let msg = format!("provider {} has no credential: {e}", provider.name);
+                            last = Some(Failure::Gateway(ApiError::unavailable(msg)));
+                            break;
+                        }
+                    };
+                    let mut record = AttemptRecord {
+                        provider: provider.name.clone(),
+                        endpoint: endpoint.url.host_header(),
+                        model: model_id.clone(),
+                        status: None,
+                        latency_ms: 0.0,
+                        abandoned: None,
+                    };
+                    let guard = InFlight::new(endpoint.clone());
+                    let attempt_started = Instant::now();
+                    let timeout = provider.first_byte_timeout.min(deadline.saturating_duration_since(now));
+                    let body = with_model(req.body.clone(), req.model_span.clone(), &req.requested, &model_id);
+                    let result = match self.upstream_request(session, &endpoint, credential, body.len()) {
+                        Ok(r) => self.send(&provider, &endpoint, r, body, timeout).await,
+                        Err(e) => Err(e),
+                    };
+                    record.latency_ms = attempt_started.elapsed().as_secs_f64() * 1e3;
+                    let mut up = match result {
+                        Ok(up) => up,
+                        Err(e) => {
+                            self.note_failure(&provider, &endpoint);
+                            record.abandoned = Some(e.message.clone());
+                            self.count_attempt(&provider, "failed");
+                            ctx.attempts.push(record);
+                            last = Some(Failure::Gateway(e));
+                            continue;
+                        }
+                    };
+                    let status = up.response_header().map_or(0, |h| h.status.as_u16());
+                    record.status = Some(status);
+                    let maybe_too_long = status == 400 && route.context_fallback.is_some() && !widened;
+                    if !retryable(status) && !maybe_too_long {
+                        // This one answers: 2xx, or a client mistake the client must see.
+                        endpoint.passive.success();
+                        credential.passive.success();
+                        self.count_attempt(&provider, "answered");
+                        ctx.attempts.push(record);
+                        if ctx.attempts.len() > 1 {
+                            self.metrics.fallbacks.with_label_values(&[&route.name]).inc();
+                        }
+                        ctx.route = Some(route.clone());
+                        ctx.deployment = d;
+                        ctx.price = fixed_price.or_else(|| state.prices.lookup(&model_id));
+                        ctx.provider_model = Some(model_id);
+                        let metered = req.metered;
+                        // The original body is not needed any more: free it before a long stream.
+                        drop(req);
+                        return self.stream_answer(session, ctx, up, &provider, &endpoint, guard, metered).await;
+                    }
+                    let error_body = read_error_body(&mut up, provider.idle_timeout).await;
+                    let header = Box::new(
+                        up.response_header()
+                            .cloned()
+                            .unwrap_or_else(|| ResponseHeader::build(status, None).expect("valid status")),
+                    );
+                    if error_body.is_some() {
+                        if let Ok(peer) = endpoint.peer() {
+                            self.connector.release_http_session(up, &*peer, Some(provider.pool_idle_timeout)).await;
+                        }
+                    }
+                    let body = error_body.unwrap_or_default();
+                    if maybe_too_long {
+                        let next = is_prompt_too_long(&body)
+                            .then(|| route.context_fallback.as_deref().and_then(|n| state.models.resolve(n)).cloned())
+                            .flatten()
+                            .filter(|r| ctx.key.as_ref().is_none_or(|k| k.allows(&r.name, None)));
+                        if let Some(next) = next {
+                            record.abandoned = Some(format!("prompt too long; trying {}", next.name));
+                            self.count_attempt(&provider, "context_fallback");
+                            ctx.attempts.push(record);
+                            last = Some(Failure::Upstream { header, body });
+                            widened = true;
+                            route = next;
+                            continue 'routes;
+                        }
+                        // An ordinary 400 (or no usable fallback): the client's to see.
+                        self.count_attempt(&provider, "answered");
+                        ctx.attempts.push(record);
+                        ctx.route = Some(route.clone());
+                        return self.replay(session, ctx, Failure::Upstream { header, body }).await;
+                    }
+                    // 429: this credential (or endpoint) pauses; 5xx and 529 count as failures.
+                    if status == 429 {
+                        let pause = retry_after(&header).unwrap_or(provider.health.cooldown);
+                        if provider.credential_count() > 1 {
+                            credential.passive.cool_down(pause);
+                        } else {
+                            endpoint.passive.cool_down(pause);
+                        }
+                    } else {
+                        self.note_failure(&provider, &endpoint);
+                    }
+                    record.abandoned = Some(format!("provider answered {status}"));
+                    self.count_attempt(&provider, "retried");
+                    ctx.attempts.push(record);
+                    last = Some(Failure::Upstream { header, body });
+                }
+            }
+            if attempts == 0 && !last_resort {
+                last_resort = true;
+                route = first.clone();
+                continue 'routes;
+            }
+            break;
+        }
+        let failure = last.unwrap_or_else(|| {
+            Failure::Gateway(ApiError::unavailable(format!(
+                "no endpoint of model {} is available: all are failing or cooling down",
+                route.name
+            )))
+        });
+        ctx.route = Some(route.clone());
+        self.replay(session, ctx, failure).await
+    }
+
+    /// The request header for one attempt at `endpoint`.
+    fn upstream_request(
+        &self,
+        session: &Session,
+        endpoint: &Endpoint,
+        credential: &crate::providers::Credential,
+        body_len: usize,
+    ) -> Result<RequestHeader, ApiError> {
+        let client = session.req_header();
+        let path = client.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let target = format!("{}{}", endpoint.url.path_prefix, path);
+        let mut req = RequestHeader::build("POST", target.as_bytes(), Some(client.headers.len() + 3))
+            .map_err(|e| ApiError::invalid_request(format!("cannot build the upstream request: {e}")))?;
+        copy_request_headers(client, &mut req);
+        let _ = req.insert_header(http::header::HOST, endpoint.host_header.clone());
+        let (name, value) = &credential.header;
+        let _ = req.insert_header(name.clone(), value.clone());
+        let _ = req.insert_header(http::header::CONTENT_LENGTH, body_len);
+        Ok(req)
+    }
+
+    fn note_failure(&self, provider: &Provider, endpoint: &Endpoint) {
+        if let Some(d) = endpoint.passive.failure(&provider.health) {
+            tracing::warn!(provider = %provider.name, endpoint = %endpoint.url.host_header(), cooldown = ?d, "endpoint out of rotation");
+            self.metrics.cooldowns.with_label_values(&[&provider.name, &endpoint.url.host_header()]).inc();
+        }
+    }
+
+    fn count_attempt(&self, provider: &Provider, outcome: &str) {
+        self.metrics.attempts.with_label_values(&[&provider.name, outcome]).inc();
+    }
+
+    /// Sends the client a failure: the provider's error as it came, or the gateway's own.
+    async fn replay(&self, session: &mut Session, ctx: &mut RequestCtx, failure: Failure) -> Result<(), ApiError> {
+        let (header, body) = match failure {
+            Failure::Gateway(e) => return Err(e),
+            Failure::Upstream { header, body } => (header, body),
+        };
+        let status = header.status.as_u16();
+        ctx.upstream_status = Some(status);
+        ctx.status = status;
+        ctx.outcome = Outcome::UpstreamError;
+        ctx.error = crate::protocol::usage::usage_from_json(&body)
+            .and_then(|(_, kind)| kind)
+            .or_else(|| Some(format!("provider answered {status}")));
+        let mut out = response_for_client(&header, &ctx.id, false);
+        let _ = out.remove_header(&http::header::TRANSFER_ENCODING);
+        let _ = out.insert_header(http::header::CONTENT_LENGTH, body.len());
+        if session.write_response_header(Box::new(out), false).await.is_ok() {
+            let _ = session.write_response_body(Some(body), true).await;
+        }
+        Ok(())
+    }
+}
+
+/// Reads a (small) error body whole; `None` when it cannot be read or is too large, in which
+/// case the connection is not reused.
+async fn read_error_body(up: &mut HttpSession, idle: Duration) -> Option<Bytes> {
+    up.set_read_timeout(Some(idle));
+    let mut buf = BytesMut::new();
+    loop {
+        match up.read_response_body().await {
+            Ok(Some(chunk)) if buf.len() + chunk.len() <= MAX_ERROR_BODY => buf.extend_from_slice(&chunk),
+            Ok(Some(_)) | Err(_) => return None,
+            Ok(None) => return Some(buf.freeze()),
+        }
+    }
+}
+
+/// Anthropic says `prompt is too long: 250000 tokens > 200000 maximum`.
+fn is_prompt_too_long(body: &[u8]) -> bool {
+    memchr::memmem::find(body, b"prompt is too long").is_some()
+}
