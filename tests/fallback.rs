@@ -300,3 +300,49 @@ async fn prompt_too_long_moves_to_the_larger_context_model() {
     assert_eq!(rec["model"], "m-1m");
     assert!(rec["attempts"][0]["abandoned"].as_str().unwrap().contains("prompt too long"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_and_credentials_spread_the_load() {
+    let heavy = MockProvider::start(Behavior::default()).await.unwrap();
+    let light = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let dir = tempfile::tempdir().unwrap();
+    let second_secret = dir.path().join("second-key");
+    std::fs::write(&second_secret, "sk-ant-second-credential\n").unwrap();
+    let config = format!(
+        r#"
+[[provider]]
+name = "pool"
+kind = "anthropic"
+endpoints = [{{ url = "{heavy}", weight = 3 }}, {{ url = "{light}", weight = 1 }}]
+credentials = ["env:TG_TEST_PROVIDER_KEY", "file:{second}"]
+selection = "weighted"
+
+[[model]]
+name = "m"
+deployments = [{{ provider = "pool" }}]
+
+[[key]]
+id = "a"
+hash = "{hash}"
+"#,
+        heavy = heavy.url(),
+        light = light.url(),
+        second = second_secret.display(),
+        hash = key.hash
+    );
+    let gw = start_gateway(&config);
+    let c = client();
+    for _ in 0..40 {
+        let r = c.post(gw.url("/v1/messages")).header("x-api-key", &key.key).body(messages_body("m", false, 1)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let (h, l) = (heavy.received(), light.received());
+    assert_eq!(h.len() + l.len(), 40);
+    assert_eq!((h.len(), l.len()), (30, 10), "weights 3:1");
+    let keys: Vec<String> =
+        h.iter().chain(l.iter()).map(|r| r.headers["x-api-key"].to_str().unwrap().to_string()).collect();
+    let first = keys.iter().filter(|k| *k == PROVIDER_SECRET).count();
+    let second = keys.iter().filter(|k| *k == "sk-ant-second-credential").count();
+    assert_eq!((first, second), (20, 20), "credentials are used in turn");
+}
