@@ -127,10 +127,10 @@ impl Gateway {
         assert!(ok, "kill -{sig} {pid}");
     }
 
-    /// SIGTERM, and wait for the process to exit.
+    /// SIGTERM (unless already sent), and wait for the process to exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
-        self.signal("TERM");
         let mut child = self.child.take().unwrap();
+        let _ = Command::new("kill").args(["-TERM".to_string(), child.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait().unwrap() {

@@ -1,0 +1,60 @@
+//! Graceful stop: a stream in flight across SIGTERM finishes and is recorded; new connections
+//! are refused; the process exits as soon as nothing is in flight.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_streams_and_refuses_new_connections() {
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let config = format!(
+        "[[provider]]\nname = \"mock\"\nkind = \"anthropic\"\nbase_url = \"{}\"\ncredential = \"env:TG_TEST_PROVIDER_KEY\"\n\
+         [[model]]\nname = \"m\"\ndeployments = [{{ provider = \"mock\" }}]\n[[key]]\nid = \"a\"\nhash = \"{}\"\n",
+        mock.url(),
+        key.hash
+    );
+    let mut gw = start_gateway(&config);
+    let url = gw.url("/v1/messages");
+    // About 1.8 s of stream: 9 events, 200 ms apart.
+    let mut resp = client()
+        .post(&url)
+        .header("x-api-key", &key.key)
+        .header("x-mock-delay-ms", "200")
+        .body(messages_body("m", true, 10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rid = resp.headers()["x-tollgate-request-id"].to_str().unwrap().to_string();
+    let first = resp.chunk().await.unwrap().unwrap();
+    assert!(first.starts_with(b"event: message_start"));
+
+    gw.signal("TERM");
+    // The listener closes: a new connection is refused.
+    let port = gw.port;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(Instant::now() < deadline, "the listener still accepts after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The stream in flight runs to its end.
+    let mut rest = Vec::new();
+    while let Some(c) = resp.chunk().await.unwrap() {
+        rest.extend_from_slice(&c);
+    }
+    assert!(rest.ends_with(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
+
+    // And the process exits on its own, well before the 5 s grace period, with the record written.
+    let started = Instant::now();
+    let status = gw.stop();
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(4), "exit took {:?}", started.elapsed());
+    let records = gw.records();
+    let rec = records.iter().find(|r| r["request_id"] == rid.as_str()).expect("the drained stream is recorded");
+    assert_eq!(rec["outcome"], "complete");
+}
