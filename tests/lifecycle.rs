@@ -58,3 +58,57 @@ async fn sigterm_drains_in_flight_streams_and_refuses_new_connections() {
     let rec = records.iter().find(|r| r["request_id"] == rid.as_str()).expect("the drained stream is recorded");
     assert_eq!(rec["outcome"], "complete");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_upgrade_hands_over_the_listener_without_dropping_a_stream() {
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let config = format!(
+        "[[provider]]\nname = \"mock\"\nkind = \"anthropic\"\nbase_url = \"{}\"\ncredential = \"env:TG_TEST_PROVIDER_KEY\"\n\
+         [[model]]\nname = \"m\"\ndeployments = [{{ provider = \"mock\" }}]\n[[key]]\nid = \"a\"\nhash = \"{}\"\n",
+        mock.url(),
+        key.hash
+    );
+    let mut old = start_gateway(&config);
+    let c = client();
+    let mut stream = c
+        .post(old.url("/v1/messages"))
+        .header("x-api-key", &key.key)
+        .header("x-mock-delay-ms", "200")
+        .body(messages_body("m", true, 10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    stream.chunk().await.unwrap().unwrap();
+
+    // The new process waits for the sockets; the old one hands them over on SIGQUIT.
+    let mut new = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["run", "--upgrade", "--config"])
+        .arg(&old.config_path)
+        .env("TG_TEST_PROVIDER_KEY", PROVIDER_SECRET)
+        .env("TOLLGATE_LOG", "warn")
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    old.signal("QUIT");
+
+    // Requests keep being answered throughout, now by the new process.
+    for _ in 0..10 {
+        let r = c.post(old.url("/v1/messages")).header("x-api-key", &key.key).body(messages_body("m", false, 1)).send().await;
+        assert_eq!(r.expect("the port keeps accepting").status(), 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The stream that started on the old process finishes there.
+    let mut rest = Vec::new();
+    while let Some(chunk) = stream.chunk().await.unwrap() {
+        rest.extend_from_slice(&chunk);
+    }
+    assert!(rest.ends_with(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
+    let status = old.stop();
+    assert!(status.success(), "{status:?}");
+    let r = c.post(old.url("/v1/messages")).header("x-api-key", &key.key).body(messages_body("m", false, 1)).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the new process serves after the old one left");
+    let _ = std::process::Command::new("kill").args(["-TERM", &new.id().to_string()]).status();
+    let _ = new.wait();
+}
