@@ -168,7 +168,9 @@ fn endpoint_selection(c: &mut Criterion) {
         rt.block_on(provider.pool.update());
         let key = b"3f1c2a9e-session-id".to_vec();
         g.bench_function(selection, |b| {
-            b.iter(|| black_box(provider.pool.select(black_box(&key), &[], tollgate::providers::now_ms(), false).unwrap()))
+            b.iter(|| {
+                black_box(provider.pool.select(black_box(&key), &[], tollgate::providers::now_ms(), false).unwrap())
+            })
         });
     }
     g.finish();

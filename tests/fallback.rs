@@ -334,7 +334,13 @@ hash = "{hash}"
     let gw = start_gateway(&config);
     let c = client();
     for _ in 0..40 {
-        let r = c.post(gw.url("/v1/messages")).header("x-api-key", &key.key).body(messages_body("m", false, 1)).send().await.unwrap();
+        let r = c
+            .post(gw.url("/v1/messages"))
+            .header("x-api-key", &key.key)
+            .body(messages_body("m", false, 1))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
     }
     let (h, l) = (heavy.received(), light.received());

@@ -95,7 +95,12 @@ async fn binary_upgrade_hands_over_the_listener_without_dropping_a_stream() {
 
     // Requests keep being answered throughout, now by the new process.
     for _ in 0..10 {
-        let r = c.post(old.url("/v1/messages")).header("x-api-key", &key.key).body(messages_body("m", false, 1)).send().await;
+        let r = c
+            .post(old.url("/v1/messages"))
+            .header("x-api-key", &key.key)
+            .body(messages_body("m", false, 1))
+            .send()
+            .await;
         assert_eq!(r.expect("the port keeps accepting").status(), 200);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -107,7 +112,13 @@ async fn binary_upgrade_hands_over_the_listener_without_dropping_a_stream() {
     assert!(rest.ends_with(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
     let status = old.stop();
     assert!(status.success(), "{status:?}");
-    let r = c.post(old.url("/v1/messages")).header("x-api-key", &key.key).body(messages_body("m", false, 1)).send().await.unwrap();
+    let r = c
+        .post(old.url("/v1/messages"))
+        .header("x-api-key", &key.key)
+        .body(messages_body("m", false, 1))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "the new process serves after the old one left");
     let _ = std::process::Command::new("kill").args(["-TERM", &new.id().to_string()]).status();
     let _ = new.wait();
