@@ -126,8 +126,8 @@ fn check(path: &std::path::Path) -> ExitCode {
         }
     }
     for p in &state.providers {
-        if let Err(e) = p.credential() {
-            println!("warning: provider {}: no credential: {e}", p.name);
+        if let Err(e) = p.credential(true) {
+            println!("warning: provider {}: {e}", p.name);
         }
     }
     ExitCode::SUCCESS

@@ -145,6 +145,21 @@ async fn when_everything_fails_the_last_provider_error_comes_back() {
     assert_eq!(rec["outcome"], "upstream_error");
     assert_eq!(rec["attempts"].as_array().unwrap().len(), 2);
 
+    // A provider error beats a later gateway error: 429 from the first, then nobody listening.
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let s = two_providers(Behavior { status: Some(429), ..Behavior::default() }, None, "", "").await;
+    let config = std::fs::read_to_string(&s.gw.config_path).unwrap().replace(&s.second.url(), &closed);
+    let gw = start_gateway_raw(&config);
+    let resp = client()
+        .post(gw.url("/v1/messages"))
+        .header("x-api-key", &s.key.key)
+        .body(messages_body("m", false, 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429, "the client must see the 429 and its retry-after");
+    assert_eq!(resp.headers()["retry-after"], "1");
+
     // Nothing listening anywhere: the gateway's own 502, not a hang.
     let mock = MockProvider::start(Behavior::default()).await.unwrap();
     let key = new_key();
@@ -262,6 +277,49 @@ async fn session_affinity_keeps_a_session_on_one_endpoint() {
         assert_eq!(grew.iter().filter(|n| **n > 0).count(), 1, "{session} spread over {grew:?}");
         assert_eq!(grew.iter().sum::<usize>(), 6);
     }
+    // Sessions as a whole are spread over the endpoints (the key is really used), and so are
+    // requests that carry no session at all.
+    let used = mocks.iter().filter(|m| !m.received().is_empty()).count();
+    assert!(used >= 2, "four sessions all on one endpoint");
+    let before: Vec<usize> = mocks.iter().map(|m| m.received().len()).collect();
+    for _ in 0..9 {
+        let r = c
+            .post(gw.url("/v1/messages"))
+            .header("x-api-key", &key.key)
+            .body(r#"{"model":"m","max_tokens":1}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let grew = mocks.iter().zip(&before).filter(|(m, b)| m.received().len() > **b).count();
+    assert!(grew >= 2, "requests without a session key must not all go to one endpoint");
+
+    // When a session's endpoint fails, the session moves to another one, and stays there.
+    let session = "session-a";
+    let home = mocks
+        .iter()
+        .position(|m| {
+            m.received().iter().any(|r| r.headers.get("x-claude-code-session-id").is_some_and(|v| v == session))
+        })
+        .unwrap();
+    mocks[home].set_behavior(Behavior { status: Some(529), ..Behavior::default() });
+    let counts: Vec<usize> = mocks.iter().map(|m| m.received().len()).collect();
+    for _ in 0..4 {
+        let r = c
+            .post(gw.url("/v1/messages"))
+            .header("x-api-key", &key.key)
+            .header("x-claude-code-session-id", session)
+            .body(messages_body("m", false, 1))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let moved: Vec<usize> = mocks.iter().zip(counts).map(|(m, b)| m.received().len() - b).collect();
+    let others: Vec<usize> = moved.iter().enumerate().filter(|(i, _)| *i != home).map(|(_, n)| *n).collect();
+    assert_eq!(others.iter().filter(|n| **n > 0).count(), 1, "the session settles on one other endpoint: {moved:?}");
+    assert_eq!(others.iter().sum::<usize>(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -64,29 +64,46 @@ impl PassiveHealth {
         self.cooldowns.load(Ordering::Relaxed)
     }
 
+    /// A success: the failure count restarts, and an endpoint cooling down after failures
+    /// (say, one that answered a last-resort attempt) is back at once. A 429's pause stays.
     pub fn success(&self) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
-        self.level.store(0, Ordering::Relaxed);
+        if self.level.swap(0, Ordering::Relaxed) > 0 {
+            self.cooldown_until_ms.store(0, Ordering::Relaxed);
+        }
     }
 
-    /// Counts a failure; returns the cool-down it started, if it started one. An endpoint just
-    /// back from a cool-down (still at a raised level) goes back out on its first failure.
+    /// Counts a failure; returns the cool-down it started, if it started one. Failures while
+    /// cooling down (requests that were already in flight) are not counted again. An endpoint
+    /// just back from a cool-down (level still raised) goes back out on its first failure,
+    /// for twice as long.
     pub fn failure(&self, policy: &HealthPolicy) -> Option<Duration> {
+        let now = now_ms();
+        let until = self.cooldown_until_ms.load(Ordering::Relaxed);
+        if until > now {
+            return None;
+        }
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         let on_probation = self.level.load(Ordering::Relaxed) > 0;
         if failures < policy.failures && !on_probation {
             return None;
         }
-        let level = self.level.fetch_add(1, Ordering::Relaxed) + 1;
-        let base = policy.cooldown.saturating_mul(1 << (level - 1).min(16));
-        let d = jitter(base.min(policy.max_cooldown));
-        self.cool_down(d);
+        let level = self.level.load(Ordering::Relaxed) + 1;
+        let d = jitter(policy.cooldown.saturating_mul(1 << (level - 1).min(16))).min(policy.max_cooldown);
+        // Only the thread that moves the deadline starts the cool-down.
+        let new_until = now + d.as_millis() as u64;
+        if self.cooldown_until_ms.compare_exchange(until, new_until, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+            return None;
+        }
+        self.level.store(level, Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.cooldowns.fetch_add(1, Ordering::Relaxed);
         Some(d)
     }
 
-    /// Takes the endpoint out of rotation for `d` (a 429's `retry-after`, say).
+    /// Takes the endpoint or credential out for `d` (a 429's `retry-after`, say), without
+    /// touching the failure count.
     pub fn cool_down(&self, d: Duration) {
-        self.consecutive_failures.store(0, Ordering::Relaxed);
         self.cooldown_until_ms.fetch_max(now_ms() + d.as_millis() as u64, Ordering::Relaxed);
         self.cooldowns.fetch_add(1, Ordering::Relaxed);
     }
@@ -154,13 +171,27 @@ mod tests {
         let first = h.failure(&p).unwrap();
         assert!(first >= Duration::from_secs(8) && first <= Duration::from_secs(12), "{first:?}");
         assert!(!h.available(now_ms()));
-        // Back on probation: one failure is enough, and the cool-down doubles (capped).
+        // Back on probation (simulate the cool-down ending): one failure is enough, and the
+        // cool-down doubles, capped.
+        h.cooldown_until_ms.store(0, Ordering::Relaxed);
         let second = h.failure(&p).unwrap();
         assert!(second >= Duration::from_secs(16) && second <= Duration::from_secs(24), "{second:?}");
-        let third = h.failure(&p).unwrap();
-        assert!(third <= Duration::from_secs(30), "{third:?}");
         h.success();
+        assert!(h.available(now_ms()), "a success ends a failure cool-down");
         assert_eq!(h.consecutive_failures(), 0);
-        assert_eq!(h.failure(&p), None, "a success ends probation");
+        assert_eq!(h.failure(&p), None, "and probation");
+    }
+
+    #[test]
+    fn failures_during_a_cooldown_do_not_escalate_it() {
+        let p = HealthPolicy { failures: 1, cooldown: Duration::from_secs(10), max_cooldown: Duration::from_secs(300) };
+        let h = PassiveHealth::default();
+        let first = h.failure(&p).unwrap();
+        for _ in 0..8 {
+            assert_eq!(h.failure(&p), None, "requests already in flight fail too");
+        }
+        assert!(first <= Duration::from_secs(12));
+        assert_eq!(h.cooldowns(), 1);
+        assert!(h.cooling_down_for(now_ms()).unwrap() <= Duration::from_secs(12));
     }
 }

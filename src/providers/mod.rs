@@ -107,17 +107,21 @@ impl Provider {
         })
     }
 
-    /// A credential for the next attempt: in turn, skipping those cooling down (all of them
-    /// cooling down: the one that comes back first).
-    pub fn credential(&self) -> Result<&Credential, &str> {
-        let all = self.credentials.as_ref().map_err(|e| e.as_str())?;
+    /// A credential for the next attempt: in turn, skipping those cooling down. With all of
+    /// them cooling down there is none, except as a `last_resort`: then the one that comes back
+    /// first.
+    pub fn credential(&self, last_resort: bool) -> Result<&Credential, String> {
+        let all = self.credentials.as_ref().map_err(|e| format!("no credential: {e}"))?;
         let now = now_ms();
         let start = self.next_credential.fetch_add(1, Ordering::Relaxed);
-        (0..all.len())
-            .map(|i| &all[(start + i) % all.len()])
-            .find(|c| c.passive.available(now))
-            .or_else(|| all.iter().min_by_key(|c| c.passive.cooling_down_for(now)))
-            .ok_or("no credentials")
+        let available = (0..all.len()).map(|i| &all[(start + i) % all.len()]).find(|c| c.passive.available(now));
+        match available {
+            Some(c) => Ok(c),
+            None if last_resort => {
+                all.iter().min_by_key(|c| c.passive.cooling_down_for(now)).ok_or_else(|| "no credentials".into())
+            }
+            None => Err("every credential is paused after a 429".into()),
+        }
     }
 
     pub fn credential_count(&self) -> usize {

@@ -49,8 +49,11 @@ impl ServiceDiscovery for Discovery {
         let mut set = BTreeSet::new();
         for e in &self.endpoints {
             e.resolve().await;
-            if let Some(addr) = e.address() {
-                let mut b = Backend { addr: PingoraAddr::Inet(addr), weight: 1, ext: Default::default() };
+            if e.address().is_some() {
+                // The backend's identity is the endpoint, not its current IP: two endpoints on
+                // one address stay two, and a DNS change neither reshuffles session affinity
+                // nor resets probe state. Connections use the endpoint's own peer.
+                let mut b = Backend { addr: PingoraAddr::Inet(identity(e.index)), weight: 1, ext: Default::default() };
                 if self.weighted {
                     b.weight = e.weight;
                 }
@@ -62,6 +65,12 @@ impl ServiceDiscovery for Discovery {
     }
 }
 
+/// A stand-in address that names endpoint `index` for Pingora's balancer.
+fn identity(index: usize) -> std::net::SocketAddr {
+    let i = index as u32;
+    std::net::SocketAddr::from(([0, (i >> 16) as u8, (i >> 8) as u8, i as u8], 1))
+}
+
 pub enum Balancer {
     RoundRobin(Arc<LoadBalancer<RoundRobin>>),
     Consistent(Arc<LoadBalancer<Consistent>>),
@@ -70,6 +79,8 @@ pub enum Balancer {
 pub struct Pool {
     pub selection: Selection,
     pub balancer: Balancer,
+    /// Spreads requests that have no session key, and ties under least-in-flight.
+    turn: std::sync::atomic::AtomicUsize,
 }
 
 fn endpoint(b: &Backend) -> Option<&Arc<Endpoint>> {
@@ -93,6 +104,8 @@ where
         backends.set_health_check(probe);
     }
     let mut lb = LoadBalancer::from_backends(backends);
+    // One unreachable endpoint must not delay every other probe.
+    lb.parallel_health_check = true;
     lb.health_check_frequency = Some(schedule.probe_interval);
     lb.update_frequency = Some(schedule.dns_refresh);
     Arc::new(lb)
@@ -105,7 +118,7 @@ impl Pool {
             Selection::SessionAffinity => Balancer::Consistent(balancer(endpoints, weighted, schedule)),
             _ => Balancer::RoundRobin(balancer(endpoints, weighted, schedule)),
         };
-        Pool { selection, balancer }
+        Pool { selection, balancer, turn: Default::default() }
     }
 
     /// The background service that keeps addresses and probe results fresh.
@@ -152,15 +165,27 @@ impl Pool {
             endpoint(b)
                 .is_some_and(|e| !tried.contains(&e.index) && (last_resort || (healthy && e.passive.available(now_ms))))
         };
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         let chosen = match (&self.balancer, self.selection) {
             (_, Selection::LeastInFlight) => {
                 let backends = self.backends();
                 let all = backends.get_backend();
+                let n = all.len().max(1);
+                // Fewest in flight; ties go round, not always to the first endpoint.
                 all.iter()
-                    .filter(|b| accept(b, backends.ready(b)))
-                    .min_by_key(|b| endpoint(b).map_or(usize::MAX, |e| e.in_flight.load(Ordering::Relaxed)))
-                    .cloned()
+                    .enumerate()
+                    .filter(|(_, b)| accept(b, backends.ready(b)))
+                    .min_by_key(|(i, b)| {
+                        (
+                            endpoint(b).map_or(usize::MAX, |e| e.in_flight.load(Ordering::Relaxed)),
+                            (i + n - turn % n) % n,
+                        )
+                    })
+                    .map(|(_, b)| b.clone())
             }
+            // No session to keep together: spread such requests instead of hashing them all
+            // to one endpoint.
+            (Balancer::Consistent(lb), _) if key.is_empty() => lb.select_with(&turn.to_le_bytes(), 256, accept),
             (Balancer::RoundRobin(lb), _) => lb.select_with(key, 256, accept),
             (Balancer::Consistent(lb), _) => lb.select_with(key, 256, accept),
         };

@@ -28,6 +28,9 @@ use crate::routing::Route;
 /// An error body is read whole to decide on a fallback; none is near this size.
 const MAX_ERROR_BODY: usize = 256 << 10;
 
+/// Longest wait for an error body; a provider trickling its error is not waited for.
+const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// One try at one endpoint, as the usage record shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct AttemptRecord {
@@ -98,7 +101,12 @@ impl Gateway {
         let mut route = first.clone();
         let mut attempts = 0usize;
         let mut widened = false;
-        let mut last: Option<Failure> = None;
+        // The last provider error wins over the gateway's own: a 429 with its retry-after is
+        // worth more to the client than a later "cannot connect".
+        let mut last_upstream: Option<Failure> = None;
+        let mut last_gateway: Option<ApiError> = None;
+        // Which deployment the last failure came from, for the record.
+        let mut last_from: Option<(usize, String)> = None;
         // When every endpoint is down or cooling down, one more pass tries them anyway.
         let mut last_resort = false;
         'routes: loop {
@@ -117,15 +125,14 @@ impl Gateway {
                         break;
                     };
                     tried.push(endpoint.index);
-                    attempts += 1;
-                    let credential = match provider.credential() {
+                    let credential = match provider.credential(last_resort) {
                         Ok(c) => c,
                         Err(e) => {
-                            let msg = format!("provider {} has no credential: {e}", provider.name);
-                            last = Some(Failure::Gateway(ApiError::unavailable(msg)));
+                            last_gateway = Some(ApiError::unavailable(format!("provider {}: {e}", provider.name)));
                             break;
                         }
                     };
+                    attempts += 1;
                     let mut record = AttemptRecord {
                         provider: provider.name.clone(),
                         endpoint: endpoint.url.host_header(),
@@ -136,21 +143,32 @@ impl Gateway {
                     };
                     let guard = InFlight::new(endpoint.clone());
                     let attempt_started = Instant::now();
-                    let timeout = provider.first_byte_timeout.min(deadline.saturating_duration_since(now));
+                    let remaining = deadline.saturating_duration_since(now);
+                    let timeout = provider.first_byte_timeout.min(remaining);
+                    let cut_by_deadline = timeout < provider.first_byte_timeout;
                     let body = with_model(req.body.clone(), req.model_span.clone(), &req.requested, &model_id);
                     let result = match self.upstream_request(session, &endpoint, credential, body.len()) {
-                        Ok(r) => self.send(&provider, &endpoint, r, body, timeout).await,
+                        // The deadline bounds the whole attempt, writing a large body included.
+                        Ok(r) => tokio::time::timeout(remaining, self.send(&provider, &endpoint, r, body, timeout))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(ApiError::gateway_timeout(format!("model {}: deadline reached", route.name)))
+                            }),
                         Err(e) => Err(e),
                     };
                     record.latency_ms = attempt_started.elapsed().as_secs_f64() * 1e3;
                     let mut up = match result {
                         Ok(up) => up,
                         Err(e) => {
-                            self.note_failure(&provider, &endpoint);
+                            // A timeout the deadline shortened says nothing about the endpoint.
+                            if !(cut_by_deadline && e.status == 504) {
+                                self.note_failure(&provider, &endpoint);
+                            }
                             record.abandoned = Some(e.message.clone());
                             self.count_attempt(&provider, "failed");
                             ctx.attempts.push(record);
-                            last = Some(Failure::Gateway(e));
+                            last_gateway = Some(e);
+                            last_from = Some((d, model_id.clone()));
                             continue;
                         }
                     };
@@ -175,7 +193,7 @@ impl Gateway {
                         drop(req);
                         return self.stream_answer(session, ctx, up, &provider, &endpoint, guard, metered).await;
                     }
-                    let error_body = read_error_body(&mut up, provider.idle_timeout).await;
+                    let error_body = read_error_body(&mut up, ERROR_BODY_TIMEOUT.min(remaining)).await;
                     let header = Box::new(
                         up.response_header()
                             .cloned()
@@ -186,7 +204,11 @@ impl Gateway {
                             self.connector.release_http_session(up, &*peer, Some(provider.pool_idle_timeout)).await;
                         }
                     }
-                    let body = error_body.unwrap_or_default();
+                    let body = error_body.filter(|b| !b.is_empty()).unwrap_or_else(|| {
+                        // Nothing readable came with the error: give the client the Anthropic shape.
+                        let e = ApiError::bad_gateway(format!("provider {} answered {status}", provider.name));
+                        e.body()
+                    });
                     if maybe_too_long {
                         let next = is_prompt_too_long(&body)
                             .then(|| route.context_fallback.as_deref().and_then(|n| state.models.resolve(n)).cloned())
@@ -196,8 +218,11 @@ impl Gateway {
                             record.abandoned = Some(format!("prompt too long; trying {}", next.name));
                             self.count_attempt(&provider, "context_fallback");
                             ctx.attempts.push(record);
-                            last = Some(Failure::Upstream { header, body });
+                            last_upstream = Some(Failure::Upstream { header, body });
+                            last_from = Some((d, model_id.clone()));
                             widened = true;
+                            // The larger model gets its own attempts.
+                            attempts = 0;
                             route = next;
                             continue 'routes;
                         }
@@ -205,23 +230,30 @@ impl Gateway {
                         self.count_attempt(&provider, "answered");
                         ctx.attempts.push(record);
                         ctx.route = Some(route.clone());
+                        ctx.deployment = d;
+                        ctx.provider_model = Some(model_id);
                         return self.replay(session, ctx, Failure::Upstream { header, body }).await;
                     }
                     // 429: this credential (or endpoint) pauses; 5xx and 529 count as failures.
                     if status == 429 {
-                        let pause = retry_after(&header).unwrap_or(provider.health.cooldown);
+                        let pause =
+                            retry_after(&header).unwrap_or(provider.health.cooldown).min(provider.health.max_cooldown);
                         if provider.credential_count() > 1 {
+                            // The key is rate-limited, not the endpoint: try it again with another key.
                             credential.passive.cool_down(pause);
+                            tried.pop();
                         } else {
                             endpoint.passive.cool_down(pause);
                         }
+                        self.metrics.cooldowns.with_label_values(&[&provider.name, &endpoint.url.host_header()]).inc();
                     } else {
                         self.note_failure(&provider, &endpoint);
                     }
                     record.abandoned = Some(format!("provider answered {status}"));
                     self.count_attempt(&provider, "retried");
                     ctx.attempts.push(record);
-                    last = Some(Failure::Upstream { header, body });
+                    last_upstream = Some(Failure::Upstream { header, body });
+                    last_from = Some((d, model_id.clone()));
                 }
             }
             if attempts == 0 && !last_resort {
@@ -231,13 +263,17 @@ impl Gateway {
             }
             break;
         }
-        let failure = last.unwrap_or_else(|| {
+        let failure = last_upstream.or(last_gateway.map(Failure::Gateway)).unwrap_or_else(|| {
             Failure::Gateway(ApiError::unavailable(format!(
                 "no endpoint of model {} is available: all are failing or cooling down",
                 route.name
             )))
         });
         ctx.route = Some(route.clone());
+        if let Some((d, model_id)) = last_from {
+            ctx.deployment = d;
+            ctx.provider_model = Some(model_id);
+        }
         self.replay(session, ctx, failure).await
     }
 
@@ -298,16 +334,19 @@ impl Gateway {
 
 /// Reads a (small) error body whole; `None` when it cannot be read or is too large, in which
 /// case the connection is not reused.
-async fn read_error_body(up: &mut HttpSession, idle: Duration) -> Option<Bytes> {
-    up.set_read_timeout(Some(idle));
-    let mut buf = BytesMut::new();
-    loop {
-        match up.read_response_body().await {
-            Ok(Some(chunk)) if buf.len() + chunk.len() <= MAX_ERROR_BODY => buf.extend_from_slice(&chunk),
-            Ok(Some(_)) | Err(_) => return None,
-            Ok(None) => return Some(buf.freeze()),
+async fn read_error_body(up: &mut HttpSession, limit: Duration) -> Option<Bytes> {
+    up.set_read_timeout(Some(limit));
+    let read = async {
+        let mut buf = BytesMut::new();
+        loop {
+            match up.read_response_body().await {
+                Ok(Some(chunk)) if buf.len() + chunk.len() <= MAX_ERROR_BODY => buf.extend_from_slice(&chunk),
+                Ok(Some(_)) | Err(_) => return None,
+                Ok(None) => return Some(buf.freeze()),
+            }
         }
-    }
+    };
+    tokio::time::timeout(limit, read).await.ok().flatten()
 }
 
 /// Anthropic says `prompt is too long: 250000 tokens > 200000 maximum`.

@@ -81,6 +81,13 @@ pub fn start_gateway_full(server_extra: &str, listener_extra: &str, config: &str
     gw
 }
 
+/// Starts the gateway on a complete config written by an earlier [`start_gateway`] (its ports
+/// are replaced by fresh ones).
+pub fn start_gateway_raw(full_config: &str) -> Gateway {
+    let body_start = full_config.find("[[provider]]").expect("a config with providers");
+    start_gateway(&full_config[body_start..])
+}
+
 impl Gateway {
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
