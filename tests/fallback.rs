@@ -163,13 +163,7 @@ async fn when_everything_fails_the_last_provider_error_comes_back() {
     // Nothing listening anywhere: the gateway's own 502, not a hang.
     let mock = MockProvider::start(Behavior::default()).await.unwrap();
     let key = new_key();
-    let dead = format!("http://127.0.0.1:{}", free_port());
-    let config = format!(
-        "[[provider]]\nname = \"dead\"\nkind = \"anthropic\"\nbase_url = \"{dead}\"\ncredential = \"env:TG_TEST_PROVIDER_KEY\"\n\
-         [[model]]\nname = \"m\"\ndeployments = [{{ provider = \"dead\" }}]\n[[key]]\nid = \"a\"\nhash = \"{}\"\n",
-        key.hash
-    );
-    let gw = start_gateway(&config);
+    let gw = start_gateway(&one_provider_config(&format!("http://127.0.0.1:{}", free_port()), &key));
     let resp = client()
         .post(gw.url("/v1/messages"))
         .header("x-api-key", &key.key)
@@ -260,18 +254,17 @@ async fn session_affinity_keeps_a_session_on_one_endpoint() {
     );
     let gw = start_gateway(&config);
     let c = client();
+    let in_session = |session: &'static str| {
+        c.post(gw.url("/v1/messages"))
+            .header("x-api-key", &key.key)
+            .header("x-claude-code-session-id", session)
+            .body(messages_body("m", false, 1))
+            .send()
+    };
     for session in ["session-a", "session-b", "session-c", "session-d"] {
         let before: Vec<usize> = mocks.iter().map(|m| m.received().len()).collect();
         for _ in 0..6 {
-            let r = c
-                .post(gw.url("/v1/messages"))
-                .header("x-api-key", &key.key)
-                .header("x-claude-code-session-id", session)
-                .body(messages_body("m", false, 1))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
+            assert_eq!(in_session(session).await.unwrap().status(), 200);
         }
         let grew: Vec<usize> = mocks.iter().zip(before).map(|(m, b)| m.received().len() - b).collect();
         assert_eq!(grew.iter().filter(|n| **n > 0).count(), 1, "{session} spread over {grew:?}");
@@ -306,15 +299,7 @@ async fn session_affinity_keeps_a_session_on_one_endpoint() {
     mocks[home].set_behavior(Behavior { status: Some(529), ..Behavior::default() });
     let counts: Vec<usize> = mocks.iter().map(|m| m.received().len()).collect();
     for _ in 0..4 {
-        let r = c
-            .post(gw.url("/v1/messages"))
-            .header("x-api-key", &key.key)
-            .header("x-claude-code-session-id", session)
-            .body(messages_body("m", false, 1))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        assert_eq!(in_session(session).await.unwrap().status(), 200);
     }
     let moved: Vec<usize> = mocks.iter().zip(counts).map(|(m, b)| m.received().len() - b).collect();
     let others: Vec<usize> = moved.iter().enumerate().filter(|(i, _)| *i != home).map(|(_, n)| *n).collect();

@@ -11,12 +11,7 @@ use common::*;
 async fn sigterm_drains_in_flight_streams_and_refuses_new_connections() {
     let mock = MockProvider::start(Behavior::default()).await.unwrap();
     let key = new_key();
-    let config = format!(
-        "[[provider]]\nname = \"mock\"\nkind = \"anthropic\"\nbase_url = \"{}\"\ncredential = \"env:TG_TEST_PROVIDER_KEY\"\n\
-         [[model]]\nname = \"m\"\ndeployments = [{{ provider = \"mock\" }}]\n[[key]]\nid = \"a\"\nhash = \"{}\"\n",
-        mock.url(),
-        key.hash
-    );
+    let config = one_provider_config(&mock.url(), &key);
     let mut gw = start_gateway(&config);
     let url = gw.url("/v1/messages");
     // About 1.8 s of stream: 9 events, 200 ms apart.
@@ -63,12 +58,7 @@ async fn sigterm_drains_in_flight_streams_and_refuses_new_connections() {
 async fn binary_upgrade_hands_over_the_listener_without_dropping_a_stream() {
     let mock = MockProvider::start(Behavior::default()).await.unwrap();
     let key = new_key();
-    let config = format!(
-        "[[provider]]\nname = \"mock\"\nkind = \"anthropic\"\nbase_url = \"{}\"\ncredential = \"env:TG_TEST_PROVIDER_KEY\"\n\
-         [[model]]\nname = \"m\"\ndeployments = [{{ provider = \"mock\" }}]\n[[key]]\nid = \"a\"\nhash = \"{}\"\n",
-        mock.url(),
-        key.hash
-    );
+    let config = one_provider_config(&mock.url(), &key);
     let mut old = start_gateway(&config);
     let c = client();
     let mut stream = c

@@ -42,6 +42,16 @@ team = "platform"
     )
 }
 
+/// Provider `tls` at `https://localhost:PORT`, trusting `ca` when given, with its model and key.
+fn tls_provider(port: u16, ca: Option<&std::path::Path>, key: &TestKey) -> String {
+    let ca = ca.map(|p| format!("ca_file = \"{}\"\n", p.display())).unwrap_or_default();
+    format!(
+        "[[provider]]\nname = \"tls\"\nkind = \"anthropic\"\nbase_url = \"https://localhost:{port}\"\n\
+         credential = \"env:TG_TEST_PROVIDER_KEY\"\n{ca}{}",
+        models_and_key(key, "tls")
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_upstream_with_private_ca_and_tls_listener() {
     let pki = pki();
@@ -52,19 +62,7 @@ async fn https_upstream_with_private_ca_and_tls_listener() {
     std::fs::write(&cert, &pki.cert_pem).unwrap();
     std::fs::write(&key_file, &pki.key_pem).unwrap();
     let key = new_key();
-    let config = format!(
-        r#"
-[[provider]]
-name = "tls"
-kind = "anthropic"
-base_url = "https://localhost:{port}"
-credential = "env:TG_TEST_PROVIDER_KEY"
-ca_file = "{ca}"
-{rest}"#,
-        port = mock.addr.port(),
-        ca = ca.display(),
-        rest = models_and_key(&key, "tls"),
-    );
+    let config = tls_provider(mock.addr.port(), Some(&ca), &key);
     let listener_tls = format!("tls = {{ cert = \"{}\", key = \"{}\" }}", cert.display(), key_file.display());
     let gw = start_gateway_full("", &listener_tls, &config);
 
@@ -103,17 +101,7 @@ async fn untrusted_upstream_certificate_is_a_502() {
     let mock = MockProvider::start_tls(Behavior::default(), &pki.cert_pem, &pki.key_pem).await.unwrap();
     let key = new_key();
     // No ca_file: the system roots do not know the test CA.
-    let config = format!(
-        r#"
-[[provider]]
-name = "tls"
-kind = "anthropic"
-base_url = "https://localhost:{port}"
-credential = "env:TG_TEST_PROVIDER_KEY"
-{rest}"#,
-        port = mock.addr.port(),
-        rest = models_and_key(&key, "tls"),
-    );
+    let config = tls_provider(mock.addr.port(), None, &key);
     let gw = start_gateway(&config);
     let resp = client()
         .post(gw.url("/v1/messages"))

@@ -42,7 +42,7 @@ impl AdminApp {
                         let cooling = e.passive.cooling_down_for(now);
                         let probe_up = p.pool.probed_healthy(e);
                         serde_json::json!({
-                            "endpoint": e.url.host_header(),
+                            "endpoint": e.label.clone(),
                             "address": e.address().map(|a| a.to_string()),
                             "dns_error": e.dns_error(),
                             "probe_up": probe_up,
@@ -74,7 +74,7 @@ impl AdminApp {
         for p in &state.providers {
             for e in &p.endpoints {
                 let up = p.pool.probed_healthy(e) && e.passive.available(now) && e.address().is_some();
-                self.metrics.endpoint_up.with_label_values(&[&p.name, &e.url.host_header()]).set(up as i64);
+                self.metrics.endpoint_up.with_label_values(&[&p.name, &e.label]).set(up as i64);
             }
         }
     }

@@ -29,6 +29,8 @@ pub struct Endpoint {
     pub url: UpstreamUrl,
     /// `Host` for upstream requests.
     pub host_header: HeaderValue,
+    /// `host[:port]`: how records, metrics and `/status` name the endpoint.
+    pub label: String,
     pub weight: usize,
     pub passive: PassiveHealth,
     /// Requests being sent or streamed through this endpoint now.
@@ -45,11 +47,13 @@ pub struct EndpointRef(pub Arc<Endpoint>);
 
 impl Endpoint {
     pub fn new(index: usize, url: UpstreamUrl, weight: usize, settings: PeerSettings) -> Result<Self, String> {
-        let host_header = HeaderValue::from_str(&url.host_header()).map_err(|e| format!("endpoint host: {e}"))?;
+        let label = url.host_header();
+        let host_header = HeaderValue::from_str(&label).map_err(|e| format!("endpoint host: {e}"))?;
         let e = Endpoint {
             index,
             url,
             host_header,
+            label,
             weight: weight.max(1),
             passive: PassiveHealth::default(),
             in_flight: AtomicUsize::new(0),

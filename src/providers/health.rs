@@ -149,7 +149,7 @@ impl HealthCheck for Probe {
 
     async fn health_status_change(&self, target: &Backend, healthy: bool) {
         if let Some(e) = target.ext.get::<EndpointRef>() {
-            tracing::warn!(provider = %self.provider, endpoint = %e.0.url.host_header(), up = healthy, "probe changed an endpoint's state");
+            tracing::warn!(provider = %self.provider, endpoint = %e.0.label, up = healthy, "probe changed an endpoint's state");
         }
     }
 

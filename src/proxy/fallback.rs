@@ -135,7 +135,7 @@ impl Gateway {
                     attempts += 1;
                     let mut record = AttemptRecord {
                         provider: provider.name.clone(),
-                        endpoint: endpoint.url.host_header(),
+                        endpoint: endpoint.label.clone(),
                         model: model_id.clone(),
                         status: None,
                         latency_ms: 0.0,
@@ -245,7 +245,7 @@ impl Gateway {
                         } else {
                             endpoint.passive.cool_down(pause);
                         }
-                        self.metrics.cooldowns.with_label_values(&[&provider.name, &endpoint.url.host_header()]).inc();
+                        self.metrics.cooldowns.with_label_values(&[&provider.name, &endpoint.label]).inc();
                     } else {
                         self.note_failure(&provider, &endpoint);
                     }
@@ -300,8 +300,8 @@ impl Gateway {
 
     fn note_failure(&self, provider: &Provider, endpoint: &Endpoint) {
         if let Some(d) = endpoint.passive.failure(&provider.health) {
-            tracing::warn!(provider = %provider.name, endpoint = %endpoint.url.host_header(), cooldown = ?d, "endpoint out of rotation");
-            self.metrics.cooldowns.with_label_values(&[&provider.name, &endpoint.url.host_header()]).inc();
+            tracing::warn!(provider = %provider.name, endpoint = %endpoint.label.clone(), cooldown = ?d, "endpoint out of rotation");
+            self.metrics.cooldowns.with_label_values(&[&provider.name, &endpoint.label]).inc();
         }
     }
 

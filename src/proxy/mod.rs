@@ -147,7 +147,10 @@ impl Gateway {
             return Err(ApiError::permission(format!("API key {:?} may not use model {}", key.id, route.name)));
         }
         ctx.route = Some(route.clone());
-        let affinity_key = session_key(session.req_header(), &body, peek.metadata);
+        // Only session affinity needs the key; most requests never compute it.
+        let affinity =
+            route.deployments.iter().any(|d| d.provider.pool.selection == crate::providers::Selection::SessionAffinity);
+        let affinity_key = if affinity { session_key(session.req_header(), &body, peek.metadata) } else { Vec::new() };
         let request =
             fallback::Request { body, model_span, requested, affinity_key, metered: endpoint == Endpoint::Messages };
         self.forward(session, ctx, &state, route, request).await
@@ -252,18 +255,32 @@ async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, ApiError>
         // The key was accepted: let the client send the body.
         let _ = session.write_continue_response().await;
     }
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(16 << 10));
+    // A body that arrives in one chunk is kept as it is; only a body in pieces is copied into
+    // one buffer.
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut len = 0;
     while let Some(chunk) = session
         .read_request_body()
         .await
         .map_err(|e| ApiError::invalid_request(format!("cannot read the request body: {e}")))?
     {
-        if buf.len() + chunk.len() > max {
+        len += chunk.len();
+        if len > max {
             return Err(too_large());
         }
-        buf.extend_from_slice(&chunk);
+        match (&mut joined, first.take()) {
+            (Some(buf), _) => buf.extend_from_slice(&chunk),
+            (None, None) => first = Some(chunk),
+            (None, Some(head)) => {
+                let mut buf = BytesMut::with_capacity(declared.unwrap_or(len).max(len));
+                buf.extend_from_slice(&head);
+                buf.extend_from_slice(&chunk);
+                joined = Some(buf);
+            }
+        }
     }
-    Ok(buf.freeze())
+    Ok(joined.map(BytesMut::freeze).or(first).unwrap_or_default())
 }
 
 #[async_trait]

@@ -158,6 +158,15 @@ impl Drop for Gateway {
     }
 }
 
+/// The smallest useful config: provider `mock` at `url`, model `m` on it, one key.
+pub fn one_provider_config(url: &str, key: &TestKey) -> String {
+    format!(
+        "[[provider]]\nname = \"mock\"\nkind = \"anthropic\"\nbase_url = \"{url}\"\ncredential = \"env:TG_TEST_PROVIDER_KEY\"\n\
+         [[model]]\nname = \"m\"\ndeployments = [{{ provider = \"mock\" }}]\n[[key]]\nid = \"a\"\nhash = \"{}\"\n",
+        key.hash
+    )
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
