@@ -39,13 +39,15 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     let shared = Arc::new(ArcSwap::from_pointee(state));
     let (audit, audit_writer) = crate::audit::start(&config.audit, metrics.audit_dropped.clone())?;
 
-    let mut conf = ServerConf::default();
-    conf.threads = config.server.threads;
-    conf.grace_period_seconds = Some(config.server.grace_period.as_secs());
-    conf.graceful_shutdown_timeout_seconds = Some(5);
-    conf.upgrade_sock = config.server.upgrade_socket.display().to_string();
-    conf.pid_file = config.server.pid_file.display().to_string();
-    conf.daemon = false;
+    let conf = ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(config.server.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(5),
+        upgrade_sock: config.server.upgrade_socket.display().to_string(),
+        pid_file: config.server.pid_file.display().to_string(),
+        daemon: false,
+        ..Default::default()
+    };
     let opt = Opt { upgrade, daemon: false, nocapture: false, test: false, conf: None };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();

@@ -87,7 +87,7 @@ fn validate(c: &Config) -> Result<(), Invalid> {
             return Err((p.name.span(), format!("provider {:?} is defined twice", p.name.get_ref())));
         }
         let endpoints = p.endpoint_list();
-        if p.base_url.is_some() == !p.endpoints.is_empty() {
+        if p.base_url.is_some() != p.endpoints.is_empty() {
             return Err((p.name.span(), format!("provider {:?} needs either base_url or endpoints", p.name.get_ref())));
         }
         for (url, _) in endpoints {

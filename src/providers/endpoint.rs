@@ -113,7 +113,7 @@ impl Endpoint {
     /// Resolves the host once, blocking: for start-up, before any worker runs.
     pub fn resolve_blocking(&self) {
         if self.needs_dns() {
-            let result = (self.url.host.as_str(), self.url.port).to_socket_addrs().map(|a| pick(a));
+            let result = (self.url.host.as_str(), self.url.port).to_socket_addrs().map(pick);
             self.apply(result);
         }
     }

@@ -33,11 +33,11 @@ impl Gateway {
         ctx: &mut RequestCtx,
         mut up: HttpSession,
         provider: &Provider,
-        endpoint: &Endpoint,
         // Held until the answer ends: the endpoint counts this request as in flight.
-        _in_flight: InFlight,
+        in_flight: InFlight,
         metered: bool,
     ) -> Result<(), ApiError> {
+        let endpoint = in_flight.endpoint();
         let peer = endpoint.peer().map_err(ApiError::unavailable)?;
         let upstream_header = up.response_header().expect("read_response_header succeeded");
         let status = upstream_header.status.as_u16();

@@ -51,6 +51,10 @@ impl InFlight {
         e.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(e)
     }
+
+    pub(super) fn endpoint(&self) -> &Endpoint {
+        &self.0
+    }
 }
 
 impl Drop for InFlight {
@@ -191,7 +195,7 @@ impl Gateway {
                         let metered = req.metered;
                         // The original body is not needed any more: free it before a long stream.
                         drop(req);
-                        return self.stream_answer(session, ctx, up, &provider, &endpoint, guard, metered).await;
+                        return self.stream_answer(session, ctx, up, &provider, guard, metered).await;
                     }
                     let error_body = read_error_body(&mut up, ERROR_BODY_TIMEOUT.min(remaining)).await;
                     let header = Box::new(
