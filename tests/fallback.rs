@@ -395,3 +395,44 @@ hash = "{hash}"
     let second = keys.iter().filter(|k| *k == "sk-ant-second-credential").count();
     assert_eq!((first, second), (20, 20), "credentials are used in turn");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_and_the_deadline_are_bounded() {
+    // Three failing deployments, max_attempts = 2: the third provider is never asked.
+    let mocks = [
+        MockProvider::start(Behavior { status: Some(503), ..Behavior::default() }).await.unwrap(),
+        MockProvider::start(Behavior { status: Some(503), ..Behavior::default() }).await.unwrap(),
+        MockProvider::start(Behavior::default()).await.unwrap(),
+    ];
+    let key = new_key();
+    let mut config = String::new();
+    for (i, m) in mocks.iter().enumerate() {
+        config += &format!(
+            "[[provider]]\nname = \"p{i}\"\nkind = \"anthropic\"\nbase_url = \"{}\"\ncredential = \"env:TG_TEST_PROVIDER_KEY\"\n\
+             first_byte_timeout = \"10s\"\n",
+            m.url()
+        );
+    }
+    config += &format!(
+        "[[model]]\nname = \"m\"\nmax_attempts = 2\ndeployments = [{{ provider = \"p0\" }}, {{ provider = \"p1\" }}, {{ provider = \"p2\" }}]\n\
+         [[model]]\nname = \"slow\"\ndeadline = \"1s\"\ndeployments = [{{ provider = \"p0\" }}, {{ provider = \"p2\" }}]\n\
+         [[key]]\nid = \"a\"\nhash = \"{}\"\n",
+        key.hash
+    );
+    let gw = start_gateway(&config);
+    let c = client();
+    let resp = c.post(gw.url("/v1/messages")).header("x-api-key", &key.key).body(messages_body("m", false, 1)).send().await.unwrap();
+    assert_eq!(resp.status(), 503, "the last provider error comes back");
+    assert_eq!((mocks[0].received().len(), mocks[1].received().len(), mocks[2].received().len()), (1, 1, 0));
+
+    // The first provider stalls far past the model's deadline: the client gets a 504 in about
+    // a second, not after the provider's ten-second first-byte timeout.
+    mocks[0].set_behavior(Behavior { header_delay: Duration::from_secs(5), ..Behavior::default() });
+    let started = std::time::Instant::now();
+    let resp = c.post(gw.url("/v1/messages")).header("x-api-key", &key.key).body(messages_body("slow", false, 1)).send().await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(resp.status(), 504);
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "api_error");
+}
