@@ -421,7 +421,13 @@ async fn attempts_and_the_deadline_are_bounded() {
     );
     let gw = start_gateway(&config);
     let c = client();
-    let resp = c.post(gw.url("/v1/messages")).header("x-api-key", &key.key).body(messages_body("m", false, 1)).send().await.unwrap();
+    let resp = c
+        .post(gw.url("/v1/messages"))
+        .header("x-api-key", &key.key)
+        .body(messages_body("m", false, 1))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 503, "the last provider error comes back");
     assert_eq!((mocks[0].received().len(), mocks[1].received().len(), mocks[2].received().len()), (1, 1, 0));
 
@@ -429,7 +435,13 @@ async fn attempts_and_the_deadline_are_bounded() {
     // a second, not after the provider's ten-second first-byte timeout.
     mocks[0].set_behavior(Behavior { header_delay: Duration::from_secs(5), ..Behavior::default() });
     let started = std::time::Instant::now();
-    let resp = c.post(gw.url("/v1/messages")).header("x-api-key", &key.key).body(messages_body("slow", false, 1)).send().await.unwrap();
+    let resp = c
+        .post(gw.url("/v1/messages"))
+        .header("x-api-key", &key.key)
+        .body(messages_body("slow", false, 1))
+        .send()
+        .await
+        .unwrap();
     let took = started.elapsed();
     assert_eq!(resp.status(), 504);
     assert!(took < Duration::from_secs(3), "took {took:?}");

@@ -37,6 +37,9 @@ impl ApiError {
     pub fn method_not_allowed(message: impl Into<String>) -> Self {
         Self::new(405, "invalid_request_error", message, Outcome::Rejected)
     }
+    pub fn uri_too_long(message: impl Into<String>) -> Self {
+        Self::new(414, "invalid_request_error", message, Outcome::Rejected)
+    }
     pub fn too_large(message: impl Into<String>) -> Self {
         let mut e = Self::new(413, "request_too_large", message, Outcome::Rejected);
         e.close = true;

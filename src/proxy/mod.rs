@@ -105,6 +105,13 @@ impl Gateway {
 
     async fn serve(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), ApiError> {
         let req = session.req_header();
+        // HTTP/1.1 requires Host (RFC 9112 §3.2); HTTP/2 carries :authority instead.
+        if req.version == http::Version::HTTP_11 && !req.headers.contains_key(http::header::HOST) {
+            return Err(ApiError::invalid_request("the request has no Host header"));
+        }
+        if req.uri.path().len() > MAX_PATH {
+            return Err(ApiError::uri_too_long(format!("the path is longer than {MAX_PATH} bytes")));
+        }
         let endpoint = match (req.uri.path(), &req.method) {
             ("/", &Method::HEAD) | ("/", &Method::GET) => {
                 ctx.probe = true;
@@ -222,6 +229,9 @@ fn with_model(body: Bytes, span: std::ops::Range<usize>, requested: &str, model_
         replace_string_value(&body, span, model_id)
     }
 }
+
+/// No API path comes near this; longer ones are refused with 414.
+const MAX_PATH: usize = 2048;
 
 /// Client-supplied names are cut to this many characters before they are echoed or recorded.
 const MAX_ECHO: usize = 200;
