@@ -67,3 +67,21 @@ async fn malformed_requests_get_clear_client_errors() {
         .unwrap();
     assert_eq!(ok.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_closed() {
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let gw = start_gateway_with("client_idle_timeout = \"1s\"", &one_provider_config(&mock.url(), &key));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"HEAD / HTTP/1.1\r\nHost: gw\r\n\r\n").unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Nothing more is sent: the gateway closes the connection after about a second.
+    let started = std::time::Instant::now();
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the idle connection is closed, not answered");
+    assert!(started.elapsed() < Duration::from_secs(4), "closed after {:?}", started.elapsed());
+}

@@ -160,6 +160,7 @@ fn validate(c: &Config) -> Result<(), Invalid> {
     let positive = [
         ("audit.flush_interval", c.audit.flush_interval),
         ("server.client_write_timeout", c.server.client_write_timeout),
+        ("server.client_idle_timeout", c.server.client_idle_timeout),
     ]
     .into_iter()
     .chain(c.models.iter().map(|m| ("deadline", m.deadline)))

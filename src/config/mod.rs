@@ -52,6 +52,9 @@ pub struct ServerConfig {
     /// A client that accepts no bytes of an answer for this long is disconnected.
     #[serde(deserialize_with = "duration")]
     pub client_write_timeout: Duration,
+    /// A kept-alive client connection with no new request for this long is closed.
+    #[serde(deserialize_with = "duration")]
+    pub client_idle_timeout: Duration,
     /// Where a new process started with `--upgrade` takes the listening sockets from.
     pub upgrade_socket: PathBuf,
     pub pid_file: PathBuf,
@@ -65,6 +68,7 @@ impl Default for ServerConfig {
             max_body_bytes: 32 << 20,
             upstream_pool_size: 256,
             client_write_timeout: Duration::from_secs(60),
+            client_idle_timeout: Duration::from_secs(60),
             upgrade_socket: PathBuf::from("/tmp/tollgate-upgrade.sock"),
             pid_file: PathBuf::from("/tmp/tollgate.pid"),
         }

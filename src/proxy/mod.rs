@@ -89,6 +89,8 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     /// A client that accepts no bytes for this long is dropped.
     client_write_timeout: Duration,
+    /// Whole seconds a kept-alive connection may wait for its next request.
+    client_idle_secs: u64,
 }
 
 impl Gateway {
@@ -100,6 +102,7 @@ impl Gateway {
             audit,
             metrics,
             client_write_timeout: server.client_write_timeout,
+            client_idle_secs: server.client_idle_timeout.as_secs().max(1),
         }
     }
 
@@ -309,6 +312,8 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         self.metrics.in_flight.inc();
         ctx.in_flight = true;
+        // Pingora keeps an idle HTTP/1.1 connection open for ever by default.
+        session.set_keepalive(Some(self.client_idle_secs));
         if let Err(e) = self.serve(session, ctx).await {
             self.answer_error(session, ctx, e).await;
         }
