@@ -81,6 +81,9 @@ fn main() -> ExitCode {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
+    use std::fmt::Write as _;
+    // Printed in one write at the end: `tollgate check | head` must not panic on a closed pipe.
+    let mut out = String::new();
     let config = match tollgate::config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -95,14 +98,15 @@ fn check(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("{}: ok", path.display());
-    println!(
+    let _ = writeln!(out, "{}: ok", path.display());
+    let _ = writeln!(
+        out,
         "{} listener(s), {} provider(s), {} key(s)",
         config.listeners.len(),
         state.providers.len(),
         state.keys.len()
     );
-    println!("routes:");
+    let _ = writeln!(out, "routes:");
     for m in &config.models {
         let route = state.models.resolve(m.name.get_ref()).expect("every configured name resolves");
         let names: Vec<&str> = m.aliases.iter().map(|a| a.get_ref().as_str()).collect();
@@ -114,22 +118,26 @@ fn check(path: &std::path::Path) -> ExitCode {
         if !patterns.is_empty() {
             line += &format!(" (patterns: {})", patterns.join(", "));
         }
-        println!("{line}");
+        let _ = writeln!(out, "{line}");
         for (i, d) in route.deployments.iter().enumerate() {
             match &d.model_id {
                 Some(id) => {
                     let price = if d.price.is_some() { "priced" } else { "NO PRICE" };
-                    println!("    {}. {} -> {id} [{price}]", i + 1, d.provider.name);
+                    let _ = writeln!(out, "    {}. {} -> {id} [{price}]", i + 1, d.provider.name);
                 }
-                None => println!("    {}. {} -> the requested name, priced per request", i + 1, d.provider.name),
+                None => {
+                    let _ =
+                        writeln!(out, "    {}. {} -> the requested name, priced per request", i + 1, d.provider.name);
+                }
             }
         }
     }
     for p in &state.providers {
         if let Err(e) = p.credential(true) {
-            println!("warning: provider {}: {e}", p.name);
+            let _ = writeln!(out, "warning: provider {}: {e}", p.name);
         }
     }
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
     ExitCode::SUCCESS
 }
 
