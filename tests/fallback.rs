@@ -55,6 +55,16 @@ hash = "{hash}"
     Setup { first, second, gw, key }
 }
 
+/// One provider `pool` with the given `endpoints = [...]` line and `extra` provider lines,
+/// model `m` on it, and the key.
+fn pool_config(endpoints: &str, extra: &str, key: &TestKey) -> String {
+    format!(
+        "[[provider]]\nname = \"pool\"\nkind = \"anthropic\"\n{endpoints}\n{extra}\n\
+         [[model]]\nname = \"m\"\ndeployments = [{{ provider = \"pool\" }}]\n[[key]]\nid = \"a\"\nhash = \"{}\"\n",
+        key.hash
+    )
+}
+
 async fn post(s: &Setup, body: String, headers: &[(&str, &str)]) -> reqwest::Response {
     let mut r = client().post(s.gw.url("/v1/messages")).header("x-api-key", &s.key.key).body(body);
     for (k, v) in headers {
@@ -184,28 +194,12 @@ async fn failing_endpoint_leaves_rotation_and_comes_back() {
     let bad = MockProvider::start(Behavior { status: Some(500), ..Behavior::default() }).await.unwrap();
     let good = MockProvider::start(Behavior::default()).await.unwrap();
     let key = new_key();
-    let config = format!(
-        r#"
-[[provider]]
-name = "pool"
-kind = "anthropic"
-endpoints = [{{ url = "{bad}" }}, {{ url = "{good}" }}]
-credential = "env:TG_TEST_PROVIDER_KEY"
-health = {{ probe = "none", failures = 2, cooldown = "2s" }}
-
-[[model]]
-name = "m"
-deployments = [{{ provider = "pool" }}]
-
-[[key]]
-id = "a"
-hash = "{hash}"
-"#,
-        bad = bad.url(),
-        good = good.url(),
-        hash = key.hash
-    );
-    let gw = start_gateway(&config);
+    let endpoints = format!("endpoints = [{{ url = \"{}\" }}, {{ url = \"{}\" }}]", bad.url(), good.url());
+    let gw = start_gateway(&pool_config(
+        &endpoints,
+        "credential = \"env:TG_TEST_PROVIDER_KEY\"\nhealth = { probe = \"none\", failures = 2, cooldown = \"2s\" }",
+        &key,
+    ));
     let c = client();
     let send =
         || c.post(gw.url("/v1/messages")).header("x-api-key", &key.key).body(messages_body("m", false, 1)).send();
@@ -352,29 +346,16 @@ async fn weights_and_credentials_spread_the_load() {
     let dir = tempfile::tempdir().unwrap();
     let second_secret = dir.path().join("second-key");
     std::fs::write(&second_secret, "sk-ant-second-credential\n").unwrap();
-    let config = format!(
-        r#"
-[[provider]]
-name = "pool"
-kind = "anthropic"
-endpoints = [{{ url = "{heavy}", weight = 3 }}, {{ url = "{light}", weight = 1 }}]
-credentials = ["env:TG_TEST_PROVIDER_KEY", "file:{second}"]
-selection = "weighted"
-
-[[model]]
-name = "m"
-deployments = [{{ provider = "pool" }}]
-
-[[key]]
-id = "a"
-hash = "{hash}"
-"#,
-        heavy = heavy.url(),
-        light = light.url(),
-        second = second_secret.display(),
-        hash = key.hash
+    let endpoints = format!(
+        "endpoints = [{{ url = \"{}\", weight = 3 }}, {{ url = \"{}\", weight = 1 }}]",
+        heavy.url(),
+        light.url()
     );
-    let gw = start_gateway(&config);
+    let extra = format!(
+        "credentials = [\"env:TG_TEST_PROVIDER_KEY\", \"file:{}\"]\nselection = \"weighted\"",
+        second_secret.display()
+    );
+    let gw = start_gateway(&pool_config(&endpoints, &extra, &key));
     let c = client();
     for _ in 0..40 {
         let r = c

@@ -7,16 +7,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_in_flight_streams_and_refuses_new_connections() {
-    let mock = MockProvider::start(Behavior::default()).await.unwrap();
-    let key = new_key();
-    let config = one_provider_config(&mock.url(), &key);
-    let mut gw = start_gateway(&config);
-    let url = gw.url("/v1/messages");
-    // About 1.8 s of stream: 9 events, 200 ms apart.
-    let mut resp = client()
-        .post(&url)
+/// A stream of about 1.8 s: 9 events, 200 ms apart.
+async fn slow_stream(gw: &Gateway, key: &TestKey) -> reqwest::Response {
+    let resp = client()
+        .post(gw.url("/v1/messages"))
         .header("x-api-key", &key.key)
         .header("x-mock-delay-ms", "200")
         .body(messages_body("m", true, 10))
@@ -24,6 +18,16 @@ async fn sigterm_drains_in_flight_streams_and_refuses_new_connections() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    resp
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_streams_and_refuses_new_connections() {
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let config = one_provider_config(&mock.url(), &key);
+    let mut gw = start_gateway(&config);
+    let mut resp = slow_stream(&gw, &key).await;
     let rid = resp.headers()["x-tollgate-request-id"].to_str().unwrap().to_string();
     let first = resp.chunk().await.unwrap().unwrap();
     assert!(first.starts_with(b"event: message_start"));
@@ -61,15 +65,7 @@ async fn binary_upgrade_hands_over_the_listener_without_dropping_a_stream() {
     let config = one_provider_config(&mock.url(), &key);
     let mut old = start_gateway(&config);
     let c = client();
-    let mut stream = c
-        .post(old.url("/v1/messages"))
-        .header("x-api-key", &key.key)
-        .header("x-mock-delay-ms", "200")
-        .body(messages_body("m", true, 10))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stream.status(), 200);
+    let mut stream = slow_stream(&old, &key).await;
     stream.chunk().await.unwrap().unwrap();
 
     // The new process waits for the sockets; the old one hands them over on SIGQUIT.
