@@ -126,6 +126,10 @@ impl Gateway {
                         break;
                     }
                     let Some(endpoint) = provider.pool.select(&req.affinity_key, &tried, now_ms(), last_resort) else {
+                        // Say why, when the provider cannot serve at all (no credential, no address).
+                        if let (true, Some(reason)) = (tried.is_empty(), provider.unready_reason()) {
+                            last_gateway.get_or_insert(ApiError::unavailable(reason));
+                        }
                         break;
                     };
                     tried.push(endpoint.index);
