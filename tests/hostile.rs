@@ -85,3 +85,17 @@ async fn idle_keep_alive_connections_are_closed() {
     assert_eq!(n, 0, "the idle connection is closed, not answered");
     assert!(started.elapsed() < Duration::from_secs(4), "closed after {:?}", started.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_asks_to_close_gets_its_close() {
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let gw = start_gateway(&one_provider_config(&mock.url(), &key));
+    for request in [&b"HEAD / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"[..], b"HEAD / HTTP/1.0\r\n\r\n"] {
+        let started = std::time::Instant::now();
+        // `raw` reads to the end: it returns only once the gateway closes the connection.
+        let response = raw(gw.port, request);
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(started.elapsed() < Duration::from_secs(2), "the connection stayed open");
+    }
+}

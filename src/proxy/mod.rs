@@ -312,8 +312,11 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         self.metrics.in_flight.inc();
         ctx.in_flight = true;
-        // Pingora keeps an idle HTTP/1.1 connection open for ever by default.
-        session.set_keepalive(Some(self.client_idle_secs));
+        // Pingora keeps an idle HTTP/1.1 connection open for ever by default. Only bound it:
+        // a client that asked to close (or HTTP/1.0 without keep-alive) still gets its close.
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(self.client_idle_secs));
+        }
         if let Err(e) = self.serve(session, ctx).await {
             self.answer_error(session, ctx, e).await;
         }
