@@ -40,10 +40,8 @@ pub struct SseUsageScanner {
     event: Event,
     line: Vec<u8>,
     usage: Usage,
-    saw_message_start: bool,
     saw_message_stop: bool,
     error_type: Option<String>,
-    oversized_lines: u32,
 }
 
 impl Default for SseUsageScanner {
@@ -59,10 +57,8 @@ impl SseUsageScanner {
             event: Event::Unnamed,
             line: Vec::new(),
             usage: Usage::default(),
-            saw_message_start: false,
             saw_message_stop: false,
             error_type: None,
-            oversized_lines: 0,
         }
     }
 
@@ -73,10 +69,6 @@ impl SseUsageScanner {
     /// True once `message_stop` went by: the stream is complete.
     pub fn completed(&self) -> bool {
         self.saw_message_stop
-    }
-
-    pub fn saw_message_start(&self) -> bool {
-        self.saw_message_start
     }
 
     /// The `error.type` of an `error` event, if the stream carried one.
@@ -122,7 +114,6 @@ impl SseUsageScanner {
 
     fn push(&mut self, part: &[u8]) {
         if self.line.len() + part.len() > MAX_LINE {
-            self.oversized_lines += 1;
             self.line.clear();
             self.state = LineState::Skip;
         } else {
@@ -190,7 +181,6 @@ impl SseUsageScanner {
         };
         match d.kind.as_str() {
             "message_start" => {
-                self.saw_message_start = true;
                 if let Some(u) = d.message.and_then(|m| m.usage) {
                     self.usage.apply(&u);
                 }

@@ -41,7 +41,6 @@ pub struct Provider {
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub pool_idle_timeout: Duration,
-    pub dns_refresh: Duration,
 }
 
 impl std::fmt::Debug for Provider {
@@ -103,7 +102,6 @@ impl Provider {
             first_byte_timeout: c.first_byte_timeout,
             idle_timeout: c.idle_timeout,
             pool_idle_timeout: c.pool_idle_timeout,
-            dns_refresh: c.dns_refresh,
         })
     }
 

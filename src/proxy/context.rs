@@ -64,8 +64,8 @@ impl RequestCtx {
         self.route.as_ref().and_then(|r| r.deployments.get(self.deployment))
     }
 
-    /// The usage record, priced.
-    pub fn record(&self, method: &str, path: &str, client: Client) -> UsageRecord {
+    /// The usage record, priced; the attempts move into it.
+    pub fn record(&mut self, method: &str, path: &str, client: Client) -> UsageRecord {
         let dep = self.deployment();
         let price = self.price.as_ref();
         let cost_nanos = price.map(|p| p.cost_nanos(&self.usage)).unwrap_or(0);
@@ -95,7 +95,7 @@ impl RequestCtx {
             ttfb_ms: self.ttfb.map(|t| t.as_secs_f64() * 1e3),
             outcome: self.outcome,
             error: self.error.clone(),
-            attempts: self.attempts.clone(),
+            attempts: std::mem::take(&mut self.attempts),
         }
     }
 }

@@ -119,6 +119,8 @@ impl Gateway {
                 let provider = route.deployments[d].provider.clone();
                 let fixed_price = route.deployments[d].price.clone();
                 let model_id = route.deployments[d].model_id.as_deref().unwrap_or(&req.requested).to_string();
+                // One body per deployment, however many of its endpoints are tried.
+                let body = with_model(req.body.clone(), req.model_span.clone(), &req.requested, &model_id);
                 let mut tried = Vec::new();
                 loop {
                     let now = Instant::now();
@@ -154,14 +156,15 @@ impl Gateway {
                     let remaining = deadline.saturating_duration_since(now);
                     let timeout = provider.first_byte_timeout.min(remaining);
                     let cut_by_deadline = timeout < provider.first_byte_timeout;
-                    let body = with_model(req.body.clone(), req.model_span.clone(), &req.requested, &model_id);
                     let result = match self.upstream_request(session, &endpoint, credential, body.len()) {
                         // The deadline bounds the whole attempt, writing a large body included.
-                        Ok(r) => tokio::time::timeout(remaining, self.send(&provider, &endpoint, r, body, timeout))
-                            .await
-                            .unwrap_or_else(|_| {
-                                Err(ApiError::gateway_timeout(format!("model {}: deadline reached", route.name)))
-                            }),
+                        Ok(r) => {
+                            tokio::time::timeout(remaining, self.send(&provider, &endpoint, r, body.clone(), timeout))
+                                .await
+                                .unwrap_or_else(|_| {
+                                    Err(ApiError::gateway_timeout(format!("model {}: deadline reached", route.name)))
+                                })
+                        }
                         Err(e) => Err(e),
                     };
                     record.latency_ms = attempt_started.elapsed().as_secs_f64() * 1e3;
@@ -197,7 +200,8 @@ impl Gateway {
                         ctx.price = fixed_price.or_else(|| state.prices.lookup(&model_id));
                         ctx.provider_model = Some(model_id);
                         let metered = req.metered;
-                        // The original body is not needed any more: free it before a long stream.
+                        // The bodies are not needed any more: free them before a long stream.
+                        drop(body);
                         drop(req);
                         return self.stream_answer(session, ctx, up, &provider, guard, metered).await;
                     }

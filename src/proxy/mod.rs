@@ -380,6 +380,10 @@ impl Gateway {
             session_id: header("x-claude-code-session-id"),
         };
         let record = ctx.record(req.method.as_str(), req.uri.path(), client);
+        // The same labels as above, read from the record now that it owns the request's data.
+        let model = record.model.as_deref().unwrap_or("none");
+        let provider = record.provider.as_deref().unwrap_or("none");
+        let team = record.team.as_deref().unwrap_or("none");
         if record.cost_nanos > 0 {
             m.cost_usd.with_label_values(&[model, provider, team]).inc_by(record.cost_usd);
         }
