@@ -174,13 +174,7 @@ async fn when_everything_fails_the_last_provider_error_comes_back() {
     let mock = MockProvider::start(Behavior::default()).await.unwrap();
     let key = new_key();
     let gw = start_gateway(&one_provider_config(&format!("http://127.0.0.1:{}", free_port()), &key));
-    let resp = client()
-        .post(gw.url("/v1/messages"))
-        .header("x-api-key", &key.key)
-        .body(messages_body("m", false, 1))
-        .send()
-        .await
-        .unwrap();
+    let resp = messages_request(&gw, &key).body(messages_body("m", false, 1)).send().await.unwrap();
     assert!(resp.status() == 502 || resp.status() == 503, "{}", resp.status());
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["type"], "error");
@@ -201,8 +195,7 @@ async fn failing_endpoint_leaves_rotation_and_comes_back() {
         &key,
     ));
     let c = client();
-    let send =
-        || c.post(gw.url("/v1/messages")).header("x-api-key", &key.key).body(messages_body("m", false, 1)).send();
+    let send = || messages_request(&gw, &key).body(messages_body("m", false, 1)).send();
     for _ in 0..10 {
         assert_eq!(send().await.unwrap().status(), 200);
     }
@@ -247,10 +240,8 @@ async fn session_affinity_keeps_a_session_on_one_endpoint() {
         key.hash
     );
     let gw = start_gateway(&config);
-    let c = client();
     let in_session = |session: &'static str| {
-        c.post(gw.url("/v1/messages"))
-            .header("x-api-key", &key.key)
+        messages_request(&gw, &key)
             .header("x-claude-code-session-id", session)
             .body(messages_body("m", false, 1))
             .send()
@@ -270,13 +261,7 @@ async fn session_affinity_keeps_a_session_on_one_endpoint() {
     assert!(used >= 2, "four sessions all on one endpoint");
     let before: Vec<usize> = mocks.iter().map(|m| m.received().len()).collect();
     for _ in 0..9 {
-        let r = c
-            .post(gw.url("/v1/messages"))
-            .header("x-api-key", &key.key)
-            .body(r#"{"model":"m","max_tokens":1}"#)
-            .send()
-            .await
-            .unwrap();
+        let r = messages_request(&gw, &key).body(r#"{"model":"m","max_tokens":1}"#).send().await.unwrap();
         assert_eq!(r.status(), 200);
     }
     let grew = mocks.iter().zip(&before).filter(|(m, b)| m.received().len() > **b).count();
@@ -356,15 +341,8 @@ async fn weights_and_credentials_spread_the_load() {
         second_secret.display()
     );
     let gw = start_gateway(&pool_config(&endpoints, &extra, &key));
-    let c = client();
     for _ in 0..40 {
-        let r = c
-            .post(gw.url("/v1/messages"))
-            .header("x-api-key", &key.key)
-            .body(messages_body("m", false, 1))
-            .send()
-            .await
-            .unwrap();
+        let r = messages_request(&gw, &key).body(messages_body("m", false, 1)).send().await.unwrap();
         assert_eq!(r.status(), 200);
     }
     let (h, l) = (heavy.received(), light.received());
@@ -401,14 +379,7 @@ async fn attempts_and_the_deadline_are_bounded() {
         key.hash
     );
     let gw = start_gateway(&config);
-    let c = client();
-    let resp = c
-        .post(gw.url("/v1/messages"))
-        .header("x-api-key", &key.key)
-        .body(messages_body("m", false, 1))
-        .send()
-        .await
-        .unwrap();
+    let resp = messages_request(&gw, &key).body(messages_body("m", false, 1)).send().await.unwrap();
     assert_eq!(resp.status(), 503, "the last provider error comes back");
     assert_eq!((mocks[0].received().len(), mocks[1].received().len(), mocks[2].received().len()), (1, 1, 0));
 
@@ -416,13 +387,7 @@ async fn attempts_and_the_deadline_are_bounded() {
     // a second, not after the provider's ten-second first-byte timeout.
     mocks[0].set_behavior(Behavior { header_delay: Duration::from_secs(5), ..Behavior::default() });
     let started = std::time::Instant::now();
-    let resp = c
-        .post(gw.url("/v1/messages"))
-        .header("x-api-key", &key.key)
-        .body(messages_body("slow", false, 1))
-        .send()
-        .await
-        .unwrap();
+    let resp = messages_request(&gw, &key).body(messages_body("slow", false, 1)).send().await.unwrap();
     let took = started.elapsed();
     assert_eq!(resp.status(), 504);
     assert!(took < Duration::from_secs(3), "took {took:?}");

@@ -9,9 +9,7 @@ use common::*;
 
 /// A stream of about 1.8 s: 9 events, 200 ms apart.
 async fn slow_stream(gw: &Gateway, key: &TestKey) -> reqwest::Response {
-    let resp = client()
-        .post(gw.url("/v1/messages"))
-        .header("x-api-key", &key.key)
+    let resp = messages_request(&gw, &key)
         .header("x-mock-delay-ms", "200")
         .body(messages_body("m", true, 10))
         .send()
@@ -64,7 +62,6 @@ async fn binary_upgrade_hands_over_the_listener_without_dropping_a_stream() {
     let key = new_key();
     let config = one_provider_config(&mock.url(), &key);
     let mut old = start_gateway(&config);
-    let c = client();
     let mut stream = slow_stream(&old, &key).await;
     stream.chunk().await.unwrap().unwrap();
 
@@ -81,12 +78,7 @@ async fn binary_upgrade_hands_over_the_listener_without_dropping_a_stream() {
 
     // Requests keep being answered throughout, now by the new process.
     for _ in 0..10 {
-        let r = c
-            .post(old.url("/v1/messages"))
-            .header("x-api-key", &key.key)
-            .body(messages_body("m", false, 1))
-            .send()
-            .await;
+        let r = messages_request(&old, &key).body(messages_body("m", false, 1)).send().await;
         assert_eq!(r.expect("the port keeps accepting").status(), 200);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -98,13 +90,7 @@ async fn binary_upgrade_hands_over_the_listener_without_dropping_a_stream() {
     assert!(rest.ends_with(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
     let status = old.stop();
     assert!(status.success(), "{status:?}");
-    let r = c
-        .post(old.url("/v1/messages"))
-        .header("x-api-key", &key.key)
-        .body(messages_body("m", false, 1))
-        .send()
-        .await
-        .unwrap();
+    let r = messages_request(&old, &key).body(messages_body("m", false, 1)).send().await.unwrap();
     assert_eq!(r.status(), 200, "the new process serves after the old one left");
     let _ = std::process::Command::new("kill").args(["-TERM", &new.id().to_string()]).status();
     let _ = new.wait();

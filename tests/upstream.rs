@@ -103,13 +103,7 @@ async fn untrusted_upstream_certificate_is_a_502() {
     // No ca_file: the system roots do not know the test CA.
     let config = tls_provider(mock.addr.port(), None, &key);
     let gw = start_gateway(&config);
-    let resp = client()
-        .post(gw.url("/v1/messages"))
-        .header("x-api-key", &key.key)
-        .body(messages_body("claude-sonnet-4-5", false, 10))
-        .send()
-        .await
-        .unwrap();
+    let resp = messages_request(&gw, &key).body(messages_body("claude-sonnet-4-5", false, 10)).send().await.unwrap();
     assert_eq!(resp.status(), 502);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["type"], "api_error");
@@ -157,9 +151,8 @@ hash = "{hash}"
         hash = key.hash
     );
     let gw = start_gateway(&config);
-    let c = client();
     let send = |model: &str, stream: bool, headers: &[(&str, &str)]| {
-        let mut r = c.post(gw.url("/v1/messages")).header("x-api-key", &key.key).body(messages_body(model, stream, 10));
+        let mut r = messages_request(&gw, &key).body(messages_body(model, stream, 10));
         for (k, v) in headers {
             r = r.header(*k, *v);
         }

@@ -167,6 +167,11 @@ pub fn one_provider_config(url: &str, key: &TestKey) -> String {
     )
 }
 
+/// A Messages request to `gw` carrying `key`, ready for a body and more headers.
+pub fn messages_request(gw: &Gateway, key: &TestKey) -> reqwest::RequestBuilder {
+    client().post(gw.url("/v1/messages")).header("x-api-key", &key.key)
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
