@@ -9,7 +9,7 @@ use common::*;
 
 /// A stream of about 1.8 s: 9 events, 200 ms apart.
 async fn slow_stream(gw: &Gateway, key: &TestKey) -> reqwest::Response {
-    let resp = messages_request(&gw, &key)
+    let resp = messages_request(gw, key)
         .header("x-mock-delay-ms", "200")
         .body(messages_body("m", true, 10))
         .send()
