@@ -127,7 +127,7 @@ fn routing_and_keys(c: &mut Criterion) {
         text += &format!("[[key]]\nid = \"k{i}\"\nhash = \"{hash}\"\nteam = \"t{}\"\n", i % 20);
         presented = key;
     }
-    let keys = KeyStore::from_config(&load_str(&text, "keys.toml").unwrap().keys).unwrap();
+    let keys = KeyStore::build(&load_str(&text, "keys.toml").unwrap().keys, &[]).unwrap();
     let header = presented.as_bytes().to_vec();
     c.bench_function("key_lookup_10k_keys", |b| {
         b.iter(|| {

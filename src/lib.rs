@@ -6,7 +6,9 @@
 pub mod admin;
 pub mod audit;
 pub mod auth;
+pub mod cli;
 pub mod config;
+pub mod limits;
 pub mod metering;
 pub mod metrics;
 pub mod mock;
@@ -14,4 +16,6 @@ pub mod protocol;
 pub mod providers;
 pub mod proxy;
 pub mod routing;
+pub mod runtime;
 pub mod server;
+pub mod store;

@@ -38,12 +38,154 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Usage and spend from the ledger.
+    Usage {
+        /// Comma-separated: key, user, team, model, day.
+        #[arg(long, default_value = "team")]
+        group_by: String,
+        /// A date (2026-11-01) or RFC 3339 time.
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        team: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Every budget in force, with spend and reservations now.
+    Budgets {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Make the running gateway read its config again (same as SIGHUP).
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(Subcommand)]
 enum KeysCommand {
-    /// Print a fresh key and the hash to paste into the config.
+    /// Print a fresh key and the hash to paste into the config (works offline).
     New,
+    /// List every key (config file and admin API) with its budget state.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Create a key through the admin API; its secret is printed once.
+    Create {
+        /// The key's id (generated when absent).
+        #[arg(long)]
+        id: Option<String>,
+        #[command(flatten)]
+        fields: KeyFields,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Show one key.
+    Show {
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Change a key's fields; the ones not given stay.
+    Update {
+        id: String,
+        #[command(flatten)]
+        fields: KeyFields,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Refuse the key from now on (reversible with `enable`).
+    Disable {
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    Enable {
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Give the key a new secret; the old one stops working at once.
+    Rotate {
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    Delete {
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// Where the admin API is and how to print its answers.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The admin API's base URL; by default the config's admin.address.
+    #[arg(long, env = "TOLLGATE_ADMIN_URL")]
+    admin_url: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct KeyFields {
+    #[arg(long)]
+    user: Option<String>,
+    #[arg(long)]
+    team: Option<String>,
+    /// Model names or globs the key may use, comma-separated ("" for all).
+    #[arg(long)]
+    models: Option<String>,
+    /// Budget in USD ("none" removes it).
+    #[arg(long)]
+    budget: Option<String>,
+    /// Budget period: daily, weekly, monthly or none.
+    #[arg(long, default_value = "monthly")]
+    period: String,
+    #[arg(long)]
+    rpm: Option<u32>,
+    #[arg(long)]
+    input_tpm: Option<u64>,
+    #[arg(long)]
+    output_tpm: Option<u64>,
+    #[arg(long)]
+    concurrency: Option<u32>,
+    /// RFC 3339 expiry ("never" removes it).
+    #[arg(long)]
+    expires: Option<String>,
+    /// Metadata entries, `name=value`, repeatable.
+    #[arg(long = "meta")]
+    meta: Vec<String>,
+}
+
+impl KeyFields {
+    fn into_input(self) -> tollgate::cli::KeyFields {
+        tollgate::cli::KeyFields {
+            user: self.user,
+            team: self.team,
+            models: self.models,
+            budget: self.budget,
+            period: self.period,
+            rpm: self.rpm,
+            input_tpm: self.input_tpm,
+            output_tpm: self.output_tpm,
+            concurrency: self.concurrency,
+            expires: self.expires,
+            meta: self.meta,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -58,7 +200,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match tollgate::server::run(config, upgrade) {
+            match tollgate::server::run(config, Some(cli.config.clone()), upgrade) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -67,17 +209,61 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { file } => check(file.as_deref().unwrap_or(&cli.config)),
-        Command::Keys { command: KeysCommand::New } => {
-            let (key, hash) = tollgate::auth::generate_key();
-            println!("key:  {key}");
-            println!("hash: {hash}");
-            println!();
-            println!("Give the key to its owner (it is not stored anywhere); put the hash in the config:");
-            println!();
-            println!("[[key]]\nid = \"CHANGE-ME\"\nhash = \"{hash}\"");
+        Command::Keys { command: KeysCommand::New } => new_key(),
+        Command::Keys { command } => {
+            use tollgate::cli::Call;
+            let (call, admin) = match command {
+                KeysCommand::New => unreachable!("handled above"),
+                KeysCommand::List { admin } => (Call::ListKeys, admin),
+                KeysCommand::Create { id, fields, admin } => {
+                    (Call::CreateKey { id, fields: fields.into_input() }, admin)
+                }
+                KeysCommand::Show { id, admin } => (Call::ShowKey(id), admin),
+                KeysCommand::Update { id, fields, admin } => {
+                    (Call::UpdateKey { id, fields: fields.into_input() }, admin)
+                }
+                KeysCommand::Disable { id, admin } => (Call::KeyAction(id, "disable"), admin),
+                KeysCommand::Enable { id, admin } => (Call::KeyAction(id, "enable"), admin),
+                KeysCommand::Rotate { id, admin } => (Call::KeyAction(id, "rotate"), admin),
+                KeysCommand::Delete { id, admin } => (Call::DeleteKey(id), admin),
+            };
+            admin_call(&cli.config, admin, call)
+        }
+        Command::Usage { group_by, from, to, key, user, team, model, admin } => {
+            let filters = [("key", key), ("user", user), ("team", team), ("model", model)];
+            let mut query = vec![("group_by".to_string(), group_by)];
+            query.extend(from.map(|f| ("from".to_string(), f)));
+            query.extend(to.map(|t| ("to".to_string(), t)));
+            query.extend(filters.into_iter().filter_map(|(k, v)| v.map(|v| (k.to_string(), v))));
+            admin_call(&cli.config, admin, tollgate::cli::Call::Usage(query))
+        }
+        Command::Budgets { admin } => admin_call(&cli.config, admin, tollgate::cli::Call::Budgets),
+        Command::Reload { admin } => admin_call(&cli.config, admin, tollgate::cli::Call::Reload),
+    }
+}
+
+fn admin_call(config: &std::path::Path, admin: AdminArgs, call: tollgate::cli::Call) -> ExitCode {
+    match tollgate::cli::run(config, admin.admin_url.as_deref(), admin.json, call) {
+        Ok(out) => {
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
             ExitCode::SUCCESS
         }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+fn new_key() -> ExitCode {
+    let (key, hash) = tollgate::auth::generate_key();
+    println!("key:  {key}");
+    println!("hash: {hash}");
+    println!();
+    println!("Give the key to its owner (it is not stored anywhere); put the hash in the config:");
+    println!();
+    println!("[[key]]\nid = \"CHANGE-ME\"\nhash = \"{hash}\"");
+    ExitCode::SUCCESS
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
@@ -91,7 +277,7 @@ fn check(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let state = match tollgate::proxy::State::build(&config) {
+    let state = match tollgate::proxy::State::build(&config, None) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {}: {e}", path.display());
@@ -104,7 +290,7 @@ fn check(path: &std::path::Path) -> ExitCode {
         "{} listener(s), {} provider(s), {} key(s)",
         config.listeners.len(),
         state.providers.len(),
-        state.keys.len()
+        config.keys.len()
     );
     let _ = writeln!(out, "routes:");
     for m in &config.models {

@@ -20,6 +20,10 @@ pub struct Metrics {
     pub fallbacks: IntCounterVec,
     pub cooldowns: IntCounterVec,
     pub endpoint_up: IntGaugeVec,
+    pub refused: IntCounterVec,
+    pub budget_remaining: prometheus::GaugeVec,
+    pub limit_remaining: IntGaugeVec,
+    pub ledger_queue: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] =
@@ -89,6 +93,25 @@ impl Metrics {
             &["provider", "endpoint"],
         )
         .unwrap();
+        let refused = IntCounterVec::new(
+            Opts::new("tollgate_refused_total", "Requests refused by a budget or rate limit, by reason"),
+            &["reason"],
+        )
+        .unwrap();
+        let budget_remaining = prometheus::GaugeVec::new(
+            Opts::new(
+                "tollgate_budget_remaining_usd",
+                "Budget left in the current period (limit minus spend and reservations in flight), per team and user",
+            ),
+            &["scope", "id"],
+        )
+        .unwrap();
+        let limit_remaining = IntGaugeVec::new(
+            Opts::new("tollgate_rate_limit_remaining", "Headroom of a team's or user's rate limits, by limit"),
+            &["scope", "id", "limit"],
+        )
+        .unwrap();
+        let ledger_queue = IntGauge::new("tollgate_ledger_queue", "Ledger rows waiting to be committed").unwrap();
         let audit_dropped =
             IntCounter::new("tollgate_audit_dropped_total", "Usage records dropped because the audit queue was full")
                 .unwrap();
@@ -106,6 +129,10 @@ impl Metrics {
             Box::new(fallbacks.clone()),
             Box::new(cooldowns.clone()),
             Box::new(endpoint_up.clone()),
+            Box::new(refused.clone()),
+            Box::new(budget_remaining.clone()),
+            Box::new(limit_remaining.clone()),
+            Box::new(ledger_queue.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -124,6 +151,10 @@ impl Metrics {
             fallbacks,
             cooldowns,
             endpoint_up,
+            refused,
+            budget_remaining,
+            limit_remaining,
+            ledger_queue,
         }
     }
 

@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
 use pingora::apps::http_app::HttpServer;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
@@ -15,29 +14,39 @@ use pingora::services::listening::Service;
 use prometheus::IntGauge;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::admin::AdminApp;
+use crate::admin::Admin;
 use crate::audit::AuditWriter;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::proxy::{Gateway, State};
+use crate::proxy::Gateway;
+use crate::runtime::Runtime;
+use crate::store::{SqliteStore, Store};
 
 /// Read buffer per client connection.
 const LISTENER_READ_BUFFER: usize = 8 << 10;
 
 /// Runs until SIGTERM (graceful: in-flight requests get `server.grace_period`) or SIGINT.
 /// With `upgrade`, takes the listening sockets over from a running instance (SIGQUIT it).
-pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
+/// SIGHUP (`systemctl reload`) reloads `config_path`.
+pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: bool) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let state = State::build(&config).map_err(anyhow::Error::msg)?;
-    for p in &state.providers {
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&config.store.path, config.store.flush_interval)
+            .with_context(|| format!("store {}", config.store.path.display()))?,
+    );
+    let runtime =
+        Arc::new(Runtime::new(config, config_path, store.clone(), metrics.clone()).map_err(anyhow::Error::msg)?);
+    // The config as it was at start; listeners and threads stay as they are until a restart.
+    let config = runtime.config().clone();
+    let providers = runtime.state.load().providers.clone();
+    for p in &providers {
         p.resolve_blocking();
         if let Some(reason) = p.unready_reason() {
             tracing::warn!("{reason}; requests routed to it will fail until this is fixed");
         }
     }
-    let providers = state.providers.clone();
-    let shared = Arc::new(ArcSwap::from_pointee(state));
     let (audit, audit_writer) = crate::audit::start(&config.audit, metrics.audit_dropped.clone())?;
+    watch_hangup(runtime.clone())?;
 
     let conf = ServerConf {
         threads: config.server.threads,
@@ -53,7 +62,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     server.bootstrap();
 
     let metrics_in_flight = metrics.in_flight.clone();
-    let gateway = Gateway::new(shared.clone(), &config.server, audit, metrics.clone());
+    let gateway = Gateway::new(runtime.clone(), &config.server, audit, metrics.clone());
     let mut proxy = pingora_proxy::http_proxy_service_with_name(&server.configuration, gateway, "tollgate");
     for l in &config.listeners {
         let addr = l.address.get_ref();
@@ -73,8 +82,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     server.add_service(proxy);
 
     if let Some(admin) = &config.admin {
-        let mut service =
-            Service::new("tollgate-admin".into(), HttpServer::new_app(AdminApp { state: shared, metrics }));
+        let mut service = Service::new("tollgate-admin".into(), HttpServer::new_app(Admin::new(runtime.clone())));
         service.threads = Some(1);
         service.add_tcp(admin.address.get_ref());
         tracing::info!(address = %admin.address.get_ref(), "admin listening");
@@ -85,12 +93,34 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     }
 
     let audit_writer = Arc::new(Mutex::new(Some(audit_writer)));
-    watch_drain(&server, metrics_in_flight, config.server.grace_period, audit_writer.clone());
+    watch_drain(&server, metrics_in_flight, config.server.grace_period, audit_writer.clone(), store.clone());
     server.run(RunArgs::default());
-    tracing::info!("stopped; flushing the audit log");
+    tracing::info!("stopped; flushing the audit log and the ledger");
     if let Some(w) = audit_writer.lock().unwrap().take() {
         w.shutdown();
     }
+    store.close();
+    Ok(())
+}
+
+/// Reloads the config on SIGHUP. The handler is installed here, before any listener opens, so
+/// a SIGHUP can never find the default action (terminate) in place.
+fn watch_hangup(runtime: Arc<Runtime>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut hangups = rt.block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) })?;
+    std::thread::Builder::new().name("tollgate-reload".into()).spawn(move || {
+        rt.block_on(async move {
+            while hangups.recv().await.is_some() {
+                let r = runtime.clone();
+                // Reading files and the store: off the runtime's thread.
+                match tokio::task::spawn_blocking(move || r.reload()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "config reload refused; the running config stays"),
+                    Err(e) => tracing::error!(error = %e, "config reload failed"),
+                }
+            }
+        })
+    })?;
     Ok(())
 }
 
@@ -100,7 +130,13 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
 /// with nothing in flight; with a grace period long enough for real streams (minutes) every
 /// stop would take that long. This watches for the grace period to start, waits until no request
 /// is in flight (or the grace period ends), flushes the audit log and exits.
-fn watch_drain(server: &Server, in_flight: IntGauge, grace: Duration, audit: Arc<Mutex<Option<AuditWriter>>>) {
+fn watch_drain(
+    server: &Server,
+    in_flight: IntGauge,
+    grace: Duration,
+    audit: Arc<Mutex<Option<AuditWriter>>>,
+    store: Arc<dyn Store>,
+) {
     let mut phases = server.watch_execution_phase();
     std::thread::Builder::new()
         .name("tollgate-drain".into())
@@ -111,10 +147,11 @@ fn watch_drain(server: &Server, in_flight: IntGauge, grace: Duration, audit: Arc
                     while in_flight.get() > 0 && Instant::now() < deadline {
                         std::thread::sleep(Duration::from_millis(20));
                     }
-                    tracing::info!(in_flight = in_flight.get(), "drained; flushing the audit log");
+                    tracing::info!(in_flight = in_flight.get(), "drained; flushing the audit log and the ledger");
                     if let Some(w) = audit.lock().unwrap().take() {
                         w.shutdown();
                     }
+                    store.close();
                     std::process::exit(0);
                 }
                 Ok(_) | Err(RecvError::Lagged(_)) => {}

@@ -1,23 +1,41 @@
-//! The admin listener: Prometheus metrics and health probes. Keep it off public networks.
+//! The admin listener: Prometheus metrics, health probes, and the `/admin/` API (keys, usage,
+//! budgets, reload) behind a bearer token. Keep it off public networks.
 
+mod keys;
+mod reports;
+
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use http::{Response, StatusCode};
+use bytes::BytesMut;
+use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
+use serde_json::{json, Value};
 
-use crate::metrics::Metrics;
+use crate::limits::{rfc3339, Limiter, ScopeKind, ScopeStatus};
+use crate::metering::usd;
 use crate::providers::now_ms;
-use crate::proxy::SharedState;
+use crate::runtime::Runtime;
 
-pub struct AdminApp {
-    pub state: SharedState,
-    pub metrics: Arc<Metrics>,
+/// Admin request bodies are small JSON documents.
+const MAX_BODY: usize = 64 << 10;
+
+pub struct Admin {
+    runtime: Arc<Runtime>,
 }
 
-fn json(status: StatusCode, value: serde_json::Value) -> Response<Vec<u8>> {
-    let body = serde_json::to_vec(&value).expect("JSON values serialize");
+impl Admin {
+    pub fn new(runtime: Arc<Runtime>) -> Self {
+        Admin { runtime }
+    }
+}
+
+type Reply = Response<Vec<u8>>;
+
+fn ok(status: u16, value: Value) -> Reply {
+    let body = serde_json::to_vec_pretty(&value).expect("JSON values serialize");
     Response::builder()
         .status(status)
         .header(http::header::CONTENT_TYPE, "application/json")
@@ -26,10 +44,139 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Vec<u8>> {
         .expect("valid response")
 }
 
-impl AdminApp {
+/// An error in the same shape as the proxy's.
+fn error(status: u16, kind: &str, message: impl Into<String>) -> Reply {
+    ok(status, json!({"type": "error", "error": {"type": kind, "message": message.into()}}))
+}
+
+/// A scope's budget and limits as the API shows them; money as exact decimal strings.
+fn status_json(s: &ScopeStatus) -> Value {
+    let mut v = json!({ "in_flight": s.in_flight });
+    if let Some(limit) = s.limit_nanos {
+        v["budget"] = json!({
+            "limit_usd": usd(limit),
+            "spent_usd": usd(s.spent_nanos),
+            "reserved_usd": usd(s.reserved_nanos),
+            "remaining_usd": usd(limit.saturating_sub(s.spent_nanos).saturating_sub(s.reserved_nanos)),
+            "period": s.period,
+            "period_start": s.period_start_ms.map(rfc3339),
+            "resets_at": s.resets_at_ms.map(rfc3339),
+        });
+    }
+    if let Some(r) = s.requests_remaining {
+        v["requests_remaining"] = json!(r);
+    }
+    if let Some(r) = s.input_tokens_remaining {
+        v["input_tokens_remaining"] = json!(r);
+    }
+    if let Some(r) = s.output_tokens_remaining {
+        v["output_tokens_remaining"] = json!(r);
+    }
+    v
+}
+
+/// Compares in time independent of where the first difference is.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn percent_decode(s: &str) -> String {
+    form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned()).unwrap_or_default()
+}
+
+impl Admin {
+    fn authorized(&self, session: &ServerSession) -> Result<(), Reply> {
+        let Some(token) = self.runtime.admin_token.load_full() else {
+            return Err(error(401, "authentication_error", "the admin API is closed: set admin.token in the config"));
+        };
+        let presented = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim);
+        match presented {
+            Some(p) if same_secret(p.as_bytes(), token.expose().as_bytes()) => Ok(()),
+            Some(_) => Err(error(401, "authentication_error", "invalid admin token")),
+            None => Err(error(401, "authentication_error", "send the admin token as Authorization: Bearer <token>")),
+        }
+    }
+
+    async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Reply> {
+        let mut body = BytesMut::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > MAX_BODY {
+                        return Err(error(
+                            413,
+                            "request_too_large",
+                            format!("admin bodies are at most {MAX_BODY} bytes"),
+                        ));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(body.to_vec()),
+                Err(e) => return Err(error(400, "invalid_request_error", format!("cannot read the body: {e}"))),
+            }
+        }
+    }
+
+    /// `/admin/...`: authenticated, then routed by method and path.
+    async fn api(&self, session: &mut ServerSession, path: &str) -> Reply {
+        if let Err(r) = self.authorized(session) {
+            return r;
+        }
+        let method = session.req_header().method.clone();
+        let params: HashMap<String, String> = session
+            .req_header()
+            .uri
+            .query()
+            .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+            .unwrap_or_default();
+        let body = match method {
+            Method::POST | Method::PATCH | Method::PUT => match Self::read_body(session).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            },
+            _ => Vec::new(),
+        };
+        let segments: Vec<String> =
+            path.trim_start_matches("/admin/").split('/').filter(|s| !s.is_empty()).map(percent_decode).collect();
+        let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+        let body_or_empty = if body.is_empty() { &b"{}"[..] } else { &body[..] };
+        match (&method, segs.as_slice()) {
+            (&Method::GET, ["keys"]) => self.list_keys(),
+            (&Method::POST, ["keys"]) => self.create_key(body_or_empty),
+            (&Method::GET, ["keys", id]) => self.show_key(id),
+            (&Method::PATCH, ["keys", id]) => self.update_key(id, body_or_empty),
+            (&Method::DELETE, ["keys", id]) => self.delete_key(id),
+            (&Method::POST, ["keys", id, "rotate"]) => self.rotate_key(id),
+            (&Method::POST, ["keys", id, "disable"]) => self.set_disabled(id, true),
+            (&Method::POST, ["keys", id, "enable"]) => self.set_disabled(id, false),
+            (&Method::GET, ["usage"]) => self.usage(&params),
+            (&Method::GET, ["budgets"]) => self.budgets(),
+            (&Method::POST, ["reload"]) => {
+                let rt = self.runtime.clone();
+                match tokio::task::spawn_blocking(move || rt.reload()).await {
+                    Ok(Ok(())) => ok(200, json!({"reloaded": true})),
+                    Ok(Err(e)) => {
+                        error(400, "invalid_request_error", format!("reload refused, the running config stays: {e}"))
+                    }
+                    Err(e) => error(500, "api_error", e.to_string()),
+                }
+            }
+            (_, ["keys"] | ["keys", _] | ["keys", _, _] | ["usage"] | ["budgets"] | ["reload"]) => {
+                error(405, "invalid_request_error", format!("{method} is not allowed on {path}"))
+            }
+            _ => error(404, "not_found_error", format!("no admin endpoint at {path}")),
+        }
+    }
+
     /// Pools and the health of each endpoint, as JSON.
-    fn status(&self) -> serde_json::Value {
-        let state = self.state.load();
+    fn status(&self) -> Value {
+        let state = self.runtime.state.load();
         let now = now_ms();
         let providers: Vec<_> = state
             .providers
@@ -41,7 +188,7 @@ impl AdminApp {
                     .map(|e| {
                         let cooling = e.passive.cooling_down_for(now);
                         let probe_up = p.pool.probed_healthy(e);
-                        serde_json::json!({
+                        json!({
                             "endpoint": e.label.clone(),
                             "address": e.address().map(|a| a.to_string()),
                             "dns_error": e.dns_error(),
@@ -55,7 +202,7 @@ impl AdminApp {
                         })
                     })
                     .collect();
-                serde_json::json!({
+                json!({
                     "provider": p.name,
                     "selection": p.pool.selection,
                     "credentials": p.credential_count(),
@@ -65,29 +212,56 @@ impl AdminApp {
                 })
             })
             .collect();
-        serde_json::json!({ "providers": providers })
+        json!({ "providers": providers })
     }
 
-    fn update_endpoint_gauges(&self) {
-        let state = self.state.load();
+    /// Gauges computed at scrape time rather than on the request path.
+    fn update_gauges(&self) {
+        let m = &self.runtime.metrics;
+        let state = self.runtime.state.load();
         let now = now_ms();
         for p in &state.providers {
             for e in &p.endpoints {
                 let up = p.pool.probed_healthy(e) && e.passive.available(now) && e.address().is_some();
-                self.metrics.endpoint_up.with_label_values(&[&p.name, &e.label]).set(up as i64);
+                m.endpoint_up.with_label_values(&[&p.name, &e.label]).set(up as i64);
             }
         }
+        // Teams and users come from the config, so these labels stay bounded.
+        for scope in self.runtime.scopes().iter().filter(|s| s.kind != ScopeKind::Key) {
+            let st = self.runtime.limiter.status(scope);
+            let (kind, id) = (scope.kind.name(), &*scope.id);
+            if let Some(limit) = st.limit_nanos {
+                let left = limit.saturating_sub(st.spent_nanos).saturating_sub(st.reserved_nanos);
+                m.budget_remaining.with_label_values(&[kind, id]).set(left as f64 / 1e9);
+            }
+            let l = scope.policy.limits;
+            let headroom = [
+                ("rpm", st.requests_remaining.map(|r| r as i64)),
+                ("input_tpm", st.input_tokens_remaining),
+                ("output_tpm", st.output_tokens_remaining),
+                ("concurrency", l.concurrency.map(|c| i64::from(c) - i64::from(st.in_flight))),
+            ];
+            for (limit, value) in headroom {
+                if let Some(v) = value {
+                    m.limit_remaining.with_label_values(&[kind, id, limit]).set(v);
+                }
+            }
+        }
+        m.ledger_queue.set(self.runtime.store.pending() as i64);
     }
 }
 
 #[async_trait]
-impl ServeHttp for AdminApp {
+impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
+        if path.starts_with("/admin/") {
+            return self.api(session, &path).await;
+        }
         match path.as_str() {
             "/metrics" => {
-                self.update_endpoint_gauges();
-                let body = self.metrics.render();
+                self.update_gauges();
+                let body = self.runtime.metrics.render();
                 Response::builder()
                     .status(StatusCode::OK)
                     .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
@@ -95,24 +269,18 @@ impl ServeHttp for AdminApp {
                     .body(body)
                     .expect("valid response")
             }
-            "/status" => json(StatusCode::OK, self.status()),
-            "/healthz" => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+            "/status" => ok(200, self.status()),
+            "/healthz" => ok(200, json!({"status": "ok"})),
             "/readyz" => {
-                let state = self.state.load();
+                let state = self.runtime.state.load();
                 let problems: Vec<String> = state.providers.iter().filter_map(|p| p.unready_reason()).collect();
                 if problems.is_empty() {
-                    json(StatusCode::OK, serde_json::json!({"status": "ready"}))
+                    ok(200, json!({"status": "ready"}))
                 } else {
-                    json(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        serde_json::json!({"status": "not ready", "problems": problems}),
-                    )
+                    ok(503, json!({"status": "not ready", "problems": problems}))
                 }
             }
-            _ => json(
-                StatusCode::NOT_FOUND,
-                serde_json::json!({"type": "error", "error": {"type": "not_found_error", "message": format!("no admin endpoint at {path}")}}),
-            ),
+            _ => error(404, "not_found_error", format!("no admin endpoint at {path}")),
         }
     }
 }

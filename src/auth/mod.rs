@@ -10,7 +10,9 @@ use std::time::SystemTime;
 use sha2::{Digest, Sha256};
 
 use crate::config::KeyConfig;
+use crate::limits::{BudgetConfig, Policy, RateLimits};
 use crate::routing::glob_match;
+use crate::store::StoredKey;
 
 pub const KEY_PREFIX: &str = "tg-";
 
@@ -64,16 +66,31 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// Where a key is defined: the config file (changed by editing it) or the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeySource {
+    Config,
+    Api,
+}
+
 /// Who is calling: the key and the people it belongs to.
 #[derive(Debug)]
 pub struct ApiKey {
     pub id: String,
+    /// The id again, shared with the limiter's scopes without a copy per request.
+    pub scope_id: Arc<str>,
     pub user: Option<String>,
     pub team: Option<String>,
     /// Globs over public model names; `None` allows every model.
     pub models: Option<Vec<String>>,
     pub expires: Option<SystemTime>,
     pub disabled: bool,
+    pub budget: Option<BudgetConfig>,
+    pub limits: RateLimits,
+    /// The key's own budget and limits, checked at load.
+    pub policy: Policy,
+    pub source: KeySource,
 }
 
 impl ApiKey {
@@ -104,29 +121,95 @@ pub enum AuthError {
     Expired(String),
 }
 
+/// Every key, by the hash of its secret. Built whole and swapped on each change.
 #[derive(Debug, Default)]
 pub struct KeyStore {
     by_hash: HashMap<KeyHash, Arc<ApiKey>>,
+    by_id: HashMap<String, Arc<ApiKey>>,
+}
+
+/// The live key store, shared by the proxy and the admin API.
+pub type SharedKeys = Arc<arc_swap::ArcSwap<KeyStore>>;
+
+fn policy(budget: Option<BudgetConfig>, limits: RateLimits) -> Result<Policy, String> {
+    limits.validate()?;
+    Ok(Policy { budget: budget.map(BudgetConfig::to_budget).transpose()?, limits })
 }
 
 impl KeyStore {
-    pub fn from_config(keys: &[KeyConfig]) -> Result<Self, String> {
-        let mut by_hash = HashMap::with_capacity(keys.len());
-        for k in keys {
-            let hash = parse_key_hash(k.hash.get_ref())?;
+    /// The config file's keys and the admin API's. A stored key whose id the config also
+    /// defines is skipped: the file wins.
+    pub fn build(config: &[KeyConfig], stored: &[StoredKey]) -> Result<Self, String> {
+        let mut store = KeyStore::default();
+        for k in config {
+            let id = k.id.get_ref().clone();
             let key = ApiKey {
-                id: k.id.get_ref().clone(),
+                scope_id: id.as_str().into(),
+                id,
                 user: k.user.clone(),
                 team: k.team.clone(),
                 models: k.models.clone(),
                 expires: k.expires.as_ref().map(|e| parse_expiry(e.get_ref())).transpose()?,
                 disabled: k.disabled,
+                budget: k.budget,
+                limits: k.limits,
+                policy: policy(k.budget, k.limits).map_err(|e| format!("key {:?}: {e}", k.id.get_ref()))?,
+                source: KeySource::Config,
             };
-            if by_hash.insert(hash, Arc::new(key)).is_some() {
-                return Err(format!("key {:?} has the same hash as another key", k.id.get_ref()));
-            }
+            store.insert(parse_key_hash(k.hash.get_ref())?, key)?;
         }
-        Ok(KeyStore { by_hash })
+        for k in stored {
+            if store.by_id.contains_key(&k.id) {
+                tracing::warn!(key = %k.id, "a key created through the admin API has the id of a config key; the config's wins");
+                continue;
+            }
+            // A stored key was checked when it was written; if it no longer passes, it is
+            // refused rather than stopping the gateway.
+            let (policy, bad) = match policy(k.budget, k.limits) {
+                Ok(p) => (p, false),
+                Err(e) => {
+                    tracing::error!(key = %k.id, error = %e, "stored key has an invalid policy; it is disabled");
+                    (Policy::default(), true)
+                }
+            };
+            let key = ApiKey {
+                scope_id: k.id.as_str().into(),
+                id: k.id.clone(),
+                user: k.user.clone(),
+                team: k.team.clone(),
+                models: k.models.clone(),
+                expires: k
+                    .expires_ms
+                    .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)),
+                disabled: k.disabled || bad,
+                budget: k.budget,
+                limits: k.limits,
+                policy,
+                source: KeySource::Api,
+            };
+            store.insert(k.hash, key)?;
+        }
+        Ok(store)
+    }
+
+    fn insert(&mut self, hash: KeyHash, key: ApiKey) -> Result<(), String> {
+        let key = Arc::new(key);
+        if self.by_hash.insert(hash, key.clone()).is_some() {
+            return Err(format!("key {:?} has the same hash as another key", key.id));
+        }
+        self.by_id.insert(key.id.clone(), key);
+        Ok(())
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Arc<ApiKey>> {
+        self.by_id.get(id)
+    }
+
+    /// Every key, sorted by id.
+    pub fn all(&self) -> Vec<Arc<ApiKey>> {
+        let mut keys: Vec<_> = self.by_id.values().cloned().collect();
+        keys.sort_by(|a, b| a.id.cmp(&b.id));
+        keys
     }
 
     pub fn len(&self) -> usize {

@@ -146,6 +146,30 @@ fn validate(c: &Config) -> Result<(), Invalid> {
         }
     }
 
+    c.controls.timezone.get_ref().parse::<chrono_tz::Tz>().map_err(|_| {
+        (
+            c.controls.timezone.span(),
+            format!("{:?} is not an IANA time zone (e.g. \"Europe/Paris\")", c.controls.timezone.get_ref()),
+        )
+    })?;
+    let budgets = c.keys.iter().map(|k| (k.id.span(), k.budget, k.limits));
+    let owners = c.teams.iter().chain(&c.users).map(|o| (o.id.span(), o.budget, o.limits));
+    let models = c.models.iter().map(|m| (m.name.span(), None, m.limits));
+    for (span, budget, limits) in budgets.chain(owners).chain(models) {
+        if let Some(b) = budget {
+            b.to_budget().map_err(|e| (span.clone(), e))?;
+        }
+        limits.validate().map_err(|e| (span, e))?;
+    }
+    for (what, list) in [("team", &c.teams), ("user", &c.users)] {
+        let mut seen = HashSet::new();
+        for o in list {
+            if !seen.insert(o.id.get_ref().as_str()) {
+                return Err((o.id.span(), format!("{what} {:?} is defined twice", o.id.get_ref())));
+            }
+        }
+    }
+
     for p in &c.prices {
         let mut rates = vec![p.input, p.output, p.cache_read, p.cache_write_5m, p.cache_write_1h];
         if let Some(l) = &p.long_context {
@@ -159,6 +183,7 @@ fn validate(c: &Config) -> Result<(), Invalid> {
 
     let positive = [
         ("audit.flush_interval", c.audit.flush_interval),
+        ("store.flush_interval", c.store.flush_interval),
         ("server.client_write_timeout", c.server.client_write_timeout),
         ("server.client_idle_timeout", c.server.client_idle_timeout),
     ]

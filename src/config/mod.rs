@@ -35,6 +35,75 @@ pub struct Config {
     /// Price overrides, same shape as the shipped table; they win over it.
     #[serde(default, rename = "price")]
     pub prices: Vec<PriceConfig>,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub controls: ControlsConfig,
+    /// Budgets and limits shared by every key of a team.
+    #[serde(default, rename = "team")]
+    pub teams: Vec<OwnerConfig>,
+    /// Budgets and limits shared by every key of a user.
+    #[serde(default, rename = "user")]
+    pub users: Vec<OwnerConfig>,
+}
+
+/// The embedded store: keys created at run time and the usage ledger.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The SQLite file. Relative paths are taken from the working directory.
+    pub path: PathBuf,
+    /// Ledger rows are committed at least this often: the most a crash can lose.
+    #[serde(deserialize_with = "duration")]
+    pub flush_interval: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { path: PathBuf::from("tollgate.db"), flush_interval: Duration::from_millis(200) }
+    }
+}
+
+/// What happens to a model without a price for a key with a budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unpriced {
+    /// Refused with 403: its cost could not be counted against the budget.
+    #[default]
+    Refuse,
+    /// Let through; it costs the budget nothing (and is counted as unpriced).
+    Allow,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlsConfig {
+    /// The IANA time zone budget periods and report days are cut in.
+    pub timezone: Spanned<String>,
+    pub unpriced: Unpriced,
+}
+
+impl Default for ControlsConfig {
+    fn default() -> Self {
+        ControlsConfig { timezone: Spanned::new(0..0, "UTC".into()), unpriced: Unpriced::Refuse }
+    }
+}
+
+impl ControlsConfig {
+    pub fn tz(&self) -> chrono_tz::Tz {
+        self.timezone.get_ref().parse().unwrap_or(chrono_tz::Tz::UTC)
+    }
+}
+
+/// A team's or a user's budget and limits.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnerConfig {
+    pub id: Spanned<String>,
+    #[serde(default)]
+    pub budget: Option<crate::limits::BudgetConfig>,
+    #[serde(default)]
+    pub limits: crate::limits::RateLimits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +163,10 @@ pub struct TlsConfig {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub address: Spanned<String>,
+    /// The bearer token the `/admin/` API requires. Without it, that API is closed; metrics
+    /// and health probes stay open.
+    #[serde(default)]
+    pub token: Option<Spanned<SecretRef>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -273,6 +346,9 @@ pub struct ModelConfig {
     /// prompt as too long.
     #[serde(default)]
     pub context_fallback: Option<Spanned<String>>,
+    /// Rate limits over all requests to this model, whoever sends them.
+    #[serde(default)]
+    pub limits: crate::limits::RateLimits,
 }
 
 fn default_max_attempts() -> usize {
@@ -309,6 +385,10 @@ pub struct KeyConfig {
     pub expires: Option<Spanned<toml::value::Datetime>>,
     #[serde(default)]
     pub disabled: bool,
+    #[serde(default)]
+    pub budget: Option<crate::limits::BudgetConfig>,
+    #[serde(default)]
+    pub limits: crate::limits::RateLimits,
 }
 
 /// USD per million tokens for each token class.

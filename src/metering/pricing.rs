@@ -79,6 +79,20 @@ impl Price {
     }
 }
 
+impl Price {
+    /// The most a request can cost with a prompt of at most `prompt_tokens` and at most
+    /// `output_tokens` generated: every prompt token at the dearest prompt rate (usually a
+    /// 1-hour cache write), at the long-context rates when the prompt may cross their threshold.
+    pub fn worst_case_nanos(&self, prompt_tokens: u64, output_tokens: u64) -> u64 {
+        let r = match self.long_context {
+            Some((threshold, long)) if prompt_tokens > threshold => long,
+            _ => self.rates,
+        };
+        let prompt_rate = r.input.max(r.cache_read).max(r.cache_write_5m).max(r.cache_write_1h);
+        prompt_tokens.saturating_mul(prompt_rate).saturating_add(output_tokens.saturating_mul(r.output))
+    }
+}
+
 /// Formats nano-dollars as a decimal USD amount without rounding.
 pub fn usd(nanos: u64) -> String {
     let s = format!("{}.{:09}", nanos / 1_000_000_000, nanos % 1_000_000_000);
@@ -165,6 +179,26 @@ mod tests {
         let big = Usage { input_tokens: 200_001, output_tokens: 1, ..Default::default() };
         assert_eq!(p.cost_nanos(&small), 200_000 * 3000 + 15_000);
         assert_eq!(p.cost_nanos(&big), 200_001 * 6000 + 22_500);
+    }
+
+    #[test]
+    fn worst_case_bounds_every_split() {
+        let p = Price::from_config(&price(3.0, 15.0));
+        let worst = p.worst_case_nanos(1000, 100);
+        assert_eq!(worst, 1000 * 6000 + 100 * 15_000);
+        for (input, w5, w1, read) in
+            [(1000, 0, 0, 0), (0, 1000, 0, 0), (0, 0, 1000, 0), (0, 0, 0, 1000), (400, 300, 200, 100)]
+        {
+            let u = Usage {
+                input_tokens: input,
+                output_tokens: 100,
+                cache_read_input_tokens: read,
+                cache_creation_input_tokens: w5 + w1,
+                cache_creation_5m_input_tokens: w5,
+                cache_creation_1h_input_tokens: w1,
+            };
+            assert!(p.cost_nanos(&u) <= worst);
+        }
     }
 
     #[test]

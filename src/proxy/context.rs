@@ -33,6 +33,8 @@ pub struct RequestCtx {
     pub error: Option<String>,
     /// Every try at an endpoint, the abandoned ones first.
     pub attempts: Vec<super::AttemptRecord>,
+    /// The request's hold on its budgets and limits, settled when it ends.
+    pub reservation: Option<crate::limits::Reservation>,
 }
 
 impl RequestCtx {
@@ -57,6 +59,7 @@ impl RequestCtx {
             outcome: Outcome::Failed,
             error: None,
             attempts: Vec::new(),
+            reservation: None,
         }
     }
 

@@ -15,11 +15,13 @@ pub struct ApiError {
     pub outcome: Outcome,
     /// Close the client connection after answering (the request body was not read).
     pub close: bool,
+    /// Extra response headers (`retry-after`, `anthropic-ratelimit-*`).
+    pub headers: Vec<(String, String)>,
 }
 
 impl ApiError {
     fn new(status: u16, kind: &'static str, message: impl Into<String>, outcome: Outcome) -> Self {
-        ApiError { status, kind, message: message.into(), outcome, close: false }
+        ApiError { status, kind, message: message.into(), outcome, close: false, headers: Vec::new() }
     }
 
     pub fn invalid_request(message: impl Into<String>) -> Self {
@@ -56,6 +58,20 @@ impl ApiError {
         Self::new(504, "api_error", message, Outcome::Failed)
     }
 
+    /// A budget or rate limit said no: 429 `rate_limit_error` with `retry-after` when it frees
+    /// up by itself, 403 `permission_error` when the budget is spent until it resets.
+    pub fn refused(r: crate::limits::Refusal) -> Self {
+        let kind = if r.status == 429 { "rate_limit_error" } else { "permission_error" };
+        let mut e = Self::new(r.status, kind, r.message, Outcome::Rejected);
+        e.headers = r.headers;
+        if let Some(wait) = r.retry_after {
+            // Whole seconds, rounded up: a client retrying early is refused again.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            e.headers.push(("retry-after".into(), secs.to_string()));
+        }
+        e
+    }
+
     pub fn body(&self) -> Bytes {
         let v = serde_json::json!({
             "type": "error",
@@ -72,6 +88,9 @@ impl ApiError {
         let _ = h.insert_header(super::headers::REQUEST_ID_HEADER, request_id);
         if self.close {
             let _ = h.insert_header(http::header::CONNECTION, "close");
+        }
+        for (name, value) in &self.headers {
+            let _ = h.insert_header(name.clone(), value.as_str());
         }
         h
     }

@@ -34,43 +34,65 @@ pub use fallback::AttemptRecord;
 pub use headers::REQUEST_ID_HEADER;
 
 use crate::audit::AuditLog;
-use crate::auth::{presented_key, KeyStore};
-use crate::config::{Config, ServerConfig};
+use crate::auth::{presented_key, ApiKey};
+use crate::config::{Config, ServerConfig, Unpriced};
+use crate::limits::{Actual, Demand, Limiter, Owners, Policy, Reservation, Scope, ScopeKind};
 use crate::metering::{Outcome, PriceTable};
 use crate::metrics::Metrics;
 use crate::protocol::json_peek::{peek_request, replace_string_value};
 use crate::providers::Provider;
-use crate::routing::ModelTable;
+use crate::routing::{ModelTable, Route};
+use crate::runtime::Runtime;
+use crate::store::LedgerRow;
 
-/// Everything a request needs from the config, swapped whole on reload.
+/// Everything a request needs from the config (keys apart), swapped whole on reload.
 pub struct State {
-    pub keys: KeyStore,
     pub models: ModelTable,
     pub providers: Vec<Arc<Provider>>,
     pub prices: PriceTable,
+    pub owners: Owners,
+    pub unpriced: Unpriced,
     pub max_body_bytes: usize,
 }
 
 impl State {
-    pub fn build(config: &Config) -> Result<Self, String> {
+    /// Builds the snapshot. On a reload (`running` is the live one) providers are kept as they
+    /// run, with their pools and health: their sections apply at the next restart.
+    pub fn build(config: &Config, running: Option<&State>) -> Result<Self, String> {
         let prices = PriceTable::with_overrides(&config.prices)?;
         let mut providers = Vec::new();
         let mut by_name = HashMap::new();
+        let live = running.map(crate::runtime::providers_by_name);
         for p in &config.providers {
-            let provider =
-                Arc::new(Provider::from_config(p).map_err(|e| format!("provider {:?}: {e}", p.name.get_ref()))?);
+            let name = p.name.get_ref();
+            let provider = match &live {
+                Some(live) => live
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| format!("provider {name:?} is new: adding a provider needs a restart"))?,
+                None => Arc::new(Provider::from_config(p).map_err(|e| format!("provider {name:?}: {e}"))?),
+            };
             by_name.insert(provider.name.clone(), provider.clone());
             providers.push(provider);
         }
         Ok(State {
-            keys: KeyStore::from_config(&config.keys)?,
             models: ModelTable::build(&config.models, &by_name, &prices)?,
             providers,
             prices,
+            owners: Owners::build(&config.users, &config.teams)?,
+            unpriced: config.controls.unpriced,
             max_body_bytes: config.server.max_body_bytes,
         })
     }
 }
+
+/// Prompt tokens reserved beyond the body's size: what the provider adds around a prompt
+/// (the tool-use system prompt is a few hundred tokens).
+const PROMPT_OVERHEAD_TOKENS: u64 = 1024;
+
+/// Output reserved when `max_tokens` is missing or unreadable: the largest any current model
+/// can generate. (The provider refuses such a request anyway; this only keeps the bound.)
+const DEFAULT_MAX_OUTPUT: u64 = 128_000;
 
 /// The API endpoints the gateway serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +105,7 @@ enum Endpoint {
 pub type SharedState = Arc<ArcSwap<State>>;
 
 pub struct Gateway {
+    runtime: Arc<Runtime>,
     state: SharedState,
     connector: Connector,
     audit: AuditLog,
@@ -94,10 +117,11 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(state: SharedState, server: &ServerConfig, audit: AuditLog, metrics: Arc<Metrics>) -> Self {
+    pub fn new(runtime: Arc<Runtime>, server: &ServerConfig, audit: AuditLog, metrics: Arc<Metrics>) -> Self {
         let options = pingora::connectors::ConnectorOptions::new(server.upstream_pool_size);
         Gateway {
-            state,
+            state: runtime.state.clone(),
+            runtime,
             connector: Connector::new(Some(options)),
             audit,
             metrics,
@@ -133,8 +157,10 @@ impl Gateway {
             req.headers.get("x-api-key").map(|v| v.as_bytes()),
             req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes()),
         );
-        let key = state
+        let key = self
+            .runtime
             .keys
+            .load()
             .authenticate(presented, SystemTime::now())
             .map_err(|e| ApiError::authentication(e.to_string()))?;
         ctx.key = Some(key.clone());
@@ -157,6 +183,9 @@ impl Gateway {
             return Err(ApiError::permission(format!("API key {:?} may not use model {}", key.id, route.name)));
         }
         ctx.route = Some(route.clone());
+        if endpoint == Endpoint::Messages {
+            ctx.reservation = self.admit(&state, &key, &route, &requested, body.len(), peek.max_tokens)?;
+        }
         // Only session affinity needs the key; most requests never compute it.
         let affinity =
             route.deployments.iter().any(|d| d.provider.pool.selection == crate::providers::Selection::SessionAffinity);
@@ -164,6 +193,57 @@ impl Gateway {
         let request =
             fallback::Request { body, model_span, requested, affinity_key, metered: endpoint == Endpoint::Messages };
         self.forward(session, ctx, &state, route, request).await
+    }
+
+    /// Reserves the request's worst case on every budget and limit that applies to it: its
+    /// key, the key's user and team, and the model. `None` when nothing applies.
+    fn admit(
+        &self,
+        state: &State,
+        key: &ApiKey,
+        route: &Route,
+        requested: &str,
+        body_len: usize,
+        max_tokens: Option<u64>,
+    ) -> Result<Option<Reservation>, ApiError> {
+        let mut scopes = Vec::with_capacity(4);
+        if !key.policy.is_empty() {
+            scopes.push(Scope { kind: ScopeKind::Key, id: key.scope_id.clone(), policy: key.policy });
+        }
+        for (kind, owner, table) in
+            [(ScopeKind::User, &key.user, &state.owners.users), (ScopeKind::Team, &key.team, &state.owners.teams)]
+        {
+            if let Some((id, policy)) = owner.as_ref().and_then(|o| table.get(o)) {
+                if !policy.is_empty() {
+                    scopes.push(Scope { kind, id: id.clone(), policy: *policy });
+                }
+            }
+        }
+        if !route.limits.is_empty() {
+            let policy = Policy { budget: None, limits: route.limits };
+            scopes.push(Scope { kind: ScopeKind::Model, id: route.scope_id.clone(), policy });
+        }
+        if scopes.is_empty() {
+            return Ok(None);
+        }
+        let output_tokens = max_tokens.unwrap_or(DEFAULT_MAX_OUTPUT);
+        let worst_nanos = if scopes.iter().any(|s| s.policy.budget.is_some()) {
+            let prompt = body_len as u64 + PROMPT_OVERHEAD_TOKENS;
+            worst_case(state, route, requested, prompt, output_tokens)?
+        } else {
+            0
+        };
+        // Token limits reserve a typical prompt (about four bytes a token) and settle to the
+        // real count; only budgets need the strict bound.
+        let demand = Demand { worst_nanos, input_tokens: body_len as u64 / 4, output_tokens };
+        let limiter: Arc<dyn Limiter> = self.runtime.limiter.clone();
+        match limiter.admit(scopes, demand) {
+            Ok(r) => Ok(Some(r)),
+            Err(refusal) => {
+                self.metrics.refused.with_label_values(&[refusal.reason]).inc();
+                Err(ApiError::refused(refusal))
+            }
+        }
     }
 
     async fn answer_probe(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), ApiError> {
@@ -205,6 +285,33 @@ impl Gateway {
             let _ = session.write_response_body(Some(body), true).await;
         }
     }
+}
+
+/// The most the request can cost on any deployment it may be sent to, including the model it
+/// falls back to when the prompt is too long.
+fn worst_case(state: &State, route: &Route, requested: &str, prompt: u64, output: u64) -> Result<u64, ApiError> {
+    let fallback = route.context_fallback.as_deref().and_then(|f| state.models.resolve(f));
+    let mut worst = 0;
+    for d in route.deployments.iter().chain(fallback.iter().flat_map(|r| r.deployments.iter())) {
+        let price = match (&d.price, &d.model_id) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(_)) => None,
+            (None, None) => state.prices.lookup(requested),
+        };
+        match price {
+            Some(p) => worst = worst.max(p.worst_case_nanos(prompt, output)),
+            None if state.unpriced == Unpriced::Allow => {}
+            None => {
+                let model = d.model_id.as_deref().unwrap_or(requested);
+                return Err(ApiError::permission(format!(
+                    "model {} has no price, so its cost cannot be counted against a budget; the operator can add a \
+                     [[price]] for it or set controls.unpriced = \"allow\"",
+                    shorten(model)
+                )));
+            }
+        }
+    }
+    Ok(worst)
 }
 
 /// What keeps a session on one endpoint: Claude Code's session id, else `metadata.user_id`.
@@ -389,6 +496,18 @@ impl Gateway {
         }
         if !record.priced {
             m.unpriced.with_label_values(&[model, provider]).inc();
+        }
+        if let Some(r) = ctx.reservation.take() {
+            let u = &record.usage;
+            r.settle(Actual {
+                cost_nanos: record.cost_nanos,
+                input_tokens: u.input_tokens.saturating_add(u.cache_creation_input_tokens),
+                output_tokens: u.output_tokens,
+            });
+        }
+        // Requests without a key never reach a provider and cost nothing: the audit log has them.
+        if record.key_id.is_some() {
+            self.runtime.store.record(LedgerRow::from_record(&record));
         }
         self.audit.submit(record);
     }

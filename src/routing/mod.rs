@@ -33,6 +33,10 @@ pub struct Route {
     pub deadline: std::time::Duration,
     /// A model to retry with when the prompt is too long for this one.
     pub context_fallback: Option<String>,
+    /// Rate limits over every request to this model.
+    pub limits: crate::limits::RateLimits,
+    /// The name again, for the limiter's scope without a copy per request.
+    pub scope_id: Arc<str>,
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +70,8 @@ impl ModelTable {
                 max_attempts: m.max_attempts,
                 deadline: m.deadline,
                 context_fallback: m.context_fallback.as_ref().map(|f| f.get_ref().clone()),
+                limits: m.limits,
+                scope_id: m.name.get_ref().as_str().into(),
             });
             for n in std::iter::once(&m.name).chain(&m.aliases) {
                 table.exact.insert(n.get_ref().clone(), route.clone());

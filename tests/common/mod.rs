@@ -62,7 +62,8 @@ pub fn start_gateway_full(server_extra: &str, listener_extra: &str, config: &str
         "[server]\nthreads = 2\ngrace_period = \"5s\"\nupgrade_socket = \"{d}/upgrade.sock\"\npid_file = \"{d}/pid\"\n{server_extra}\n\
          [[listener]]\naddress = \"127.0.0.1:{port}\"\n{listener_extra}\n\
          [admin]\naddress = \"127.0.0.1:{admin_port}\"\n\
-         [audit]\npath = \"{audit}\"\nflush_interval = \"20ms\"\n\n{config}",
+         [audit]\npath = \"{audit}\"\nflush_interval = \"20ms\"\n\n\
+         [store]\npath = \"{d}/tollgate.db\"\nflush_interval = \"50ms\"\n\n{config}",
         d = dir.path().display(),
         audit = audit_path.display(),
     );

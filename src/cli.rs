@@ -1,0 +1,307 @@
+//! The admin commands of the `tollgate` CLI: calls to the admin API, printed as tables (or the
+//! API's JSON with `--json`). The API's address and token come from the same config file the
+//! gateway runs with, so on the gateway's host no flag is needed.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::{json, Map, Value};
+
+/// Key fields as given on the command line.
+#[derive(Debug, Default)]
+pub struct KeyFields {
+    pub user: Option<String>,
+    pub team: Option<String>,
+    pub models: Option<String>,
+    pub budget: Option<String>,
+    pub period: String,
+    pub rpm: Option<u32>,
+    pub input_tpm: Option<u64>,
+    pub output_tpm: Option<u64>,
+    pub concurrency: Option<u32>,
+    pub expires: Option<String>,
+    pub meta: Vec<String>,
+}
+
+impl KeyFields {
+    /// The JSON body of a create or update call: only the fields given.
+    fn to_json(&self) -> Result<Map<String, Value>, String> {
+        let mut m = Map::new();
+        if let Some(u) = &self.user {
+            m.insert("user".into(), json!(u));
+        }
+        if let Some(t) = &self.team {
+            m.insert("team".into(), json!(t));
+        }
+        if let Some(models) = &self.models {
+            let list: Vec<&str> = models.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+            m.insert("models".into(), if list.is_empty() { Value::Null } else { json!(list) });
+        }
+        if let Some(b) = &self.budget {
+            let v = if b == "none" {
+                Value::Null
+            } else {
+                let usd: f64 = b.parse().map_err(|_| format!("--budget {b:?} is not a USD amount"))?;
+                json!({ "usd": usd, "period": self.period })
+            };
+            m.insert("budget".into(), v);
+        }
+        let mut limits = Map::new();
+        for (name, v) in [
+            ("rpm", self.rpm.map(u64::from)),
+            ("input_tpm", self.input_tpm),
+            ("output_tpm", self.output_tpm),
+            ("concurrency", self.concurrency.map(u64::from)),
+        ] {
+            if let Some(v) = v {
+                limits.insert(name.into(), json!(v));
+            }
+        }
+        if !limits.is_empty() {
+            m.insert("limits".into(), Value::Object(limits));
+        }
+        if let Some(e) = &self.expires {
+            m.insert("expires".into(), if e == "never" { Value::Null } else { json!(e) });
+        }
+        if !self.meta.is_empty() {
+            let mut meta = Map::new();
+            for kv in &self.meta {
+                let (k, v) = kv.split_once('=').ok_or_else(|| format!("--meta {kv:?}: write name=value"))?;
+                meta.insert(k.into(), json!(v));
+            }
+            m.insert("metadata".into(), Value::Object(meta));
+        }
+        Ok(m)
+    }
+}
+
+/// One admin operation.
+pub enum Call {
+    ListKeys,
+    CreateKey {
+        id: Option<String>,
+        fields: KeyFields,
+    },
+    ShowKey(String),
+    UpdateKey {
+        id: String,
+        fields: KeyFields,
+    },
+    /// `disable`, `enable` or `rotate`.
+    KeyAction(String, &'static str),
+    DeleteKey(String),
+    Usage(Vec<(String, String)>),
+    Budgets,
+    Reload,
+}
+
+fn enc(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// Runs `call` against the admin API and returns what to print.
+pub fn run(config_path: &Path, admin_url: Option<&str>, raw_json: bool, call: Call) -> Result<String, String> {
+    let (base, token) = endpoint(config_path, admin_url)?;
+    let (method, path, body) = match &call {
+        Call::ListKeys => (reqwest::Method::GET, "/admin/keys".to_string(), None),
+        Call::CreateKey { id, fields } => {
+            let mut body = fields.to_json()?;
+            if let Some(id) = id {
+                body.insert("id".into(), json!(id));
+            }
+            (reqwest::Method::POST, "/admin/keys".into(), Some(Value::Object(body)))
+        }
+        Call::ShowKey(id) => (reqwest::Method::GET, format!("/admin/keys/{}", enc(id)), None),
+        Call::UpdateKey { id, fields } => {
+            (reqwest::Method::PATCH, format!("/admin/keys/{}", enc(id)), Some(Value::Object(fields.to_json()?)))
+        }
+        Call::KeyAction(id, action) => (reqwest::Method::POST, format!("/admin/keys/{}/{action}", enc(id)), None),
+        Call::DeleteKey(id) => (reqwest::Method::DELETE, format!("/admin/keys/{}", enc(id)), None),
+        Call::Usage(q) => {
+            let query: String = form_urlencoded::Serializer::new(String::new()).extend_pairs(q).finish();
+            (reqwest::Method::GET, format!("/admin/usage?{query}"), None)
+        }
+        Call::Budgets => (reqwest::Method::GET, "/admin/budgets".into(), None),
+        Call::Reload => (reqwest::Method::POST, "/admin/reload".into(), None),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let (status, value) = rt.block_on(async {
+        let client = reqwest::Client::new();
+        let mut req = client.request(method, format!("{base}{path}")).timeout(std::time::Duration::from_secs(30));
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = &body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| format!("cannot reach the admin API at {base}: {e}"))?;
+        let status = resp.status();
+        let value: Value = resp.json().await.map_err(|e| format!("the admin API sent no JSON: {e}"))?;
+        Ok::<_, String>((status, value))
+    })?;
+    if !status.is_success() {
+        let msg = value["error"]["message"].as_str().unwrap_or("no message");
+        return Err(format!("{} {msg}", status.as_u16()));
+    }
+    if raw_json {
+        return Ok(serde_json::to_string_pretty(&value).expect("JSON values serialize") + "\n");
+    }
+    Ok(match call {
+        Call::ListKeys => keys_table(value["keys"].as_array().map(Vec::as_slice).unwrap_or_default()),
+        Call::CreateKey { .. } | Call::KeyAction(_, "rotate") => {
+            let mut out = key_detail(&value);
+            let _ = writeln!(out, "\nsecret: {}", value["secret"].as_str().unwrap_or("?"));
+            out + "Give the secret to its owner now: it is not shown again.\n"
+        }
+        Call::ShowKey(_) | Call::UpdateKey { .. } | Call::KeyAction(..) => key_detail(&value),
+        Call::DeleteKey(id) => format!("deleted key {id}\n"),
+        Call::Usage(_) => usage_table(&value),
+        Call::Budgets => budgets_table(value["budgets"].as_array().map(Vec::as_slice).unwrap_or_default()),
+        Call::Reload => "reloaded\n".into(),
+    })
+}
+
+/// The admin API's URL and token: flags and environment first, then the config file.
+fn endpoint(config_path: &Path, admin_url: Option<&str>) -> Result<(String, Option<String>), String> {
+    let config = crate::config::load(config_path).ok();
+    let base = match admin_url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None => {
+            let admin = config
+                .as_ref()
+                .and_then(|c| c.admin.as_ref())
+                .ok_or_else(|| format!("no --admin-url given and {} has no [admin] section", config_path.display()))?;
+            format!("http://{}", admin.address.get_ref())
+        }
+    };
+    let token = match std::env::var("TOLLGATE_ADMIN_TOKEN") {
+        Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+        _ => match config.as_ref().and_then(|c| c.admin.as_ref()).and_then(|a| a.token.as_ref()) {
+            Some(r) => Some(r.get_ref().resolve().map_err(|e| format!("admin.token: {e}"))?.expose().to_string()),
+            None => None,
+        },
+    };
+    Ok((base, token))
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(text).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+/// Columns padded to their widest cell.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let _ = writeln!(out, "{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec(), &mut out);
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+fn budget_cell(status: &Value) -> String {
+    let b = &status["budget"];
+    if b.is_null() {
+        return "-".into();
+    }
+    format!("${} of ${} {}", text(&b["spent_usd"]), text(&b["limit_usd"]), text(&b["period"]))
+}
+
+fn keys_table(keys: &[Value]) -> String {
+    let rows = keys
+        .iter()
+        .map(|k| {
+            vec![
+                text(&k["id"]),
+                text(&k["source"]),
+                text(&k["user"]),
+                text(&k["team"]),
+                text(&k["models"]),
+                budget_cell(&k["status"]),
+                if k["disabled"].as_bool() == Some(true) { "disabled".into() } else { "active".into() },
+            ]
+        })
+        .collect();
+    table(&["ID", "SOURCE", "USER", "TEAM", "MODELS", "SPENT", "STATE"], rows)
+}
+
+fn key_detail(k: &Value) -> String {
+    let mut out = String::new();
+    for field in ["id", "source", "user", "team", "models", "expires", "disabled", "created", "updated"] {
+        if let Some(v) = k.get(field) {
+            let _ = writeln!(out, "{field:<9} {}", text(v));
+        }
+    }
+    let _ = writeln!(out, "{:<9} {}", "budget", budget_cell(&k["status"]));
+    if let Some(l) = k["limits"].as_object().filter(|l| !l.is_empty()) {
+        let parts: Vec<String> = l.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        let _ = writeln!(out, "{:<9} {}", "limits", parts.join(" "));
+    }
+    if let Some(m) = k["metadata"].as_object().filter(|m| !m.is_empty()) {
+        let _ = writeln!(out, "{:<9} {}", "metadata", Value::Object(m.clone()));
+    }
+    out
+}
+
+fn usage_table(v: &Value) -> String {
+    let groups: Vec<String> = v["group_by"].as_array().map(|g| g.iter().map(text).collect()).unwrap_or_default();
+    let mut header: Vec<String> = groups.iter().map(|g| g.to_uppercase()).collect();
+    header.extend(["REQUESTS", "INPUT", "OUTPUT", "CACHE READ", "CACHE WRITE", "COST USD"].map(String::from));
+    let rows: Vec<Vec<String>> = v["rows"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            let mut row: Vec<String> = groups.iter().map(|g| text(&r["group"][g])).collect();
+            let n = |f: &str| r[f].as_u64().unwrap_or(0);
+            row.extend([
+                n("requests").to_string(),
+                n("input_tokens").to_string(),
+                n("output_tokens").to_string(),
+                n("cache_read_tokens").to_string(),
+                (n("cache_write_5m_tokens") + n("cache_write_1h_tokens")).to_string(),
+                text(&r["cost_usd"]),
+            ]);
+            row
+        })
+        .collect();
+    let header_refs: Vec<&str> = header.iter().map(String::as_str).collect();
+    let mut out = table(&header_refs, rows);
+    let _ = writeln!(out, "total: ${} (days in {})", text(&v["total_cost_usd"]), text(&v["time_zone"]));
+    out
+}
+
+fn budgets_table(list: &[Value]) -> String {
+    let rows = list
+        .iter()
+        .map(|b| {
+            let d = &b["budget"];
+            vec![
+                text(&b["scope"]),
+                text(&b["id"]),
+                text(&d["period"]),
+                format!("${}", text(&d["limit_usd"])),
+                format!("${}", text(&d["spent_usd"])),
+                format!("${}", text(&d["reserved_usd"])),
+                format!("${}", text(&d["remaining_usd"])),
+                text(&d["resets_at"]),
+            ]
+        })
+        .collect();
+    table(&["SCOPE", "ID", "PERIOD", "LIMIT", "SPENT", "RESERVED", "REMAINING", "RESETS"], rows)
+}

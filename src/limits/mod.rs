@@ -1,0 +1,246 @@
+//! Budgets and rate limits: what a request may spend, and how fast.
+//!
+//! Admission reserves a request's worst case against every scope that applies to it (its key,
+//! the key's user and team, the model) and settlement replaces the reservation by what the
+//! request really used, on every path. The counters live behind [`Limiter`] so a shared backend
+//! can hold them for a fleet; [`LocalLimiter`] keeps them in this process's memory.
+
+mod local;
+mod period;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use local::{now_ms, LocalLimiter};
+pub use period::{rfc3339, Period};
+
+/// A spending cap over a period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub limit_nanos: u64,
+    pub period: Period,
+}
+
+/// How a budget is written in TOML and in the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    pub usd: f64,
+    #[serde(default)]
+    pub period: Period,
+}
+
+impl BudgetConfig {
+    pub fn to_budget(self) -> Result<Budget, String> {
+        if !self.usd.is_finite() || self.usd < 0.0 || self.usd > 1e9 {
+            return Err(format!("a budget is a USD amount between 0 and 1e9, not {}", self.usd));
+        }
+        Ok(Budget { limit_nanos: (self.usd * 1e9).round() as u64, period: self.period })
+    }
+}
+
+/// Rate limits of one scope; an absent limit does not apply. Tokens per minute count input
+/// tokens (plain and cache writes, as the provider's own limits do) and output tokens apart.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_tpm: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tpm: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+}
+
+impl RateLimits {
+    pub fn is_empty(&self) -> bool {
+        *self == RateLimits::default()
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let zero = [self.rpm.map(u64::from), self.input_tpm, self.output_tpm, self.concurrency.map(u64::from)]
+            .iter()
+            .any(|l| *l == Some(0));
+        if zero {
+            return Err("a rate limit of 0 would refuse everything: disable the key instead".into());
+        }
+        Ok(())
+    }
+}
+
+/// Budget and limits of one scope.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub budget: Option<Budget>,
+    pub limits: RateLimits,
+}
+
+impl Policy {
+    pub fn is_empty(&self) -> bool {
+        self.budget.is_none() && self.limits.is_empty()
+    }
+}
+
+/// The budgets and limits of users and teams, from the config.
+#[derive(Debug, Default)]
+pub struct Owners {
+    pub users: std::collections::HashMap<String, (Arc<str>, Policy)>,
+    pub teams: std::collections::HashMap<String, (Arc<str>, Policy)>,
+}
+
+impl Owners {
+    pub fn build(users: &[crate::config::OwnerConfig], teams: &[crate::config::OwnerConfig]) -> Result<Self, String> {
+        let table = |list: &[crate::config::OwnerConfig], what: &str| {
+            list.iter()
+                .map(|o| {
+                    o.limits.validate().map_err(|e| format!("{what} {:?}: {e}", o.id.get_ref()))?;
+                    let budget = o.budget.map(BudgetConfig::to_budget).transpose()?;
+                    let id = o.id.get_ref().clone();
+                    Ok((id.clone(), (Arc::from(id), Policy { budget, limits: o.limits })))
+                })
+                .collect::<Result<std::collections::HashMap<_, _>, String>>()
+        };
+        Ok(Owners { users: table(users, "user")?, teams: table(teams, "team")? })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScopeKind {
+    Key,
+    User,
+    Team,
+    Model,
+}
+
+impl ScopeKind {
+    pub const ALL: [ScopeKind; 4] = [ScopeKind::Key, ScopeKind::User, ScopeKind::Team, ScopeKind::Model];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ScopeKind::Key => "key",
+            ScopeKind::User => "user",
+            ScopeKind::Team => "team",
+            ScopeKind::Model => "model",
+        }
+    }
+}
+
+/// One scope a request is counted against, with the policy in force for it.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub kind: ScopeKind,
+    pub id: Arc<str>,
+    pub policy: Policy,
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {:?}", self.kind.name(), &*self.id)
+    }
+}
+
+/// What a request may cost at most, and the tokens it is expected to use.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Demand {
+    /// The worst-case cost in nano-dollars.
+    pub worst_nanos: u64,
+    /// Input tokens reserved against input-token limits.
+    pub input_tokens: u64,
+    /// Output tokens reserved against output-token limits (`max_tokens`).
+    pub output_tokens: u64,
+}
+
+/// What a request really used, known when it ends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Actual {
+    pub cost_nanos: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// Why a request was refused; the proxy turns it into the client's error.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// 429 for a limit that frees up soon, 403 for a budget spent until its reset.
+    pub status: u16,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+    /// `anthropic-ratelimit-*` headers describing the limit that refused.
+    pub headers: Vec<(String, String)>,
+    /// For the metric of refusals by reason: `budget`, `rpm`, `input_tpm`, `output_tpm`,
+    /// `concurrency`, `budget_reserved`.
+    pub reason: &'static str,
+}
+
+/// The counters behind admission and settlement.
+pub trait Limiter: Send + Sync {
+    /// Checks every scope and, when all have room, reserves `demand` on each of them at once.
+    fn admit(self: Arc<Self>, scopes: Vec<Scope>, demand: Demand) -> Result<Reservation, Refusal>;
+
+    /// Replaces a reservation by what the request used. Called exactly once per reservation.
+    fn settle(&self, scopes: &[Scope], demand: Demand, actual: Actual);
+
+    /// Spend and headroom of one scope, for status reports and gauges.
+    fn status(&self, scope: &Scope) -> ScopeStatus;
+
+    /// Sets the spend of a budgeted scope for its current period (from the ledger, at start or
+    /// when the budget first appears). Reservations in flight are kept.
+    fn seed(&self, scope: &Scope, period_start_ms: i64, spent_nanos: u64);
+
+    /// Whether the scope already tracks spend for the period of `budget`.
+    fn tracks(&self, scope: &Scope) -> bool;
+}
+
+/// Spend and headroom of a scope.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ScopeStatus {
+    pub spent_nanos: u64,
+    pub reserved_nanos: u64,
+    pub limit_nanos: Option<u64>,
+    pub period: Option<&'static str>,
+    pub period_start_ms: Option<i64>,
+    pub resets_at_ms: Option<i64>,
+    pub in_flight: u32,
+    pub requests_remaining: Option<u64>,
+    pub input_tokens_remaining: Option<i64>,
+    pub output_tokens_remaining: Option<i64>,
+}
+
+/// A request's hold on its scopes. Settle it with what the request used; dropped unsettled (a
+/// panic, a path that forgot), it releases everything as if the request used nothing, so no
+/// slot or reservation is ever stuck.
+pub struct Reservation {
+    limiter: Arc<dyn Limiter>,
+    scopes: Vec<Scope>,
+    demand: Demand,
+    settled: bool,
+}
+
+impl Reservation {
+    pub fn new(limiter: Arc<dyn Limiter>, scopes: Vec<Scope>, demand: Demand) -> Self {
+        Reservation { limiter, scopes, demand, settled: false }
+    }
+
+    pub fn demand(&self) -> Demand {
+        self.demand
+    }
+
+    pub fn settle(mut self, actual: Actual) {
+        self.settled = true;
+        self.limiter.settle(&self.scopes, self.demand, actual);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.settled {
+            tracing::warn!(worst_nanos = self.demand.worst_nanos, "a reservation was dropped unsettled; released");
+            self.limiter.settle(&self.scopes, self.demand, Actual::default());
+        }
+    }
+}

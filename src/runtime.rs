@@ -1,0 +1,152 @@
+//! The live gateway state and how it changes while running: the config snapshot, the key
+//! store, the limiter and the store, reloads (SIGHUP, the admin API) and key changes from the
+//! admin API. Every change builds a new snapshot off the request path and swaps it in whole;
+//! a request keeps the snapshot it started with.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+
+use crate::auth::{KeyStore, SharedKeys};
+use crate::config::{Config, Secret};
+use crate::limits::{Limiter, LocalLimiter, Scope, ScopeKind};
+use crate::metrics::Metrics;
+use crate::proxy::{SharedState, State};
+use crate::store::Store;
+
+pub struct Runtime {
+    pub state: SharedState,
+    pub keys: SharedKeys,
+    pub limiter: Arc<LocalLimiter>,
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    /// The admin API's bearer token; the API is closed without one.
+    pub admin_token: ArcSwapOption<Secret>,
+    config: ArcSwap<Config>,
+    config_path: Option<PathBuf>,
+    /// One change at a time: two admin calls must not each rebuild from a stale key list.
+    changing: Mutex<()>,
+}
+
+impl Runtime {
+    pub fn new(
+        config: Config,
+        config_path: Option<PathBuf>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
+        let state = State::build(&config, None)?;
+        let stored = store.keys().map_err(|e| e.to_string())?;
+        let keys = KeyStore::build(&config.keys, &stored)?;
+        let limiter = Arc::new(LocalLimiter::new(config.controls.tz()));
+        let rt = Runtime {
+            state: Arc::new(ArcSwap::from_pointee(state)),
+            keys: Arc::new(ArcSwap::from_pointee(keys)),
+            limiter,
+            store,
+            metrics,
+            admin_token: ArcSwapOption::new(admin_token(&config)?.map(Arc::new)),
+            config: ArcSwap::from_pointee(config),
+            config_path,
+            changing: Mutex::new(()),
+        };
+        rt.seed_budgets(&rt.state.load(), &rt.keys.load())?;
+        Ok(rt)
+    }
+
+    /// Reads the config file again and applies it. On any error the running config stays.
+    pub fn reload(&self) -> Result<(), String> {
+        let path = self.config_path.as_ref().ok_or("this gateway was not started from a config file")?;
+        let config = crate::config::load(path).map_err(|e| e.to_string())?;
+        let _guard = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let state = State::build(&config, Some(&self.state.load()))?;
+        let stored = self.store.keys().map_err(|e| e.to_string())?;
+        let keys = KeyStore::build(&config.keys, &stored)?;
+        let token = admin_token(&config)?;
+        self.limiter.set_time_zone(config.controls.tz());
+        self.seed_budgets(&state, &keys)?;
+        self.state.store(Arc::new(state));
+        self.keys.store(Arc::new(keys));
+        self.admin_token.store(token.map(Arc::new));
+        self.config.store(Arc::new(config));
+        tracing::info!(path = %path.display(), "config reloaded");
+        Ok(())
+    }
+
+    /// Rebuilds the key store after the admin API changed the stored keys.
+    pub fn refresh_keys(&self) -> Result<(), String> {
+        let _guard = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let stored = self.store.keys().map_err(|e| e.to_string())?;
+        let keys = KeyStore::build(&self.config.load().keys, &stored)?;
+        self.seed_budgets(&self.state.load(), &keys)?;
+        self.keys.store(Arc::new(keys));
+        Ok(())
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    pub fn limiter_status(&self, scope: &Scope) -> crate::limits::ScopeStatus {
+        self.limiter.status(scope)
+    }
+
+    /// Every scope with a budget or limits: keys, users and teams.
+    pub fn scopes(&self) -> Vec<Scope> {
+        scopes(&self.state.load(), &self.keys.load())
+    }
+
+    /// Gives every budget that is not counting yet the spend the ledger holds for its current
+    /// period, so a restart or a new budget starts from what was really spent.
+    fn seed_budgets(&self, state: &State, keys: &KeyStore) -> Result<(), String> {
+        let mut flushed = false;
+        for scope in scopes(state, keys) {
+            let Some(budget) = scope.policy.budget else { continue };
+            if self.limiter.tracks(&scope) {
+                continue;
+            }
+            if !flushed {
+                // Rows still queued belong in the sum.
+                self.store.flush().map_err(|e| e.to_string())?;
+                flushed = true;
+            }
+            let (start, _) = budget.period.bounds(self.limiter.time_zone(), crate::limits::now_ms());
+            let spent = self.store.spend_since(scope.kind, &scope.id, start).map_err(|e| e.to_string())?;
+            self.limiter.seed(&scope, start, spent);
+        }
+        Ok(())
+    }
+}
+
+fn scopes(state: &State, keys: &KeyStore) -> Vec<Scope> {
+    let mut out = Vec::new();
+    for k in keys.all() {
+        if !k.policy.is_empty() {
+            out.push(Scope { kind: ScopeKind::Key, id: k.scope_id.clone(), policy: k.policy });
+        }
+    }
+    for (kind, table) in [(ScopeKind::User, &state.owners.users), (ScopeKind::Team, &state.owners.teams)] {
+        let mut sorted: Vec<_> = table.values().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        for (id, policy) in sorted {
+            if !policy.is_empty() {
+                out.push(Scope { kind, id: id.clone(), policy: *policy });
+            }
+        }
+    }
+    out
+}
+
+fn admin_token(config: &Config) -> Result<Option<Secret>, String> {
+    match config.admin.as_ref().and_then(|a| a.token.as_ref()) {
+        Some(r) => r.get_ref().resolve().map(Some).map_err(|e| format!("admin.token: {e}")),
+        None => Ok(None),
+    }
+}
+
+/// Providers of the running snapshot by name, for a reload to keep.
+pub fn providers_by_name(state: &State) -> HashMap<String, Arc<crate::providers::Provider>> {
+    state.providers.iter().map(|p| (p.name.clone(), p.clone())).collect()
+}

@@ -1,0 +1,177 @@
+//! Durable state: keys created at run time and the usage ledger.
+//!
+//! The request path only ever queues a ledger row in memory; a background writer commits the
+//! queue in batches. [`Store`] is the seam a shared backend (PostgreSQL for a fleet) implements;
+//! [`SqliteStore`] is the embedded default, a single file with nothing to install.
+
+mod sqlite;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use sqlite::SqliteStore;
+
+use crate::auth::KeyHash;
+use crate::limits::{BudgetConfig, RateLimits, ScopeKind};
+use crate::metering::UsageRecord;
+
+/// One ledger row: what a request cost and who pays for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerRow {
+    pub request_id: String,
+    pub time_ms: i64,
+    pub key_id: Option<String>,
+    pub user: Option<String>,
+    pub team: Option<String>,
+    pub model: Option<String>,
+    pub provider: Option<String>,
+    pub provider_model: Option<String>,
+    pub status: u16,
+    pub outcome: String,
+    pub stream: bool,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_5m_tokens: u64,
+    pub cache_write_1h_tokens: u64,
+    pub cost_nanos: u64,
+    pub priced: bool,
+}
+
+impl LedgerRow {
+    pub fn from_record(r: &UsageRecord) -> Self {
+        let time_ms = r.time.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default();
+        let outcome = serde_json::to_value(r.outcome).ok().and_then(|v| v.as_str().map(str::to_string));
+        LedgerRow {
+            request_id: r.request_id.clone(),
+            time_ms,
+            key_id: r.key_id.clone(),
+            user: r.user.clone(),
+            team: r.team.clone(),
+            model: r.model.clone(),
+            provider: r.provider.clone(),
+            provider_model: r.provider_model.clone(),
+            status: r.status,
+            outcome: outcome.unwrap_or_default(),
+            stream: r.stream,
+            input_tokens: r.usage.input_tokens,
+            output_tokens: r.usage.output_tokens,
+            cache_read_tokens: r.usage.cache_read_input_tokens,
+            cache_write_5m_tokens: r.usage.cache_creation_5m_input_tokens,
+            cache_write_1h_tokens: r.usage.cache_creation_1h_input_tokens,
+            cost_nanos: r.cost_nanos,
+            priced: r.priced,
+        }
+    }
+}
+
+/// A key created through the admin API, as stored. The secret itself is never stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredKey {
+    pub id: String,
+    pub hash: KeyHash,
+    pub user: Option<String>,
+    pub team: Option<String>,
+    pub models: Option<Vec<String>>,
+    pub budget: Option<BudgetConfig>,
+    pub limits: RateLimits,
+    pub expires_ms: Option<i64>,
+    pub disabled: bool,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// What a usage report groups by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Group {
+    Key,
+    User,
+    Team,
+    Model,
+    /// The calendar day in the configured time zone.
+    Day,
+}
+
+impl Group {
+    pub fn parse(s: &str) -> Option<Group> {
+        Some(match s {
+            "key" => Group::Key,
+            "user" => Group::User,
+            "team" => Group::Team,
+            "model" => Group::Model,
+            "day" => Group::Day,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Group::Key => "key",
+            Group::User => "user",
+            Group::Team => "team",
+            Group::Model => "model",
+            Group::Day => "day",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UsageQuery {
+    pub group_by: Vec<Group>,
+    /// `[from_ms, to_ms)`; open-ended when absent.
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    /// Only rows whose key, user, team or model equals this value.
+    pub filters: Vec<(ScopeKind, String)>,
+}
+
+/// One line of a usage report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UsageLine {
+    /// The values of the grouping columns, by name (`"key"`, `"day"`, ...); null for none.
+    pub group: BTreeMap<&'static str, Option<String>>,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_5m_tokens: u64,
+    pub cache_write_1h_tokens: u64,
+    pub cost_nanos: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("a key with id {0:?} already exists")]
+    Duplicate(String),
+    #[error("store: {0}")]
+    Other(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+pub trait Store: Send + Sync {
+    /// Queues a row; returns at once. The writer commits it within the flush interval.
+    fn record(&self, row: LedgerRow);
+    /// Rows queued and not yet committed.
+    fn pending(&self) -> usize;
+    /// Commits everything queued so far before returning.
+    fn flush(&self) -> StoreResult<()>;
+    /// Total cost charged to a key, user or team since `since_ms`.
+    fn spend_since(&self, kind: ScopeKind, id: &str, since_ms: i64) -> StoreResult<u64>;
+    /// Usage summed by the requested groups, most expensive first; `tz` cuts days.
+    fn usage(&self, query: &UsageQuery, tz: chrono_tz::Tz) -> StoreResult<Vec<UsageLine>>;
+
+    fn keys(&self) -> StoreResult<Vec<StoredKey>>;
+    fn insert_key(&self, key: &StoredKey) -> StoreResult<()>;
+    /// Replaces the key with the same id; false when there is none.
+    fn update_key(&self, key: &StoredKey) -> StoreResult<bool>;
+    fn delete_key(&self, id: &str) -> StoreResult<bool>;
+
+    /// Commits the queue and stops the writer; rows recorded afterwards are written at once.
+    fn close(&self);
+}

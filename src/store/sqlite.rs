@@ -1,0 +1,490 @@
+//! The embedded store: one SQLite file in WAL mode.
+//!
+//! Durability: the writer commits the queue every `flush_interval` in one transaction. WAL with
+//! `synchronous = NORMAL` keeps every committed transaction through a crash of the process
+//! (`kill -9`); a power cut may lose the last transactions before a checkpoint. A crash
+//! therefore loses at most the rows of the last `flush_interval`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
+
+use super::{Group, LedgerRow, Store, StoreError, StoreResult, StoredKey, UsageLine, UsageQuery};
+use crate::limits::ScopeKind;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    hash BLOB NOT NULL UNIQUE,
+    user TEXT,
+    team TEXT,
+    models TEXT,
+    budget TEXT,
+    limits TEXT,
+    expires_ms INTEGER,
+    disabled INTEGER NOT NULL DEFAULT 0,
+    metadata TEXT,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    request_id TEXT PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    key_id TEXT,
+    user TEXT,
+    team TEXT,
+    model TEXT,
+    provider TEXT,
+    provider_model TEXT,
+    status INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    stream INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cache_read_tokens INTEGER NOT NULL,
+    cache_write_5m_tokens INTEGER NOT NULL,
+    cache_write_1h_tokens INTEGER NOT NULL,
+    cost_nanos INTEGER NOT NULL,
+    priced INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts_ms);
+CREATE INDEX IF NOT EXISTS ledger_key ON ledger (key_id, ts_ms);
+CREATE INDEX IF NOT EXISTS ledger_user ON ledger (user, ts_ms);
+CREATE INDEX IF NOT EXISTS ledger_team ON ledger (team, ts_ms);
+PRAGMA user_version = 1;
+";
+
+/// Report days are cut from quarter-hour sums, so every time zone offset in use today
+/// (whole, half and quarter hours) lands on the right day.
+const BUCKET_MS: i64 = 15 * 60 * 1000;
+
+struct Shared {
+    queue: Mutex<Vec<LedgerRow>>,
+    /// The connection every write goes through; the writer holds it while it commits, so
+    /// `flush` returning means every row taken before it is committed.
+    writer: Mutex<Connection>,
+    stopping: AtomicBool,
+}
+
+pub struct SqliteStore {
+    shared: Arc<Shared>,
+    reader: Mutex<Connection>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn open(path: &Path) -> StoreResult<Connection> {
+    let conn = Connection::open(path)
+        .map_err(|e| StoreError::Other(format!("cannot open the store at {}: {e}", path.display())))?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(conn)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path, flush_interval: Duration) -> StoreResult<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Other(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let writer = open(path)?;
+        writer.execute_batch(SCHEMA)?;
+        let reader = open(path)?;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Vec::with_capacity(1024)),
+            writer: Mutex::new(writer),
+            stopping: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("tollgate-ledger".into())
+            .spawn(move || loop {
+                std::thread::park_timeout(flush_interval);
+                if let Err(e) = commit_queue(&s) {
+                    // The rows stay queued and are tried again next time: none is lost.
+                    tracing::error!(error = %e, "cannot write the ledger; will retry");
+                }
+                if s.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+            })
+            .map_err(|e| StoreError::Other(format!("cannot start the ledger writer: {e}")))?;
+        Ok(SqliteStore { shared, reader: Mutex::new(reader), thread: Mutex::new(Some(thread)) })
+    }
+}
+
+/// Commits the queued rows in one transaction; on failure puts them back.
+fn commit_queue(shared: &Shared) -> StoreResult<()> {
+    let mut conn = lock(&shared.writer);
+    let rows = std::mem::take(&mut *lock(&shared.queue));
+    if rows.is_empty() {
+        return Ok(());
+    }
+    match insert_rows(&mut conn, &rows) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let mut q = lock(&shared.queue);
+            let newer = std::mem::replace(&mut *q, rows);
+            q.extend(newer);
+            Err(e)
+        }
+    }
+}
+
+fn insert_rows(conn: &mut Connection, rows: &[LedgerRow]) -> StoreResult<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "INSERT OR IGNORE INTO ledger (request_id, ts_ms, key_id, user, team, model, provider, provider_model,
+             status, outcome, stream, input_tokens, output_tokens, cache_read_tokens, cache_write_5m_tokens,
+             cache_write_1h_tokens, cost_nanos, priced)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+        )?;
+        for r in rows {
+            stmt.execute(params![
+                r.request_id,
+                r.time_ms,
+                r.key_id,
+                r.user,
+                r.team,
+                r.model,
+                r.provider,
+                r.provider_model,
+                r.status,
+                r.outcome,
+                r.stream,
+                sql_int(r.input_tokens),
+                sql_int(r.output_tokens),
+                sql_int(r.cache_read_tokens),
+                sql_int(r.cache_write_5m_tokens),
+                sql_int(r.cache_write_1h_tokens),
+                sql_int(r.cost_nanos),
+                r.priced,
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// SQLite integers are signed 64-bit; counts beyond that are clamped rather than wrapped.
+fn sql_int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn column(kind: ScopeKind) -> &'static str {
+    match kind {
+        ScopeKind::Key => "key_id",
+        ScopeKind::User => "user",
+        ScopeKind::Team => "team",
+        ScopeKind::Model => "model",
+    }
+}
+
+fn key_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredKey> {
+    let json_err = |i: usize, e: serde_json::Error| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    };
+    let hash: Vec<u8> = row.get(1)?;
+    let models: Option<String> = row.get(4)?;
+    let budget: Option<String> = row.get(5)?;
+    let limits: Option<String> = row.get(6)?;
+    let metadata: Option<String> = row.get(9)?;
+    Ok(StoredKey {
+        id: row.get(0)?,
+        hash: hash.try_into().map_err(|_| {
+            rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Blob, "hash is not 32 bytes".into())
+        })?,
+        user: row.get(2)?,
+        team: row.get(3)?,
+        models: models.map(|m| serde_json::from_str(&m)).transpose().map_err(|e| json_err(4, e))?,
+        budget: budget.map(|b| serde_json::from_str(&b)).transpose().map_err(|e| json_err(5, e))?,
+        limits: limits.map(|l| serde_json::from_str(&l)).transpose().map_err(|e| json_err(6, e))?.unwrap_or_default(),
+        expires_ms: row.get(7)?,
+        disabled: row.get(8)?,
+        metadata: metadata
+            .map(|m| serde_json::from_str(&m))
+            .transpose()
+            .map_err(|e| json_err(9, e))?
+            .unwrap_or_default(),
+        created_ms: row.get(10)?,
+        updated_ms: row.get(11)?,
+    })
+}
+
+fn key_params(k: &StoredKey) -> [Box<dyn rusqlite::ToSql + '_>; 12] {
+    let json = |v: serde_json::Value| v.to_string();
+    [
+        Box::new(&k.id),
+        Box::new(&k.hash[..]),
+        Box::new(&k.user),
+        Box::new(&k.team),
+        Box::new(k.models.as_ref().map(|m| json(serde_json::json!(m)))),
+        Box::new(k.budget.map(|b| json(serde_json::json!(b)))),
+        Box::new((!k.limits.is_empty()).then(|| json(serde_json::json!(k.limits)))),
+        Box::new(k.expires_ms),
+        Box::new(k.disabled),
+        Box::new(json(serde_json::Value::Object(k.metadata.clone()))),
+        Box::new(k.created_ms),
+        Box::new(k.updated_ms),
+    ]
+}
+
+const KEY_COLUMNS: &str =
+    "id, hash, user, team, models, budget, limits, expires_ms, disabled, metadata, created_ms, updated_ms";
+
+impl Store for SqliteStore {
+    fn record(&self, row: LedgerRow) {
+        lock(&self.shared.queue).push(row);
+        if self.shared.stopping.load(Ordering::Acquire) {
+            if let Err(e) = commit_queue(&self.shared) {
+                tracing::error!(error = %e, "cannot write the ledger after its writer stopped");
+            }
+        }
+    }
+
+    fn pending(&self) -> usize {
+        lock(&self.shared.queue).len()
+    }
+
+    fn flush(&self) -> StoreResult<()> {
+        commit_queue(&self.shared)
+    }
+
+    fn spend_since(&self, kind: ScopeKind, id: &str, since_ms: i64) -> StoreResult<u64> {
+        let sql =
+            format!("SELECT COALESCE(SUM(cost_nanos), 0) FROM ledger WHERE {} = ?1 AND ts_ms >= ?2", column(kind));
+        let total: i64 = lock(&self.reader).query_row(&sql, params![id, since_ms], |r| r.get(0))?;
+        Ok(total.max(0) as u64)
+    }
+
+    fn usage(&self, q: &UsageQuery, tz: Tz) -> StoreResult<Vec<UsageLine>> {
+        let scopes: Vec<Group> = q.group_by.iter().copied().filter(|g| *g != Group::Day).collect();
+        let by_day = q.group_by.contains(&Group::Day);
+        let mut select: Vec<String> = scopes
+            .iter()
+            .map(|g| match g {
+                Group::Key => "key_id",
+                Group::User => "user",
+                Group::Team => "team",
+                Group::Model => "model",
+                Group::Day => unreachable!("filtered out above"),
+            })
+            .map(str::to_string)
+            .collect();
+        if by_day {
+            select.push(format!("ts_ms / {BUCKET_MS}"));
+        }
+        let mut wheres = vec!["1 = 1".to_string()];
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        if let Some(from) = q.from_ms {
+            args.push(from.into());
+            wheres.push(format!("ts_ms >= ?{}", args.len()));
+        }
+        if let Some(to) = q.to_ms {
+            args.push(to.into());
+            wheres.push(format!("ts_ms < ?{}", args.len()));
+        }
+        for (kind, value) in &q.filters {
+            args.push(value.clone().into());
+            wheres.push(format!("{} = ?{}", column(*kind), args.len()));
+        }
+        let group_clause = if select.is_empty() { String::new() } else { format!("GROUP BY {}", select.join(", ")) };
+        let sums = "COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cache_read_tokens), \
+                    SUM(cache_write_5m_tokens), SUM(cache_write_1h_tokens), SUM(cost_nanos)";
+        let cols = if select.is_empty() { sums.to_string() } else { format!("{}, {sums}", select.join(", ")) };
+        let sql = format!("SELECT {cols} FROM ledger WHERE {} {group_clause}", wheres.join(" AND "));
+
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare(&sql)?;
+        let mut lines: HashMap<Vec<Option<String>>, UsageLine> = HashMap::new();
+        let mut rows = stmt.query(params_from_iter(args))?;
+        while let Some(row) = rows.next()? {
+            let mut key: Vec<Option<String>> = Vec::with_capacity(q.group_by.len());
+            for i in 0..scopes.len() {
+                key.push(row.get(i)?);
+            }
+            let mut n = scopes.len();
+            if by_day {
+                let bucket: i64 = row.get(n)?;
+                key.push(Some(local_day(bucket * BUCKET_MS, tz)));
+                n += 1;
+            }
+            let count: i64 = row.get(n)?;
+            if count == 0 {
+                continue;
+            }
+            let get = |i: usize| -> rusqlite::Result<u64> {
+                Ok(row.get::<_, Option<i64>>(n + i)?.unwrap_or(0).max(0) as u64)
+            };
+            let line = lines.entry(key).or_default();
+            line.requests += count as u64;
+            line.input_tokens += get(1)?;
+            line.output_tokens += get(2)?;
+            line.cache_read_tokens += get(3)?;
+            line.cache_write_5m_tokens += get(4)?;
+            line.cache_write_1h_tokens += get(5)?;
+            line.cost_nanos += get(6)?;
+        }
+        let mut names: Vec<&'static str> = scopes.iter().map(|g| g.name()).collect();
+        if by_day {
+            names.push("day");
+        }
+        let mut out: Vec<UsageLine> = lines
+            .into_iter()
+            .map(|(key, mut line)| {
+                line.group = names.iter().copied().zip(key).collect::<BTreeMap<_, _>>();
+                line
+            })
+            .collect();
+        out.sort_by(|a, b| b.cost_nanos.cmp(&a.cost_nanos).then_with(|| a.group.cmp(&b.group)));
+        Ok(out)
+    }
+
+    fn keys(&self) -> StoreResult<Vec<StoredKey>> {
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare(&format!("SELECT {KEY_COLUMNS} FROM keys ORDER BY id"))?;
+        let keys = stmt.query_map([], key_from_row)?.collect::<Result<Vec<_>, _>>()?;
+        Ok(keys)
+    }
+
+    fn insert_key(&self, key: &StoredKey) -> StoreResult<()> {
+        let conn = lock(&self.shared.writer);
+        let exists: Option<i64> =
+            conn.query_row("SELECT 1 FROM keys WHERE id = ?1", [&key.id], |r| r.get(0)).optional()?;
+        if exists.is_some() {
+            return Err(StoreError::Duplicate(key.id.clone()));
+        }
+        let p = key_params(key);
+        conn.execute(
+            &format!("INSERT INTO keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+            params_from_iter(p.iter().map(|b| b.as_ref())),
+        )?;
+        Ok(())
+    }
+
+    fn update_key(&self, key: &StoredKey) -> StoreResult<bool> {
+        let conn = lock(&self.shared.writer);
+        let p = key_params(key);
+        let n = conn.execute(
+            "UPDATE keys SET hash = ?2, user = ?3, team = ?4, models = ?5, budget = ?6, limits = ?7,
+             expires_ms = ?8, disabled = ?9, metadata = ?10, created_ms = ?11, updated_ms = ?12 WHERE id = ?1",
+            params_from_iter(p.iter().map(|b| b.as_ref())),
+        )?;
+        Ok(n == 1)
+    }
+
+    fn delete_key(&self, id: &str) -> StoreResult<bool> {
+        let n = lock(&self.shared.writer).execute("DELETE FROM keys WHERE id = ?1", [id])?;
+        Ok(n == 1)
+    }
+
+    fn close(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        if let Some(t) = lock(&self.thread).take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+        if let Err(e) = commit_queue(&self.shared) {
+            tracing::error!(error = %e, "cannot write the ledger on the way out");
+        }
+    }
+}
+
+/// `YYYY-MM-DD` of an instant in `tz`.
+fn local_day(ms: i64, tz: Tz) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default().with_timezone(&tz).format("%Y-%m-%d").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, key: &str, team: &str, ts_ms: i64, cost: u64) -> LedgerRow {
+        LedgerRow {
+            request_id: id.into(),
+            time_ms: ts_ms,
+            key_id: Some(key.into()),
+            user: None,
+            team: Some(team.into()),
+            model: Some("m".into()),
+            provider: Some("p".into()),
+            provider_model: None,
+            status: 200,
+            outcome: "complete".into(),
+            stream: true,
+            input_tokens: 10,
+            output_tokens: 20,
+            cache_read_tokens: 0,
+            cache_write_5m_tokens: 0,
+            cache_write_1h_tokens: 0,
+            cost_nanos: cost,
+            priced: true,
+        }
+    }
+
+    #[test]
+    fn ledger_sums_and_days() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db"), Duration::from_secs(3600)).unwrap();
+        let day = 86_400_000;
+        store.record(row("a", "k1", "t", 10 * day + 1000, 5));
+        store.record(row("b", "k2", "t", 10 * day + 2000, 7));
+        store.record(row("c", "k1", "u", 11 * day + 1000, 11));
+        store.record(row("c", "k1", "u", 11 * day + 1000, 11)); // the same request twice counts once
+        assert_eq!(store.spend_since(ScopeKind::Key, "k1", 0).unwrap(), 0, "not flushed yet");
+        store.flush().unwrap();
+        assert_eq!(store.spend_since(ScopeKind::Key, "k1", 0).unwrap(), 16);
+        assert_eq!(store.spend_since(ScopeKind::Team, "t", 10 * day + 1500).unwrap(), 7);
+        let q = UsageQuery { group_by: vec![Group::Team, Group::Day], ..Default::default() };
+        let lines = store.usage(&q, Tz::UTC).unwrap();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0].group["team"].as_deref(), Some("t"));
+        assert_eq!(lines[0].group["day"].as_deref(), Some("1970-01-11"));
+        assert_eq!((lines[0].requests, lines[0].cost_nanos, lines[0].output_tokens), (2, 12, 40));
+        // In Tokyo (UTC+9) all three fall on one local day per team.
+        let lines = store.usage(&q, "Asia/Tokyo".parse().unwrap()).unwrap();
+        assert_eq!(lines[1].group["day"].as_deref(), Some("1970-01-12"));
+        store.close();
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db"), Duration::from_millis(10)).unwrap();
+        let mut k = StoredKey {
+            id: "alice-laptop".into(),
+            hash: [7; 32],
+            user: Some("alice".into()),
+            team: None,
+            models: Some(vec!["claude-*".into()]),
+            budget: Some(crate::limits::BudgetConfig { usd: 12.5, period: crate::limits::Period::Weekly }),
+            limits: crate::limits::RateLimits { rpm: Some(5), ..Default::default() },
+            expires_ms: Some(1),
+            disabled: false,
+            metadata: serde_json::json!({"laptop": "mbp-14"}).as_object().unwrap().clone(),
+            created_ms: 1,
+            updated_ms: 2,
+        };
+        store.insert_key(&k).unwrap();
+        assert!(matches!(store.insert_key(&k), Err(StoreError::Duplicate(_))));
+        assert_eq!(store.keys().unwrap(), vec![k.clone()]);
+        k.disabled = true;
+        assert!(store.update_key(&k).unwrap());
+        assert!(store.keys().unwrap()[0].disabled);
+        assert!(store.delete_key("alice-laptop").unwrap());
+        assert!(!store.delete_key("alice-laptop").unwrap());
+        store.close();
+    }
+}
