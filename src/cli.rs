@@ -14,7 +14,7 @@ pub struct KeyFields {
     pub team: Option<String>,
     pub models: Option<String>,
     pub budget: Option<String>,
-    pub period: String,
+    pub period: Option<String>,
     pub rpm: Option<u32>,
     pub input_tpm: Option<u64>,
     pub output_tpm: Option<u64>,
@@ -24,8 +24,10 @@ pub struct KeyFields {
 }
 
 impl KeyFields {
-    /// The JSON body of a create or update call: only the fields given.
-    fn to_json(&self) -> Result<Map<String, Value>, String> {
+    /// The JSON body of a create or update call: only the fields given. For an update,
+    /// `current` is the key as it is: limits and budget fields not given keep their values
+    /// (the API replaces `limits` and `budget` whole).
+    fn to_json(&self, current: Option<&Value>) -> Result<Map<String, Value>, String> {
         let mut m = Map::new();
         if let Some(u) = &self.user {
             m.insert("user".into(), json!(u));
@@ -37,16 +39,29 @@ impl KeyFields {
             let list: Vec<&str> = models.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
             m.insert("models".into(), if list.is_empty() { Value::Null } else { json!(list) });
         }
-        if let Some(b) = &self.budget {
-            let v = if b == "none" {
-                Value::Null
-            } else {
+        let current_budget = current.map(|k| &k["budget"]).filter(|b| b.is_object());
+        match (&self.budget, &self.period) {
+            (Some(b), _) if b == "none" => {
+                m.insert("budget".into(), Value::Null);
+            }
+            (Some(b), period) => {
                 let usd: f64 = b.parse().map_err(|_| format!("--budget {b:?} is not a USD amount"))?;
-                json!({ "usd": usd, "period": self.period })
-            };
-            m.insert("budget".into(), v);
+                let period = match (period, current_budget) {
+                    (Some(p), _) => json!(p),
+                    (None, Some(cur)) => cur["period"].clone(),
+                    (None, None) => json!("monthly"),
+                };
+                m.insert("budget".into(), json!({ "usd": usd, "period": period }));
+            }
+            (None, Some(p)) => {
+                let cur = current_budget.ok_or("--period needs --budget: the key has no budget")?;
+                m.insert("budget".into(), json!({ "usd": cur["usd"], "period": p }));
+            }
+            (None, None) => {}
         }
-        let mut limits = Map::new();
+        let mut limits = current.and_then(|k| k["limits"].as_object().cloned()).unwrap_or_default();
+        let given =
+            [self.rpm.is_some(), self.input_tpm.is_some(), self.output_tpm.is_some(), self.concurrency.is_some()];
         for (name, v) in [
             ("rpm", self.rpm.map(u64::from)),
             ("input_tpm", self.input_tpm),
@@ -57,7 +72,7 @@ impl KeyFields {
                 limits.insert(name.into(), json!(v));
             }
         }
-        if !limits.is_empty() {
+        if given.contains(&true) {
             m.insert("limits".into(), Value::Object(limits));
         }
         if let Some(e) = &self.expires {
@@ -105,7 +120,7 @@ pub fn run(config_path: &Path, admin_url: Option<&str>, raw_json: bool, call: Ca
     let (method, path, body) = match &call {
         Call::ListKeys => (reqwest::Method::GET, "/admin/keys".to_string(), None),
         Call::CreateKey { id, fields } => {
-            let mut body = fields.to_json()?;
+            let mut body = fields.to_json(None)?;
             if let Some(id) = id {
                 body.insert("id".into(), json!(id));
             }
@@ -113,7 +128,9 @@ pub fn run(config_path: &Path, admin_url: Option<&str>, raw_json: bool, call: Ca
         }
         Call::ShowKey(id) => (reqwest::Method::GET, format!("/admin/keys/{}", enc(id)), None),
         Call::UpdateKey { id, fields } => {
-            (reqwest::Method::PATCH, format!("/admin/keys/{}", enc(id)), Some(Value::Object(fields.to_json()?)))
+            let current = request(&base, &token, reqwest::Method::GET, &format!("/admin/keys/{}", enc(id)), None)?;
+            let body = Value::Object(fields.to_json(Some(&current))?);
+            (reqwest::Method::PATCH, format!("/admin/keys/{}", enc(id)), Some(body))
         }
         Call::KeyAction(id, action) => (reqwest::Method::POST, format!("/admin/keys/{}/{action}", enc(id)), None),
         Call::DeleteKey(id) => (reqwest::Method::DELETE, format!("/admin/keys/{}", enc(id)), None),
@@ -124,25 +141,7 @@ pub fn run(config_path: &Path, admin_url: Option<&str>, raw_json: bool, call: Ca
         Call::Budgets => (reqwest::Method::GET, "/admin/budgets".into(), None),
         Call::Reload => (reqwest::Method::POST, "/admin/reload".into(), None),
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let (status, value) = rt.block_on(async {
-        let client = reqwest::Client::new();
-        let mut req = client.request(method, format!("{base}{path}")).timeout(std::time::Duration::from_secs(30));
-        if let Some(t) = &token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = &body {
-            req = req.json(b);
-        }
-        let resp = req.send().await.map_err(|e| format!("cannot reach the admin API at {base}: {e}"))?;
-        let status = resp.status();
-        let value: Value = resp.json().await.map_err(|e| format!("the admin API sent no JSON: {e}"))?;
-        Ok::<_, String>((status, value))
-    })?;
-    if !status.is_success() {
-        let msg = value["error"]["message"].as_str().unwrap_or("no message");
-        return Err(format!("{} {msg}", status.as_u16()));
-    }
+    let value = request(&base, &token, method, &path, body.as_ref())?;
     if raw_json {
         return Ok(serde_json::to_string_pretty(&value).expect("JSON values serialize") + "\n");
     }
@@ -161,9 +160,44 @@ pub fn run(config_path: &Path, admin_url: Option<&str>, raw_json: bool, call: Ca
     })
 }
 
+/// One call; a non-2xx answer becomes `"<status> <message>"`.
+fn request(
+    base: &str,
+    token: &Option<String>,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<Value, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let (status, value) = rt.block_on(async {
+        let client = reqwest::Client::new();
+        let mut req = client.request(method, format!("{base}{path}")).timeout(std::time::Duration::from_secs(30));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| format!("cannot reach the admin API at {base}: {e}"))?;
+        let status = resp.status();
+        let value: Value = resp.json().await.map_err(|e| format!("the admin API sent no JSON: {e}"))?;
+        Ok::<_, String>((status, value))
+    })?;
+    if !status.is_success() {
+        let msg = value["error"]["message"].as_str().unwrap_or("no message");
+        return Err(format!("{} {msg}", status.as_u16()));
+    }
+    Ok(value)
+}
+
 /// The admin API's URL and token: flags and environment first, then the config file.
 fn endpoint(config_path: &Path, admin_url: Option<&str>) -> Result<(String, Option<String>), String> {
-    let config = crate::config::load(config_path).ok();
+    let loaded = crate::config::load(config_path);
+    // Without a URL the config is needed, and why it cannot be read is the error to show.
+    let config = match (&loaded, admin_url) {
+        (Err(e), None) => return Err(format!("no --admin-url given, and the config cannot be read: {e}")),
+        _ => loaded.ok(),
+    };
     let base = match admin_url {
         Some(u) => u.trim_end_matches('/').to_string(),
         None => {

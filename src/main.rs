@@ -151,9 +151,9 @@ struct KeyFields {
     /// Budget in USD ("none" removes it).
     #[arg(long)]
     budget: Option<String>,
-    /// Budget period: daily, weekly, monthly or none.
-    #[arg(long, default_value = "monthly")]
-    period: String,
+    /// Budget period: daily, weekly, monthly or none (a new budget is monthly unless given).
+    #[arg(long)]
+    period: Option<String>,
     #[arg(long)]
     rpm: Option<u32>,
     #[arg(long)]

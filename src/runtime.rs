@@ -52,7 +52,7 @@ impl Runtime {
             config_path,
             changing: Mutex::new(()),
         };
-        rt.seed_budgets(&rt.state.load(), &rt.keys.load())?;
+        rt.seed_budgets(&[], &rt.state.load(), &rt.keys.load())?;
         Ok(rt)
     }
 
@@ -66,7 +66,7 @@ impl Runtime {
         let keys = KeyStore::build(&config.keys, &stored)?;
         let token = admin_token(&config)?;
         self.limiter.set_time_zone(config.controls.tz());
-        self.seed_budgets(&state, &keys)?;
+        self.seed_budgets(&self.scopes(), &state, &keys)?;
         self.state.store(Arc::new(state));
         self.keys.store(Arc::new(keys));
         self.admin_token.store(token.map(Arc::new));
@@ -80,7 +80,7 @@ impl Runtime {
         let _guard = self.changing.lock().unwrap_or_else(|p| p.into_inner());
         let stored = self.store.keys().map_err(|e| e.to_string())?;
         let keys = KeyStore::build(&self.config.load().keys, &stored)?;
-        self.seed_budgets(&self.state.load(), &keys)?;
+        self.seed_budgets(&self.scopes(), &self.state.load(), &keys)?;
         self.keys.store(Arc::new(keys));
         Ok(())
     }
@@ -98,13 +98,17 @@ impl Runtime {
         scopes(&self.state.load(), &self.keys.load())
     }
 
-    /// Gives every budget that is not counting yet the spend the ledger holds for its current
-    /// period, so a restart or a new budget starts from what was really spent.
-    fn seed_budgets(&self, state: &State, keys: &KeyStore) -> Result<(), String> {
+    /// Gives every budget that is new, or was not counting, the spend the ledger holds for its
+    /// current period, so a restart or a new budget starts from what was really spent. A budget
+    /// that was removed and comes back is new: requests in between were not counted against it.
+    fn seed_budgets(&self, running: &[Scope], state: &State, keys: &KeyStore) -> Result<(), String> {
+        let before: HashMap<(ScopeKind, &str), _> =
+            running.iter().map(|s| ((s.kind, &*s.id), s.policy.budget.map(|b| b.period))).collect();
         let mut flushed = false;
         for scope in scopes(state, keys) {
             let Some(budget) = scope.policy.budget else { continue };
-            if self.limiter.tracks(&scope) {
+            let same_period = before.get(&(scope.kind, &*scope.id)) == Some(&Some(budget.period));
+            if same_period && self.limiter.tracks(&scope) {
                 continue;
             }
             if !flushed {

@@ -297,7 +297,7 @@ impl Limiter for LocalLimiter {
             st.spent_nanos = c.spent;
             st.reserved_nanos = c.reserved;
             st.limit_nanos = Some(b.limit_nanos);
-            st.period = Some(b.period.name());
+            st.period = Some(b.period.as_str());
             st.period_start_ms = Some(c.period_start);
             st.resets_at_ms = (c.period_end != i64::MAX).then_some(c.period_end);
         }

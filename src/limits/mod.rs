@@ -63,8 +63,7 @@ impl RateLimits {
 
     pub fn validate(&self) -> Result<(), String> {
         let zero = [self.rpm.map(u64::from), self.input_tpm, self.output_tpm, self.concurrency.map(u64::from)]
-            .iter()
-            .any(|l| *l == Some(0));
+            .contains(&Some(0));
         if zero {
             return Err("a rate limit of 0 would refuse everything: disable the key instead".into());
         }

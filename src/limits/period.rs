@@ -17,6 +17,17 @@ pub enum Period {
 }
 
 impl Period {
+    /// As written in the config and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Daily => "daily",
+            Period::Weekly => "weekly",
+            Period::Monthly => "monthly",
+            Period::None => "none",
+        }
+    }
+
+    /// As said in messages ("the lifetime budget of ...").
     pub fn name(self) -> &'static str {
         match self {
             Period::Daily => "daily",

@@ -193,3 +193,35 @@ pub fn messages_body(model: &str, stream: bool, padding: usize) -> String {
     })
     .to_string()
 }
+
+/// Like [`start_gateway`], with `admin_extra` lines added to the `[admin]` table (e.g.
+/// `token = "env:TG_TEST_ADMIN_TOKEN"`) and `envs` set in the gateway's environment.
+pub fn start_gateway_admin(admin_extra: &str, envs: &[(&str, &str)], config: &str) -> Gateway {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin_port = free_port();
+    let audit_path = dir.path().join("audit.jsonl");
+    let text = format!(
+        "[server]\nthreads = 2\ngrace_period = \"5s\"\nupgrade_socket = \"{d}/upgrade.sock\"\npid_file = \"{d}/pid\"\n\n\
+         [[listener]]\naddress = \"127.0.0.1:{port}\"\n\n\
+         [admin]\naddress = \"127.0.0.1:{admin_port}\"\n{admin_extra}\n\
+         [audit]\npath = \"{audit}\"\nflush_interval = \"20ms\"\n\n\
+         [store]\npath = \"{d}/tollgate.db\"\nflush_interval = \"50ms\"\n\n{config}",
+        d = dir.path().display(),
+        audit = audit_path.display(),
+    );
+    let config_path = dir.path().join("tollgate.toml");
+    std::fs::write(&config_path, text).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .env("TG_TEST_PROVIDER_KEY", PROVIDER_SECRET)
+        .env("TOLLGATE_LOG", "warn")
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("the tollgate binary starts");
+    let gw = Gateway { child: Some(child), port, admin_port, dir, audit_path, config_path };
+    gw.wait_listening();
+    gw
+}
