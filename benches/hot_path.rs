@@ -176,5 +176,43 @@ fn endpoint_selection(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, sse_scan, json_usage, request_body, routing_and_keys, endpoint_selection, cost);
+/// Admission and settlement of one request against the four scopes a request can meet (key
+/// with a budget and limits, user limits, team budget, model limits), among 10,000 keys'
+/// counters: what budgets and rate limits add to a request.
+fn admission(c: &mut Criterion) {
+    use std::sync::Arc;
+    use tollgate::limits::{
+        Actual, Budget, Demand, Limiter, LocalLimiter, Period, Policy, RateLimits, Scope, ScopeKind,
+    };
+    let limiter = Arc::new(LocalLimiter::new(chrono_tz::Tz::UTC));
+    let budget = |usd: u64| Some(Budget { limit_nanos: usd * 1_000_000_000_000, period: Period::Monthly });
+    let limits = RateLimits {
+        rpm: Some(u32::MAX),
+        input_tpm: Some(u64::MAX / 4),
+        output_tpm: Some(u64::MAX / 4),
+        concurrency: Some(u32::MAX),
+    };
+    let scope = |kind, id: &str, policy| Scope { kind, id: id.into(), policy };
+    let dyn_limiter: Arc<dyn Limiter> = limiter.clone();
+    for i in 0..10_000 {
+        let s = scope(ScopeKind::Key, &format!("key-{i}"), Policy { budget: budget(1), limits });
+        dyn_limiter.clone().admit(vec![s], Demand::default()).ok().unwrap().settle(Actual::default());
+    }
+    let scopes = vec![
+        scope(ScopeKind::Key, "key-4242", Policy { budget: budget(1_000), limits }),
+        scope(ScopeKind::User, "alice@example.com", Policy { budget: None, limits }),
+        scope(ScopeKind::Team, "platform", Policy { budget: budget(100_000), limits: RateLimits::default() }),
+        scope(ScopeKind::Model, "claude-sonnet-4-5", Policy { budget: None, limits }),
+    ];
+    let demand = Demand { worst_nanos: 960_000_000, input_tokens: 20_000, output_tokens: 32_000 };
+    let actual = Actual { cost_nanos: 61_000_000, input_tokens: 18_000, output_tokens: 900 };
+    c.bench_function("admit_and_settle_4_scopes", |b| {
+        b.iter(|| {
+            let r = dyn_limiter.clone().admit(black_box(scopes.clone()), black_box(demand)).ok().unwrap();
+            r.settle(black_box(actual));
+        })
+    });
+}
+
+criterion_group!(benches, sse_scan, json_usage, request_body, routing_and_keys, endpoint_selection, cost, admission);
 criterion_main!(benches);

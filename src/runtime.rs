@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwap;
 
 use crate::auth::{KeyStore, SharedKeys};
 use crate::config::{Config, Secret};
@@ -23,7 +23,7 @@ pub struct Runtime {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     /// The admin API's bearer token; the API is closed without one.
-    pub admin_token: ArcSwapOption<Secret>,
+    pub admin_token: ArcSwap<AdminToken>,
     config: ArcSwap<Config>,
     config_path: Option<PathBuf>,
     /// One change at a time: two admin calls must not each rebuild from a stale key list.
@@ -47,7 +47,7 @@ impl Runtime {
             limiter,
             store,
             metrics,
-            admin_token: ArcSwapOption::new(admin_token(&config)?.map(Arc::new)),
+            admin_token: ArcSwap::from_pointee(admin_token(&config)),
             config: ArcSwap::from_pointee(config),
             config_path,
             changing: Mutex::new(()),
@@ -64,12 +64,12 @@ impl Runtime {
         let state = State::build(&config, Some(&self.state.load()))?;
         let stored = self.store.keys().map_err(|e| e.to_string())?;
         let keys = KeyStore::build(&config.keys, &stored)?;
-        let token = admin_token(&config)?;
+        let token = admin_token(&config);
         self.limiter.set_time_zone(config.controls.tz());
         self.seed_budgets(&self.scopes(), &state, &keys)?;
         self.state.store(Arc::new(state));
         self.keys.store(Arc::new(keys));
-        self.admin_token.store(token.map(Arc::new));
+        self.admin_token.store(Arc::new(token));
         self.config.store(Arc::new(config));
         tracing::info!(path = %path.display(), "config reloaded");
         Ok(())
@@ -143,10 +143,26 @@ fn scopes(state: &State, keys: &KeyStore) -> Vec<Scope> {
     out
 }
 
-fn admin_token(config: &Config) -> Result<Option<Secret>, String> {
+/// The admin API's token, as far as it could be read.
+pub enum AdminToken {
+    /// No `admin.token` in the config: the API is closed.
+    Unset,
+    Set(Secret),
+    /// The reference could not be read (unset variable, missing file): the API is closed, and
+    /// says why. The gateway itself runs on: the proxy does not need the admin API.
+    Unreadable(String),
+}
+
+fn admin_token(config: &Config) -> AdminToken {
     match config.admin.as_ref().and_then(|a| a.token.as_ref()) {
-        Some(r) => r.get_ref().resolve().map(Some).map_err(|e| format!("admin.token: {e}")),
-        None => Ok(None),
+        Some(r) => match r.get_ref().resolve() {
+            Ok(secret) => AdminToken::Set(secret),
+            Err(e) => {
+                tracing::warn!("admin.token: {e}; the admin API stays closed");
+                AdminToken::Unreadable(format!("admin.token: {e}"))
+            }
+        },
+        None => AdminToken::Unset,
     }
 }
 

@@ -164,6 +164,18 @@ async fn rpm_admits_exactly_the_limit() {
     let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((11..=12).contains(&retry), "retry-after {retry}");
     assert!(headers.contains_key("anthropic-ratelimit-requests-reset"));
+
+    // Token counting costs nothing but is a request like any other: no route gets around the limit.
+    let resp = client()
+        .post(gw.url("/v1/messages/count_tokens"))
+        .header("x-api-key", &key.key)
+        .body(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    let metrics = client().get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("tollgate_refused_total{reason=\"rpm\"} 5"), "{metrics}");
 }
 
 /// Starts a slow stream and returns once its first bytes arrived (the request holds its slot).
@@ -264,6 +276,9 @@ async fn team_budget_is_shared_and_unpriced_models_are_refused() {
     let text = message(&resp.text().await.unwrap());
     assert!(text.contains("model no-such-model has no price"), "{text}");
     assert_eq!(mock.received().len(), 2);
+    let metrics = client().get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("tollgate_budget_remaining_usd{id=\"t\",scope=\"team\"} 0\n"), "{metrics}");
+    assert!(metrics.contains("tollgate_refused_total{reason=\"budget\"} 1\n"), "{metrics}");
 }
 
 /// A gateway process started by [`respawn`]; killed if the test fails before it does.

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use crate::limits::{rfc3339, Limiter, ScopeKind, ScopeStatus};
 use crate::metering::usd;
 use crate::providers::now_ms;
-use crate::runtime::Runtime;
+use crate::runtime::{AdminToken, Runtime};
 
 /// Admin request bodies are small JSON documents.
 const MAX_BODY: usize = 64 << 10;
@@ -90,8 +90,19 @@ fn percent_decode(s: &str) -> String {
 
 impl Admin {
     fn authorized(&self, session: &ServerSession) -> Result<(), Reply> {
-        let Some(token) = self.runtime.admin_token.load_full() else {
-            return Err(error(401, "authentication_error", "the admin API is closed: set admin.token in the config"));
+        let token = self.runtime.admin_token.load_full();
+        let token = match &*token {
+            AdminToken::Set(t) => t,
+            AdminToken::Unset => {
+                return Err(error(
+                    401,
+                    "authentication_error",
+                    "the admin API is closed: set admin.token in the config",
+                ))
+            }
+            AdminToken::Unreadable(why) => {
+                return Err(error(401, "authentication_error", format!("the admin API is closed: {why}")))
+            }
         };
         let presented = session
             .req_header()

@@ -6,11 +6,11 @@
 //! only if the spend so far, every reservation still in flight and its own worst case together
 //! fit the budget.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chrono_tz::Tz;
+use rustc_hash::FxHashMap;
 
 use super::{
     rfc3339, Actual, Budget, Demand, Limiter, Period, RateLimits, Refusal, Reservation, Scope, ScopeKind, ScopeStatus,
@@ -82,7 +82,9 @@ impl Counters {
 
 struct Inner {
     tz: Tz,
-    scopes: [HashMap<String, Counters>; 4],
+    /// By scope kind, then id. Ids come from the config and the admin API, not from clients,
+    /// so a fast non-keyed hash is safe here.
+    scopes: [FxHashMap<String, Counters>; 4],
 }
 
 impl Inner {
@@ -124,13 +126,15 @@ pub fn now_ms() -> i64 {
 }
 
 fn budget_refusal(scope: &Scope, b: Budget, c: &Counters, demand: Demand) -> Option<Refusal> {
-    let left = b.limit_nanos.saturating_sub(c.spent);
-    let resets = match b.period {
+    // The words of a refusal are built only when there is one: this runs on every request.
+    let resets = || match b.period {
         Period::None => "it does not reset".to_string(),
         _ => format!("it resets at {}", rfc3339(c.period_end)),
     };
-    let budget = format!("the {} budget of {scope} (${})", b.period.name(), usd(b.limit_nanos));
+    let budget = || format!("the {} budget of {scope} (${})", b.period.name(), usd(b.limit_nanos));
     if c.spent.saturating_add(demand.worst_nanos) > b.limit_nanos {
+        let (budget, resets) = (budget(), resets());
+        let left = b.limit_nanos.saturating_sub(c.spent);
         let message = if c.spent >= b.limit_nanos {
             format!("{budget} is spent: ${} used; {resets}", usd(c.spent))
         } else {
@@ -144,6 +148,7 @@ fn budget_refusal(scope: &Scope, b: Budget, c: &Counters, demand: Demand) -> Opt
         return Some(Refusal { status: 403, message, retry_after: None, headers: Vec::new(), reason: "budget" });
     }
     if c.spent.saturating_add(c.reserved).saturating_add(demand.worst_nanos) > b.limit_nanos {
+        let budget = budget();
         let message = format!(
             "{budget} is held by requests in flight: ${} spent, ${} reserved, this request may cost up to ${}; \
              retry when they finish",

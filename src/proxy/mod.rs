@@ -183,9 +183,10 @@ impl Gateway {
             return Err(ApiError::permission(format!("API key {:?} may not use model {}", key.id, route.name)));
         }
         ctx.route = Some(route.clone());
-        if endpoint == Endpoint::Messages {
-            ctx.reservation = self.admit(&state, &key, &route, &requested, body.len(), peek.max_tokens)?;
-        }
+        // Every route is admitted; token counting is free, so it takes a request slot and
+        // reserves nothing.
+        let demand_of = (endpoint == Endpoint::Messages).then_some((body.len(), peek.max_tokens));
+        ctx.reservation = self.admit(&state, &key, &route, &requested, demand_of)?;
         // Only session affinity needs the key; most requests never compute it.
         let affinity =
             route.deployments.iter().any(|d| d.provider.pool.selection == crate::providers::Selection::SessionAffinity);
@@ -196,15 +197,16 @@ impl Gateway {
     }
 
     /// Reserves the request's worst case on every budget and limit that applies to it: its
-    /// key, the key's user and team, and the model. `None` when nothing applies.
+    /// key, the key's user and team, and the model. `generation` is the body size and
+    /// `max_tokens` of a request that generates (and costs); `None` for one that does not.
+    /// Returns `None` when nothing applies.
     fn admit(
         &self,
         state: &State,
         key: &ApiKey,
         route: &Route,
         requested: &str,
-        body_len: usize,
-        max_tokens: Option<u64>,
+        generation: Option<(usize, Option<u64>)>,
     ) -> Result<Option<Reservation>, ApiError> {
         let mut scopes = Vec::with_capacity(4);
         if !key.policy.is_empty() {
@@ -226,16 +228,21 @@ impl Gateway {
         if scopes.is_empty() {
             return Ok(None);
         }
-        let output_tokens = max_tokens.unwrap_or(DEFAULT_MAX_OUTPUT);
-        let worst_nanos = if scopes.iter().any(|s| s.policy.budget.is_some()) {
-            let prompt = body_len as u64 + PROMPT_OVERHEAD_TOKENS;
-            worst_case(state, route, requested, prompt, output_tokens)?
-        } else {
-            0
+        let demand = match generation {
+            None => Demand::default(),
+            Some((body_len, max_tokens)) => {
+                let output_tokens = max_tokens.unwrap_or(DEFAULT_MAX_OUTPUT);
+                let worst_nanos = if scopes.iter().any(|s| s.policy.budget.is_some()) {
+                    let prompt = body_len as u64 + PROMPT_OVERHEAD_TOKENS;
+                    worst_case(state, route, requested, prompt, output_tokens)?
+                } else {
+                    0
+                };
+                // Token limits reserve a typical prompt (about four bytes a token) and settle
+                // to the real count; only budgets need the strict bound.
+                Demand { worst_nanos, input_tokens: body_len as u64 / 4, output_tokens }
+            }
         };
-        // Token limits reserve a typical prompt (about four bytes a token) and settle to the
-        // real count; only budgets need the strict bound.
-        let demand = Demand { worst_nanos, input_tokens: body_len as u64 / 4, output_tokens };
         let limiter: Arc<dyn Limiter> = self.runtime.limiter.clone();
         match limiter.admit(scopes, demand) {
             Ok(r) => Ok(Some(r)),
