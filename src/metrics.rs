@@ -24,6 +24,7 @@ pub struct Metrics {
     pub budget_remaining: prometheus::GaugeVec,
     pub limit_remaining: IntGaugeVec,
     pub ledger_queue: IntGauge,
+    pub jwt_failures: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] =
@@ -111,6 +112,11 @@ impl Metrics {
             &["scope", "id", "limit"],
         )
         .unwrap();
+        let jwt_failures = IntCounterVec::new(
+            Opts::new("tollgate_jwt_failures_total", "JWT credentials refused, by the check that failed"),
+            &["reason"],
+        )
+        .unwrap();
         let ledger_queue = IntGauge::new("tollgate_ledger_queue", "Ledger rows waiting to be committed").unwrap();
         let audit_dropped =
             IntCounter::new("tollgate_audit_dropped_total", "Usage records dropped because the audit queue was full")
@@ -133,6 +139,7 @@ impl Metrics {
             Box::new(budget_remaining.clone()),
             Box::new(limit_remaining.clone()),
             Box::new(ledger_queue.clone()),
+            Box::new(jwt_failures.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -155,6 +162,7 @@ impl Metrics {
             budget_remaining,
             limit_remaining,
             ledger_queue,
+            jwt_failures,
         }
     }
 

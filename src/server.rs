@@ -47,6 +47,7 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
     }
     let (audit, audit_writer) = crate::audit::start(&config.audit, metrics.audit_dropped.clone())?;
     watch_hangup(runtime.clone())?;
+    refresh_jwks(runtime.clone())?;
 
     let conf = ServerConf {
         threads: config.server.threads,
@@ -100,6 +101,44 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
         w.shutdown();
     }
     store.close();
+    Ok(())
+}
+
+/// Keeps every issuer's JWKS fresh from a thread of its own: the request path only reads the
+/// keys held. Returns after the first fetch (or 10 s), so tokens verify from the first request.
+fn refresh_jwks(runtime: Arc<Runtime>) -> anyhow::Result<()> {
+    if runtime.state.load().jwt.jwks().is_empty() && runtime.config().jwt_issuers.is_empty() {
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (first, done) = std::sync::mpsc::channel();
+    std::thread::Builder::new().name("tollgate-jwks".into()).spawn(move || {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("an HTTP client");
+        let mut first = Some(first);
+        rt.block_on(async move {
+            loop {
+                // The sets of the config running now (a reload may have added some).
+                for jwks in runtime.state.load().jwt.jwks() {
+                    if !jwks.due(Instant::now()) {
+                        continue;
+                    }
+                    let fetched = async {
+                        let resp = client.get(&jwks.url).send().await.map_err(|e| e.to_string())?;
+                        if !resp.status().is_success() {
+                            return Err(format!("JWKS at {} answered {}", jwks.url, resp.status()));
+                        }
+                        resp.bytes().await.map(|b| b.to_vec()).map_err(|e| e.to_string())
+                    };
+                    jwks.apply(fetched.await);
+                }
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(());
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    })?;
+    let _ = done.recv_timeout(Duration::from_secs(10));
     Ok(())
 }
 

@@ -183,6 +183,8 @@ address = "127.0.0.1:{PORTS['tollgate']}"
 address = "127.0.0.1:{PORTS['tollgate_admin']}"
 [audit]
 path = "{WORK}/tollgate-audit.jsonl"
+[store]
+path = "{WORK}/tollgate.db"
 [[provider]]
 name = "mock"
 kind = "anthropic"
@@ -191,10 +193,21 @@ credential = "env:BENCH_PROVIDER_KEY"
 [[model]]
 name = "{MODEL}"
 deployments = [{{ provider = "mock", model = "claude-sonnet-4-5-20250929" }}]
+# Budgets and limits on every scope, none of them reached: the benchmark pays for admission
+# and settlement on every request, as a production key does.
 [[key]]
 id = "bench"
 hash = "sha256:{key_hash}"
 team = "bench"
+user = "bench-user"
+budget = {{ usd = 1000000, period = "monthly" }}
+limits = {{ rpm = 100000000, output_tpm = 1000000000000, concurrency = 100000 }}
+[[team]]
+id = "bench"
+budget = {{ usd = 1000000, period = "daily" }}
+[[user]]
+id = "bench-user"
+limits = {{ concurrency = 100000 }}
 """)
     return WORK / "tollgate.toml"
 

@@ -9,6 +9,10 @@ use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 
+mod jwt;
+
+pub use jwt::{looks_like_jwt, parse_algorithm, Jwks, JwtError, JwtOrigin, JwtVerifier};
+
 use crate::config::KeyConfig;
 use crate::limits::{BudgetConfig, Policy, RateLimits};
 use crate::routing::glob_match;
@@ -72,6 +76,8 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 pub enum KeySource {
     Config,
     Api,
+    /// A principal made from a verified JWT.
+    Jwt,
 }
 
 /// Who is calling: the key and the people it belongs to.
@@ -91,6 +97,8 @@ pub struct ApiKey {
     /// The key's own budget and limits, checked at load.
     pub policy: Policy,
     pub source: KeySource,
+    /// Set for a principal made from a JWT.
+    pub jwt: Option<JwtOrigin>,
 }
 
 impl ApiKey {
@@ -155,6 +163,7 @@ impl KeyStore {
                 limits: k.limits,
                 policy: policy(k.budget, k.limits).map_err(|e| format!("key {:?}: {e}", k.id.get_ref()))?,
                 source: KeySource::Config,
+                jwt: None,
             };
             store.insert(parse_key_hash(k.hash.get_ref())?, key)?;
         }
@@ -186,6 +195,7 @@ impl KeyStore {
                 limits: k.limits,
                 policy,
                 source: KeySource::Api,
+                jwt: None,
             };
             store.insert(k.hash, key)?;
         }

@@ -170,6 +170,29 @@ fn validate(c: &Config) -> Result<(), Invalid> {
         }
     }
 
+    let mut issuers = HashSet::new();
+    for j in &c.jwt_issuers {
+        let name = j.name.get_ref();
+        if !issuers.insert(name.as_str()) {
+            return Err((j.name.span(), format!("JWT issuer {name:?} is defined twice")));
+        }
+        for a in &j.algorithms {
+            crate::auth::parse_algorithm(a).map_err(|e| (j.name.span(), format!("JWT issuer {name:?}: {e}")))?;
+        }
+        if j.algorithms.is_empty() {
+            return Err((j.name.span(), format!("JWT issuer {name:?}: list the accepted algorithms")));
+        }
+        if j.secrets.is_empty() && j.public_keys.is_empty() && j.jwks_url.is_none() {
+            return Err((j.name.span(), format!("JWT issuer {name:?} needs secrets, public_keys or jwks_url")));
+        }
+        if c.jwt_issuers.len() > 1 && j.issuer.is_none() {
+            return Err((
+                j.name.span(),
+                format!("JWT issuer {name:?}: with several issuers, each needs `issuer` (the iss claim that picks it)"),
+            ));
+        }
+    }
+
     for p in &c.prices {
         let mut rates = vec![p.input, p.output, p.cache_read, p.cache_write_5m, p.cache_write_1h];
         if let Some(l) = &p.long_context {

@@ -45,6 +45,99 @@ pub struct Config {
     /// Budgets and limits shared by every key of a user.
     #[serde(default, rename = "user")]
     pub users: Vec<OwnerConfig>,
+    /// Trusted issuers of JWT credentials (an `apiKeyHelper`, an identity provider).
+    #[serde(default, rename = "jwt_issuer")]
+    pub jwt_issuers: Vec<JwtIssuerConfig>,
+}
+
+/// A JWT issuer: its keys, what its tokens must say, and how they map to a principal.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtIssuerConfig {
+    /// Names the issuer in records and principal ids (`NAME:USER`).
+    pub name: Spanned<String>,
+    /// The `iss` tokens must carry; with several issuers, it also picks the issuer.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Accepted `aud` values; when given, tokens must carry one of them.
+    #[serde(default)]
+    pub audience: Vec<String>,
+    /// Accepted algorithms, e.g. `["HS256"]` or `["RS256", "ES256"]`. `none` never is.
+    pub algorithms: Vec<String>,
+    /// HMAC secrets (`kid` picks one when tokens carry a `kid`); several allow a rotation.
+    #[serde(default)]
+    pub secrets: Vec<JwtSecretConfig>,
+    /// Public keys in PEM files (RSA, EC P-256/P-384 or Ed25519).
+    #[serde(default)]
+    pub public_keys: Vec<JwtPublicKeyConfig>,
+    /// A JWKS document fetched in the background.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    #[serde(default = "default_jwks_refresh", deserialize_with = "duration")]
+    pub jwks_refresh: Duration,
+    /// How long a key that left the JWKS still verifies tokens.
+    #[serde(default = "default_jwks_grace", deserialize_with = "duration")]
+    pub jwks_grace: Duration,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`.
+    #[serde(default = "default_leeway", deserialize_with = "duration")]
+    pub leeway: Duration,
+    /// Longest `exp - iat` accepted; tokens must then carry `iat`.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub max_lifetime: Option<Duration>,
+    /// Claims that must be present (beyond `exp` and the user claim).
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+    #[serde(default = "default_user_claim")]
+    pub user_claim: String,
+    #[serde(default = "default_team_claim")]
+    pub team_claim: Option<String>,
+    /// A claim listing the models the principal may use; else `models` below.
+    #[serde(default)]
+    pub models_claim: Option<String>,
+    /// What every principal of this issuer gets: allowed models, and its own budget and limits
+    /// (per user, like a key of their own).
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    #[serde(default)]
+    pub budget: Option<crate::limits::BudgetConfig>,
+    #[serde(default)]
+    pub limits: crate::limits::RateLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSecretConfig {
+    #[serde(default)]
+    pub kid: Option<String>,
+    pub secret: SecretRef,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtPublicKeyConfig {
+    #[serde(default)]
+    pub kid: Option<String>,
+    pub file: PathBuf,
+}
+
+fn default_jwks_refresh() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_jwks_grace() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_leeway() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_user_claim() -> String {
+    "user".into()
+}
+fn default_team_claim() -> Option<String> {
+    Some("team".into())
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 /// The embedded store: keys created at run time and the usage ledger.

@@ -29,6 +29,12 @@ pub struct UsageRecord {
     pub key_id: Option<String>,
     pub user: Option<String>,
     pub team: Option<String>,
+    /// How the caller authenticated: `key` or `jwt` (absent when it did not).
+    pub auth: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_issuer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_kid: Option<String>,
     pub client_ip: Option<String>,
     pub user_agent: Option<String>,
     pub session_id: Option<String>,

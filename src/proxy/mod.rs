@@ -34,7 +34,7 @@ pub use fallback::AttemptRecord;
 pub use headers::REQUEST_ID_HEADER;
 
 use crate::audit::AuditLog;
-use crate::auth::{presented_key, ApiKey};
+use crate::auth::{looks_like_jwt, presented_key, ApiKey, AuthError, JwtVerifier};
 use crate::config::{Config, ServerConfig, Unpriced};
 use crate::limits::{Actual, Demand, Limiter, Owners, Policy, Reservation, Scope, ScopeKind};
 use crate::metering::{Outcome, PriceTable};
@@ -53,6 +53,7 @@ pub struct State {
     pub owners: Owners,
     pub unpriced: Unpriced,
     pub max_body_bytes: usize,
+    pub jwt: JwtVerifier,
 }
 
 impl State {
@@ -82,6 +83,7 @@ impl State {
             owners: Owners::build(&config.users, &config.teams)?,
             unpriced: config.controls.unpriced,
             max_body_bytes: config.server.max_body_bytes,
+            jwt: JwtVerifier::build(&config.jwt_issuers, running.map(|r| &r.jwt))?,
         })
     }
 }
@@ -157,12 +159,17 @@ impl Gateway {
             req.headers.get("x-api-key").map(|v| v.as_bytes()),
             req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes()),
         );
-        let key = self
-            .runtime
-            .keys
-            .load()
-            .authenticate(presented, SystemTime::now())
-            .map_err(|e| ApiError::authentication(e.to_string()))?;
+        let key = match self.runtime.keys.load().authenticate(presented, SystemTime::now()) {
+            Ok(key) => key,
+            // Not one of our keys: it may be a JWT from a trusted issuer.
+            Err(AuthError::Unknown) if !state.jwt.is_empty() && presented.is_some_and(looks_like_jwt) => {
+                state.jwt.verify(presented.unwrap_or_default()).map_err(|e| {
+                    self.metrics.jwt_failures.with_label_values(&[e.reason]).inc();
+                    ApiError::authentication(e.message)
+                })?
+            }
+            Err(e) => return Err(ApiError::authentication(e.to_string())),
+        };
         ctx.key = Some(key.clone());
 
         let body = read_body(session, state.max_body_bytes).await?;
