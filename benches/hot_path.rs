@@ -214,5 +214,52 @@ fn admission(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, sse_scan, json_usage, request_body, routing_and_keys, endpoint_selection, cost, admission);
+/// A JWT credential: the first sight of a token (signature check and claims) and every later
+/// request with the same token (cache hit by hash).
+fn jwt(c: &mut Criterion) {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let secret = "bench-secret-of-at-least-thirty-two-bytes";
+    let dir = std::env::temp_dir().join(format!("tollgate-bench-jwt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret_file = dir.join("secret");
+    std::fs::write(&secret_file, secret).unwrap();
+    let text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:1\"\n[[jwt_issuer]]\nname = \"helper\"\nalgorithms = [\"HS256\"]\n\
+         audience = [\"tollgate\"]\nsecrets = [{{ kid = \"k1\", secret = \"file:{}\" }}]\n",
+        secret_file.display()
+    );
+    let config = load_str(&text, "jwt.toml").unwrap();
+    let verifier = tollgate::auth::JwtVerifier::build(&config.jwt_issuers, None).unwrap();
+    let exp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() + 3600;
+    let mint = |i: u64| {
+        let mut h = Header::new(jsonwebtoken::Algorithm::HS256);
+        h.kid = Some("k1".into());
+        let claims =
+            serde_json::json!({"user": format!("user-{i}"), "team": "platform", "aud": "tollgate", "exp": exp});
+        encode(&h, &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+    };
+    let warm = mint(0);
+    verifier.verify(warm.as_bytes()).unwrap();
+    let mut g = c.benchmark_group("jwt_verify");
+    g.bench_function("cached", |b| b.iter(|| black_box(verifier.verify(black_box(warm.as_bytes())).unwrap())));
+    // What a token costs the first time it is seen: signature and claims, no cache.
+    let now = exp - 1800;
+    g.bench_function("first_sight_hs256", |b| {
+        b.iter(|| black_box(verifier.check(black_box(warm.as_bytes()), now).unwrap()))
+    });
+    g.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(
+    benches,
+    sse_scan,
+    json_usage,
+    request_body,
+    routing_and_keys,
+    endpoint_selection,
+    cost,
+    admission,
+    jwt
+);
 criterion_main!(benches);

@@ -367,7 +367,7 @@ pub fn looks_like_jwt(token: &[u8]) -> bool {
     token.starts_with(b"eyJ") && token.iter().filter(|b| **b == b'.').count() == 2
 }
 
-fn unix_now() -> u64 {
+pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -395,11 +395,7 @@ impl JwtVerifier {
                 return Ok(key.clone());
             }
         }
-        let token = std::str::from_utf8(token).map_err(|_| fail("malformed", "JWT is not text"))?;
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| fail("malformed", "the credential is not a JWT with an accepted algorithm"))?;
-        let issuer = self.issuer_of(token)?;
-        let (key, exp) = issuer.verify(token, header.alg, header.kid.as_deref(), now)?;
+        let (key, exp) = self.check(token, now)?;
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= CACHE_CAPACITY {
             cache.retain(|_, (_, e)| *e > now);
@@ -410,6 +406,15 @@ impl JwtVerifier {
         // Cached until it expires, without leeway: a cached answer is never more lenient.
         cache.insert(digest, (key.clone(), exp));
         Ok(key)
+    }
+
+    /// Verifies `token` without the cache: the signature and every claim.
+    pub fn check(&self, token: &[u8], now: u64) -> Result<(Arc<ApiKey>, u64), JwtError> {
+        let token = std::str::from_utf8(token).map_err(|_| fail("malformed", "JWT is not text"))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| fail("malformed", "the credential is not a JWT with an accepted algorithm"))?;
+        let issuer = self.issuer_of(token)?;
+        issuer.verify(token, header.alg, header.kid.as_deref(), now)
     }
 
     /// The issuer whose `iss` the token names (read before the signature is checked, only to
@@ -434,5 +439,69 @@ impl JwtVerifier {
     /// JWKS sets to keep fresh.
     pub fn jwks(&self) -> Vec<Arc<Jwks>> {
         self.issuers.iter().filter_map(|i| i.jwks.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    const SECRET: &str = "a-shared-secret-of-32-bytes-or-more!";
+
+    fn verifier(extra: &str) -> (JwtVerifier, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, SECRET).unwrap();
+        let text = format!(
+            "[[listener]]\naddress = \"127.0.0.1:1\"\n[[jwt_issuer]]\nname = \"h\"\nalgorithms = [\"HS256\"]\n\
+             secrets = [{{ kid = \"k1\", secret = \"file:{}\" }}]\n{extra}",
+            secret.display()
+        );
+        let config = crate::config::load_str(&text, "t.toml").unwrap();
+        (JwtVerifier::build(&config.jwt_issuers, None).unwrap(), dir)
+    }
+
+    fn token(claims: Value) -> String {
+        let mut h = Header::new(Algorithm::HS256);
+        h.kid = Some("k1".into());
+        encode(&h, &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+    }
+
+    #[test]
+    fn none_is_never_an_algorithm() {
+        assert!(parse_algorithm("none").is_err());
+        assert!(parse_algorithm("NONE").is_err());
+        assert_eq!(parse_algorithm("ES256").unwrap(), Algorithm::ES256);
+        let text = "[[listener]]\naddress = \"127.0.0.1:1\"\n[[jwt_issuer]]\nname = \"h\"\nalgorithms = [\"none\"]\n\
+                    secrets = [{ secret = \"env:X\" }]\n";
+        let e = crate::config::load_str(text, "t.toml").unwrap_err();
+        assert!(e.message.contains("\"none\" is never accepted"), "{e}");
+    }
+
+    #[test]
+    fn maps_claims_and_caches_until_expiry() {
+        let (v, _dir) = verifier("max_lifetime = \"2h\"\n");
+        let now = unix_now();
+        let t = token(serde_json::json!({"user": "alice", "team": "x", "iat": now, "exp": now + 600}));
+        assert!(looks_like_jwt(t.as_bytes()));
+        let k = v.verify(t.as_bytes()).unwrap();
+        assert_eq!((k.id.as_str(), k.user.as_deref(), k.team.as_deref()), ("h:alice", Some("alice"), Some("x")));
+        assert_eq!(k.jwt, Some(JwtOrigin { issuer: "h".into(), kid: Some("k1".into()) }));
+        assert!(Arc::ptr_eq(&k, &v.verify(t.as_bytes()).unwrap()), "the second sight comes from the cache");
+
+        let long = token(serde_json::json!({"user": "alice", "iat": now, "exp": now + 3 * 3600}));
+        assert_eq!(v.verify(long.as_bytes()).unwrap_err().reason, "lifetime");
+        let expired = token(serde_json::json!({"user": "alice", "iat": now - 7000, "exp": now - 3600}));
+        assert_eq!(v.verify(expired.as_bytes()).unwrap_err().reason, "expired");
+        let anonymous = token(serde_json::json!({"team": "x", "iat": now, "exp": now + 60}));
+        let e = v.verify(anonymous.as_bytes()).unwrap_err();
+        assert_eq!((e.reason, e.message.as_str()), ("missing_claim", "JWT lacks the \"user\" claim (a string)"));
+    }
+
+    #[test]
+    fn only_jws_shapes_are_tried() {
+        assert!(!looks_like_jwt(b"tg-0123"));
+        assert!(!looks_like_jwt(b"eyJhbGciOi.only-one-dot"));
     }
 }
