@@ -32,6 +32,14 @@ pub fn scan_object(
     body: &[u8],
     mut visit: impl FnMut(&str, Range<usize>) -> Result<(), JsonError>,
 ) -> Result<(), JsonError> {
+    scan_members(body, |key, _member, value| visit(key, value))
+}
+
+/// Like [`scan_object`], with the span of the whole member (key to end of value) too.
+fn scan_members(
+    body: &[u8],
+    mut visit: impl FnMut(&str, Range<usize>, Range<usize>) -> Result<(), JsonError>,
+) -> Result<(), JsonError> {
     let mut i = skip_ws(body, 0);
     if body.get(i) != Some(&b'{') {
         return err("expected a JSON object", i);
@@ -44,6 +52,7 @@ pub fn scan_object(
         if body.get(i) != Some(&b'"') {
             return err("expected a string key", i);
         }
+        let key_start = i;
         let key_end = skip_string(body, i)?;
         let raw_key = &body[i + 1..key_end - 1];
         let key_owned;
@@ -60,7 +69,7 @@ pub fn scan_object(
         }
         let start = skip_ws(body, i + 1);
         let end = skip_value(body, start)?;
-        visit(key, start..end)?;
+        visit(key, key_start..end, start..end)?;
         i = skip_ws(body, end);
         match body.get(i) {
             Some(b',') => i = skip_ws(body, i + 1),
@@ -204,6 +213,37 @@ pub fn peek_request(body: &[u8]) -> Result<RequestPeek, JsonError> {
         Ok(())
     })?;
     Ok(peek)
+}
+
+/// Rebuilds the top-level object of `body` without the members named in `drop` and with the
+/// `add` members (name, raw JSON value) appended; the kept members are copied byte for byte.
+/// This is how a body moves between API envelopes (Bedrock and Vertex keep the model in the
+/// URL and the version in the body).
+pub fn rewrite_members(body: &[u8], drop: &[&str], add: &[(&str, &[u8])]) -> Result<bytes::Bytes, JsonError> {
+    let mut out = bytes::BytesMut::with_capacity(body.len() + 64);
+    out.extend_from_slice(b"{");
+    let mut first = true;
+    scan_members(body, |key, member, _| {
+        if !drop.contains(&key) {
+            if !first {
+                out.extend_from_slice(b",");
+            }
+            out.extend_from_slice(&body[member]);
+            first = false;
+        }
+        Ok(())
+    })?;
+    for (name, value) in add {
+        if !first {
+            out.extend_from_slice(b",");
+        }
+        out.extend_from_slice(serde_json::to_string(name).expect("a string serializes").as_bytes());
+        out.extend_from_slice(b":");
+        out.extend_from_slice(value);
+        first = false;
+    }
+    out.extend_from_slice(b"}");
+    Ok(out.freeze())
 }
 
 /// Returns `body` with the bytes in `span` replaced by `new_model` as a JSON string; everything

@@ -1,5 +1,6 @@
 //! Wire formats: pure code, no I/O, so it can be tested and benchmarked alone.
 
+pub mod bedrock;
 pub mod eventstream;
 pub mod json_peek;
 pub mod sse;

@@ -1,0 +1,267 @@
+//! The Bedrock InvokeModel envelope around an Anthropic Messages body, and its stream framing.
+//!
+//! Bedrock takes the model in the URL (`/model/{id}/invoke`, or `invoke-with-response-stream`
+//! for a stream) and the body without `model` and `stream`, with `anthropic_version`
+//! (`bedrock-2023-05-31`) and the betas as an `anthropic_beta` array. Answers are the same
+//! Messages JSON; a stream is AWS event-stream frames whose `chunk` events carry each SSE event's
+//! JSON, base64-encoded, in `{"bytes": ...}`. Errors are `{"message": ...}`.
+
+use base64::Engine as _;
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+
+use super::eventstream::{Decoder, FrameError};
+use super::json_peek::{rewrite_members, scan_object, JsonError};
+
+pub const BEDROCK_VERSION: &str = "bedrock-2023-05-31";
+
+/// The Bedrock body for an Anthropic Messages body: `model` and `stream` leave (they are in the
+/// URL), `anthropic_version` and the `anthropic-beta` header's values come in unless the body
+/// already has them. Everything else is copied as it came.
+pub fn request_body(body: &[u8], beta_header: Option<&str>) -> Result<Bytes, JsonError> {
+    let (mut has_version, mut has_beta) = (false, false);
+    scan_object(body, |key, _| {
+        has_version |= key == "anthropic_version";
+        has_beta |= key == "anthropic_beta";
+        Ok(())
+    })?;
+    let version = serde_json::to_vec(BEDROCK_VERSION).expect("a string serializes");
+    let betas: Vec<&str> =
+        beta_header.iter().flat_map(|h| h.split(',')).map(str::trim).filter(|b| !b.is_empty()).collect();
+    let betas = serde_json::to_vec(&betas).expect("strings serialize");
+    let mut add: Vec<(&str, &[u8])> = Vec::new();
+    if !has_version {
+        add.push(("anthropic_version", &version));
+    }
+    if !has_beta && beta_header.is_some_and(|h| !h.trim().is_empty()) {
+        add.push(("anthropic_beta", &betas));
+    }
+    rewrite_members(body, &["model", "stream"], &add)
+}
+
+/// Characters of a model id (or inference-profile ARN) that stay as they are in the path.
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// `/model/{id}/invoke` or `/model/{id}/invoke-with-response-stream`, the id percent-encoded
+/// (ids carry `:`, ARNs `/`).
+pub fn invoke_path(model_id: &str, stream: bool) -> String {
+    let mut path = String::from("/model/");
+    for b in model_id.bytes() {
+        if unreserved(b) {
+            path.push(b as char);
+        } else {
+            path.push_str(&format!("%{b:02X}"));
+        }
+    }
+    path.push_str(if stream { "/invoke-with-response-stream" } else { "/invoke" });
+    path
+}
+
+/// The Anthropic error type for an HTTP status.
+pub fn error_type(status: u16) -> &'static str {
+    match status {
+        400 | 413 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+fn error_json(kind: &str, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"type": "error", "error": {"type": kind, "message": message}}))
+        .expect("JSON values serialize")
+}
+
+/// A Bedrock error body (`{"message": ...}`) in the Anthropic shape; a body that already has it
+/// passes as it is.
+pub fn anthropic_error(status: u16, body: &[u8]) -> Bytes {
+    #[derive(Deserialize)]
+    struct BedrockError {
+        message: Option<String>,
+        #[serde(rename = "Message")]
+        message_upper: Option<String>,
+        #[serde(rename = "type")]
+        kind: Option<String>,
+    }
+    match serde_json::from_slice::<BedrockError>(body) {
+        Ok(e) if e.kind.as_deref() == Some("error") => Bytes::copy_from_slice(body),
+        Ok(e) => {
+            let message = e.message.or(e.message_upper).unwrap_or_else(|| format!("Bedrock answered {status}"));
+            Bytes::from(error_json(error_type(status), &message))
+        }
+        Err(_) => Bytes::from(error_json(error_type(status), &format!("Bedrock answered {status}"))),
+    }
+}
+
+/// The Anthropic error type of a Bedrock stream exception.
+fn exception_type(exception: &str) -> &'static str {
+    match exception {
+        "throttlingException" => "rate_limit_error",
+        "validationException" => "invalid_request_error",
+        "serviceUnavailableException" => "overloaded_error",
+        "accessDeniedException" => "permission_error",
+        _ => "api_error",
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TranscodeError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("a Bedrock stream chunk is not valid: {0}")]
+    Chunk(String),
+}
+
+/// Turns a Bedrock event stream into the SSE stream the Messages API sends: one SSE event per
+/// `chunk` frame, and an SSE `error` event for an exception frame.
+#[derive(Default)]
+pub struct StreamToSse {
+    decoder: Decoder,
+}
+
+impl StreamToSse {
+    pub fn new() -> Self {
+        StreamToSse::default()
+    }
+
+    /// The SSE bytes for every frame completed by `chunk` (possibly none).
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<Bytes, TranscodeError> {
+        #[derive(Deserialize)]
+        struct Chunk {
+            bytes: String,
+        }
+        #[derive(Deserialize)]
+        struct Event {
+            #[serde(rename = "type")]
+            kind: String,
+        }
+        #[derive(Deserialize)]
+        struct Exception {
+            message: Option<String>,
+            #[serde(rename = "Message")]
+            message_upper: Option<String>,
+        }
+        self.decoder.feed(chunk);
+        let mut out = BytesMut::new();
+        while let Some(frame) = self.decoder.next_frame()? {
+            match frame.header(":message-type") {
+                Some("event") if frame.header(":event-type") == Some("chunk") => {
+                    let c: Chunk =
+                        serde_json::from_slice(&frame.payload).map_err(|e| TranscodeError::Chunk(e.to_string()))?;
+                    let data = base64::engine::general_purpose::STANDARD
+                        .decode(c.bytes.as_bytes())
+                        .map_err(|e| TranscodeError::Chunk(e.to_string()))?;
+                    let event: Event =
+                        serde_json::from_slice(&data).map_err(|e| TranscodeError::Chunk(e.to_string()))?;
+                    out.put_slice(b"event: ");
+                    out.put_slice(event.kind.as_bytes());
+                    out.put_slice(b"\ndata: ");
+                    out.put_slice(&data);
+                    out.put_slice(b"\n\n");
+                }
+                // Other events (none today) carry nothing a Messages client knows.
+                Some("event") => {}
+                Some("exception") | Some("error") => {
+                    let exception = frame.header(":exception-type").or(frame.header(":error-code")).unwrap_or("");
+                    let e: Option<Exception> = serde_json::from_slice(&frame.payload).ok();
+                    let message = e
+                        .and_then(|e| e.message.or(e.message_upper))
+                        .unwrap_or_else(|| format!("Bedrock stream error {exception}"));
+                    out.put_slice(b"event: error\ndata: ");
+                    out.put_slice(&error_json(exception_type(exception), &message));
+                    out.put_slice(b"\n\n");
+                }
+                _ => {}
+            }
+        }
+        Ok(out.freeze())
+    }
+}
+
+/// The event-stream frame Bedrock sends for one SSE event's JSON (for the mock and the tests).
+pub fn chunk_frame(event_json: &[u8]) -> Bytes {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(event_json);
+    let payload = serde_json::to_vec(&serde_json::json!({"bytes": b64})).expect("JSON values serialize");
+    super::eventstream::encode(
+        &[(":event-type", "chunk"), (":content-type", "application/json"), (":message-type", "event")],
+        &payload,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_moves_model_stream_version_and_betas() {
+        let body = br#"{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let out = request_body(body, Some("context-1m-2025-08-07, interleaved-thinking-2025-05-14")).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "max_tokens": 64,
+                "messages": [{"role":"user","content":"hi"}],
+                "anthropic_version": "bedrock-2023-05-31",
+                "anthropic_beta": ["context-1m-2025-08-07", "interleaved-thinking-2025-05-14"],
+            })
+        );
+        // The messages bytes are copied as they were.
+        assert!(memchr::memmem::find(&out, br#""messages":[{"role":"user","content":"hi"}]"#).is_some());
+        // A body that already speaks Bedrock keeps its own version and betas.
+        let own = br#"{"anthropic_version":"bedrock-2023-05-31","anthropic_beta":["x"],"max_tokens":1,"messages":[]}"#;
+        assert_eq!(&request_body(own, Some("y")).unwrap()[..], &own[..]);
+    }
+
+    #[test]
+    fn model_ids_are_percent_encoded() {
+        assert_eq!(
+            invoke_path("anthropic.claude-sonnet-4-5-20250929-v1:0", true),
+            "/model/anthropic.claude-sonnet-4-5-20250929-v1%3A0/invoke-with-response-stream"
+        );
+        assert_eq!(
+            invoke_path("arn:aws:bedrock:us-east-1:123:inference-profile/us.anthropic.x", false),
+            "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123%3Ainference-profile%2Fus.anthropic.x/invoke"
+        );
+    }
+
+    #[test]
+    fn stream_becomes_sse_at_any_split() {
+        let events = [
+            r#"{"type":"message_start","message":{"usage":{"input_tokens":5,"output_tokens":1}}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hé"}}"#,
+            r#"{"type":"message_stop"}"#,
+        ];
+        let mut wire: Vec<u8> = events.iter().flat_map(|e| chunk_frame(e.as_bytes()).to_vec()).collect();
+        wire.extend_from_slice(&super::super::eventstream::encode(
+            &[(":message-type", "exception"), (":exception-type", "throttlingException")],
+            br#"{"message":"slow down"}"#,
+        ));
+        let expected = format!(
+            "event: message_start\ndata: {}\n\nevent: content_block_delta\ndata: {}\n\nevent: message_stop\ndata: {}\n\n\
+             event: error\ndata: {{\"error\":{{\"message\":\"slow down\",\"type\":\"rate_limit_error\"}},\"type\":\"error\"}}\n\n",
+            events[0], events[1], events[2]
+        );
+        for cut in [0, 1, 13, 100, wire.len() / 2, wire.len() - 1] {
+            let mut t = StreamToSse::new();
+            let mut sse = t.feed(&wire[..cut]).unwrap().to_vec();
+            sse.extend_from_slice(&t.feed(&wire[cut..]).unwrap());
+            assert_eq!(String::from_utf8(sse).unwrap(), expected, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn errors_take_the_anthropic_shape() {
+        let e = anthropic_error(429, br#"{"message":"Too many requests, please wait before trying again."}"#);
+        let v: serde_json::Value = serde_json::from_slice(&e).unwrap();
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert_eq!(v["error"]["message"], "Too many requests, please wait before trying again.");
+        let already = br#"{"type":"error","error":{"type":"overloaded_error","message":"x"}}"#;
+        assert_eq!(&anthropic_error(529, already)[..], &already[..]);
+    }
+}
