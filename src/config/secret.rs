@@ -76,6 +76,18 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// A secret from a literal, for tests only: the config never holds literals.
+    #[cfg(test)]
+    pub fn for_tests(value: &str) -> Self {
+        Secret(value.to_string())
+    }
+
+    /// A secret read from a standard environment variable (AWS's, for instance) rather than
+    /// from a reference in the config.
+    pub fn from_env(name: &str) -> Result<Self, String> {
+        SecretRef::Env(name.to_string()).resolve()
+    }
 }
 
 impl fmt::Debug for Secret {

@@ -14,11 +14,13 @@ use crate::config::{ProbeKind, ProviderConfig, ProviderKind};
 mod endpoint;
 mod health;
 mod pool;
+mod sigv4;
 mod url;
 
 pub use endpoint::{Endpoint, EndpointRef, PeerSettings};
 pub use health::{now_ms, HealthPolicy, PassiveHealth};
 pub use pool::{Balancer, Pool, Schedule, Selection};
+pub use sigv4::AwsSigner;
 pub use url::UpstreamUrl;
 
 /// One credential of a provider, with its own cool-down (a 429 is often per key).
