@@ -8,6 +8,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use super::Config;
+use super::ProviderKind;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -87,17 +88,49 @@ fn validate(c: &Config) -> Result<(), Invalid> {
             return Err((p.name.span(), format!("provider {:?} is defined twice", p.name.get_ref())));
         }
         let endpoints = p.endpoint_list();
-        if p.base_url.is_some() != p.endpoints.is_empty() {
-            return Err((p.name.span(), format!("provider {:?} needs either base_url or endpoints", p.name.get_ref())));
+        let region_only = p.kind == ProviderKind::Bedrock && p.region.is_some() && p.endpoints.is_empty();
+        if p.base_url.is_some() && !p.endpoints.is_empty() || endpoints.is_empty() && !region_only {
+            let or_region = if p.kind == ProviderKind::Bedrock { ", or a region" } else { "" };
+            return Err((
+                p.name.span(),
+                format!("provider {:?} needs either base_url or endpoints{or_region}", p.name.get_ref()),
+            ));
         }
         for (url, _) in endpoints {
             crate::providers::UpstreamUrl::parse(url.get_ref()).map_err(|e| (url.span(), e))?;
         }
-        if p.credential_list().is_empty() || (p.credential.is_some() && !p.credentials.is_empty()) {
+        if p.credential.is_some() && !p.credentials.is_empty() {
             return Err((
                 p.name.span(),
-                format!("provider {:?} needs either credential or credentials", p.name.get_ref()),
+                format!("provider {:?}: credential or credentials, not both", p.name.get_ref()),
             ));
+        }
+        match p.kind {
+            ProviderKind::Anthropic if p.credential_list().is_empty() => {
+                return Err((
+                    p.name.span(),
+                    format!("provider {:?} needs either credential or credentials", p.name.get_ref()),
+                ));
+            }
+            ProviderKind::Anthropic if p.aws.is_some() || p.region.is_some() => {
+                return Err((
+                    p.name.span(),
+                    format!("provider {:?}: aws and region are for Bedrock", p.name.get_ref()),
+                ));
+            }
+            ProviderKind::Bedrock if p.region.is_none() => {
+                return Err((p.name.span(), format!("provider {:?}: Bedrock needs a region", p.name.get_ref())));
+            }
+            ProviderKind::Bedrock if p.aws.is_some() && !p.credential_list().is_empty() => {
+                return Err((
+                    p.name.span(),
+                    format!(
+                        "provider {:?}: sign with aws or send a Bedrock API key as credential, not both",
+                        p.name.get_ref()
+                    ),
+                ));
+            }
+            _ => {}
         }
     }
 

@@ -289,6 +289,19 @@ impl Default for AuditConfig {
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
     Anthropic,
+    /// AWS Bedrock InvokeModel: SigV4 (`aws`, or the standard AWS environment variables) or a
+    /// Bedrock API key as `credential`.
+    Bedrock,
+}
+
+/// AWS credentials for SigV4, as secret references.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsCredentialsConfig {
+    pub access_key_id: SecretRef,
+    pub secret_access_key: SecretRef,
+    #[serde(default)]
+    pub session_token: Option<SecretRef>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -307,6 +320,13 @@ pub struct ProviderConfig {
     pub credential: Option<Spanned<SecretRef>>,
     #[serde(default)]
     pub credentials: Vec<Spanned<SecretRef>>,
+    /// Bedrock: the AWS region (the endpoint defaults to `bedrock-runtime.REGION.amazonaws.com`).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Bedrock: SigV4 credentials. Without these or a `credential`, the standard
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN` variables are used.
+    #[serde(default)]
+    pub aws: Option<AwsCredentialsConfig>,
     #[serde(default)]
     pub selection: Selection,
     #[serde(default)]
@@ -331,11 +351,15 @@ pub struct ProviderConfig {
 }
 
 impl ProviderConfig {
-    /// The endpoints, whichever way they were written.
-    pub fn endpoint_list(&self) -> Vec<(&Spanned<String>, usize)> {
-        match &self.base_url {
-            Some(u) => vec![(u, 1)],
-            None => self.endpoints.iter().map(|e| (&e.url, e.weight)).collect(),
+    /// The endpoints, whichever way they were written; a Bedrock provider with only a region
+    /// gets the region's public endpoint.
+    pub fn endpoint_list(&self) -> Vec<(Spanned<String>, usize)> {
+        match (&self.base_url, self.kind, &self.region) {
+            (Some(u), _, _) => vec![(u.clone(), 1)],
+            (None, ProviderKind::Bedrock, Some(region)) if self.endpoints.is_empty() => {
+                vec![(Spanned::new(0..0, format!("https://bedrock-runtime.{region}.amazonaws.com")), 1)]
+            }
+            _ => self.endpoints.iter().map(|e| (e.url.clone(), e.weight)).collect(),
         }
     }
 

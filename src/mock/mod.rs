@@ -281,10 +281,13 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         tokio::time::sleep(b.header_delay).await;
     }
 
+    let path = parts.uri.path();
+    if let Some(rest) = path.strip_prefix("/model/") {
+        return Ok(bedrock(rest, &body, b, shared));
+    }
     if let Some(status) = b.status {
         return Ok(error_response(status, b.error_message.as_deref()));
     }
-    let path = parts.uri.path();
     if path.ends_with("/count_tokens") {
         return Ok(json_response(StatusCode::OK, serde_json::json!({"input_tokens": b.usage.input_tokens})));
     }
@@ -312,6 +315,110 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             }),
         ))
     }
+}
+
+/// Bedrock's InvokeModel: the model in the path, the Bedrock envelope in the body (checked), a
+/// JSON answer or an event stream, and errors as `{"message": ...}`.
+fn bedrock(rest: &str, body: &[u8], b: Behavior, shared: Arc<Shared>) -> Response<Body> {
+    let bedrock_error = |status: u16, message: &str| {
+        let mut r = json_response(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            serde_json::json!({ "message": message }),
+        );
+        r.headers_mut().insert("x-amzn-errortype", http::HeaderValue::from_static("MockException"));
+        r
+    };
+    if let Some(status) = b.status {
+        let message = b.error_message.clone().unwrap_or_else(|| format!("mock bedrock: status {status}"));
+        return bedrock_error(status, &message);
+    }
+    let Some((model, action)) = rest.split_once('/') else {
+        return bedrock_error(404, "mock bedrock: no action");
+    };
+    let model = percent_decode(model);
+    let v: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(_) => return bedrock_error(400, "mock bedrock: invalid JSON"),
+    };
+    if action == "count-tokens" {
+        let inner = v["input"]["invokeModel"]["body"].as_str().map(|b64| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.decode(b64).ok()
+        });
+        if inner.flatten().is_none() {
+            return bedrock_error(400, "mock bedrock: count-tokens needs input.invokeModel.body");
+        }
+        return json_response(StatusCode::OK, serde_json::json!({"inputTokens": b.usage.input_tokens}));
+    }
+    // The envelope a real Bedrock insists on.
+    if v.get("model").is_some() || v.get("stream").is_some() {
+        return bedrock_error(400, "mock bedrock: model and stream are not allowed in the body");
+    }
+    if v["anthropic_version"] != "bedrock-2023-05-31" {
+        return bedrock_error(400, "mock bedrock: anthropic_version must be bedrock-2023-05-31");
+    }
+    match action {
+        "invoke" => {
+            let text = "Hello from the mock. ".repeat(b.deltas);
+            json_response(
+                StatusCode::OK,
+                serde_json::json!({
+                    "id": "msg_bdrk_mock", "type": "message", "role": "assistant", "model": model,
+                    "content": [{"type": "text", "text": text}],
+                    "stop_reason": "end_turn", "stop_sequence": null,
+                    "usage": b.usage.full(b.usage.output_tokens),
+                }),
+            )
+        }
+        "invoke-with-response-stream" => {
+            let (tx, rx) = mpsc::channel(16);
+            tokio::spawn(async move {
+                for (i, event) in sse_events(&model, &b.usage, b.deltas).into_iter().enumerate() {
+                    if b.cut_after == Some(i) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let _ = tx.send(Err(std::io::Error::other("mock: cut"))).await;
+                        return;
+                    }
+                    if i > 0 && !b.delay.is_zero() {
+                        tokio::time::sleep(b.delay).await;
+                    }
+                    // The SSE event's data line is what Bedrock wraps in a frame.
+                    let text = String::from_utf8_lossy(&event);
+                    let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap_or("{}").to_string();
+                    let frame = crate::protocol::bedrock::chunk_frame(data.as_bytes());
+                    if tx.send(Ok(frame)).await.is_err() {
+                        shared.abandoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                }
+            });
+            Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/vnd.amazon.eventstream")
+                .header("x-amzn-requestid", "mock-request")
+                .body(http_body_util::Either::Right(ChannelBody(rx)))
+                .expect("valid response")
+        }
+        _ => bedrock_error(404, "mock bedrock: unknown action"),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Body> {

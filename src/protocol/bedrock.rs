@@ -183,6 +183,31 @@ impl StreamToSse {
     }
 }
 
+/// The CountTokens body for a Bedrock InvokeModel body (which travels base64-encoded inside).
+pub fn count_tokens_body(invoke_body: &[u8]) -> Bytes {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(invoke_body);
+    Bytes::from(
+        serde_json::to_vec(&serde_json::json!({"input": {"invokeModel": {"body": b64}}}))
+            .expect("JSON values serialize"),
+    )
+}
+
+/// `/model/{id}/count-tokens`.
+pub fn count_tokens_path(model_id: &str) -> String {
+    invoke_path(model_id, false).replace("/invoke", "/count-tokens")
+}
+
+/// Bedrock's `{"inputTokens": N}` as the Messages API's `{"input_tokens": N}`.
+pub fn count_tokens_answer(body: &[u8]) -> Option<Bytes> {
+    #[derive(Deserialize)]
+    struct Count {
+        #[serde(rename = "inputTokens")]
+        input_tokens: u64,
+    }
+    let c: Count = serde_json::from_slice(body).ok()?;
+    Some(Bytes::from(format!("{{\"input_tokens\":{}}}", c.input_tokens)))
+}
+
 /// The event-stream frame Bedrock sends for one SSE event's JSON (for the mock and the tests).
 pub fn chunk_frame(event_json: &[u8]) -> Bytes {
     let b64 = base64::engine::general_purpose::STANDARD.encode(event_json);
@@ -253,6 +278,15 @@ mod tests {
             sse.extend_from_slice(&t.feed(&wire[cut..]).unwrap());
             assert_eq!(String::from_utf8(sse).unwrap(), expected, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn count_tokens_round_trip() {
+        let body = count_tokens_body(br#"{"max_tokens":1}"#);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["input"]["invokeModel"]["body"], "eyJtYXhfdG9rZW5zIjoxfQ==");
+        assert_eq!(count_tokens_path("a.b-v1:0"), "/model/a.b-v1%3A0/count-tokens");
+        assert_eq!(&count_tokens_answer(br#"{"inputTokens":42}"#).unwrap()[..], br#"{"input_tokens":42}"#);
     }
 
     #[test]

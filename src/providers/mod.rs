@@ -9,7 +9,7 @@ use http::{HeaderName, HeaderValue};
 use pingora::protocols::tls::CaType;
 use pingora::utils::tls::WrappedX509;
 
-use crate::config::{ProbeKind, ProviderConfig, ProviderKind};
+use crate::config::{ProbeKind, ProviderConfig, ProviderKind, Secret};
 
 mod endpoint;
 mod health;
@@ -27,8 +27,17 @@ pub use url::UpstreamUrl;
 #[derive(Debug)]
 pub struct Credential {
     pub index: usize,
-    pub header: (HeaderName, HeaderValue),
+    pub auth: Auth,
     pub passive: PassiveHealth,
+}
+
+/// How a request proves itself to the provider.
+#[derive(Debug)]
+pub enum Auth {
+    /// A header with a key (`x-api-key`, or `Authorization: Bearer` for a Bedrock API key).
+    Header(HeaderName, HeaderValue),
+    /// AWS SigV4 over the whole request.
+    SigV4(AwsSigner),
 }
 
 pub struct Provider {
@@ -68,21 +77,28 @@ impl Provider {
                 Endpoint::new(i, UpstreamUrl::parse(url.get_ref())?, weight, settings.clone()).map(Arc::new)
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let credentials = c
-            .credential_list()
-            .into_iter()
-            .enumerate()
-            .map(|(index, r)| {
-                let secret = r.get_ref().resolve()?;
-                let name = match c.kind {
-                    ProviderKind::Anthropic => HeaderName::from_static("x-api-key"),
-                };
-                let mut value = HeaderValue::from_str(secret.expose())
-                    .map_err(|_| format!("credential {} holds characters not allowed in a header", r.get_ref()))?;
-                value.set_sensitive(true);
-                Ok(Credential { index, header: (name, value), passive: PassiveHealth::default() })
+        let keys = c.credential_list();
+        let credentials = if c.kind == ProviderKind::Bedrock && keys.is_empty() {
+            aws_signer(c).map(|signer| {
+                vec![Credential { index: 0, auth: Auth::SigV4(signer), passive: PassiveHealth::default() }]
             })
-            .collect::<Result<Vec<_>, String>>();
+        } else {
+            keys.into_iter()
+                .enumerate()
+                .map(|(index, r)| {
+                    let secret = r.get_ref().resolve()?;
+                    let (name, value) = match c.kind {
+                        ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), secret.expose().to_string()),
+                        // A Bedrock API key (what AWS_BEARER_TOKEN_BEDROCK holds).
+                        ProviderKind::Bedrock => (http::header::AUTHORIZATION, format!("Bearer {}", secret.expose())),
+                    };
+                    let mut value = HeaderValue::from_str(&value)
+                        .map_err(|_| format!("credential {} holds characters not allowed in a header", r.get_ref()))?;
+                    value.set_sensitive(true);
+                    Ok(Credential { index, auth: Auth::Header(name, value), passive: PassiveHealth::default() })
+                })
+                .collect::<Result<Vec<_>, String>>()
+        };
         let probe = (c.health.probe != ProbeKind::None).then(|| {
             Box::new(health::Probe {
                 kind: c.health.probe,
@@ -148,6 +164,24 @@ impl Provider {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
         rt.block_on(self.pool.update());
     }
+}
+
+/// SigV4 credentials from the config's references, or from the standard AWS variables.
+fn aws_signer(c: &ProviderConfig) -> Result<AwsSigner, String> {
+    let region = c.region.as_deref().ok_or("Bedrock needs a region")?;
+    let (id, secret, token) = match &c.aws {
+        Some(a) => (
+            a.access_key_id.resolve()?,
+            a.secret_access_key.resolve()?,
+            a.session_token.as_ref().map(|t| t.resolve()).transpose()?,
+        ),
+        None => (
+            Secret::from_env("AWS_ACCESS_KEY_ID")?,
+            Secret::from_env("AWS_SECRET_ACCESS_KEY")?,
+            Secret::from_env("AWS_SESSION_TOKEN").ok(),
+        ),
+    };
+    Ok(AwsSigner::new(region, id, secret, token))
 }
 
 fn load_ca(path: &std::path::Path) -> Result<Arc<CaType>, String> {

@@ -9,6 +9,14 @@ pub struct UpstreamUrl {
 }
 
 impl UpstreamUrl {
+    pub fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Self, String> {
         let (tls, rest) = if let Some(r) = s.strip_prefix("https://") {
             (true, r)

@@ -11,10 +11,12 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 use pingora_proxy::Session;
 
+use super::dialect::Transcode;
 use super::fallback::InFlight;
 use super::headers::response_for_client;
 use super::meter::ResponseMeter;
 use super::{ApiError, Gateway, RequestCtx};
+use crate::config::ProviderKind;
 use crate::metering::Outcome;
 use crate::providers::{Endpoint, Provider};
 
@@ -36,6 +38,7 @@ impl Gateway {
         // Held until the answer ends: the endpoint counts this request as in flight.
         in_flight: InFlight,
         metered: bool,
+        transcode: Transcode,
     ) -> Result<(), ApiError> {
         let endpoint = in_flight.endpoint();
         let peer = endpoint.peer().map_err(ApiError::unavailable)?;
@@ -43,9 +46,23 @@ impl Gateway {
         let status = upstream_header.status.as_u16();
         ctx.upstream_status = Some(status);
         ctx.status = status;
-        let mut meter = ResponseMeter::for_response(upstream_header, metered);
+        if provider.kind == ProviderKind::Bedrock && !upstream_header.status.is_success() {
+            return self.answer_bedrock_error(session, ctx, up, provider, &peer).await;
+        }
+        if transcode == Transcode::BedrockCountTokens {
+            return self.answer_count(session, ctx, up, provider, &peer).await;
+        }
+        // A Bedrock event stream reaches the client (and the meter) as SSE.
+        let mut to_sse = (transcode == Transcode::BedrockStream && is_event_stream(upstream_header))
+            .then(crate::protocol::bedrock::StreamToSse::new);
+        let mut client_header = upstream_header.clone();
+        if to_sse.is_some() {
+            let _ = client_header.remove_header(&http::header::CONTENT_LENGTH);
+            let _ = client_header.insert_header(http::header::CONTENT_TYPE, "text/event-stream; charset=utf-8");
+        }
+        let mut meter = ResponseMeter::for_response(&client_header, metered);
         let chunked_ok = session.req_header().version >= http::Version::HTTP_11;
-        let out = response_for_client(upstream_header, &ctx.id, chunked_ok);
+        let out = response_for_client(&client_header, &ctx.id, chunked_ok);
 
         session.set_write_timeout(Some(self.client_write_timeout));
         if session.write_response_header(Box::new(out), false).await.is_err() {
@@ -53,7 +70,21 @@ impl Gateway {
         }
         up.set_read_timeout(Some(provider.idle_timeout));
         loop {
-            match up.read_response_body().await {
+            let read = match up.read_response_body().await {
+                Ok(Some(chunk)) => match &mut to_sse {
+                    None => Ok(Some(chunk)),
+                    Some(t) => t.feed(&chunk).map(Some).map_err(|e| e.to_string()),
+                },
+                Ok(None) => Ok(None),
+                Err(e) => {
+                    let kind = if e.etype() == &ErrorType::ReadTimedout { "idle_timeout" } else { "read_error" };
+                    self.metrics.upstream_errors.with_label_values(&[&provider.name, kind]).inc();
+                    Err(e.to_string())
+                }
+            };
+            match read {
+                // Frames still incomplete: nothing to send yet.
+                Ok(Some(chunk)) if chunk.is_empty() => {}
                 Ok(Some(chunk)) => {
                     meter.feed(&chunk);
                     if ctx.ttfb.is_none() {
@@ -65,8 +96,6 @@ impl Gateway {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let kind = if e.etype() == &ErrorType::ReadTimedout { "idle_timeout" } else { "read_error" };
-                    self.metrics.upstream_errors.with_label_values(&[&provider.name, kind]).inc();
                     let m = meter.finish();
                     ctx.usage = m.usage;
                     ctx.outcome = Outcome::Incomplete;
@@ -96,6 +125,58 @@ impl Gateway {
             Outcome::Complete
         };
         self.connector.release_http_session(up, &*peer, Some(provider.pool_idle_timeout)).await;
+        Ok(())
+    }
+
+    /// A Bedrock error the client must see (a 400, say): read whole and given the Anthropic shape.
+    async fn answer_bedrock_error(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        mut up: HttpSession,
+        provider: &Provider,
+        peer: &HttpPeer,
+    ) -> Result<(), ApiError> {
+        let status = ctx.status;
+        let body = read_small(&mut up, provider).await?;
+        self.connector.release_http_session(up, peer, Some(provider.pool_idle_timeout)).await;
+        let body = crate::protocol::bedrock::anthropic_error(status, &body);
+        ctx.outcome = Outcome::UpstreamError;
+        ctx.error = crate::protocol::usage::usage_from_json(&body)
+            .and_then(|(_, kind)| kind)
+            .or_else(|| Some(format!("provider answered {status}")));
+        let mut h = pingora::http::ResponseHeader::build(status, Some(4)).expect("valid status");
+        let _ = h.insert_header(http::header::CONTENT_TYPE, "application/json");
+        let _ = h.insert_header(http::header::CONTENT_LENGTH, body.len());
+        let _ = h.insert_header(super::REQUEST_ID_HEADER, ctx.id.as_str());
+        if session.write_response_header(Box::new(h), false).await.is_ok() {
+            let _ = session.write_response_body(Some(body), true).await;
+        }
+        Ok(())
+    }
+
+    /// A Bedrock token count: read whole (it is tiny) and answered in the Messages API's shape.
+    async fn answer_count(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        mut up: HttpSession,
+        provider: &Provider,
+        peer: &HttpPeer,
+    ) -> Result<(), ApiError> {
+        let body = read_small(&mut up, provider).await?;
+        self.connector.release_http_session(up, peer, Some(provider.pool_idle_timeout)).await;
+        let answer = crate::protocol::bedrock::count_tokens_answer(&body).ok_or_else(|| {
+            ApiError::bad_gateway(format!("provider {} sent a token count this gateway cannot read", provider.name))
+        })?;
+        let mut h = pingora::http::ResponseHeader::build(200, Some(4)).expect("valid status");
+        let _ = h.insert_header(http::header::CONTENT_TYPE, "application/json");
+        let _ = h.insert_header(http::header::CONTENT_LENGTH, answer.len());
+        let _ = h.insert_header(super::REQUEST_ID_HEADER, ctx.id.as_str());
+        ctx.outcome = Outcome::Complete;
+        if session.write_response_header(Box::new(h), false).await.is_ok() {
+            let _ = session.write_response_body(Some(answer), true).await;
+        }
         Ok(())
     }
 
@@ -208,6 +289,27 @@ async fn read_final_header(up: &mut HttpSession, timeout: Duration) -> pingora::
         let status = up.response_header().map(|h| h.status);
         if !status.is_some_and(|s| s.is_informational() && s != http::StatusCode::SWITCHING_PROTOCOLS) {
             return Ok(());
+        }
+    }
+}
+
+fn is_event_stream(h: &pingora::http::ResponseHeader) -> bool {
+    h.headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/vnd.amazon.eventstream"))
+}
+
+/// Reads a small answer (an error, a token count) whole.
+async fn read_small(up: &mut HttpSession, provider: &Provider) -> Result<Vec<u8>, ApiError> {
+    up.set_read_timeout(Some(provider.idle_timeout));
+    let mut body = Vec::new();
+    loop {
+        match up.read_response_body().await {
+            Ok(Some(chunk)) if body.len() + chunk.len() <= 256 << 10 => body.extend_from_slice(&chunk),
+            Ok(Some(_)) => return Err(ApiError::bad_gateway(format!("provider {}: answer too large", provider.name))),
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(ApiError::bad_gateway(format!("provider {}: {e}", provider.name))),
         }
     }
 }

@@ -19,9 +19,12 @@ use pingora::protocols::http::client::HttpSession;
 use pingora_proxy::Session;
 use serde::Serialize;
 
+use super::dialect::{outbound, Inbound, Outbound};
 use super::headers::{copy_request_headers, response_for_client};
-use super::{with_model, ApiError, Gateway, RequestCtx, State};
+use super::{ApiError, Gateway, RequestCtx, State};
+use crate::config::ProviderKind;
 use crate::metering::Outcome;
+use crate::providers::Auth;
 use crate::providers::{now_ms, Endpoint, Provider};
 use crate::routing::Route;
 
@@ -113,6 +116,15 @@ impl Gateway {
         let mut last_from: Option<(usize, String)> = None;
         // When every endpoint is down or cooling down, one more pass tries them anyway.
         let mut last_resort = false;
+        let beta = session.req_header().headers.get("anthropic-beta").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let inbound = Inbound {
+            body: &req.body,
+            model_span: req.model_span.clone(),
+            requested: &req.requested,
+            stream: ctx.stream,
+            count_tokens: !req.metered,
+            beta: beta.as_deref(),
+        };
         'routes: loop {
             let deadline = started + route.deadline;
             for d in 0..route.deployments.len() {
@@ -120,7 +132,7 @@ impl Gateway {
                 let fixed_price = route.deployments[d].price.clone();
                 let model_id = route.deployments[d].model_id.as_deref().unwrap_or(&req.requested).to_string();
                 // One body per deployment, however many of its endpoints are tried.
-                let body = with_model(req.body.clone(), req.model_span.clone(), &req.requested, &model_id);
+                let out = outbound(provider.kind, &inbound, &model_id)?;
                 let mut tried = Vec::new();
                 loop {
                     let now = Instant::now();
@@ -156,15 +168,16 @@ impl Gateway {
                     let remaining = deadline.saturating_duration_since(now);
                     let timeout = provider.first_byte_timeout.min(remaining);
                     let cut_by_deadline = timeout < provider.first_byte_timeout;
-                    let result = match self.upstream_request(session, &endpoint, credential, body.len()) {
+                    let result = match self.upstream_request(session, &endpoint, credential, &out) {
                         // The deadline bounds the whole attempt, writing a large body included.
-                        Ok(r) => {
-                            tokio::time::timeout(remaining, self.send(&provider, &endpoint, r, body.clone(), timeout))
-                                .await
-                                .unwrap_or_else(|_| {
-                                    Err(ApiError::gateway_timeout(format!("model {}: deadline reached", route.name)))
-                                })
-                        }
+                        Ok(r) => tokio::time::timeout(
+                            remaining,
+                            self.send(&provider, &endpoint, r, out.body.clone(), timeout),
+                        )
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(ApiError::gateway_timeout(format!("model {}: deadline reached", route.name)))
+                        }),
                         Err(e) => Err(e),
                     };
                     record.latency_ms = attempt_started.elapsed().as_secs_f64() * 1e3;
@@ -200,10 +213,12 @@ impl Gateway {
                         ctx.price = fixed_price.or_else(|| state.prices.lookup(&model_id));
                         ctx.provider_model = Some(model_id);
                         let metered = req.metered;
+                        let transcode = out.transcode;
                         // The bodies are not needed any more: free them before a long stream.
-                        drop(body);
+                        drop(out);
+                        drop(inbound);
                         drop(req);
-                        return self.stream_answer(session, ctx, up, &provider, guard, metered).await;
+                        return self.stream_answer(session, ctx, up, &provider, guard, metered, transcode).await;
                     }
                     let error_body = read_error_body(&mut up, ERROR_BODY_TIMEOUT.min(remaining)).await;
                     let header = Box::new(
@@ -221,6 +236,14 @@ impl Gateway {
                         let e = ApiError::bad_gateway(format!("provider {} answered {status}", provider.name));
                         e.body()
                     });
+                    // The client speaks Anthropic: a Bedrock error gets the Anthropic shape.
+                    let (header, body) = if provider.kind == ProviderKind::Bedrock {
+                        let mut header = header;
+                        let _ = header.insert_header(http::header::CONTENT_TYPE, "application/json");
+                        (header, crate::protocol::bedrock::anthropic_error(status, &body))
+                    } else {
+                        (header, body)
+                    };
                     if maybe_too_long {
                         let next = is_prompt_too_long(&body)
                             .then(|| route.context_fallback.as_deref().and_then(|n| state.models.resolve(n)).cloned())
@@ -295,18 +318,47 @@ impl Gateway {
         session: &Session,
         endpoint: &Endpoint,
         credential: &crate::providers::Credential,
-        body_len: usize,
+        out: &Outbound,
     ) -> Result<RequestHeader, ApiError> {
         let client = session.req_header();
-        let path = client.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let path = match &out.path {
+            Some(p) => p.as_str(),
+            None => client.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+        };
         let target = format!("{}{}", endpoint.url.path_prefix, path);
-        let mut req = RequestHeader::build("POST", target.as_bytes(), Some(client.headers.len() + 3))
+        let mut req = RequestHeader::build("POST", target.as_bytes(), Some(client.headers.len() + 5))
             .map_err(|e| ApiError::invalid_request(format!("cannot build the upstream request: {e}")))?;
         copy_request_headers(client, &mut req);
+        for name in out.drop_headers {
+            let _ = req.remove_header(*name);
+        }
+        if let Some(accept) = out.accept {
+            let _ = req.insert_header(http::header::ACCEPT, accept);
+            let _ = req.insert_header(http::header::CONTENT_TYPE, "application/json");
+        }
         let _ = req.insert_header(http::header::HOST, endpoint.host_header.clone());
-        let (name, value) = &credential.header;
-        let _ = req.insert_header(name.clone(), value.clone());
-        let _ = req.insert_header(http::header::CONTENT_LENGTH, body_len);
+        match &credential.auth {
+            Auth::Header(name, value) => {
+                let _ = req.insert_header(name.clone(), value.clone());
+            }
+            Auth::SigV4(signer) => {
+                let host = endpoint.host_header.to_str().unwrap_or_default();
+                let url = format!("{}://{host}{target}", endpoint.url.scheme());
+                let signed = signer
+                    .sign(
+                        "POST",
+                        &url,
+                        &[("host", host), ("content-type", "application/json")],
+                        &out.body,
+                        std::time::SystemTime::now(),
+                    )
+                    .map_err(ApiError::unavailable)?;
+                for (name, value) in signed {
+                    let _ = req.insert_header(name, value);
+                }
+            }
+        }
+        let _ = req.insert_header(http::header::CONTENT_LENGTH, out.body.len());
         Ok(req)
     }
 

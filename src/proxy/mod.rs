@@ -8,6 +8,7 @@
 //! usage record. See DESIGN.md §1.
 
 mod context;
+mod dialect;
 mod errors;
 mod exchange;
 mod fallback;

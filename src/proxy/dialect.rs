@@ -1,0 +1,75 @@
+//! What a deployment's provider expects, and what its answer needs on the way back: the
+//! Anthropic API takes the client's request as it came (model rewritten at most); Bedrock takes
+//! the model in the path, a different body envelope and SigV4 or its own API key, and streams
+//! AWS event-stream frames that the client must receive as SSE.
+
+use bytes::Bytes;
+
+use super::{with_model, ApiError};
+use crate::config::ProviderKind;
+use crate::protocol::bedrock;
+
+/// How the answer must be changed for the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Transcode {
+    /// The provider speaks the client's format.
+    None,
+    /// Bedrock event-stream frames to SSE.
+    BedrockStream,
+    /// Bedrock's `{"inputTokens"}` to `{"input_tokens"}`.
+    BedrockCountTokens,
+}
+
+/// One deployment's request.
+pub(super) struct Outbound {
+    pub body: Bytes,
+    /// The path to send to; `None` keeps the client's (with its query).
+    pub path: Option<String>,
+    pub transcode: Transcode,
+    /// Bedrock carries the version and the betas in the body; the headers would only repeat them.
+    pub drop_headers: &'static [&'static str],
+    pub accept: Option<&'static str>,
+}
+
+pub(super) struct Inbound<'a> {
+    pub body: &'a Bytes,
+    pub model_span: std::ops::Range<usize>,
+    pub requested: &'a str,
+    pub stream: bool,
+    pub count_tokens: bool,
+    pub beta: Option<&'a str>,
+}
+
+pub(super) fn outbound(kind: ProviderKind, req: &Inbound<'_>, model_id: &str) -> Result<Outbound, ApiError> {
+    match kind {
+        ProviderKind::Anthropic => Ok(Outbound {
+            body: with_model(req.body.clone(), req.model_span.clone(), req.requested, model_id),
+            path: None,
+            transcode: Transcode::None,
+            drop_headers: &[],
+            accept: None,
+        }),
+        ProviderKind::Bedrock => {
+            let invoke = bedrock::request_body(req.body, req.beta)
+                .map_err(|e| ApiError::invalid_request(format!("the body is not valid JSON: {e}")))?;
+            let drop_headers: &'static [&'static str] = &["anthropic-version", "anthropic-beta"];
+            Ok(if req.count_tokens {
+                Outbound {
+                    body: bedrock::count_tokens_body(&invoke),
+                    path: Some(bedrock::count_tokens_path(model_id)),
+                    transcode: Transcode::BedrockCountTokens,
+                    drop_headers,
+                    accept: Some("application/json"),
+                }
+            } else {
+                Outbound {
+                    body: invoke,
+                    path: Some(bedrock::invoke_path(model_id, req.stream)),
+                    transcode: if req.stream { Transcode::BedrockStream } else { Transcode::None },
+                    drop_headers,
+                    accept: Some(if req.stream { "application/vnd.amazon.eventstream" } else { "application/json" }),
+                }
+            })
+        }
+    }
+}
