@@ -120,6 +120,25 @@ impl Runtime {
             let spent = self.store.spend_since(scope.kind, &scope.id, start).map_err(|e| e.to_string())?;
             self.limiter.seed(&scope, start, spent);
         }
+        // JWT principals are known only once they call: seed everyone the ledger has seen.
+        for issuer in &state.jwt.issuers {
+            let policy = issuer.principal_policy();
+            let Some(budget) = policy.budget else { continue };
+            let (start, _) = budget.period.bounds(self.limiter.time_zone(), crate::limits::now_ms());
+            if !flushed {
+                self.store.flush().map_err(|e| e.to_string())?;
+                flushed = true;
+            }
+            let spent =
+                self.store.spend_by_key_prefix(&format!("{}:", issuer.name), start).map_err(|e| e.to_string())?;
+            for (id, nanos) in spent {
+                let scope = Scope { kind: ScopeKind::Key, id: id.as_str().into(), policy };
+                let same = before.get(&(scope.kind, &*scope.id)) == Some(&Some(budget.period));
+                if !(same && self.limiter.tracks(&scope)) {
+                    self.limiter.seed(&scope, start, nanos);
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -107,9 +107,7 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
 /// Keeps every issuer's JWKS fresh from a thread of its own: the request path only reads the
 /// keys held. Returns after the first fetch (or 10 s), so tokens verify from the first request.
 fn refresh_jwks(runtime: Arc<Runtime>) -> anyhow::Result<()> {
-    if runtime.state.load().jwt.jwks().is_empty() && runtime.config().jwt_issuers.is_empty() {
-        return Ok(());
-    }
+    // Always running (it sleeps when there is nothing to fetch): a reload may add an issuer.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (first, done) = std::sync::mpsc::channel();
     std::thread::Builder::new().name("tollgate-jwks".into()).spawn(move || {
@@ -138,6 +136,7 @@ fn refresh_jwks(runtime: Arc<Runtime>) -> anyhow::Result<()> {
             }
         })
     })?;
+    // Only a JWKS fetch can take time; without one the first pass is immediate.
     let _ = done.recv_timeout(Duration::from_secs(10));
     Ok(())
 }

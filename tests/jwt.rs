@@ -901,8 +901,7 @@ fn config_check_refuses_alg_none_and_weak_issuers() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Gateway bugs found while writing these tests: each test states the expected behaviour and is
-// ignored until the gateway is fixed (run them with `cargo test --test jwt -- --ignored`).
+// Regressions: bugs found while writing these tests, fixed since.
 // ---------------------------------------------------------------------------------------------
 
 /// A gateway process started again on an existing config (same ports, same store).
@@ -934,8 +933,7 @@ fn respawn(gw: &Gateway, envs: &[(&str, &str)]) -> Respawned {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "gateway bug: JWT principals' budgets are not seeded from the ledger at restart"]
-async fn bug_jwt_principal_spend_survives_a_restart() {
+async fn jwt_principal_spend_survives_a_restart() {
     let mock = MockProvider::start(Behavior::default()).await.unwrap();
     let key = new_key();
     let issuers = format!(
@@ -962,8 +960,7 @@ async fn bug_jwt_principal_spend_survives_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "gateway bug: a JWKS with one key jsonwebtoken cannot parse (X25519) is refused whole"]
-async fn bug_jwks_with_an_unsupported_key_still_serves_the_others() {
+async fn jwks_with_an_unsupported_key_still_serves_the_others() {
     let mock = MockProvider::start(Behavior::default()).await.unwrap();
     let key = new_key();
     let a = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
@@ -982,8 +979,7 @@ async fn bug_jwks_with_an_unsupported_key_still_serves_the_others() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "gateway bug: a reload that adds the first JWT issuer with a jwks_url never fetches it"]
-async fn bug_reload_adding_a_jwks_issuer_fetches_its_keys() {
+async fn reload_adding_a_jwks_issuer_fetches_its_keys() {
     let mock = MockProvider::start(Behavior::default()).await.unwrap();
     let key = new_key();
     let a = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
@@ -1014,8 +1010,7 @@ async fn bug_reload_adding_a_jwks_issuer_fetches_its_keys() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "gateway bug: a reload keeps the old jwks_refresh and jwks_grace when the URL is unchanged"]
-async fn bug_reload_applies_a_new_jwks_refresh() {
+async fn reload_applies_a_new_jwks_refresh() {
     let mock = MockProvider::start(Behavior::default()).await.unwrap();
     let key = new_key();
     let a = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use rustc_hash::FxHashMap;
 use serde_json::Value;
@@ -59,7 +59,7 @@ struct VerifyKey {
 pub struct Jwks {
     pub url: String,
     pub refresh: Duration,
-    grace: Duration,
+    pub grace: Duration,
     keys: ArcSwap<Vec<(Arc<VerifyKey>, Instant)>>,
     state: Mutex<JwksState>,
 }
@@ -89,12 +89,18 @@ impl Jwks {
     /// Applies a fetched JWKS document (or the error fetching it).
     pub fn apply(&self, fetched: Result<Vec<u8>, String>) {
         let now = Instant::now();
+        // Key by key: one key this gateway cannot use (an encryption key, an unknown curve) must
+        // not make the others unusable.
+        #[derive(serde::Deserialize)]
+        struct RawSet {
+            keys: Vec<Value>,
+        }
         let parsed = fetched.and_then(|body| {
-            serde_json::from_slice::<JwkSet>(&body).map_err(|e| format!("JWKS at {} is not a key set: {e}", self.url))
+            serde_json::from_slice::<RawSet>(&body).map_err(|e| format!("JWKS at {} is not a key set: {e}", self.url))
         });
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.fetched = Some(now);
-        let set = match parsed {
+        let raw = match parsed {
             Ok(set) => set,
             Err(e) => {
                 tracing::warn!(url = %self.url, error = %e, "JWKS refresh failed; the keys held are kept");
@@ -104,7 +110,15 @@ impl Jwks {
         };
         state.error = None;
         let mut keys: Vec<(Arc<VerifyKey>, Instant)> = Vec::new();
-        for jwk in &set.keys {
+        for value in raw.keys {
+            let jwk: Jwk = match serde_json::from_value(value) {
+                Ok(j) => j,
+                Err(e) => {
+                    tracing::warn!(url = %self.url, error = %e, "JWK this gateway cannot use skipped");
+                    continue;
+                }
+            };
+            let jwk = &jwk;
             let family = match &jwk.algorithm {
                 AlgorithmParameters::RSA(_) => Family::Rsa,
                 AlgorithmParameters::EllipticCurve(_) => Family::Ec,
@@ -195,7 +209,13 @@ impl Issuer {
         }
         // A reload keeps the keys already fetched from the same URL.
         let jwks = c.jwks_url.as_ref().map(|url| match running.and_then(|r| r.jwks.as_ref()) {
-            Some(j) if &j.url == url => j.clone(),
+            Some(j) if &j.url == url && j.refresh == c.jwks_refresh && j.grace == c.jwks_grace => j.clone(),
+            // New settings for the same URL: the keys held carry over until the next fetch.
+            Some(j) if &j.url == url => {
+                let fresh = Jwks::new(url.clone(), c.jwks_refresh, c.jwks_grace);
+                fresh.keys.store(j.keys.load_full());
+                Arc::new(fresh)
+            }
             _ => Arc::new(Jwks::new(url.clone(), c.jwks_refresh, c.jwks_grace)),
         });
         if static_keys.is_empty() && jwks.is_none() {
@@ -227,6 +247,11 @@ impl Issuer {
             static_keys,
             jwks,
         })
+    }
+
+    /// The budget and limits each principal of this issuer gets.
+    pub fn principal_policy(&self) -> Policy {
+        self.policy
     }
 
     /// The keys that may have signed a token with this header.
@@ -301,6 +326,9 @@ impl Issuer {
     fn principal(&self, claims: Value, kid: Option<&str>, now: u64) -> Result<(Arc<ApiKey>, u64), JwtError> {
         let exp = claims["exp"].as_u64().ok_or_else(|| fail("malformed", "JWT exp is not a number"))?;
         if let Some(max) = self.max_lifetime {
+            if claims.get("iat").is_none_or(Value::is_null) {
+                return Err(fail("missing_claim", "JWT lacks the \"iat\" claim"));
+            }
             let iat = claims["iat"].as_u64().ok_or_else(|| fail("malformed", "JWT iat is not a number"))?;
             if exp.saturating_sub(iat) > max {
                 return Err(fail("lifetime", format!("JWT lives longer than the {max} s this issuer allows")));

@@ -20,6 +20,14 @@ pub(super) enum Transcode {
     BedrockCountTokens,
 }
 
+/// What the answer needs on its way to the client.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Answer {
+    /// Usage is read from it (not for token counts, which are free).
+    pub metered: bool,
+    pub transcode: Transcode,
+}
+
 /// One deployment's request.
 pub(super) struct Outbound {
     pub body: Bytes,

@@ -11,7 +11,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 use pingora_proxy::Session;
 
-use super::dialect::Transcode;
+use super::dialect::{Answer, Transcode};
 use super::fallback::InFlight;
 use super::headers::response_for_client;
 use super::meter::ResponseMeter;
@@ -37,9 +37,9 @@ impl Gateway {
         provider: &Provider,
         // Held until the answer ends: the endpoint counts this request as in flight.
         in_flight: InFlight,
-        metered: bool,
-        transcode: Transcode,
+        answer: Answer,
     ) -> Result<(), ApiError> {
+        let Answer { metered, transcode } = answer;
         let endpoint = in_flight.endpoint();
         let peer = endpoint.peer().map_err(ApiError::unavailable)?;
         let upstream_header = up.response_header().expect("read_response_header succeeded");

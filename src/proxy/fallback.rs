@@ -19,7 +19,7 @@ use pingora::protocols::http::client::HttpSession;
 use pingora_proxy::Session;
 use serde::Serialize;
 
-use super::dialect::{outbound, Inbound, Outbound};
+use super::dialect::{outbound, Answer, Inbound, Outbound};
 use super::headers::{copy_request_headers, response_for_client};
 use super::{ApiError, Gateway, RequestCtx, State};
 use crate::config::ProviderKind;
@@ -212,13 +212,11 @@ impl Gateway {
                         ctx.deployment = d;
                         ctx.price = fixed_price.or_else(|| state.prices.lookup(&model_id));
                         ctx.provider_model = Some(model_id);
-                        let metered = req.metered;
-                        let transcode = out.transcode;
+                        let answer = Answer { metered: req.metered, transcode: out.transcode };
                         // The bodies are not needed any more: free them before a long stream.
                         drop(out);
-                        drop(inbound);
                         drop(req);
-                        return self.stream_answer(session, ctx, up, &provider, guard, metered, transcode).await;
+                        return self.stream_answer(session, ctx, up, &provider, guard, answer).await;
                     }
                     let error_body = read_error_body(&mut up, ERROR_BODY_TIMEOUT.min(remaining)).await;
                     let header = Box::new(

@@ -512,6 +512,12 @@ impl Gateway {
         if !record.priced {
             m.unpriced.with_label_values(&[model, provider]).inc();
         }
+        // Requests without a key never reach a provider and cost nothing: the audit log has them.
+        // The ledger row is queued before the reservation settles, so a budget re-read from the
+        // ledger meanwhile (a reload) counts this request at least once.
+        if record.key_id.is_some() {
+            self.runtime.store.record(LedgerRow::from_record(&record));
+        }
         if let Some(r) = ctx.reservation.take() {
             let u = &record.usage;
             r.settle(Actual {
@@ -519,10 +525,6 @@ impl Gateway {
                 input_tokens: u.input_tokens.saturating_add(u.cache_creation_input_tokens),
                 output_tokens: u.output_tokens,
             });
-        }
-        // Requests without a key never reach a provider and cost nothing: the audit log has them.
-        if record.key_id.is_some() {
-            self.runtime.store.record(LedgerRow::from_record(&record));
         }
         self.audit.submit(record);
     }

@@ -163,6 +163,9 @@ pub trait Store: Send + Sync {
     fn flush(&self) -> StoreResult<()>;
     /// Total cost charged to a key, user or team since `since_ms`.
     fn spend_since(&self, kind: ScopeKind, id: &str, since_ms: i64) -> StoreResult<u64>;
+    /// Spend since `since_ms` of every key whose id starts with `prefix` (the principals of a
+    /// JWT issuer, `NAME:`), by key id.
+    fn spend_by_key_prefix(&self, prefix: &str, since_ms: i64) -> StoreResult<Vec<(String, u64)>>;
     /// Usage summed by the requested groups, most expensive first; `tz` cuts days.
     fn usage(&self, query: &UsageQuery, tz: chrono_tz::Tz) -> StoreResult<Vec<UsageLine>>;
 

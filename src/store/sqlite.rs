@@ -269,6 +269,21 @@ impl Store for SqliteStore {
         Ok(total.max(0) as u64)
     }
 
+    fn spend_by_key_prefix(&self, prefix: &str, since_ms: i64) -> StoreResult<Vec<(String, u64)>> {
+        // A range on the key index rather than LIKE, whose wildcards the prefix could contain.
+        let upper = format!("{prefix}\u{10FFFF}");
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare(
+            "SELECT key_id, SUM(cost_nanos) FROM ledger WHERE key_id >= ?1 AND key_id < ?2 AND ts_ms >= ?3 GROUP BY key_id",
+        )?;
+        let rows = stmt
+            .query_map(params![prefix, upper, since_ms], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
     fn usage(&self, q: &UsageQuery, tz: Tz) -> StoreResult<Vec<UsageLine>> {
         let scopes: Vec<Group> = q.group_by.iter().copied().filter(|g| *g != Group::Day).collect();
         let by_day = q.group_by.contains(&Group::Day);
