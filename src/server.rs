@@ -47,7 +47,7 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
     }
     let (audit, audit_writer) = crate::audit::start(&config.audit, metrics.audit_dropped.clone())?;
     watch_hangup(runtime.clone())?;
-    refresh_jwks(runtime.clone())?;
+    refresh_credentials(runtime.clone())?;
 
     let conf = ServerConf {
         threads: config.server.threads,
@@ -104,13 +104,14 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
     Ok(())
 }
 
-/// Keeps every issuer's JWKS fresh from a thread of its own: the request path only reads the
-/// keys held. Returns after the first fetch (or 10 s), so tokens verify from the first request.
-fn refresh_jwks(runtime: Arc<Runtime>) -> anyhow::Result<()> {
+/// Keeps every issuer's JWKS and every Vertex provider's OAuth token fresh from a thread of its
+/// own: the request path only reads what is held. Returns after the first pass (or 10 s), so
+/// tokens verify, and Vertex answers, from the first request.
+fn refresh_credentials(runtime: Arc<Runtime>) -> anyhow::Result<()> {
     // Always running (it sleeps when there is nothing to fetch): a reload may add an issuer.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (first, done) = std::sync::mpsc::channel();
-    std::thread::Builder::new().name("tollgate-jwks".into()).spawn(move || {
+    std::thread::Builder::new().name("tollgate-refresh".into()).spawn(move || {
         let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("an HTTP client");
         let mut first = Some(first);
         rt.block_on(async move {
@@ -128,6 +129,30 @@ fn refresh_jwks(runtime: Arc<Runtime>) -> anyhow::Result<()> {
                         resp.bytes().await.map(|b| b.to_vec()).map_err(|e| e.to_string())
                     };
                     jwks.apply(fetched.await);
+                }
+                // Google OAuth tokens of Vertex providers, renewed before they expire.
+                for source in runtime.state.load().providers.iter().flat_map(|p| p.token_sources()) {
+                    if !source.due(Instant::now()) {
+                        continue;
+                    }
+                    let fetched = async {
+                        let assertion = source.assertion(crate::providers::unix_now())?;
+                        let form =
+                            [("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"), ("assertion", &assertion)];
+                        let body: String = form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
+                        let resp = client
+                            .post(&source.token_uri)
+                            .header("content-type", "application/x-www-form-urlencoded")
+                            .body(body)
+                            .send()
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if !resp.status().is_success() {
+                            return Err(format!("token endpoint {} answered {}", source.token_uri, resp.status()));
+                        }
+                        resp.bytes().await.map(|b| b.to_vec()).map_err(|e| e.to_string())
+                    };
+                    source.apply(fetched.await);
                 }
                 if let Some(tx) = first.take() {
                     let _ = tx.send(());

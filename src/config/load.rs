@@ -88,9 +88,9 @@ fn validate(c: &Config) -> Result<(), Invalid> {
             return Err((p.name.span(), format!("provider {:?} is defined twice", p.name.get_ref())));
         }
         let endpoints = p.endpoint_list();
-        let region_only = p.kind == ProviderKind::Bedrock && p.region.is_some() && p.endpoints.is_empty();
+        let region_only = p.kind != ProviderKind::Anthropic && p.region.is_some() && p.endpoints.is_empty();
         if p.base_url.is_some() && !p.endpoints.is_empty() || endpoints.is_empty() && !region_only {
-            let or_region = if p.kind == ProviderKind::Bedrock { ", or a region" } else { "" };
+            let or_region = if p.kind != ProviderKind::Anthropic { ", or a region" } else { "" };
             return Err((
                 p.name.span(),
                 format!("provider {:?} needs either base_url or endpoints{or_region}", p.name.get_ref()),
@@ -112,10 +112,25 @@ fn validate(c: &Config) -> Result<(), Invalid> {
                     format!("provider {:?} needs either credential or credentials", p.name.get_ref()),
                 ));
             }
-            ProviderKind::Anthropic if p.aws.is_some() || p.region.is_some() => {
+            ProviderKind::Anthropic if p.aws.is_some() || p.region.is_some() || p.project.is_some() => {
                 return Err((
                     p.name.span(),
-                    format!("provider {:?}: aws and region are for Bedrock", p.name.get_ref()),
+                    format!("provider {:?}: aws, region and project are for Bedrock and Vertex", p.name.get_ref()),
+                ));
+            }
+            ProviderKind::Vertex if p.region.is_none() || p.project.is_none() => {
+                return Err((
+                    p.name.span(),
+                    format!("provider {:?}: Vertex needs a project and a region", p.name.get_ref()),
+                ));
+            }
+            ProviderKind::Vertex if p.service_account.is_some() == !p.credential_list().is_empty() => {
+                return Err((
+                    p.name.span(),
+                    format!(
+                        "provider {:?}: Vertex needs service_account or a token as credential (one of them)",
+                        p.name.get_ref()
+                    ),
                 ));
             }
             ProviderKind::Bedrock if p.region.is_none() => {

@@ -292,6 +292,9 @@ pub enum ProviderKind {
     /// AWS Bedrock InvokeModel: SigV4 (`aws`, or the standard AWS environment variables) or a
     /// Bedrock API key as `credential`.
     Bedrock,
+    /// Google Vertex AI rawPredict: an OAuth token from `service_account`, or a static token as
+    /// `credential`.
+    Vertex,
 }
 
 /// AWS credentials for SigV4, as secret references.
@@ -321,8 +324,15 @@ pub struct ProviderConfig {
     #[serde(default)]
     pub credentials: Vec<Spanned<SecretRef>>,
     /// Bedrock: the AWS region (the endpoint defaults to `bedrock-runtime.REGION.amazonaws.com`).
+    /// Vertex: the Google Cloud region (`us-east5`, `global`, ...).
     #[serde(default)]
     pub region: Option<String>,
+    /// Vertex: the Google Cloud project.
+    #[serde(default)]
+    pub project: Option<String>,
+    /// Vertex: a service-account key (JSON), as a secret reference: tokens are minted from it.
+    #[serde(default)]
+    pub service_account: Option<SecretRef>,
     /// Bedrock: SigV4 credentials. Without these or a `credential`, the standard
     /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN` variables are used.
     #[serde(default)]
@@ -358,6 +368,9 @@ impl ProviderConfig {
             (Some(u), _, _) => vec![(u.clone(), 1)],
             (None, ProviderKind::Bedrock, Some(region)) if self.endpoints.is_empty() => {
                 vec![(Spanned::new(0..0, format!("https://bedrock-runtime.{region}.amazonaws.com")), 1)]
+            }
+            (None, ProviderKind::Vertex, Some(region)) if self.endpoints.is_empty() => {
+                vec![(Spanned::new(0..0, crate::protocol::vertex::endpoint(region)), 1)]
             }
             _ => self.endpoints.iter().map(|e| (e.url.clone(), e.weight)).collect(),
         }

@@ -285,6 +285,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     if let Some(rest) = path.strip_prefix("/model/") {
         return Ok(bedrock(rest, &body, b, shared));
     }
+    if let Some((_, rest)) = path.split_once("/publishers/anthropic/models/") {
+        return Ok(vertex(rest, &body, b, shared));
+    }
     if let Some(status) = b.status {
         return Ok(error_response(status, b.error_message.as_deref()));
     }
@@ -400,6 +403,56 @@ fn bedrock(rest: &str, body: &[u8], b: Behavior, shared: Arc<Shared>) -> Respons
                 .expect("valid response")
         }
         _ => bedrock_error(404, "mock bedrock: unknown action"),
+    }
+}
+
+/// Vertex AI's rawPredict: the model in the path, `anthropic_version: vertex-2023-10-16` in the
+/// body (checked), Messages answers, errors in Google's shape.
+fn vertex(rest: &str, body: &[u8], b: Behavior, shared: Arc<Shared>) -> Response<Body> {
+    let google_error = |status: u16, message: &str| {
+        json_response(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            serde_json::json!({"error": {"code": status, "message": message, "status": "MOCK"}}),
+        )
+    };
+    if let Some(status) = b.status {
+        let message = b.error_message.clone().unwrap_or_else(|| format!("mock vertex: status {status}"));
+        return google_error(status, &message);
+    }
+    let Some((model, action)) = rest.rsplit_once(':') else {
+        return google_error(404, "mock vertex: no action");
+    };
+    let v: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(_) => return google_error(400, "mock vertex: invalid JSON"),
+    };
+    if v["anthropic_version"] != "vertex-2023-10-16" {
+        return google_error(400, "mock vertex: anthropic_version must be vertex-2023-10-16");
+    }
+    if model == "count-tokens" {
+        if !v["model"].is_string() {
+            return google_error(400, "mock vertex: count-tokens needs the model in the body");
+        }
+        return json_response(StatusCode::OK, serde_json::json!({"input_tokens": b.usage.input_tokens}));
+    }
+    if v.get("model").is_some() {
+        return google_error(400, "mock vertex: model is not allowed in the body");
+    }
+    match action {
+        "streamRawPredict" if v["stream"] == true => stream_response(model.to_string(), b, shared),
+        "rawPredict" => {
+            let text = "Hello from the mock. ".repeat(b.deltas);
+            json_response(
+                StatusCode::OK,
+                serde_json::json!({
+                    "id": "msg_vrtx_mock", "type": "message", "role": "assistant", "model": model,
+                    "content": [{"type": "text", "text": text}],
+                    "stop_reason": "end_turn", "stop_sequence": null,
+                    "usage": b.usage.full(b.usage.output_tokens),
+                }),
+            )
+        }
+        _ => google_error(400, "mock vertex: streamRawPredict needs stream: true"),
     }
 }
 

@@ -5,3 +5,4 @@ pub mod eventstream;
 pub mod json_peek;
 pub mod sse;
 pub mod usage;
+pub mod vertex;

@@ -12,12 +12,14 @@ use pingora::utils::tls::WrappedX509;
 use crate::config::{ProbeKind, ProviderConfig, ProviderKind, Secret};
 
 mod endpoint;
+mod google;
 mod health;
 mod pool;
 mod sigv4;
 mod url;
 
 pub use endpoint::{Endpoint, EndpointRef, PeerSettings};
+pub use google::{unix_now, TokenSource};
 pub use health::{now_ms, HealthPolicy, PassiveHealth};
 pub use pool::{Balancer, Pool, Schedule, Selection};
 pub use sigv4::AwsSigner;
@@ -38,11 +40,16 @@ pub enum Auth {
     Header(HeaderName, HeaderValue),
     /// AWS SigV4 over the whole request.
     SigV4(AwsSigner),
+    /// A Google OAuth token, minted from a service account and renewed in the background.
+    OAuth(Arc<TokenSource>),
 }
 
 pub struct Provider {
     pub name: String,
     pub kind: ProviderKind,
+    /// Vertex: where the model lives (project, region).
+    pub project: Option<String>,
+    pub region: Option<String>,
     pub endpoints: Vec<Arc<Endpoint>>,
     pub pool: Pool,
     /// Usable credentials, or why there are none.
@@ -82,6 +89,18 @@ impl Provider {
             aws_signer(c).map(|signer| {
                 vec![Credential { index: 0, auth: Auth::SigV4(signer), passive: PassiveHealth::default() }]
             })
+        } else if let (ProviderKind::Vertex, Some(sa)) = (c.kind, &c.service_account) {
+            sa.resolve()
+                .and_then(|json| {
+                    TokenSource::from_key_json(json.expose()).map_err(|e| format!("service_account {sa}: {e}"))
+                })
+                .map(|source| {
+                    vec![Credential {
+                        index: 0,
+                        auth: Auth::OAuth(Arc::new(source)),
+                        passive: PassiveHealth::default(),
+                    }]
+                })
         } else {
             keys.into_iter()
                 .enumerate()
@@ -90,7 +109,9 @@ impl Provider {
                     let (name, value) = match c.kind {
                         ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), secret.expose().to_string()),
                         // A Bedrock API key (what AWS_BEARER_TOKEN_BEDROCK holds).
-                        ProviderKind::Bedrock => (http::header::AUTHORIZATION, format!("Bearer {}", secret.expose())),
+                        ProviderKind::Bedrock | ProviderKind::Vertex => {
+                            (http::header::AUTHORIZATION, format!("Bearer {}", secret.expose()))
+                        }
                     };
                     let mut value = HeaderValue::from_str(&value)
                         .map_err(|_| format!("credential {} holds characters not allowed in a header", r.get_ref()))?;
@@ -112,6 +133,8 @@ impl Provider {
         Ok(Provider {
             name: c.name.get_ref().clone(),
             kind: c.kind,
+            project: c.project.clone(),
+            region: c.region.clone(),
             pool: Pool::new(&endpoints, c.selection, schedule),
             endpoints,
             credentials,
@@ -138,6 +161,17 @@ impl Provider {
             }
             None => Err("every credential is paused after a 429".into()),
         }
+    }
+
+    /// Token sources to keep fresh (Vertex service accounts).
+    pub fn token_sources(&self) -> Vec<Arc<TokenSource>> {
+        let all = self.credentials.as_ref().map(Vec::as_slice).unwrap_or_default();
+        all.iter()
+            .filter_map(|c| match &c.auth {
+                Auth::OAuth(t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect()
     }
 
     pub fn credential_count(&self) -> usize {

@@ -7,7 +7,8 @@ use bytes::Bytes;
 
 use super::{with_model, ApiError};
 use crate::config::ProviderKind;
-use crate::protocol::bedrock;
+use crate::protocol::{bedrock, vertex};
+use crate::providers::Provider;
 
 /// How the answer must be changed for the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,8 +49,11 @@ pub(super) struct Inbound<'a> {
     pub beta: Option<&'a str>,
 }
 
-pub(super) fn outbound(kind: ProviderKind, req: &Inbound<'_>, model_id: &str) -> Result<Outbound, ApiError> {
-    match kind {
+pub(super) fn outbound(provider: &Provider, req: &Inbound<'_>, model_id: &str) -> Result<Outbound, ApiError> {
+    let bad_json = |e: crate::protocol::json_peek::JsonError| {
+        ApiError::invalid_request(format!("the body is not valid JSON: {e}"))
+    };
+    match provider.kind {
         ProviderKind::Anthropic => Ok(Outbound {
             body: with_model(req.body.clone(), req.model_span.clone(), req.requested, model_id),
             path: None,
@@ -58,8 +62,7 @@ pub(super) fn outbound(kind: ProviderKind, req: &Inbound<'_>, model_id: &str) ->
             accept: None,
         }),
         ProviderKind::Bedrock => {
-            let invoke = bedrock::request_body(req.body, req.beta)
-                .map_err(|e| ApiError::invalid_request(format!("the body is not valid JSON: {e}")))?;
+            let invoke = bedrock::request_body(req.body, req.beta).map_err(bad_json)?;
             let drop_headers: &'static [&'static str] = &["anthropic-version", "anthropic-beta"];
             Ok(if req.count_tokens {
                 Outbound {
@@ -76,6 +79,30 @@ pub(super) fn outbound(kind: ProviderKind, req: &Inbound<'_>, model_id: &str) ->
                     transcode: if req.stream { Transcode::BedrockStream } else { Transcode::None },
                     drop_headers,
                     accept: Some(if req.stream { "application/vnd.amazon.eventstream" } else { "application/json" }),
+                }
+            })
+        }
+        ProviderKind::Vertex => {
+            let project = provider.project.as_deref().unwrap_or_default();
+            let region = provider.region.as_deref().unwrap_or_default();
+            // Only the version moves into the body; betas stay in their header, as Vertex takes them.
+            let drop_headers: &'static [&'static str] = &["anthropic-version"];
+            Ok(if req.count_tokens {
+                let with_id = with_model(req.body.clone(), req.model_span.clone(), req.requested, model_id);
+                Outbound {
+                    body: vertex::count_tokens_body(&with_id).map_err(bad_json)?,
+                    path: Some(vertex::count_tokens_path(project, region)),
+                    transcode: Transcode::None,
+                    drop_headers,
+                    accept: Some("application/json"),
+                }
+            } else {
+                Outbound {
+                    body: vertex::request_body(req.body).map_err(bad_json)?,
+                    path: Some(vertex::predict_path(project, region, model_id, req.stream)),
+                    transcode: Transcode::None,
+                    drop_headers,
+                    accept: Some(if req.stream { "text/event-stream" } else { "application/json" }),
                 }
             })
         }

@@ -46,8 +46,8 @@ impl Gateway {
         let status = upstream_header.status.as_u16();
         ctx.upstream_status = Some(status);
         ctx.status = status;
-        if provider.kind == ProviderKind::Bedrock && !upstream_header.status.is_success() {
-            return self.answer_bedrock_error(session, ctx, up, provider, &peer).await;
+        if provider.kind != ProviderKind::Anthropic && !upstream_header.status.is_success() {
+            return self.answer_provider_error(session, ctx, up, provider, &peer).await;
         }
         if transcode == Transcode::BedrockCountTokens {
             return self.answer_count(session, ctx, up, provider, &peer).await;
@@ -128,8 +128,9 @@ impl Gateway {
         Ok(())
     }
 
-    /// A Bedrock error the client must see (a 400, say): read whole and given the Anthropic shape.
-    async fn answer_bedrock_error(
+    /// A Bedrock or Vertex error the client must see (a 400, say): read whole and given the
+    /// Anthropic shape.
+    async fn answer_provider_error(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
@@ -140,7 +141,7 @@ impl Gateway {
         let status = ctx.status;
         let body = read_small(&mut up, provider).await?;
         self.connector.release_http_session(up, peer, Some(provider.pool_idle_timeout)).await;
-        let body = crate::protocol::bedrock::anthropic_error(status, &body);
+        let body = super::fallback::provider_error(provider.kind, status, &body);
         ctx.outcome = Outcome::UpstreamError;
         ctx.error = crate::protocol::usage::usage_from_json(&body)
             .and_then(|(_, kind)| kind)

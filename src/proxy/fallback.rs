@@ -132,7 +132,7 @@ impl Gateway {
                 let fixed_price = route.deployments[d].price.clone();
                 let model_id = route.deployments[d].model_id.as_deref().unwrap_or(&req.requested).to_string();
                 // One body per deployment, however many of its endpoints are tried.
-                let out = outbound(provider.kind, &inbound, &model_id)?;
+                let out = outbound(&provider, &inbound, &model_id)?;
                 let mut tried = Vec::new();
                 loop {
                     let now = Instant::now();
@@ -235,12 +235,12 @@ impl Gateway {
                         e.body()
                     });
                     // The client speaks Anthropic: a Bedrock error gets the Anthropic shape.
-                    let (header, body) = if provider.kind == ProviderKind::Bedrock {
+                    let (header, body) = if provider.kind == ProviderKind::Anthropic {
+                        (header, body)
+                    } else {
                         let mut header = header;
                         let _ = header.insert_header(http::header::CONTENT_TYPE, "application/json");
-                        (header, crate::protocol::bedrock::anthropic_error(status, &body))
-                    } else {
-                        (header, body)
+                        (header, provider_error(provider.kind, status, &body))
                     };
                     if maybe_too_long {
                         let next = is_prompt_too_long(&body)
@@ -339,6 +339,9 @@ impl Gateway {
             Auth::Header(name, value) => {
                 let _ = req.insert_header(name.clone(), value.clone());
             }
+            Auth::OAuth(source) => {
+                let _ = req.insert_header(http::header::AUTHORIZATION, source.header().map_err(ApiError::unavailable)?);
+            }
             Auth::SigV4(signer) => {
                 let host = endpoint.host_header.to_str().unwrap_or_default();
                 let url = format!("{}://{host}{target}", endpoint.url.scheme());
@@ -391,6 +394,14 @@ impl Gateway {
             let _ = session.write_response_body(Some(body), true).await;
         }
         Ok(())
+    }
+}
+
+/// A Bedrock or Vertex error body in the Anthropic shape.
+pub(super) fn provider_error(kind: ProviderKind, status: u16, body: &[u8]) -> Bytes {
+    match kind {
+        ProviderKind::Vertex => crate::protocol::vertex::anthropic_error(status, body),
+        _ => crate::protocol::bedrock::anthropic_error(status, body),
     }
 }
 
