@@ -124,7 +124,7 @@ fn validate(c: &Config) -> Result<(), Invalid> {
                     format!("provider {:?}: Vertex needs a project and a region", p.name.get_ref()),
                 ));
             }
-            ProviderKind::Vertex if p.service_account.is_some() == !p.credential_list().is_empty() => {
+            ProviderKind::Vertex if p.service_account.is_some() != p.credential_list().is_empty() => {
                 return Err((
                     p.name.span(),
                     format!(
