@@ -63,7 +63,7 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
     server.bootstrap();
 
     let metrics_in_flight = metrics.in_flight.clone();
-    let gateway = Gateway::new(runtime.clone(), &config.server, audit, metrics.clone());
+    let gateway = Gateway::new(runtime.clone(), &config, audit, metrics.clone());
     let mut proxy = pingora_proxy::http_proxy_service_with_name(&server.configuration, gateway, "tollgate");
     for l in &config.listeners {
         let addr = l.address.get_ref();

@@ -244,6 +244,21 @@ impl KeyStore {
     }
 }
 
+impl KeyStore {
+    /// The key with this id, checked like a presented one: for a listener that stands in for
+    /// clients sending no key.
+    pub fn authenticate_id(&self, id: &str, now: SystemTime) -> Result<Arc<ApiKey>, AuthError> {
+        let key = self.by_id.get(id).ok_or(AuthError::Unknown)?;
+        if key.disabled {
+            return Err(AuthError::Disabled(key.id.clone()));
+        }
+        if key.expires.is_some_and(|e| e <= now) {
+            return Err(AuthError::Expired(key.id.clone()));
+        }
+        Ok(key.clone())
+    }
+}
+
 /// The key a client presented: `x-api-key` (Claude Code's `ANTHROPIC_API_KEY`) or
 /// `Authorization: Bearer` (`ANTHROPIC_AUTH_TOKEN`, the SDKs' `auth_token`).
 pub fn presented_key<'a>(x_api_key: Option<&'a [u8]>, authorization: Option<&'a [u8]>) -> Option<&'a [u8]> {

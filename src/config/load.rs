@@ -183,6 +183,21 @@ fn validate(c: &Config) -> Result<(), Invalid> {
         }
     }
 
+    for l in &c.listeners {
+        if let Some(id) = &l.anonymous_key {
+            if !c.keys.iter().any(|k| k.id.get_ref() == id.get_ref()) {
+                return Err((
+                    id.span(),
+                    format!("anonymous_key names key {:?}, which is not a [[key]] in this file", id.get_ref()),
+                ));
+            }
+        }
+    }
+    if let Some(h) = &c.server.key_header {
+        http::HeaderName::try_from(h.as_str())
+            .map_err(|_| (0..0, format!("server.key_header {h:?} is not a header name")))?;
+    }
+
     let mut ids = HashSet::new();
     for k in &c.keys {
         if !ids.insert(k.id.get_ref().as_str()) {

@@ -220,6 +220,10 @@ pub struct ServerConfig {
     /// Where a new process started with `--upgrade` takes the listening sockets from.
     pub upgrade_socket: PathBuf,
     pub pid_file: PathBuf,
+    /// A request header that carries the gateway key, checked before `x-api-key` and
+    /// `Authorization` (Claude Code on Vertex can add one through `ANTHROPIC_CUSTOM_HEADERS`
+    /// while its `Authorization` holds a Google token).
+    pub key_header: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -233,6 +237,7 @@ impl Default for ServerConfig {
             client_idle_timeout: Duration::from_secs(60),
             upgrade_socket: PathBuf::from("/tmp/tollgate-upgrade.sock"),
             pid_file: PathBuf::from("/tmp/tollgate.pid"),
+            key_header: None,
         }
     }
 }
@@ -243,6 +248,11 @@ pub struct ListenerConfig {
     pub address: Spanned<String>,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// The id of a `[[key]]` that requests sending no key at all count as, on this listener
+    /// (Claude Code with `CLAUDE_CODE_SKIP_BEDROCK_AUTH` or `…_VERTEX_AUTH` sends none). The
+    /// usage record says `"auth": "listener"`. Only for listeners the right people can reach.
+    #[serde(default)]
+    pub anonymous_key: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -29,8 +29,11 @@ pub struct UsageRecord {
     pub key_id: Option<String>,
     pub user: Option<String>,
     pub team: Option<String>,
-    /// How the caller authenticated: `key` or `jwt` (absent when it did not).
+    /// How the caller authenticated: `key`, `jwt`, or `listener` (its listener's
+    /// `anonymous_key`); absent when it did not.
     pub auth: Option<&'static str>,
+    /// The API format the client spoke: `anthropic`, `bedrock` or `vertex`.
+    pub format: crate::protocol::inbound::Format,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_issuer: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -208,6 +208,41 @@ pub fn count_tokens_answer(body: &[u8]) -> Option<Bytes> {
     Some(Bytes::from(format!("{{\"input_tokens\":{}}}", c.input_tokens)))
 }
 
+/// Turns an SSE stream (from the Anthropic API or Vertex) into the event stream a Bedrock client
+/// expects: one `chunk` frame per SSE event, its data base64-encoded.
+#[derive(Default)]
+pub struct SseToStream {
+    buf: BytesMut,
+}
+
+impl SseToStream {
+    pub fn new() -> Self {
+        SseToStream::default()
+    }
+
+    /// The frames for every event `chunk` completes; a partial event waits for the rest.
+    pub fn feed(&mut self, chunk: &[u8]) -> Bytes {
+        self.buf.extend_from_slice(chunk);
+        let mut out = BytesMut::new();
+        while let Some(end) = memchr::memmem::find(&self.buf, b"\n\n") {
+            let event = self.buf.split_to(end + 2);
+            let mut data: Vec<u8> = Vec::new();
+            for line in event[..].split(|b: &u8| *b == b'\n') {
+                if let Some(d) = line.strip_prefix(b"data:") {
+                    if !data.is_empty() {
+                        data.push(b'\n');
+                    }
+                    data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
+                }
+            }
+            if !data.is_empty() {
+                out.put_slice(&chunk_frame(&data));
+            }
+        }
+        out.freeze()
+    }
+}
+
 /// The event-stream frame Bedrock sends for one SSE event's JSON (for the mock and the tests).
 pub fn chunk_frame(event_json: &[u8]) -> Bytes {
     let b64 = base64::engine::general_purpose::STANDARD.encode(event_json);
@@ -278,6 +313,16 @@ mod tests {
             sse.extend_from_slice(&t.feed(&wire[cut..]).unwrap());
             assert_eq!(String::from_utf8(sse).unwrap(), expected, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn sse_becomes_frames_and_back() {
+        let sse =
+            "event: message_start\ndata: {\"type\":\"message_start\"}\n\nevent: ping\ndata: {\"type\": \"ping\"}\n\n";
+        let mut to_frames = SseToStream::new();
+        let mut frames = to_frames.feed(&sse.as_bytes()[..20]).to_vec();
+        frames.extend_from_slice(&to_frames.feed(&sse.as_bytes()[20..]));
+        assert_eq!(StreamToSse::new().feed(&frames).unwrap(), sse.as_bytes());
     }
 
     #[test]

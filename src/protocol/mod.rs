@@ -2,6 +2,7 @@
 
 pub mod bedrock;
 pub mod eventstream;
+pub mod inbound;
 pub mod json_peek;
 pub mod sse;
 pub mod usage;

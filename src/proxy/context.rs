@@ -5,6 +5,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::auth::ApiKey;
 use crate::metering::{Outcome, Price, UsageRecord};
+use crate::protocol::inbound::Format;
 use crate::protocol::usage::Usage;
 use crate::routing::{Deployment, Route};
 
@@ -35,6 +36,10 @@ pub struct RequestCtx {
     pub attempts: Vec<super::AttemptRecord>,
     /// The request's hold on its budgets and limits, settled when it ends.
     pub reservation: Option<crate::limits::Reservation>,
+    /// The API format the client speaks; its answer keeps it.
+    pub format: Format,
+    /// Authenticated by its listener's `anonymous_key`, not by a key it sent.
+    pub anonymous: bool,
 }
 
 impl RequestCtx {
@@ -60,6 +65,8 @@ impl RequestCtx {
             error: None,
             attempts: Vec::new(),
             reservation: None,
+            format: Format::Anthropic,
+            anonymous: false,
         }
     }
 
@@ -78,7 +85,12 @@ impl RequestCtx {
             key_id: self.key.as_ref().map(|k| k.id.clone()),
             user: self.key.as_ref().and_then(|k| k.user.clone()),
             team: self.key.as_ref().and_then(|k| k.team.clone()),
-            auth: self.key.as_ref().map(|k| if k.jwt.is_some() { "jwt" } else { "key" }),
+            auth: self.key.as_ref().map(|k| match (self.anonymous, k.jwt.is_some()) {
+                (true, _) => "listener",
+                (false, true) => "jwt",
+                (false, false) => "key",
+            }),
+            format: self.format,
             jwt_issuer: self.key.as_ref().and_then(|k| k.jwt.as_ref()).map(|j| j.issuer.clone()),
             jwt_kid: self.key.as_ref().and_then(|k| k.jwt.as_ref()).and_then(|j| j.kid.clone()),
             client_ip: client.ip,

@@ -7,6 +7,7 @@ use bytes::Bytes;
 
 use super::{with_model, ApiError};
 use crate::config::ProviderKind;
+use crate::protocol::inbound::Format;
 use crate::protocol::{bedrock, vertex};
 use crate::providers::Provider;
 
@@ -37,6 +38,8 @@ pub(super) struct Outbound {
     pub transcode: Transcode,
     /// Bedrock carries the version and the betas in the body; the headers would only repeat them.
     pub drop_headers: &'static [&'static str],
+    /// Headers the provider needs that the client's format did not carry.
+    pub set_headers: Vec<(&'static str, String)>,
     pub accept: Option<&'static str>,
 }
 
@@ -47,7 +50,29 @@ pub(super) struct Inbound<'a> {
     pub stream: bool,
     pub count_tokens: bool,
     pub beta: Option<&'a str>,
+    pub format: Format,
+    /// The client's own body in its own format (Bedrock, Vertex).
+    pub original: Option<&'a Bytes>,
+    /// The client sent `anthropic-version`.
+    pub has_version: bool,
 }
+
+/// A Bedrock or Vertex client's betas and version, as headers for a provider that takes them so.
+fn headers_from_body(req: &Inbound<'_>, version: bool) -> Vec<(&'static str, String)> {
+    let mut h = Vec::new();
+    if req.format == Format::Bedrock {
+        if let Some(b) = req.beta.filter(|b| !b.is_empty()) {
+            h.push(("anthropic-beta", b.to_string()));
+        }
+    }
+    if version && !req.has_version {
+        h.push(("anthropic-version", ANTHROPIC_VERSION.to_string()));
+    }
+    h
+}
+
+/// The Messages API version sent for clients whose format carries none in a header.
+const ANTHROPIC_VERSION: &str = "2023-06-01";
 
 pub(super) fn outbound(provider: &Provider, req: &Inbound<'_>, model_id: &str) -> Result<Outbound, ApiError> {
     let bad_json = |e: crate::protocol::json_peek::JsonError| {
@@ -56,13 +81,22 @@ pub(super) fn outbound(provider: &Provider, req: &Inbound<'_>, model_id: &str) -
     match provider.kind {
         ProviderKind::Anthropic => Ok(Outbound {
             body: with_model(req.body.clone(), req.model_span.clone(), req.requested, model_id),
-            path: None,
+            path: match req.format {
+                Format::Anthropic => None,
+                _ if req.count_tokens => Some("/v1/messages/count_tokens".into()),
+                _ => Some("/v1/messages".into()),
+            },
             transcode: Transcode::None,
             drop_headers: &[],
+            set_headers: headers_from_body(req, true),
             accept: None,
         }),
         ProviderKind::Bedrock => {
-            let invoke = bedrock::request_body(req.body, req.beta).map_err(bad_json)?;
+            // A Bedrock client's body goes to Bedrock as it came.
+            let invoke = match (req.format, req.original) {
+                (Format::Bedrock, Some(original)) => original.clone(),
+                _ => bedrock::request_body(req.body, req.beta).map_err(bad_json)?,
+            };
             let drop_headers: &'static [&'static str] = &["anthropic-version", "anthropic-beta"];
             Ok(if req.count_tokens {
                 Outbound {
@@ -70,6 +104,7 @@ pub(super) fn outbound(provider: &Provider, req: &Inbound<'_>, model_id: &str) -
                     path: Some(bedrock::count_tokens_path(model_id)),
                     transcode: Transcode::BedrockCountTokens,
                     drop_headers,
+                    set_headers: Vec::new(),
                     accept: Some("application/json"),
                 }
             } else {
@@ -78,6 +113,7 @@ pub(super) fn outbound(provider: &Provider, req: &Inbound<'_>, model_id: &str) -
                     path: Some(bedrock::invoke_path(model_id, req.stream)),
                     transcode: if req.stream { Transcode::BedrockStream } else { Transcode::None },
                     drop_headers,
+                    set_headers: Vec::new(),
                     accept: Some(if req.stream { "application/vnd.amazon.eventstream" } else { "application/json" }),
                 }
             })
@@ -94,14 +130,21 @@ pub(super) fn outbound(provider: &Provider, req: &Inbound<'_>, model_id: &str) -
                     path: Some(vertex::count_tokens_path(project, region)),
                     transcode: Transcode::None,
                     drop_headers,
+                    set_headers: headers_from_body(req, false),
                     accept: Some("application/json"),
                 }
             } else {
+                // A Vertex client's body goes to Vertex as it came.
+                let body = match (req.format, req.original) {
+                    (Format::Vertex, Some(original)) => original.clone(),
+                    _ => vertex::request_body(req.body).map_err(bad_json)?,
+                };
                 Outbound {
-                    body: vertex::request_body(req.body).map_err(bad_json)?,
+                    body,
                     path: Some(vertex::predict_path(project, region, model_id, req.stream)),
                     transcode: Transcode::None,
                     drop_headers,
+                    set_headers: headers_from_body(req, false),
                     accept: Some(if req.stream { "text/event-stream" } else { "application/json" }),
                 }
             })

@@ -18,6 +18,8 @@ use super::meter::ResponseMeter;
 use super::{ApiError, Gateway, RequestCtx};
 use crate::config::ProviderKind;
 use crate::metering::Outcome;
+use crate::protocol::bedrock::SseToStream;
+use crate::protocol::inbound::Format;
 use crate::providers::{Endpoint, Provider};
 
 /// A pooled connection the provider closed while idle fails on first use; retry those on
@@ -52,15 +54,22 @@ impl Gateway {
         if transcode == Transcode::BedrockCountTokens {
             return self.answer_count(session, ctx, up, provider, &peer).await;
         }
-        // A Bedrock event stream reaches the client (and the meter) as SSE.
-        let mut to_sse = (transcode == Transcode::BedrockStream && is_event_stream(upstream_header))
-            .then(crate::protocol::bedrock::StreamToSse::new);
+        // The meter reads SSE. A Bedrock event stream is decoded for it; the client gets SSE,
+        // or the frames as they came when it speaks Bedrock itself. An SSE stream goes to a
+        // Bedrock client as frames.
+        let frames_up = transcode == Transcode::BedrockStream && is_event_stream(upstream_header);
+        let frames_down = ctx.format == Format::Bedrock && ctx.stream;
+        let mut decode = frames_up.then(crate::protocol::bedrock::StreamToSse::new);
+        let mut encode = (frames_down && !frames_up && is_sse(upstream_header)).then(SseToStream::new);
         let mut client_header = upstream_header.clone();
-        if to_sse.is_some() {
+        let mut meter_header = upstream_header.clone();
+        if frames_up || encode.is_some() {
             let _ = client_header.remove_header(&http::header::CONTENT_LENGTH);
-            let _ = client_header.insert_header(http::header::CONTENT_TYPE, "text/event-stream; charset=utf-8");
+            let _ = meter_header.insert_header(http::header::CONTENT_TYPE, "text/event-stream");
+            let client_type = if frames_down { EVENT_STREAM } else { "text/event-stream; charset=utf-8" };
+            let _ = client_header.insert_header(http::header::CONTENT_TYPE, client_type);
         }
-        let mut meter = ResponseMeter::for_response(&client_header, metered);
+        let mut meter = ResponseMeter::for_response(&meter_header, metered);
         let chunked_ok = session.req_header().version >= http::Version::HTTP_11;
         let out = response_for_client(&client_header, &ctx.id, chunked_ok);
 
@@ -70,10 +79,15 @@ impl Gateway {
         }
         up.set_read_timeout(Some(provider.idle_timeout));
         loop {
+            // (what the meter reads, what the client gets)
             let read = match up.read_response_body().await {
-                Ok(Some(chunk)) => match &mut to_sse {
-                    None => Ok(Some(chunk)),
-                    Some(t) => t.feed(&chunk).map(Some).map_err(|e| e.to_string()),
+                Ok(Some(chunk)) => match (&mut decode, &mut encode) {
+                    (Some(d), _) => d.feed(&chunk).map_err(|e| e.to_string()).map(|sse| {
+                        let to_client = if frames_down { chunk } else { sse.clone() };
+                        Some((sse, to_client))
+                    }),
+                    (None, Some(e)) => Ok(Some((chunk.clone(), e.feed(&chunk)))),
+                    (None, None) => Ok(Some((chunk.clone(), chunk))),
                 },
                 Ok(None) => Ok(None),
                 Err(e) => {
@@ -83,10 +97,10 @@ impl Gateway {
                 }
             };
             match read {
-                // Frames still incomplete: nothing to send yet.
-                Ok(Some(chunk)) if chunk.is_empty() => {}
-                Ok(Some(chunk)) => {
-                    meter.feed(&chunk);
+                // Frames or events still incomplete: nothing to send yet.
+                Ok(Some((seen, chunk))) if chunk.is_empty() => meter.feed(&seen),
+                Ok(Some((seen, chunk))) => {
+                    meter.feed(&seen);
                     if ctx.ttfb.is_none() {
                         ctx.ttfb = Some(ctx.start.elapsed());
                     }
@@ -292,6 +306,15 @@ async fn read_final_header(up: &mut HttpSession, timeout: Duration) -> pingora::
             return Ok(());
         }
     }
+}
+
+const EVENT_STREAM: &str = "application/vnd.amazon.eventstream";
+
+fn is_sse(h: &pingora::http::ResponseHeader) -> bool {
+    h.headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"))
 }
 
 fn is_event_stream(h: &pingora::http::ResponseHeader) -> bool {

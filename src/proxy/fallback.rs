@@ -93,6 +93,11 @@ pub(super) struct Request {
     /// Picks the endpoint under session affinity.
     pub affinity_key: Vec<u8>,
     pub metered: bool,
+    pub format: crate::protocol::inbound::Format,
+    /// The client's own body, when its format is not Anthropic's.
+    pub original: Option<Bytes>,
+    /// Betas the client sent in its body (Bedrock), comma-joined.
+    pub betas: Option<String>,
 }
 
 impl Gateway {
@@ -116,7 +121,9 @@ impl Gateway {
         let mut last_from: Option<(usize, String)> = None;
         // When every endpoint is down or cooling down, one more pass tries them anyway.
         let mut last_resort = false;
-        let beta = session.req_header().headers.get("anthropic-beta").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let header_betas = session.req_header().headers.get("anthropic-beta").and_then(|v| v.to_str().ok());
+        let beta = req.betas.clone().filter(|b| !b.is_empty()).or(header_betas.map(str::to_string));
+        let has_version = session.req_header().headers.contains_key("anthropic-version");
         let inbound = Inbound {
             body: &req.body,
             model_span: req.model_span.clone(),
@@ -124,6 +131,9 @@ impl Gateway {
             stream: ctx.stream,
             count_tokens: !req.metered,
             beta: beta.as_deref(),
+            format: req.format,
+            original: req.original.as_ref(),
+            has_version,
         };
         'routes: loop {
             let deadline = started + route.deadline;
@@ -329,6 +339,9 @@ impl Gateway {
         copy_request_headers(client, &mut req);
         for name in out.drop_headers {
             let _ = req.remove_header(*name);
+        }
+        for (name, value) in &out.set_headers {
+            let _ = req.insert_header(*name, value.as_str());
         }
         if let Some(accept) = out.accept {
             let _ = req.insert_header(http::header::ACCEPT, accept);

@@ -36,10 +36,11 @@ pub use headers::REQUEST_ID_HEADER;
 
 use crate::audit::AuditLog;
 use crate::auth::{looks_like_jwt, presented_key, ApiKey, AuthError, JwtVerifier};
-use crate::config::{Config, ServerConfig, Unpriced};
+use crate::config::{Config, Unpriced};
 use crate::limits::{Actual, Demand, Limiter, Owners, Policy, Reservation, Scope, ScopeKind};
 use crate::metering::{Outcome, PriceTable};
 use crate::metrics::Metrics;
+use crate::protocol::inbound::{from_bedrock, from_vertex, parse_path, Call};
 use crate::protocol::json_peek::{peek_request, replace_string_value};
 use crate::providers::Provider;
 use crate::routing::{ModelTable, Route};
@@ -97,13 +98,6 @@ const PROMPT_OVERHEAD_TOKENS: u64 = 1024;
 /// can generate. (The provider refuses such a request anyway; this only keeps the bound.)
 const DEFAULT_MAX_OUTPUT: u64 = 128_000;
 
-/// The API endpoints the gateway serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Endpoint {
-    Messages,
-    CountTokens,
-}
-
 /// The live configuration, shared with the admin listener and swapped whole on reload.
 pub type SharedState = Arc<ArcSwap<State>>;
 
@@ -117,11 +111,21 @@ pub struct Gateway {
     client_write_timeout: Duration,
     /// Whole seconds a kept-alive connection may wait for its next request.
     client_idle_secs: u64,
+    /// A header that carries the gateway key (for clients that can only add a custom header).
+    key_header: Option<http::HeaderName>,
+    /// Listeners whose keyless requests count as a named key.
+    anonymous: HashMap<std::net::SocketAddr, String>,
 }
 
 impl Gateway {
-    pub fn new(runtime: Arc<Runtime>, server: &ServerConfig, audit: AuditLog, metrics: Arc<Metrics>) -> Self {
+    pub fn new(runtime: Arc<Runtime>, config: &Config, audit: AuditLog, metrics: Arc<Metrics>) -> Self {
+        let server = &config.server;
         let options = pingora::connectors::ConnectorOptions::new(server.upstream_pool_size);
+        let anonymous = config
+            .listeners
+            .iter()
+            .filter_map(|l| Some((l.address.get_ref().parse().ok()?, l.anonymous_key.as_ref()?.get_ref().clone())))
+            .collect();
         Gateway {
             state: runtime.state.clone(),
             runtime,
@@ -130,6 +134,8 @@ impl Gateway {
             metrics,
             client_write_timeout: server.client_write_timeout,
             client_idle_secs: server.client_idle_timeout.as_secs().max(1),
+            key_header: server.key_header.as_deref().and_then(|h| http::HeaderName::try_from(h).ok()),
+            anonymous,
         }
     }
 
@@ -142,25 +148,47 @@ impl Gateway {
         if req.uri.path().len() > MAX_PATH {
             return Err(ApiError::uri_too_long(format!("the path is longer than {MAX_PATH} bytes")));
         }
-        let endpoint = match (req.uri.path(), &req.method) {
+        let call = match (req.uri.path(), &req.method) {
             ("/", &Method::HEAD) | ("/", &Method::GET) => {
                 ctx.probe = true;
-                return self.answer_probe(session, ctx).await;
+                return self.answer_probe(session, ctx, &b"{\"status\":\"ok\"}"[..]).await;
             }
-            ("/v1/messages", &Method::POST) => Endpoint::Messages,
-            ("/v1/messages/count_tokens", &Method::POST) => Endpoint::CountTokens,
-            ("/v1/messages" | "/v1/messages/count_tokens", m) => {
+            // Claude Code on Bedrock lists inference profiles at start; none are offered here:
+            // models are addressed by the ids the gateway routes.
+            (p, &Method::GET) if p == "/inference-profiles" || p.starts_with("/inference-profiles/") => {
+                ctx.probe = true;
+                return self.answer_probe(session, ctx, &b"{\"inferenceProfileSummaries\":[]}"[..]).await;
+            }
+            (path, &Method::POST) => {
+                parse_path(path).ok_or_else(|| ApiError::not_found(format!("no endpoint at POST {}", shorten(path))))?
+            }
+            (path, m) if parse_path(path).is_some() => {
                 return Err(ApiError::method_not_allowed(format!("{m} is not allowed here: use POST")))
             }
             (path, m) => return Err(ApiError::not_found(format!("no endpoint at {m} {}", shorten(path)))),
         };
+        ctx.format = call.format();
 
         let state = self.state.load_full();
-        let presented = presented_key(
+        let custom = self.key_header.as_ref().and_then(|h| req.headers.get(h)).map(|v| v.as_bytes());
+        let presented = custom.or(presented_key(
             req.headers.get("x-api-key").map(|v| v.as_bytes()),
             req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes()),
-        );
-        let key = match self.runtime.keys.load().authenticate(presented, SystemTime::now()) {
+        ));
+        // A listener may stand in for clients that can send no key at all.
+        let anonymous = match presented {
+            None => session.server_addr().and_then(|a| a.as_inet()).and_then(|a| self.anonymous.get(a)),
+            Some(_) => None,
+        };
+        let keys = self.runtime.keys.load();
+        let authenticated = match anonymous {
+            Some(id) => {
+                ctx.anonymous = true;
+                keys.authenticate_id(id, SystemTime::now())
+            }
+            None => keys.authenticate(presented, SystemTime::now()),
+        };
+        let key = match authenticated {
             Ok(key) => key,
             // Not one of our keys: it may be a JWT from a trusted issuer.
             Err(AuthError::Unknown) if !state.jwt.is_empty() && presented.is_some_and(looks_like_jwt) => {
@@ -173,7 +201,21 @@ impl Gateway {
         };
         ctx.key = Some(key.clone());
 
-        let body = read_body(session, state.max_body_bytes).await?;
+        let raw = read_body(session, state.max_body_bytes).await?;
+        let invalid = |e: crate::protocol::json_peek::JsonError| {
+            ApiError::invalid_request(format!("the body is not valid JSON: {e}"))
+        };
+        // Every format becomes the Messages body; the client's own body is kept for a provider
+        // that speaks the same format, which gets it unchanged.
+        let (body, betas, original) = match &call {
+            Call::Bedrock { model, stream } => {
+                let (body, betas) = from_bedrock(&raw, model, *stream).map_err(invalid)?;
+                (body, Some(betas.join(",")), Some(raw))
+            }
+            Call::Vertex { model, .. } => (from_vertex(&raw, Some(model)).map_err(invalid)?, None, Some(raw)),
+            Call::VertexCountTokens => (from_vertex(&raw, None).map_err(invalid)?, None, None),
+            Call::Messages | Call::CountTokens => (raw, None, None),
+        };
         let peek =
             peek_request(&body).map_err(|e| ApiError::invalid_request(format!("the body is not valid JSON: {e}")))?;
         let (requested, model_span) = peek.model.ok_or_else(|| ApiError::invalid_request("model: field required"))?;
@@ -193,14 +235,22 @@ impl Gateway {
         ctx.route = Some(route.clone());
         // Every route is admitted; token counting is free, so it takes a request slot and
         // reserves nothing.
-        let demand_of = (endpoint == Endpoint::Messages).then_some((body.len(), peek.max_tokens));
+        let demand_of = (!call.counts_tokens()).then_some((body.len(), peek.max_tokens));
         ctx.reservation = self.admit(&state, &key, &route, &requested, demand_of)?;
         // Only session affinity needs the key; most requests never compute it.
         let affinity =
             route.deployments.iter().any(|d| d.provider.pool.selection == crate::providers::Selection::SessionAffinity);
         let affinity_key = if affinity { session_key(session.req_header(), &body, peek.metadata) } else { Vec::new() };
-        let request =
-            fallback::Request { body, model_span, requested, affinity_key, metered: endpoint == Endpoint::Messages };
+        let request = fallback::Request {
+            body,
+            model_span,
+            requested,
+            affinity_key,
+            metered: !call.counts_tokens(),
+            format: call.format(),
+            original,
+            betas,
+        };
         self.forward(session, ctx, &state, route, request).await
     }
 
@@ -261,8 +311,13 @@ impl Gateway {
         }
     }
 
-    async fn answer_probe(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), ApiError> {
-        let body = Bytes::from_static(b"{\"status\":\"ok\"}");
+    async fn answer_probe(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        body: &'static [u8],
+    ) -> Result<(), ApiError> {
+        let body = Bytes::from_static(body);
         let mut h = ResponseHeader::build(200, Some(3)).expect("valid status");
         let _ = h.insert_header(http::header::CONTENT_TYPE, "application/json");
         let _ = h.insert_header(http::header::CONTENT_LENGTH, body.len());

@@ -21,6 +21,17 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A free port other than `taken`: the kernel may hand a just-released port out again, and a
+/// config with the same address twice is refused.
+pub fn other_port(taken: u16) -> u16 {
+    loop {
+        let p = free_port();
+        if p != taken {
+            return p;
+        }
+    }
+}
+
 /// A key known to the test: the plaintext and the config entry.
 pub struct TestKey {
     pub key: String,
@@ -56,7 +67,7 @@ pub fn start_gateway_with(server_extra: &str, config: &str) -> Gateway {
 pub fn start_gateway_full(server_extra: &str, listener_extra: &str, config: &str) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let admin_port = free_port();
+    let admin_port = other_port(port);
     let audit_path = dir.path().join("audit.jsonl");
     let text = format!(
         "[server]\nthreads = 2\ngrace_period = \"5s\"\nupgrade_socket = \"{d}/upgrade.sock\"\npid_file = \"{d}/pid\"\n{server_extra}\n\
@@ -199,7 +210,7 @@ pub fn messages_body(model: &str, stream: bool, padding: usize) -> String {
 pub fn start_gateway_admin(admin_extra: &str, envs: &[(&str, &str)], config: &str) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let admin_port = free_port();
+    let admin_port = other_port(port);
     let audit_path = dir.path().join("audit.jsonl");
     let text = format!(
         "[server]\nthreads = 2\ngrace_period = \"5s\"\nupgrade_socket = \"{d}/upgrade.sock\"\npid_file = \"{d}/pid\"\n\n\
