@@ -319,6 +319,16 @@ fn check(path: &std::path::Path) -> ExitCode {
         }
     }
     for p in &state.providers {
+        if !p.betas.is_empty() {
+            let renamed: Vec<String> = p.betas.rename.iter().map(|(a, b)| format!("{a} -> {b}")).collect();
+            let _ = writeln!(
+                out,
+                "provider {}: betas dropped: {}; renamed: {}",
+                p.name,
+                if p.betas.drop.is_empty() { "none".into() } else { p.betas.drop.join(", ") },
+                if renamed.is_empty() { "none".into() } else { renamed.join(", ") }
+            );
+        }
         if let Err(e) = p.credential(true) {
             let _ = writeln!(out, "warning: provider {}: {e}", p.name);
         }

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub limit_remaining: IntGaugeVec,
     pub ledger_queue: IntGauge,
     pub jwt_failures: IntCounterVec,
+    pub betas_dropped: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] =
@@ -117,6 +118,14 @@ impl Metrics {
             &["reason"],
         )
         .unwrap();
+        let betas_dropped = IntCounterVec::new(
+            Opts::new(
+                "tollgate_betas_dropped_total",
+                "anthropic-beta values a provider's policy kept from it, by rule",
+            ),
+            &["provider", "rule"],
+        )
+        .unwrap();
         let ledger_queue = IntGauge::new("tollgate_ledger_queue", "Ledger rows waiting to be committed").unwrap();
         let audit_dropped =
             IntCounter::new("tollgate_audit_dropped_total", "Usage records dropped because the audit queue was full")
@@ -140,6 +149,7 @@ impl Metrics {
             Box::new(limit_remaining.clone()),
             Box::new(ledger_queue.clone()),
             Box::new(jwt_failures.clone()),
+            Box::new(betas_dropped.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -163,6 +173,7 @@ impl Metrics {
             limit_remaining,
             ledger_queue,
             jwt_failures,
+            betas_dropped,
         }
     }
 

@@ -159,6 +159,33 @@ async fn anthropic_client_on_bedrock_with_an_api_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_party_only_betas_are_kept_from_bedrock_and_counted() {
+    let anthropic = MockProvider::start(Behavior::default()).await.unwrap();
+    let bedrock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let gw = start_gateway(&config(&anthropic, &bedrock, "credential = \"env:TG_TEST_PROVIDER_KEY\"", &key));
+    for model in ["viabedrock", "direct"] {
+        let resp = messages_request(&gw, &key)
+            .header("anthropic-beta", "files-api-2025-04-14,context-1m-2025-08-07")
+            .body(body(model, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let got = bedrock.received().pop().unwrap();
+    let sent: Value = serde_json::from_slice(&got.body).unwrap();
+    assert_eq!(sent["anthropic_beta"], json!(["context-1m-2025-08-07"]));
+    // The Anthropic API takes every beta, as the client sent them.
+    assert_eq!(
+        anthropic.received().pop().unwrap().headers["anthropic-beta"],
+        "files-api-2025-04-14,context-1m-2025-08-07"
+    );
+    let metrics = client().get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("tollgate_betas_dropped_total{provider=\"bedrock\",rule=\"files-api-*\"} 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bedrock_errors_reach_the_client_in_the_anthropic_shape() {
     let anthropic = MockProvider::start(Behavior::default()).await.unwrap();
     let bedrock = MockProvider::start(Behavior {

@@ -231,6 +231,34 @@ async fn keyless_listener_custom_header_and_inference_profiles() {
     assert_eq!(gw.record(&rid)["auth"], "key");
     assert!(v.received().pop().unwrap().headers["authorization"].to_str().unwrap().ends_with(PROVIDER_SECRET));
 
+    // LiteLLM-style pass-through prefixes: the same service, the format named in the path.
+    let resp = client()
+        .post(gw.url("/bedrock/model/on-anthropic/invoke"))
+        .header("authorization", format!("Bearer {}", key.key))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let anthropic_body =
+        json!({"model": "on-vertex", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
+    let resp = client()
+        .post(gw.url("/anthropic/v1/messages"))
+        .header("x-api-key", &key.key)
+        .body(anthropic_body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rid = resp.headers()["x-tollgate-request-id"].to_str().unwrap().to_string();
+    assert_eq!(
+        (gw.record(&rid)["provider"].as_str(), gw.record(&rid)["format"].as_str()),
+        (Some("vertex"), Some("anthropic"))
+    );
+    let resp =
+        client().post(gw.url("/anthropic/model/on-anthropic/invoke")).body(body.to_string()).send().await.unwrap();
+    assert_eq!(resp.status(), 404, "a prefix serves its own format only");
+
     let resp = client().get(gw.url("/inference-profiles")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.json::<Value>().await.unwrap(), json!({"inferenceProfileSummaries": []}));

@@ -307,6 +307,17 @@ pub enum ProviderKind {
     Vertex,
 }
 
+/// `betas = { drop = ["files-api-*"], rename = { "old-beta" = "new-beta" } }`. A `drop` list
+/// replaces the provider kind's default list.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BetaPolicyConfig {
+    #[serde(default)]
+    pub drop: Option<Vec<String>>,
+    #[serde(default)]
+    pub rename: std::collections::BTreeMap<String, String>,
+}
+
 /// AWS credentials for SigV4, as secret references.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -347,6 +358,10 @@ pub struct ProviderConfig {
     /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN` variables are used.
     #[serde(default)]
     pub aws: Option<AwsCredentialsConfig>,
+    /// Which `anthropic-beta` values this provider gets (Bedrock and Vertex drop the
+    /// first-party-only ones by default).
+    #[serde(default)]
+    pub betas: Option<BetaPolicyConfig>,
     #[serde(default)]
     pub selection: Selection,
     #[serde(default)]

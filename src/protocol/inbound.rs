@@ -70,8 +70,24 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// The call a POST to `path` makes, if the path is one of the formats'.
+/// The call a POST to `path` makes, if the path is one of the formats'. The pass-through
+/// prefixes LiteLLM offers (`/anthropic`, `/bedrock`, `/vertex_ai/v1`) name the format
+/// explicitly and are served like the bare paths: authenticated, limited, metered, audited.
 pub fn parse_path(path: &str) -> Option<Call> {
+    let prefixed = |rest: &str, format: Format| parse_bare(rest).filter(|c| c.format() == format);
+    if let Some(rest) = path.strip_prefix("/anthropic/") {
+        return prefixed(&path["/anthropic".len()..], Format::Anthropic).filter(|_| !rest.is_empty());
+    }
+    if path.starts_with("/bedrock/") {
+        return prefixed(&path["/bedrock".len()..], Format::Bedrock);
+    }
+    if path.starts_with("/vertex_ai/v1/") {
+        return prefixed(&path["/vertex_ai".len()..], Format::Vertex);
+    }
+    parse_bare(path)
+}
+
+fn parse_bare(path: &str) -> Option<Call> {
     match path {
         "/v1/messages" => return Some(Call::Messages),
         "/v1/messages/count_tokens" => return Some(Call::CountTokens),
@@ -165,6 +181,16 @@ mod tests {
                 Some(Call::VertexCountTokens)
             );
         }
+        // The pass-through prefixes, each for its own format only.
+        assert_eq!(parse_path("/anthropic/v1/messages"), Some(Call::Messages));
+        assert_eq!(parse_path("/anthropic/v1/messages/count_tokens"), Some(Call::CountTokens));
+        assert_eq!(parse_path("/bedrock/model/m/invoke"), Some(Call::Bedrock { model: "m".into(), stream: false }));
+        assert_eq!(
+            parse_path("/vertex_ai/v1/projects/p/locations/r/publishers/anthropic/models/m:rawPredict"),
+            Some(Call::Vertex { model: "m".into(), stream: false })
+        );
+        assert_eq!(parse_path("/anthropic/model/m/invoke"), None);
+        assert_eq!(parse_path("/bedrock/v1/messages"), None);
         for bad in [
             "/model/x/other",
             "/model//invoke",

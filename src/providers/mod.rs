@@ -11,6 +11,7 @@ use pingora::utils::tls::WrappedX509;
 
 use crate::config::{ProbeKind, ProviderConfig, ProviderKind, Secret};
 
+mod betas;
 mod endpoint;
 mod google;
 mod health;
@@ -18,6 +19,7 @@ mod pool;
 mod sigv4;
 mod url;
 
+pub use betas::BetaPolicy;
 pub use endpoint::{Endpoint, EndpointRef, PeerSettings};
 pub use google::{unix_now, TokenSource};
 pub use health::{now_ms, HealthPolicy, PassiveHealth};
@@ -47,6 +49,8 @@ pub enum Auth {
 pub struct Provider {
     pub name: String,
     pub kind: ProviderKind,
+    /// Which betas this provider gets.
+    pub betas: BetaPolicy,
     /// Vertex: where the model lives (project, region).
     pub project: Option<String>,
     pub region: Option<String>,
@@ -133,6 +137,7 @@ impl Provider {
         Ok(Provider {
             name: c.name.get_ref().clone(),
             kind: c.kind,
+            betas: BetaPolicy::from_config(c.kind, c.betas.as_ref()),
             project: c.project.clone(),
             region: c.region.clone(),
             pool: Pool::new(&endpoints, c.selection, schedule),

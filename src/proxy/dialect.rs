@@ -38,8 +38,11 @@ pub(super) struct Outbound {
     pub transcode: Transcode,
     /// Bedrock carries the version and the betas in the body; the headers would only repeat them.
     pub drop_headers: &'static [&'static str],
-    /// Headers the provider needs that the client's format did not carry.
+    /// Headers the provider needs that the client's format did not carry. An empty value
+    /// removes the header.
     pub set_headers: Vec<(&'static str, String)>,
+    /// The policy rules that dropped a beta, for the metric.
+    pub dropped_betas: Vec<String>,
     pub accept: Option<&'static str>,
 }
 
@@ -57,13 +60,12 @@ pub(super) struct Inbound<'a> {
     pub has_version: bool,
 }
 
-/// A Bedrock or Vertex client's betas and version, as headers for a provider that takes them so.
-fn headers_from_body(req: &Inbound<'_>, version: bool) -> Vec<(&'static str, String)> {
+/// The betas (after the provider's policy) and version as headers, for a provider that takes
+/// them so: set when the client's format carried them elsewhere or the policy changed them.
+fn beta_headers(req: &Inbound<'_>, betas: &Betas, version: bool) -> Vec<(&'static str, String)> {
     let mut h = Vec::new();
-    if req.format == Format::Bedrock {
-        if let Some(b) = req.beta.filter(|b| !b.is_empty()) {
-            h.push(("anthropic-beta", b.to_string()));
-        }
+    if req.format == Format::Bedrock || betas.changed {
+        h.push(("anthropic-beta", betas.value.clone()));
     }
     if version && !req.has_version {
         h.push(("anthropic-version", ANTHROPIC_VERSION.to_string()));
@@ -74,7 +76,21 @@ fn headers_from_body(req: &Inbound<'_>, version: bool) -> Vec<(&'static str, Str
 /// The Messages API version sent for clients whose format carries none in a header.
 const ANTHROPIC_VERSION: &str = "2023-06-01";
 
+/// The client's betas after the provider's policy.
+struct Betas {
+    value: String,
+    /// The policy dropped or renamed one.
+    changed: bool,
+}
+
 pub(super) fn outbound(provider: &Provider, req: &Inbound<'_>, model_id: &str) -> Result<Outbound, ApiError> {
+    let (value, dropped) = provider.betas.apply(req.beta.unwrap_or_default());
+    let betas = Betas { changed: value != req.beta.unwrap_or_default().trim(), value };
+    let out = outbound_with(provider, req, model_id, &betas)?;
+    Ok(Outbound { dropped_betas: dropped, ..out })
+}
+
+fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: &Betas) -> Result<Outbound, ApiError> {
     let bad_json = |e: crate::protocol::json_peek::JsonError| {
         ApiError::invalid_request(format!("the body is not valid JSON: {e}"))
     };
@@ -88,14 +104,18 @@ pub(super) fn outbound(provider: &Provider, req: &Inbound<'_>, model_id: &str) -
             },
             transcode: Transcode::None,
             drop_headers: &[],
-            set_headers: headers_from_body(req, true),
+            set_headers: beta_headers(req, betas, true),
+            dropped_betas: Vec::new(),
             accept: None,
         }),
         ProviderKind::Bedrock => {
             // A Bedrock client's body goes to Bedrock as it came.
             let invoke = match (req.format, req.original) {
-                (Format::Bedrock, Some(original)) => original.clone(),
-                _ => bedrock::request_body(req.body, req.beta).map_err(bad_json)?,
+                (Format::Bedrock, Some(original)) if !betas.changed => original.clone(),
+                _ => {
+                    let beta = Some(betas.value.as_str()).filter(|b| !b.is_empty());
+                    bedrock::request_body(req.body, beta).map_err(bad_json)?
+                }
             };
             let drop_headers: &'static [&'static str] = &["anthropic-version", "anthropic-beta"];
             Ok(if req.count_tokens {
@@ -105,6 +125,7 @@ pub(super) fn outbound(provider: &Provider, req: &Inbound<'_>, model_id: &str) -
                     transcode: Transcode::BedrockCountTokens,
                     drop_headers,
                     set_headers: Vec::new(),
+                    dropped_betas: Vec::new(),
                     accept: Some("application/json"),
                 }
             } else {
@@ -114,6 +135,7 @@ pub(super) fn outbound(provider: &Provider, req: &Inbound<'_>, model_id: &str) -
                     transcode: if req.stream { Transcode::BedrockStream } else { Transcode::None },
                     drop_headers,
                     set_headers: Vec::new(),
+                    dropped_betas: Vec::new(),
                     accept: Some(if req.stream { "application/vnd.amazon.eventstream" } else { "application/json" }),
                 }
             })
@@ -130,7 +152,8 @@ pub(super) fn outbound(provider: &Provider, req: &Inbound<'_>, model_id: &str) -
                     path: Some(vertex::count_tokens_path(project, region)),
                     transcode: Transcode::None,
                     drop_headers,
-                    set_headers: headers_from_body(req, false),
+                    set_headers: beta_headers(req, betas, false),
+                    dropped_betas: Vec::new(),
                     accept: Some("application/json"),
                 }
             } else {
@@ -144,7 +167,8 @@ pub(super) fn outbound(provider: &Provider, req: &Inbound<'_>, model_id: &str) -
                     path: Some(vertex::predict_path(project, region, model_id, req.stream)),
                     transcode: Transcode::None,
                     drop_headers,
-                    set_headers: headers_from_body(req, false),
+                    set_headers: beta_headers(req, betas, false),
+                    dropped_betas: Vec::new(),
                     accept: Some(if req.stream { "text/event-stream" } else { "application/json" }),
                 }
             })

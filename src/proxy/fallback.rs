@@ -143,6 +143,9 @@ impl Gateway {
                 let model_id = route.deployments[d].model_id.as_deref().unwrap_or(&req.requested).to_string();
                 // One body per deployment, however many of its endpoints are tried.
                 let out = outbound(&provider, &inbound, &model_id)?;
+                for rule in &out.dropped_betas {
+                    self.metrics.betas_dropped.with_label_values(&[&provider.name, rule]).inc();
+                }
                 let mut tried = Vec::new();
                 loop {
                     let now = Instant::now();
@@ -341,7 +344,11 @@ impl Gateway {
             let _ = req.remove_header(*name);
         }
         for (name, value) in &out.set_headers {
-            let _ = req.insert_header(*name, value.as_str());
+            if value.is_empty() {
+                let _ = req.remove_header(*name);
+            } else {
+                let _ = req.insert_header(*name, value.as_str());
+            }
         }
         if let Some(accept) = out.accept {
             let _ = req.insert_header(http::header::ACCEPT, accept);
