@@ -184,7 +184,20 @@ impl StreamToSse {
 }
 
 /// The CountTokens body for a Bedrock InvokeModel body (which travels base64-encoded inside).
+/// A token-count request has no `max_tokens`, which an InvokeModel body must have: it gets one.
 pub fn count_tokens_body(invoke_body: &[u8]) -> Bytes {
+    let mut has_max = false;
+    let _ = scan_object(invoke_body, |key, _| {
+        has_max |= key == "max_tokens";
+        Ok(())
+    });
+    let completed;
+    let invoke_body = if has_max {
+        invoke_body
+    } else {
+        completed = rewrite_members(invoke_body, &[], &[("max_tokens", b"1")]).unwrap_or_default();
+        &completed[..]
+    };
     let b64 = base64::engine::general_purpose::STANDARD.encode(invoke_body);
     Bytes::from(
         serde_json::to_vec(&serde_json::json!({"input": {"invokeModel": {"body": b64}}}))
@@ -330,6 +343,9 @@ mod tests {
         let body = count_tokens_body(br#"{"max_tokens":1}"#);
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["input"]["invokeModel"]["body"], "eyJtYXhfdG9rZW5zIjoxfQ==");
+        // Without max_tokens (a token count never has one), the invoke body gets one.
+        let v: serde_json::Value = serde_json::from_slice(&count_tokens_body(br#"{"messages":[]}"#)).unwrap();
+        assert_eq!(v["input"]["invokeModel"]["body"], "eyJtZXNzYWdlcyI6W10sIm1heF90b2tlbnMiOjF9");
         assert_eq!(count_tokens_path("a.b-v1:0"), "/model/a.b-v1%3A0/count-tokens");
         assert_eq!(&count_tokens_answer(br#"{"inputTokens":42}"#).unwrap()[..], br#"{"input_tokens":42}"#);
     }
