@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -281,41 +280,6 @@ async fn team_budget_is_shared_and_unpriced_models_are_refused() {
     assert!(metrics.contains("tollgate_refused_total{reason=\"budget\"} 1\n"), "{metrics}");
 }
 
-/// A gateway process started by [`respawn`]; killed if the test fails before it does.
-struct Respawned(Child);
-
-impl Respawned {
-    fn kill_9(mut self) {
-        self.0.kill().unwrap();
-        self.0.wait().unwrap();
-    }
-}
-
-impl Drop for Respawned {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts the gateway binary again on an existing config (same ports, same store).
-fn respawn(gw: &Gateway) -> Respawned {
-    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["run", "--config"])
-        .arg(&gw.config_path)
-        .env("TG_TEST_PROVIDER_KEY", PROVIDER_SECRET)
-        .env("TOLLGATE_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", gw.port)).is_err() {
-        assert!(Instant::now() < deadline, "the gateway did not come back");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Respawned(child)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spend_survives_graceful_stop_and_kill_9() {
     let mock = MockProvider::start(Behavior::default()).await.unwrap();
@@ -332,13 +296,13 @@ async fn spend_survives_graceful_stop_and_kill_9() {
 
     // After the restart the first request's spend is there; a second one, then kill -9 once
     // the flush interval (50 ms in the tests' config) has passed.
-    let child = respawn(&gw);
+    let child = respawn(&gw, &[]);
     assert_eq!(send(&gw, &key, &worst).await.0, 200);
     tokio::time::sleep(Duration::from_millis(500)).await;
     child.kill_9();
 
     // Two of three spent: one more fits, then the budget is spent.
-    let child = respawn(&gw);
+    let child = respawn(&gw, &[]);
     assert_eq!(send(&gw, &key, &worst).await.0, 200);
     let (status, _, text) = send(&gw, &key, &worst).await;
     assert_eq!(status, 403, "{text}");

@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -905,34 +905,6 @@ fn config_check_refuses_alg_none_and_weak_issuers() {
 // ---------------------------------------------------------------------------------------------
 // Regressions: bugs found while writing these tests, fixed since.
 // ---------------------------------------------------------------------------------------------
-
-/// A gateway process started again on an existing config (same ports, same store).
-struct Respawned(Child);
-
-impl Drop for Respawned {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn respawn(gw: &Gateway, envs: &[(&str, &str)]) -> Respawned {
-    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["run", "--config"])
-        .arg(&gw.config_path)
-        .env("TG_TEST_PROVIDER_KEY", PROVIDER_SECRET)
-        .env("TOLLGATE_LOG", "warn")
-        .envs(envs.iter().copied())
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", gw.port)).is_err() {
-        assert!(Instant::now() < deadline, "the gateway did not come back");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Respawned(child)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_principal_spend_survives_a_restart() {

@@ -374,33 +374,19 @@ fn bedrock(rest: &str, body: &[u8], b: Behavior, shared: Arc<Shared>) -> Respons
             )
         }
         "invoke-with-response-stream" => {
-            let (tx, rx) = mpsc::channel(16);
-            tokio::spawn(async move {
-                for (i, event) in sse_events(&model, &b.usage, b.deltas).into_iter().enumerate() {
-                    if b.cut_after == Some(i) {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        let _ = tx.send(Err(std::io::Error::other("mock: cut"))).await;
-                        return;
-                    }
-                    if i > 0 && !b.delay.is_zero() {
-                        tokio::time::sleep(b.delay).await;
-                    }
-                    // The SSE event's data line is what Bedrock wraps in a frame.
-                    let text = String::from_utf8_lossy(&event);
+            // Each SSE event's data line is what Bedrock wraps in a frame.
+            let frames = sse_events(&model, &b.usage, b.deltas)
+                .iter()
+                .map(|event| {
+                    let text = String::from_utf8_lossy(event);
                     let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap_or("{}").to_string();
-                    let frame = crate::protocol::bedrock::chunk_frame(data.as_bytes());
-                    if tx.send(Ok(frame)).await.is_err() {
-                        shared.abandoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        return;
-                    }
-                }
-            });
-            Response::builder()
-                .status(StatusCode::OK)
-                .header("content-type", "application/vnd.amazon.eventstream")
-                .header("x-amzn-requestid", "mock-request")
-                .body(http_body_util::Either::Right(ChannelBody(rx)))
-                .expect("valid response")
+                    crate::protocol::bedrock::chunk_frame(data.as_bytes())
+                })
+                .collect();
+            let mut r = send_paced(frames, b, shared);
+            r.headers_mut()
+                .insert("content-type", http::HeaderValue::from_static("application/vnd.amazon.eventstream"));
+            r
         }
         _ => bedrock_error(404, "mock bedrock: unknown action"),
     }
@@ -540,9 +526,16 @@ pub fn sse_events(model: &str, usage: &MockUsage, deltas: usize) -> Vec<Bytes> {
 }
 
 fn stream_response(model: String, b: Behavior, shared: Arc<Shared>) -> Response<Body> {
+    let events = sse_events(&model, &b.usage, b.deltas);
+    send_paced(events, b, shared)
+}
+
+/// Streams `parts` with the behaviour's pacing and cut, as `text/event-stream` (callers change
+/// the type for other framings).
+fn send_paced(parts: Vec<Bytes>, b: Behavior, shared: Arc<Shared>) -> Response<Body> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
-        for (i, event) in sse_events(&model, &b.usage, b.deltas).into_iter().enumerate() {
+        for (i, event) in parts.into_iter().enumerate() {
             if b.cut_after == Some(i) {
                 // Let what was sent reach the wire first: hyper drops unflushed output on abort.
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -160,13 +160,7 @@ impl Gateway {
         ctx.error = crate::protocol::usage::usage_from_json(&body)
             .and_then(|(_, kind)| kind)
             .or_else(|| Some(format!("provider answered {status}")));
-        let mut h = pingora::http::ResponseHeader::build(status, Some(4)).expect("valid status");
-        let _ = h.insert_header(http::header::CONTENT_TYPE, "application/json");
-        let _ = h.insert_header(http::header::CONTENT_LENGTH, body.len());
-        let _ = h.insert_header(super::REQUEST_ID_HEADER, ctx.id.as_str());
-        if session.write_response_header(Box::new(h), false).await.is_ok() {
-            let _ = session.write_response_body(Some(body), true).await;
-        }
+        write_json(session, &ctx.id, status, body).await;
         Ok(())
     }
 
@@ -184,14 +178,8 @@ impl Gateway {
         let answer = crate::protocol::bedrock::count_tokens_answer(&body).ok_or_else(|| {
             ApiError::bad_gateway(format!("provider {} sent a token count this gateway cannot read", provider.name))
         })?;
-        let mut h = pingora::http::ResponseHeader::build(200, Some(4)).expect("valid status");
-        let _ = h.insert_header(http::header::CONTENT_TYPE, "application/json");
-        let _ = h.insert_header(http::header::CONTENT_LENGTH, answer.len());
-        let _ = h.insert_header(super::REQUEST_ID_HEADER, ctx.id.as_str());
         ctx.outcome = Outcome::Complete;
-        if session.write_response_header(Box::new(h), false).await.is_ok() {
-            let _ = session.write_response_body(Some(answer), true).await;
-        }
+        write_json(session, &ctx.id, 200, answer).await;
         Ok(())
     }
 
@@ -335,5 +323,16 @@ async fn read_small(up: &mut HttpSession, provider: &Provider) -> Result<Vec<u8>
             Ok(None) => return Ok(body),
             Err(e) => return Err(ApiError::bad_gateway(format!("provider {}: {e}", provider.name))),
         }
+    }
+}
+
+/// Answers a whole JSON body the gateway rewrote (it has its own length).
+async fn write_json(session: &mut Session, request_id: &str, status: u16, body: Bytes) {
+    let mut h = pingora::http::ResponseHeader::build(status, Some(4)).expect("valid status");
+    let _ = h.insert_header(http::header::CONTENT_TYPE, "application/json");
+    let _ = h.insert_header(http::header::CONTENT_LENGTH, body.len());
+    let _ = h.insert_header(super::REQUEST_ID_HEADER, request_id);
+    if session.write_response_header(Box::new(h), false).await.is_ok() {
+        let _ = session.write_response_body(Some(body), true).await;
     }
 }

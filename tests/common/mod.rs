@@ -65,18 +65,34 @@ pub fn start_gateway_with(server_extra: &str, config: &str) -> Gateway {
 }
 
 pub fn start_gateway_full(server_extra: &str, listener_extra: &str, config: &str) -> Gateway {
+    launch(Sections { server: server_extra, listener: listener_extra, ..Default::default() }, &[], config)
+}
+
+/// Lines added to the harness's own tables.
+#[derive(Default)]
+struct Sections<'a> {
+    server: &'a str,
+    listener: &'a str,
+    admin: &'a str,
+}
+
+/// Writes the harness's tables (with `extra` lines), then `config`, and starts the binary on it.
+fn launch(extra: Sections<'_>, envs: &[(&str, &str)], config: &str) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let admin_port = other_port(port);
     let audit_path = dir.path().join("audit.jsonl");
     let text = format!(
-        "[server]\nthreads = 2\ngrace_period = \"5s\"\nupgrade_socket = \"{d}/upgrade.sock\"\npid_file = \"{d}/pid\"\n{server_extra}\n\
-         [[listener]]\naddress = \"127.0.0.1:{port}\"\n{listener_extra}\n\
-         [admin]\naddress = \"127.0.0.1:{admin_port}\"\n\
+        "[server]\nthreads = 2\ngrace_period = \"5s\"\nupgrade_socket = \"{d}/upgrade.sock\"\npid_file = \"{d}/pid\"\n{server}\n\
+         [[listener]]\naddress = \"127.0.0.1:{port}\"\n{listener}\n\
+         [admin]\naddress = \"127.0.0.1:{admin_port}\"\n{admin}\n\
          [audit]\npath = \"{audit}\"\nflush_interval = \"20ms\"\n\n\
          [store]\npath = \"{d}/tollgate.db\"\nflush_interval = \"50ms\"\n\n{config}",
         d = dir.path().display(),
         audit = audit_path.display(),
+        server = extra.server,
+        listener = extra.listener,
+        admin = extra.admin,
     );
     let config_path = dir.path().join("tollgate.toml");
     std::fs::write(&config_path, text).unwrap();
@@ -85,6 +101,7 @@ pub fn start_gateway_full(server_extra: &str, listener_extra: &str, config: &str
         .arg(&config_path)
         .env("TG_TEST_PROVIDER_KEY", PROVIDER_SECRET)
         .env("TOLLGATE_LOG", "warn")
+        .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .spawn()
         .expect("the tollgate binary starts");
@@ -205,34 +222,45 @@ pub fn messages_body(model: &str, stream: bool, padding: usize) -> String {
     .to_string()
 }
 
-/// Like [`start_gateway`], with `admin_extra` lines added to the `[admin]` table (e.g.
-/// `token = "env:TG_TEST_ADMIN_TOKEN"`) and `envs` set in the gateway's environment.
-pub fn start_gateway_admin(admin_extra: &str, envs: &[(&str, &str)], config: &str) -> Gateway {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let admin_port = other_port(port);
-    let audit_path = dir.path().join("audit.jsonl");
-    let text = format!(
-        "[server]\nthreads = 2\ngrace_period = \"5s\"\nupgrade_socket = \"{d}/upgrade.sock\"\npid_file = \"{d}/pid\"\n\n\
-         [[listener]]\naddress = \"127.0.0.1:{port}\"\n\n\
-         [admin]\naddress = \"127.0.0.1:{admin_port}\"\n{admin_extra}\n\
-         [audit]\npath = \"{audit}\"\nflush_interval = \"20ms\"\n\n\
-         [store]\npath = \"{d}/tollgate.db\"\nflush_interval = \"50ms\"\n\n{config}",
-        d = dir.path().display(),
-        audit = audit_path.display(),
-    );
-    let config_path = dir.path().join("tollgate.toml");
-    std::fs::write(&config_path, text).unwrap();
+/// A gateway process started by [`respawn`]; killed when dropped (a failing test leaves none).
+pub struct Respawned(Child);
+
+impl Respawned {
+    pub fn kill_9(mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for Respawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the gateway binary again on `gw`'s config (same ports, same store), after `gw`'s own
+/// process stopped.
+pub fn respawn(gw: &Gateway, envs: &[(&str, &str)]) -> Respawned {
     let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["run", "--config"])
-        .arg(&config_path)
+        .arg(&gw.config_path)
         .env("TG_TEST_PROVIDER_KEY", PROVIDER_SECRET)
         .env("TOLLGATE_LOG", "warn")
         .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .spawn()
-        .expect("the tollgate binary starts");
-    let gw = Gateway { child: Some(child), port, admin_port, dir, audit_path, config_path };
-    gw.wait_listening();
-    gw
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", gw.port)).is_err() {
+        assert!(Instant::now() < deadline, "the gateway did not come back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Respawned(child)
+}
+
+/// Like [`start_gateway`], with `admin_extra` lines added to the `[admin]` table (e.g.
+/// `token = "env:TG_TEST_ADMIN_TOKEN"`) and `envs` set in the gateway's environment.
+pub fn start_gateway_admin(admin_extra: &str, envs: &[(&str, &str)], config: &str) -> Gateway {
+    launch(Sections { admin: admin_extra, ..Default::default() }, envs, config)
 }
