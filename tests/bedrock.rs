@@ -65,20 +65,6 @@ fn body(model: &str, stream: bool) -> String {
         .to_string()
 }
 
-/// The SSE data lines of a stream, with the model id made neutral (each provider names its own).
-fn events(sse: &str) -> Vec<Value> {
-    sse.lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .map(|d| {
-            let mut v: Value = serde_json::from_str(d).unwrap();
-            if v["message"]["model"].is_string() {
-                v["message"]["model"] = json!("M");
-            }
-            v
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anthropic_client_on_bedrock_with_an_api_key() {
     let usage =
@@ -105,7 +91,7 @@ async fn anthropic_client_on_bedrock_with_an_api_key() {
     assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
     let rid = resp.headers()["x-tollgate-request-id"].to_str().unwrap().to_string();
     let text = resp.text().await.unwrap();
-    assert_eq!(events(&text), events(&baseline), "the Bedrock stream reaches the client as the Anthropic one");
+    assert_eq!(sse_data(&text), sse_data(&baseline), "the Bedrock stream reaches the client as the Anthropic one");
     assert!(text.starts_with("event: message_start\ndata: "));
 
     // What Bedrock received: the model in the path, its envelope, its credential.

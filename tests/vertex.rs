@@ -55,19 +55,6 @@ fn body(model: &str, stream: bool) -> String {
         .to_string()
 }
 
-fn events(sse: &str) -> Vec<Value> {
-    sse.lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .map(|d| {
-            let mut v: Value = serde_json::from_str(d).unwrap();
-            if v["message"]["model"].is_string() {
-                v["message"]["model"] = json!("M");
-            }
-            v
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anthropic_client_on_vertex_with_a_static_token() {
     let usage = MockUsage { input_tokens: 9, output_tokens: 4, cache_read_input_tokens: 50, ..Default::default() };
@@ -87,7 +74,7 @@ async fn anthropic_client_on_vertex_with_a_static_token() {
     let resp = send("viavertex", true).await.unwrap();
     assert_eq!(resp.status(), 200);
     let rid = resp.headers()["x-tollgate-request-id"].to_str().unwrap().to_string();
-    assert_eq!(events(&resp.text().await.unwrap()), events(&baseline));
+    assert_eq!(sse_data(&resp.text().await.unwrap()), sse_data(&baseline));
 
     let got = vertex.received().pop().unwrap();
     assert_eq!(got.uri, format!("{PREDICT}/{VERTEX_ID}:streamRawPredict"));

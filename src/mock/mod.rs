@@ -307,16 +307,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     if peek.stream {
         Ok(stream_response(model, b, shared))
     } else {
-        let text = "Hello from the mock. ".repeat(b.deltas);
-        Ok(json_response(
-            StatusCode::OK,
-            serde_json::json!({
-                "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
-                "content": [{"type": "text", "text": text}],
-                "stop_reason": "end_turn", "stop_sequence": null,
-                "usage": b.usage.full(b.usage.output_tokens),
-            }),
-        ))
+        Ok(json_response(StatusCode::OK, message_json("msg_mock", &model, &b)))
     }
 }
 
@@ -361,18 +352,7 @@ fn bedrock(rest: &str, body: &[u8], b: Behavior, shared: Arc<Shared>) -> Respons
         return bedrock_error(400, "mock bedrock: anthropic_version must be bedrock-2023-05-31");
     }
     match action {
-        "invoke" => {
-            let text = "Hello from the mock. ".repeat(b.deltas);
-            json_response(
-                StatusCode::OK,
-                serde_json::json!({
-                    "id": "msg_bdrk_mock", "type": "message", "role": "assistant", "model": model,
-                    "content": [{"type": "text", "text": text}],
-                    "stop_reason": "end_turn", "stop_sequence": null,
-                    "usage": b.usage.full(b.usage.output_tokens),
-                }),
-            )
-        }
+        "invoke" => json_response(StatusCode::OK, message_json("msg_bdrk_mock", &model, &b)),
         "invoke-with-response-stream" => {
             // Each SSE event's data line is what Bedrock wraps in a frame.
             let frames = sse_events(&model, &b.usage, b.deltas)
@@ -426,18 +406,7 @@ fn vertex(rest: &str, body: &[u8], b: Behavior, shared: Arc<Shared>) -> Response
     }
     match action {
         "streamRawPredict" if v["stream"] == true => stream_response(model.to_string(), b, shared),
-        "rawPredict" => {
-            let text = "Hello from the mock. ".repeat(b.deltas);
-            json_response(
-                StatusCode::OK,
-                serde_json::json!({
-                    "id": "msg_vrtx_mock", "type": "message", "role": "assistant", "model": model,
-                    "content": [{"type": "text", "text": text}],
-                    "stop_reason": "end_turn", "stop_sequence": null,
-                    "usage": b.usage.full(b.usage.output_tokens),
-                }),
-            )
-        }
+        "rawPredict" => json_response(StatusCode::OK, message_json("msg_vrtx_mock", model, &b)),
         _ => google_error(400, "mock vertex: streamRawPredict needs stream: true"),
     }
 }
@@ -458,6 +427,16 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A whole (non-streamed) Messages answer.
+fn message_json(id: &str, model: &str, b: &Behavior) -> serde_json::Value {
+    serde_json::json!({
+        "id": id, "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": "Hello from the mock. ".repeat(b.deltas)}],
+        "stop_reason": "end_turn", "stop_sequence": null,
+        "usage": b.usage.full(b.usage.output_tokens),
+    })
 }
 
 fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Body> {

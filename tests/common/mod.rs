@@ -264,3 +264,18 @@ pub fn respawn(gw: &Gateway, envs: &[(&str, &str)]) -> Respawned {
 pub fn start_gateway_admin(admin_extra: &str, envs: &[(&str, &str)], config: &str) -> Gateway {
     launch(Sections { admin: admin_extra, ..Default::default() }, envs, config)
 }
+
+/// The data of every SSE event in `sse`, with the model id made neutral (each provider names its
+/// own), for comparing answers across providers.
+pub fn sse_data(sse: &str) -> Vec<Value> {
+    sse.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| {
+            let mut v: Value = serde_json::from_str(d).unwrap();
+            if v["message"]["model"].is_string() {
+                v["message"]["model"] = serde_json::json!("M");
+            }
+            v
+        })
+        .collect()
+}
