@@ -8,6 +8,7 @@ pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod limits;
 pub mod metering;
 pub mod metrics;

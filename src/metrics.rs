@@ -26,6 +26,8 @@ pub struct Metrics {
     pub ledger_queue: IntGauge,
     pub jwt_failures: IntCounterVec,
     pub betas_dropped: IntCounterVec,
+    pub client_refused: IntCounterVec,
+    pub open_connections: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] =
@@ -126,6 +128,19 @@ impl Metrics {
             &["provider", "rule"],
         )
         .unwrap();
+        let client_refused = IntCounterVec::new(
+            Opts::new(
+                "tollgate_client_refused_total",
+                "Connections and requests ended for how the client sent them (slow, oversized, too many), by reason",
+            ),
+            &["reason"],
+        )
+        .unwrap();
+        let open_connections = IntGaugeVec::new(
+            Opts::new("tollgate_open_connections", "Client connections open now, per listener"),
+            &["listener"],
+        )
+        .unwrap();
         let ledger_queue = IntGauge::new("tollgate_ledger_queue", "Ledger rows waiting to be committed").unwrap();
         let audit_dropped =
             IntCounter::new("tollgate_audit_dropped_total", "Usage records dropped because the audit queue was full")
@@ -150,6 +165,8 @@ impl Metrics {
             Box::new(ledger_queue.clone()),
             Box::new(jwt_failures.clone()),
             Box::new(betas_dropped.clone()),
+            Box::new(client_refused.clone()),
+            Box::new(open_connections.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -174,6 +191,8 @@ impl Metrics {
             ledger_queue,
             jwt_failures,
             betas_dropped,
+            client_refused,
+            open_connections,
         }
     }
 

@@ -17,6 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::admin::Admin;
 use crate::audit::AuditWriter;
 use crate::config::Config;
+use crate::connections::{Guarded, HeadLimits, ListenerSlots};
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::runtime::Runtime;
@@ -64,7 +65,28 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
 
     let metrics_in_flight = metrics.in_flight.clone();
     let gateway = Gateway::new(runtime.clone(), &config, audit, metrics.clone());
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(&server.configuration, gateway, "tollgate");
+    let mut slots = Vec::new();
+    for l in &config.listeners {
+        let address = l.address.get_ref().parse().with_context(|| format!("listener {}", l.address.get_ref()))?;
+        slots.push(ListenerSlots {
+            address,
+            slots: Arc::new(tokio::sync::Semaphore::new(l.max_connections)),
+            max: l.max_connections,
+            open: metrics.open_connections.with_label_values(&[l.address.get_ref()]),
+        });
+    }
+    let head = HeadLimits {
+        header_timeout: config.server.header_timeout,
+        max_header_bytes: config.server.max_header_bytes,
+        max_headers: config.server.max_headers,
+    };
+    let app = Guarded::new(
+        pingora_proxy::http_proxy(&server.configuration, gateway),
+        slots,
+        head,
+        metrics.client_refused.clone(),
+    );
+    let mut proxy = Service::new("tollgate".to_string(), app);
     for l in &config.listeners {
         let addr = l.address.get_ref();
         // A small read buffer per connection: request headers are a few KB and bodies are read

@@ -81,6 +81,13 @@ fn validate(c: &Config) -> Result<(), Invalid> {
     if c.server.threads == 0 {
         return Err((0..0, "server.threads must be at least 1".into()));
     }
+    // Below about 1 KiB no real client's head fits (Claude Code's are 1 to 2 KiB).
+    if c.server.max_header_bytes < 1024 || c.server.max_headers < 16 {
+        return Err((0..0, "server.max_header_bytes must be at least 1024 and server.max_headers at least 16".into()));
+    }
+    if let Some(l) = c.listeners.iter().find(|l| l.max_connections == 0) {
+        return Err((l.address.span(), "max_connections must be at least 1".into()));
+    }
 
     let mut providers = HashSet::new();
     for p in &c.providers {
@@ -272,6 +279,9 @@ fn validate(c: &Config) -> Result<(), Invalid> {
         ("store.flush_interval", c.store.flush_interval),
         ("server.client_write_timeout", c.server.client_write_timeout),
         ("server.client_idle_timeout", c.server.client_idle_timeout),
+        ("server.header_timeout", c.server.header_timeout),
+        ("server.body_read_timeout", c.server.body_read_timeout),
+        ("server.body_timeout", c.server.body_timeout),
     ]
     .into_iter()
     .chain(c.models.iter().map(|m| ("deadline", m.deadline)))

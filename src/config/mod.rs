@@ -217,6 +217,21 @@ pub struct ServerConfig {
     /// A kept-alive client connection with no new request for this long is closed.
     #[serde(deserialize_with = "duration")]
     pub client_idle_timeout: Duration,
+    /// A request head (request line and headers) must arrive whole within this long of its
+    /// first byte (of the connection's opening, for the first request): 408 otherwise.
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    /// Request heads larger than this are refused: 414 while still on the request line, 431
+    /// after it.
+    pub max_header_bytes: usize,
+    /// Requests with more header lines than this are refused with 431.
+    pub max_headers: usize,
+    /// A request body that sends nothing for this long is refused with 408.
+    #[serde(deserialize_with = "duration")]
+    pub body_read_timeout: Duration,
+    /// The whole request body must arrive within this long: 408 otherwise.
+    #[serde(deserialize_with = "duration")]
+    pub body_timeout: Duration,
     /// Where a new process started with `--upgrade` takes the listening sockets from.
     pub upgrade_socket: PathBuf,
     pub pid_file: PathBuf,
@@ -235,6 +250,11 @@ impl Default for ServerConfig {
             upstream_pool_size: 256,
             client_write_timeout: Duration::from_secs(60),
             client_idle_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 32 << 10,
+            max_headers: 100,
+            body_read_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(120),
             upgrade_socket: PathBuf::from("/tmp/tollgate-upgrade.sock"),
             pid_file: PathBuf::from("/tmp/tollgate.pid"),
             key_header: None,
@@ -253,6 +273,13 @@ pub struct ListenerConfig {
     /// usage record says `"auth": "listener"`. Only for listeners the right people can reach.
     #[serde(default)]
     pub anonymous_key: Option<Spanned<String>>,
+    /// Open client connections this listener holds at most; one more is answered 503 and closed.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_max_connections() -> usize {
+    4096
 }
 
 #[derive(Debug, Deserialize)]

@@ -39,6 +39,12 @@ impl ApiError {
     pub fn method_not_allowed(message: impl Into<String>) -> Self {
         Self::new(405, "invalid_request_error", message, Outcome::Rejected)
     }
+    /// The client sent too slowly; the connection closes (what is left of the body is unread).
+    pub fn request_timeout(message: impl Into<String>) -> Self {
+        let mut e = Self::new(408, "invalid_request_error", message, Outcome::Rejected);
+        e.close = true;
+        e
+    }
     pub fn uri_too_long(message: impl Into<String>) -> Self {
         Self::new(414, "invalid_request_error", message, Outcome::Rejected)
     }

@@ -111,6 +111,8 @@ pub struct Gateway {
     client_write_timeout: Duration,
     /// Whole seconds a kept-alive connection may wait for its next request.
     client_idle_secs: u64,
+    /// Bounds on receiving a request body: each read, and the whole.
+    body_timeouts: BodyTimeouts,
     /// A header that carries the gateway key (for clients that can only add a custom header).
     key_header: Option<http::HeaderName>,
     /// Listeners whose keyless requests count as a named key.
@@ -134,6 +136,7 @@ impl Gateway {
             metrics,
             client_write_timeout: server.client_write_timeout,
             client_idle_secs: server.client_idle_timeout.as_secs().max(1),
+            body_timeouts: BodyTimeouts { per_read: server.body_read_timeout, total: server.body_timeout },
             key_header: server.key_header.as_deref().and_then(|h| http::HeaderName::try_from(h).ok()),
             anonymous,
         }
@@ -201,7 +204,14 @@ impl Gateway {
         };
         ctx.key = Some(key.clone());
 
-        let raw = read_body(session, state.max_body_bytes).await?;
+        let raw = read_body(session, state.max_body_bytes, self.body_timeouts).await.inspect_err(|e| {
+            let reason = match e.status {
+                408 => "body_timeout",
+                413 => "body_too_large",
+                _ => return,
+            };
+            self.metrics.client_refused.with_label_values(&[reason]).inc();
+        })?;
         let invalid = |e: crate::protocol::json_peek::JsonError| {
             ApiError::invalid_request(format!("the body is not valid JSON: {e}"))
         };
@@ -423,9 +433,24 @@ fn shorten(s: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+struct BodyTimeouts {
+    per_read: Duration,
+    total: Duration,
+}
+
 /// Reads the whole request body, refusing it past `max` bytes (before reading, when
-/// `Content-Length` already says so).
-async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, ApiError> {
+/// `Content-Length` already says so) and when it arrives too slowly (408).
+async fn read_body(session: &mut Session, max: usize, timeouts: BodyTimeouts) -> Result<Bytes, ApiError> {
+    let total = timeouts.total;
+    session.set_read_timeout(Some(timeouts.per_read));
+    match tokio::time::timeout(total, read_body_within(session, max, timeouts.per_read)).await {
+        Ok(read) => read,
+        Err(_) => Err(ApiError::request_timeout(format!("the request body did not arrive within {total:?}"))),
+    }
+}
+
+async fn read_body_within(session: &mut Session, max: usize, per_read: Duration) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::too_large(format!("request body is larger than the {max} bytes allowed"));
     let declared = session
         .req_header()
@@ -450,11 +475,12 @@ async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, ApiError>
     let mut first: Option<Bytes> = None;
     let mut joined: Option<BytesMut> = None;
     let mut len = 0;
-    while let Some(chunk) = session
-        .read_request_body()
-        .await
-        .map_err(|e| ApiError::invalid_request(format!("cannot read the request body: {e}")))?
-    {
+    while let Some(chunk) = session.read_request_body().await.map_err(|e| match e.etype {
+        pingora::ErrorType::ReadTimedout => {
+            ApiError::request_timeout(format!("the request body sent nothing for {per_read:?}"))
+        }
+        _ => ApiError::invalid_request(format!("cannot read the request body: {e}")),
+    })? {
         len += chunk.len();
         if len > max {
             return Err(too_large());
