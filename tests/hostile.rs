@@ -337,3 +337,60 @@ async fn a_full_listener_answers_503_and_frees_slots_as_connections_close() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_not_buffered_for() {
+    let mock = MockProvider::start(Behavior { record: false, ..Behavior::default() }).await.unwrap();
+    let key = new_key();
+    let gw = start_gateway_with("client_write_timeout = \"2s\"", &one_provider_config(&mock.url(), &key));
+    served_promptly(gw.port, &key).await;
+    let before = rss_kib(gw.pid());
+    // About 30 MB of answer, as fast as the mock can send it, to a client that reads 1 KB and
+    // then nothing.
+    let body = messages_body("m", true, 1);
+    let request = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: gw\r\nx-api-key: {}\r\nx-mock-deltas: 200000\r\nContent-Length: {}\r\n\r\n{body}",
+        key.key,
+        body.len()
+    );
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut first = [0u8; 1024];
+    s.read_exact(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first).starts_with("HTTP/1.1 200"));
+    // While it stalls: the gateway holds no more than its socket buffers' worth, and serves others.
+    let mut peak = 0;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        peak = peak.max(rss_kib(gw.pid()));
+    }
+    served_promptly(gw.port, &key).await;
+    assert!(peak < before + 8 * 1024, "RSS grew from {before} KiB to {peak} KiB for a stalled client");
+    // After client_write_timeout the client is dropped, the upstream cut, and the partial answer
+    // recorded as incomplete with the usage read so far.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let record = loop {
+        if let Some(r) = gw.records().into_iter().find(|r| r["outcome"] == "incomplete") {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "{:?}", gw.records());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(record["key_id"], "a");
+    assert!(record["usage"]["input_tokens"].as_u64().unwrap() > 0, "{record}");
+    assert!(record["error"].as_str().unwrap_or_default().contains("client"), "{record}");
+    // What the client received stops well short of the 30 MB sent its way.
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    eprintln!("RSS {before} KiB before, {peak} KiB at most while stalled; the client got {} bytes", 1024 + rest.len());
+    assert!(rest.len() < 20 << 20, "the client got {} bytes", rest.len());
+    assert!(!String::from_utf8_lossy(&rest).contains("message_stop"), "the answer was cut, not finished");
+}

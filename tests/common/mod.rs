@@ -157,6 +157,11 @@ impl Gateway {
         }
     }
 
+    /// The gateway's process id (for /proc readings).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
     pub fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().unwrap().id();
         let ok = Command::new("kill").args([format!("-{sig}"), pid.to_string()]).status().unwrap().success();
