@@ -74,6 +74,8 @@ struct Sections<'a> {
     server: &'a str,
     listener: &'a str,
     admin: &'a str,
+    /// Send the gateway's output (its log) to `gateway.log` in its directory.
+    log_to_file: bool,
 }
 
 /// Writes the harness's tables (with `extra` lines), then `config`, and starts the binary on it.
@@ -96,6 +98,7 @@ fn launch(extra: Sections<'_>, envs: &[(&str, &str)], config: &str) -> Gateway {
     );
     let config_path = dir.path().join("tollgate.toml");
     std::fs::write(&config_path, text).unwrap();
+    let log = extra.log_to_file.then(|| std::fs::File::create(dir.path().join("gateway.log")).unwrap());
     let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["run", "--config"])
         .arg(&config_path)
@@ -103,6 +106,14 @@ fn launch(extra: Sections<'_>, envs: &[(&str, &str)], config: &str) -> Gateway {
         .env("TOLLGATE_LOG", "warn")
         .envs(envs.iter().copied())
         .stdin(Stdio::null())
+        .stdout(match &log {
+            Some(f) => Stdio::from(f.try_clone().unwrap()),
+            None => Stdio::inherit(),
+        })
+        .stderr(match &log {
+            Some(f) => Stdio::from(f.try_clone().unwrap()),
+            None => Stdio::inherit(),
+        })
         .spawn()
         .expect("the tollgate binary starts");
     let gw = Gateway { child: Some(child), port, admin_port, dir, audit_path, config_path };
@@ -130,7 +141,7 @@ impl Gateway {
         let deadline = Instant::now() + Duration::from_secs(20);
         for port in [self.port, self.admin_port] {
             while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(Instant::now() < deadline, "gateway did not start listening on {port}");
+                assert!(Instant::now() < deadline, "gateway did not start listening on {port}\n{}", self.log());
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -155,6 +166,11 @@ impl Gateway {
             assert!(Instant::now() < deadline, "no usage record for {request_id}");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// What the gateway logged so far (started with [`start_gateway_logged`]).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
     }
 
     /// The gateway's process id (for /proc readings).
@@ -268,6 +284,12 @@ pub fn respawn(gw: &Gateway, envs: &[(&str, &str)]) -> Respawned {
 /// `token = "env:TG_TEST_ADMIN_TOKEN"`) and `envs` set in the gateway's environment.
 pub fn start_gateway_admin(admin_extra: &str, envs: &[(&str, &str)], config: &str) -> Gateway {
     launch(Sections { admin: admin_extra, ..Default::default() }, envs, config)
+}
+
+/// Like [`start_gateway_admin`], with the gateway's log written to `gateway.log` in its directory
+/// (read it with [`Gateway::log`]).
+pub fn start_gateway_logged(admin_extra: &str, envs: &[(&str, &str)], config: &str) -> Gateway {
+    launch(Sections { admin: admin_extra, log_to_file: true, ..Default::default() }, envs, config)
 }
 
 /// The data of every SSE event in `sse`, with the model id made neutral (each provider names its
