@@ -170,7 +170,7 @@ fn request(
 ) -> Result<Value, String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     let (status, value) = rt.block_on(async {
-        let client = reqwest::Client::new();
+        let client = http_client()?;
         let mut req = client.request(method, format!("{base}{path}")).timeout(std::time::Duration::from_secs(30));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -190,6 +190,29 @@ fn request(
     Ok(value)
 }
 
+/// The client for the admin API. For an admin listener with TLS, `TOLLGATE_ADMIN_CA` names the
+/// PEM file of the CA to trust (when it is not a public one), and `TOLLGATE_ADMIN_CLIENT_CERT`
+/// a PEM file with the client certificate and its key, for one that requires them (mTLS).
+fn http_client() -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder();
+    if let Some(path) = std::env::var_os("TOLLGATE_ADMIN_CA") {
+        let pem = std::fs::read(&path).map_err(|e| format!("TOLLGATE_ADMIN_CA {}: {e}", path.to_string_lossy()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("TOLLGATE_ADMIN_CA {}: {e}", path.to_string_lossy()))?;
+        for c in certs {
+            builder = builder.add_root_certificate(c);
+        }
+    }
+    if let Some(path) = std::env::var_os("TOLLGATE_ADMIN_CLIENT_CERT") {
+        let pem =
+            std::fs::read(&path).map_err(|e| format!("TOLLGATE_ADMIN_CLIENT_CERT {}: {e}", path.to_string_lossy()))?;
+        let identity = reqwest::Identity::from_pem(&pem)
+            .map_err(|e| format!("TOLLGATE_ADMIN_CLIENT_CERT {}: {e}", path.to_string_lossy()))?;
+        builder = builder.identity(identity);
+    }
+    builder.build().map_err(|e| format!("cannot build the admin API client: {e}"))
+}
+
 /// The admin API's URL and token: flags and environment first, then the config file.
 fn endpoint(config_path: &Path, admin_url: Option<&str>) -> Result<(String, Option<String>), String> {
     let loaded = crate::config::load(config_path);
@@ -205,7 +228,8 @@ fn endpoint(config_path: &Path, admin_url: Option<&str>) -> Result<(String, Opti
                 .as_ref()
                 .and_then(|c| c.admin.as_ref())
                 .ok_or_else(|| format!("no --admin-url given and {} has no [admin] section", config_path.display()))?;
-            format!("http://{}", admin.address.get_ref())
+            let scheme = if admin.tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{}", admin.address.get_ref())
         }
     };
     let token = match std::env::var("TOLLGATE_ADMIN_TOKEN") {

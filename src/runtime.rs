@@ -15,6 +15,7 @@ use crate::limits::{Limiter, LocalLimiter, Scope, ScopeKind};
 use crate::metrics::Metrics;
 use crate::proxy::{SharedState, State};
 use crate::store::Store;
+use crate::tls::ReloadableCert;
 
 pub struct Runtime {
     pub state: SharedState,
@@ -28,6 +29,8 @@ pub struct Runtime {
     config_path: Option<PathBuf>,
     /// One change at a time: two admin calls must not each rebuild from a stale key list.
     changing: Mutex<()>,
+    /// The listeners' TLS certificates, re-read on every reload.
+    certs: Mutex<Vec<Arc<ReloadableCert>>>,
 }
 
 impl Runtime {
@@ -51,6 +54,7 @@ impl Runtime {
             config: ArcSwap::from_pointee(config),
             config_path,
             changing: Mutex::new(()),
+            certs: Mutex::new(Vec::new()),
         };
         rt.seed_budgets(&[], &rt.state.load(), &rt.keys.load())?;
         Ok(rt)
@@ -65,13 +69,17 @@ impl Runtime {
         let stored = self.store.keys().map_err(|e| e.to_string())?;
         let keys = KeyStore::build(&config.keys, &stored)?;
         let token = admin_token(&config);
+        // Certificates are read before anything changes: an unreadable one refuses the reload.
+        let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let renewed = certs.iter().map(|c| c.prepare()).collect::<Result<Vec<_>, _>>()?;
         self.limiter.set_time_zone(config.controls.tz());
         self.seed_budgets(&self.scopes(), &state, &keys)?;
         self.state.store(Arc::new(state));
         self.keys.store(Arc::new(keys));
         self.admin_token.store(Arc::new(token));
         self.config.store(Arc::new(config));
-        tracing::info!(path = %path.display(), "config reloaded");
+        renewed.into_iter().for_each(|c| c.install());
+        tracing::info!(path = %path.display(), certificates = certs.len(), "config reloaded");
         Ok(())
     }
 
@@ -83,6 +91,11 @@ impl Runtime {
         self.seed_budgets(&self.scopes(), &self.state.load(), &keys)?;
         self.keys.store(Arc::new(keys));
         Ok(())
+    }
+
+    /// Adds a listener's certificate to those a reload re-reads.
+    pub fn add_certificate(&self, cert: Arc<ReloadableCert>) {
+        self.certs.lock().unwrap_or_else(|p| p.into_inner()).push(cert);
     }
 
     pub fn config(&self) -> Arc<Config> {

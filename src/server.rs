@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use pingora::apps::http_app::HttpServer;
-use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, RunArgs, Server};
@@ -95,8 +94,9 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
         let mut endpoint = ListenerConfig::tcp(addr.as_str())
             .l4_buffer(L4BufferSettings::new(LISTENER_READ_BUFFER, pingora::listeners::DEFAULT_L4_WRITE_BUFFER_SIZE));
         if let Some(tls) = &l.tls {
-            let settings = TlsSettings::intermediate(&tls.cert.display().to_string(), &tls.key.display().to_string())
-                .with_context(|| format!("TLS listener {addr}"))?;
+            let (settings, cert) =
+                crate::tls::listener_settings(tls).with_context(|| format!("TLS listener {addr}"))?;
+            runtime.add_certificate(cert);
             endpoint = endpoint.tls(settings);
         }
         proxy.add_listener(endpoint);
@@ -107,8 +107,16 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
     if let Some(admin) = &config.admin {
         let mut service = Service::new("tollgate-admin".into(), HttpServer::new_app(Admin::new(runtime.clone())));
         service.threads = Some(1);
-        service.add_tcp(admin.address.get_ref());
-        tracing::info!(address = %admin.address.get_ref(), "admin listening");
+        match &admin.tls {
+            Some(tls) => {
+                let (settings, cert) = crate::tls::listener_settings(tls)
+                    .with_context(|| format!("admin TLS {}", admin.address.get_ref()))?;
+                runtime.add_certificate(cert);
+                service.add_tls_with_settings(admin.address.get_ref(), None, settings);
+            }
+            None => service.add_tcp(admin.address.get_ref()),
+        }
+        tracing::info!(address = %admin.address.get_ref(), tls = admin.tls.is_some(), mtls = admin.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), "admin listening");
         server.add_service(service);
     }
     for p in &providers {

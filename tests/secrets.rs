@@ -83,7 +83,8 @@ async fn secrets_never_leave_the_gateway() {
     };
 
     // Successes on both providers, streamed and not; provider errors; refused requests.
-    let cases: Vec<(&str, String, Vec<(&str, String)>)> = vec![
+    type Case<'a> = (&'a str, String, Vec<(&'a str, String)>);
+    let cases: Vec<Case> = vec![
         ("anthropic", messages_body("m", false, 1), vec![]),
         ("anthropic stream", messages_body("m", true, 1), vec![]),
         ("bedrock", messages_body("b", false, 1), vec![]),

@@ -285,8 +285,12 @@ fn default_max_connections() -> usize {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
+    /// PEM certificate chain and private key; re-read on reload.
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// PEM CA certificates: when set, clients must present a certificate signed by one (mTLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -297,6 +301,9 @@ pub struct AdminConfig {
     /// and health probes stay open.
     #[serde(default)]
     pub token: Option<Spanned<SecretRef>>,
+    /// HTTPS on the admin listener, optionally requiring client certificates (`client_ca`).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -286,6 +286,17 @@ pub fn start_gateway_admin(admin_extra: &str, envs: &[(&str, &str)], config: &st
     launch(Sections { admin: admin_extra, ..Default::default() }, envs, config)
 }
 
+/// Lines added to each of the harness's tables, and `envs` in the gateway's environment.
+pub fn start_gateway_sections(
+    server: &str,
+    listener: &str,
+    admin: &str,
+    envs: &[(&str, &str)],
+    config: &str,
+) -> Gateway {
+    launch(Sections { server, listener, admin, ..Default::default() }, envs, config)
+}
+
 /// Like [`start_gateway_admin`], with the gateway's log written to `gateway.log` in its directory
 /// (read it with [`Gateway::log`]).
 pub fn start_gateway_logged(admin_extra: &str, envs: &[(&str, &str)], config: &str) -> Gateway {
