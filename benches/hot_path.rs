@@ -251,8 +251,33 @@ fn jwt(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The request-head check every request passes before Pingora parses it: a Claude Code head.
+fn head_scan(c: &mut Criterion) {
+    let head = "POST /v1/messages?beta=true HTTP/1.1\r\nhost: gateway.internal:8080\r\n\
+        accept: application/json\r\nanthropic-beta: claude-code-20250219,oauth-2025-04-20,\
+        interleaved-thinking-2025-05-14,fine-grained-tool-streaming-2025-05-14\r\n\
+        anthropic-dangerous-direct-browser-access: true\r\nanthropic-version: 2023-06-01\r\n\
+        content-type: application/json\r\nuser-agent: claude-cli/2.1.0 (external, cli)\r\n\
+        x-api-key: tg-0123456789abcdef0123456789abcdef0123456789abcdef\r\nx-app: cli\r\n\
+        x-claude-code-session-id: 6f1c2a9e-8d4b-4c3a-9f2e-1b7d5e3c4a21\r\n\
+        x-stainless-arch: x64\r\nx-stainless-lang: js\r\nx-stainless-os: Linux\r\n\
+        x-stainless-package-version: 0.60.0\r\nx-stainless-retry-count: 0\r\n\
+        x-stainless-runtime: node\r\nx-stainless-runtime-version: v22.11.0\r\n\
+        x-stainless-timeout: 600\r\ncontent-length: 81234\r\nconnection: keep-alive\r\n\r\n";
+    let mut g = c.benchmark_group("head_scan");
+    g.throughput(Throughput::Bytes(head.len() as u64));
+    g.bench_function("claude_code_head", |b| {
+        b.iter(|| {
+            let mut s = tollgate::connections::scanner::HeadScanner::new(32 << 10, 100);
+            black_box(s.feed(black_box(head.as_bytes())))
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    head_scan,
     sse_scan,
     json_usage,
     request_body,

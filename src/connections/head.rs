@@ -26,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
 use super::refusal;
+use super::scanner::{HeadScanner, Scan, Violation};
 
 #[derive(Debug, Clone)]
 pub struct HeadLimits {
@@ -53,26 +54,13 @@ pub struct HeadGuard {
     violations: IntCounterVec,
     phase: Phase,
     deadline: Option<Pin<Box<Sleep>>>,
-    /// Bytes of the current head so far.
-    bytes: usize,
-    /// Lines of the current head so far (the request line included).
-    lines: usize,
-    /// The current line has no character yet (apart from `\r`): a `\n` now ends the head.
-    line_empty: bool,
+    scanner: HeadScanner,
 }
 
 impl HeadGuard {
     pub fn new(inner: Stream, limits: Arc<HeadLimits>, violations: IntCounterVec) -> Self {
-        let mut g = HeadGuard {
-            inner,
-            limits,
-            violations,
-            phase: Phase::Between,
-            deadline: None,
-            bytes: 0,
-            lines: 0,
-            line_empty: false,
-        };
+        let scanner = HeadScanner::new(limits.max_header_bytes, limits.max_headers);
+        let mut g = HeadGuard { inner, limits, violations, phase: Phase::Between, deadline: None, scanner };
         // The clock starts at accept: a connection that never sends a byte is a slow head too.
         g.start_head();
         g
@@ -81,89 +69,62 @@ impl HeadGuard {
     fn start_head(&mut self) {
         self.phase = Phase::Head;
         self.deadline = Some(Box::pin(tokio::time::sleep(self.limits.header_timeout)));
-        self.bytes = 0;
-        self.lines = 0;
-        self.line_empty = false;
+        self.scanner.reset();
     }
 
-    /// Follows the head through `data`. Returns the limit it breaks, if any.
-    fn scan(&mut self, data: &[u8]) -> Option<Violation> {
-        for &b in data {
-            self.bytes += 1;
-            match b {
-                b'\n' if self.line_empty => {
-                    self.phase = Phase::Body;
-                    self.deadline = None;
-                    return None;
-                }
-                b'\n' => {
-                    self.lines += 1;
-                    self.line_empty = true;
-                    // The request line plus the header lines.
-                    if self.lines > self.limits.max_headers + 1 {
-                        return Some(Violation::TooManyHeaders);
-                    }
-                }
-                b'\r' => {}
-                _ => self.line_empty = false,
-            }
-            if self.bytes > self.limits.max_header_bytes {
-                // Still on the first line: it is the request target that is too long.
-                return Some(if self.lines == 0 { Violation::UriTooLong } else { Violation::HeaderTooLarge });
-            }
-        }
-        None
-    }
-
-    /// Answers the violation as best it can without waiting (a few hundred bytes always fit in
-    /// a fresh socket's send buffer) and fails the read, which ends the connection.
-    fn refuse(&mut self, cx: &mut Context<'_>, v: Violation) -> Poll<io::Result<()>> {
+    /// Answers the refusal as best it can without waiting (a few hundred bytes always fit in a
+    /// fresh socket's send buffer) and fails the read, which ends the connection.
+    fn refuse(&mut self, cx: &mut Context<'_>, r: Refusal) -> Poll<io::Result<()>> {
         self.phase = Phase::Refused;
         self.deadline = None;
-        self.violations.with_label_values(&[v.reason()]).inc();
-        let answer = refusal(v.status(), v.message(&self.limits));
+        self.violations.with_label_values(&[r.reason()]).inc();
+        let message = r.message(&self.limits);
+        let answer = refusal(r.status(), message.clone());
         let _ = Pin::new(&mut *self.inner).poll_write(cx, &answer);
         let _ = Pin::new(&mut *self.inner).poll_flush(cx);
-        Poll::Ready(Err(io::Error::new(v.io_kind(), v.message(&self.limits))))
+        let kind = if r == Refusal::Timeout { io::ErrorKind::TimedOut } else { io::ErrorKind::InvalidData };
+        Poll::Ready(Err(io::Error::new(kind, message)))
     }
 }
 
+/// Why a head was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Violation {
+enum Refusal {
     Timeout,
-    UriTooLong,
-    HeaderTooLarge,
-    TooManyHeaders,
+    Head(Violation),
 }
 
-impl Violation {
+impl Refusal {
     fn reason(self) -> &'static str {
         match self {
-            Violation::Timeout => "header_timeout",
-            Violation::UriTooLong => "uri_too_long",
-            Violation::HeaderTooLarge => "header_too_large",
-            Violation::TooManyHeaders => "too_many_headers",
+            Refusal::Timeout => "header_timeout",
+            Refusal::Head(Violation::UriTooLong) => "uri_too_long",
+            Refusal::Head(Violation::HeaderTooLarge) => "header_too_large",
+            Refusal::Head(Violation::TooManyHeaders) => "too_many_headers",
+            Refusal::Head(Violation::Malformed(_)) => "malformed_head",
         }
     }
     fn status(self) -> u16 {
         match self {
-            Violation::Timeout => 408,
-            Violation::UriTooLong => 414,
-            Violation::HeaderTooLarge | Violation::TooManyHeaders => 431,
-        }
-    }
-    fn io_kind(self) -> io::ErrorKind {
-        match self {
-            Violation::Timeout => io::ErrorKind::TimedOut,
-            _ => io::ErrorKind::InvalidData,
+            Refusal::Timeout => 408,
+            Refusal::Head(Violation::UriTooLong) => 414,
+            Refusal::Head(Violation::HeaderTooLarge | Violation::TooManyHeaders) => 431,
+            Refusal::Head(Violation::Malformed(_)) => 400,
         }
     }
     fn message(self, l: &HeadLimits) -> String {
         match self {
-            Violation::Timeout => format!("the request head did not arrive within {:?}", l.header_timeout),
-            Violation::UriTooLong => format!("the request line is longer than {} bytes", l.max_header_bytes),
-            Violation::HeaderTooLarge => format!("the request head is larger than {} bytes", l.max_header_bytes),
-            Violation::TooManyHeaders => format!("the request has more than {} header lines", l.max_headers),
+            Refusal::Timeout => format!("the request head did not arrive within {:?}", l.header_timeout),
+            Refusal::Head(Violation::UriTooLong) => {
+                format!("the request line is longer than {} bytes", l.max_header_bytes)
+            }
+            Refusal::Head(Violation::HeaderTooLarge) => {
+                format!("the request head is larger than {} bytes", l.max_header_bytes)
+            }
+            Refusal::Head(Violation::TooManyHeaders) => {
+                format!("the request has more than {} header lines", l.max_headers)
+            }
+            Refusal::Head(Violation::Malformed(what)) => format!("malformed request: {what}"),
         }
     }
 }
@@ -177,7 +138,7 @@ impl AsyncRead for HeadGuard {
         if this.phase == Phase::Head {
             if let Some(d) = this.deadline.as_mut() {
                 if d.as_mut().poll(cx).is_ready() {
-                    return this.refuse(cx, Violation::Timeout);
+                    return this.refuse(cx, Refusal::Timeout);
                 }
             }
         }
@@ -192,8 +153,13 @@ impl AsyncRead for HeadGuard {
                 this.start_head();
             }
             if this.phase == Phase::Head {
-                if let Some(v) = this.scan(new) {
-                    return this.refuse(cx, v);
+                match this.scanner.feed(new) {
+                    Scan::Incomplete => {}
+                    Scan::Complete(_) => {
+                        this.phase = Phase::Body;
+                        this.deadline = None;
+                    }
+                    Scan::Refused(v) => return this.refuse(cx, Refusal::Head(v)),
                 }
             }
         }
@@ -303,100 +269,4 @@ impl fmt::Debug for HeadGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HeadGuard").field("inner", &self.inner).field("phase", &self.phase).finish()
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn guard(max_bytes: usize, max_headers: usize) -> HeadGuard {
-        let limits =
-            Arc::new(HeadLimits { header_timeout: Duration::from_secs(10), max_header_bytes: max_bytes, max_headers });
-        let counter = IntCounterVec::new(prometheus::Opts::new("t", "t"), &["reason"]).unwrap();
-        let (a, _b) = tokio::io::duplex(64);
-        HeadGuard {
-            inner: Box::new(TestIo(a)),
-            limits,
-            violations: counter,
-            phase: Phase::Head,
-            deadline: None,
-            bytes: 0,
-            lines: 0,
-            line_empty: false,
-        }
-    }
-
-    #[test]
-    fn a_head_ends_at_the_blank_line_in_any_split() {
-        let head = b"POST /v1/messages HTTP/1.1\r\nHost: gw\r\nx-api-key: k\r\n\r\n{\"body\":\"\r\n\r\n\"}";
-        for split in 0..head.len() {
-            let mut g = guard(1 << 10, 10);
-            assert_eq!(g.scan(&head[..split]), None);
-            if g.phase == Phase::Head {
-                assert_eq!(g.scan(&head[split..]), None);
-            }
-            assert_eq!(g.phase, Phase::Body, "split at {split}");
-            assert_eq!(g.lines, 3);
-        }
-        // Bare LF line ends (which Pingora's parser accepts) end a head too.
-        let mut g = guard(1 << 10, 10);
-        assert_eq!(g.scan(b"GET / HTTP/1.1\nHost: gw\n\n"), None);
-        assert_eq!(g.phase, Phase::Body);
-    }
-
-    #[test]
-    fn limits_name_what_was_too_big() {
-        assert_eq!(guard(64, 10).scan(&[b'a'; 65]), Some(Violation::UriTooLong));
-        let mut long_header = b"GET / HTTP/1.1\r\nx: ".to_vec();
-        long_header.extend([b'a'; 64]);
-        assert_eq!(guard(64, 10).scan(&long_header), Some(Violation::HeaderTooLarge));
-        let many = b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nc: 3\r\n";
-        assert_eq!(guard(1 << 10, 2).scan(many), Some(Violation::TooManyHeaders));
-        assert_eq!(guard(1 << 10, 3).scan(many), None);
-    }
-
-    #[derive(Debug)]
-    struct TestIo(tokio::io::DuplexStream);
-    impl AsyncRead for TestIo {
-        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.0).poll_read(cx, buf)
-        }
-    }
-    impl AsyncWrite for TestIo {
-        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-            Pin::new(&mut self.0).poll_write(cx, data)
-        }
-        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.0).poll_flush(cx)
-        }
-        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.0).poll_shutdown(cx)
-        }
-    }
-    #[async_trait]
-    impl Shutdown for TestIo {
-        async fn shutdown(&mut self) {}
-    }
-    impl UniqueID for TestIo {
-        fn id(&self) -> UniqueIDType {
-            0
-        }
-    }
-    impl Ssl for TestIo {}
-    impl GetTimingDigest for TestIo {
-        fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-            vec![]
-        }
-    }
-    impl GetProxyDigest for TestIo {
-        fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
-            None
-        }
-    }
-    impl GetSocketDigest for TestIo {
-        fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
-            None
-        }
-    }
-    impl Peek for TestIo {}
 }

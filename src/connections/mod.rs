@@ -5,6 +5,7 @@
 //! takes a listener slot, wraps the transport, and hands the connection on.
 
 mod head;
+pub mod scanner;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,227 @@
+//! Follows a request head byte by byte as it arrives: where it ends, whether it stays within the
+//! size and line limits, and whether it is well formed HTTP/1.x (RFC 9112 §3 and §5).
+//!
+//! Pingora's parser refuses a malformed head with an empty 400. Checking the same rules here,
+//! before Pingora sees the head, lets the client get a 400 in the Anthropic shape that says what
+//! was wrong. The rules are Pingora's (httparse's) or stricter, never looser: a head this accepts
+//! is one Pingora parses.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Violation {
+    UriTooLong,
+    HeaderTooLarge,
+    TooManyHeaders,
+    /// What is wrong with the head.
+    Malformed(&'static str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scan {
+    /// More bytes are needed.
+    Incomplete,
+    /// The head ended after this many bytes of the data just fed.
+    Complete(usize),
+    Refused(Violation),
+}
+
+/// Where in the head the next byte falls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    /// Before the request line (empty lines there are ignored, RFC 9112 §2.2).
+    Start,
+    Method,
+    Target,
+    /// Matching `HTTP/1.` then `0` or `1`; the index of the next byte.
+    Version(u8),
+    VersionEnd,
+    LineStart,
+    Name,
+    Value,
+}
+
+const MALFORMED_REQUEST_LINE: &str = "the request line is not `METHOD target HTTP/1.1`";
+
+#[derive(Debug, Clone)]
+pub struct HeadScanner {
+    max_bytes: usize,
+    max_headers: usize,
+    at: At,
+    /// A CR was seen; only LF may follow.
+    cr: bool,
+    bytes: usize,
+    /// Header lines so far.
+    headers: usize,
+}
+
+impl HeadScanner {
+    pub fn new(max_bytes: usize, max_headers: usize) -> Self {
+        HeadScanner { max_bytes, max_headers, at: At::Start, cr: false, bytes: 0, headers: 0 }
+    }
+
+    /// Starts over for the next request's head.
+    pub fn reset(&mut self) {
+        *self = HeadScanner::new(self.max_bytes, self.max_headers);
+    }
+
+    pub fn feed(&mut self, data: &[u8]) -> Scan {
+        let mut i = 0;
+        while i < data.len() {
+            // Header values are most of a head: take a run of ordinary value bytes at once.
+            if self.at == At::Value && !self.cr {
+                let run = data[i..].iter().take_while(|&&b| is_value_byte(b)).count();
+                i += run;
+                self.bytes += run;
+                if self.bytes > self.max_bytes {
+                    return Scan::Refused(Violation::HeaderTooLarge);
+                }
+                if i == data.len() {
+                    break;
+                }
+            }
+            let b = data[i];
+            i += 1;
+            self.bytes += 1;
+            if self.bytes > self.max_bytes {
+                let still_on_request_line = matches!(self.at, At::Start | At::Method | At::Target | At::Version(_));
+                return Scan::Refused(if still_on_request_line {
+                    Violation::UriTooLong
+                } else {
+                    Violation::HeaderTooLarge
+                });
+            }
+            match self.step(b) {
+                Ok(true) => return Scan::Complete(i),
+                Ok(false) => {}
+                Err(v) => return Scan::Refused(v),
+            }
+        }
+        Scan::Incomplete
+    }
+
+    /// One byte; `Ok(true)` when it ends the head.
+    fn step(&mut self, b: u8) -> Result<bool, Violation> {
+        use Violation::Malformed;
+        if self.cr {
+            if b != b'\n' {
+                return Err(Malformed("a CR in the request head is not followed by LF"));
+            }
+            self.cr = false;
+        } else if b == b'\r' {
+            self.cr = true;
+            return Ok(false);
+        }
+        self.at = match (self.at, b) {
+            (At::Start, b'\n') => At::Start,
+            (At::Start | At::Method, b) if is_tchar(b) => At::Method,
+            (At::Method, b' ') => At::Target,
+            (At::Start | At::Method, _) => return Err(Malformed(MALFORMED_REQUEST_LINE)),
+            (At::Target, b' ') => At::Version(0),
+            (At::Target, b) if b > b' ' && b != 0x7f => At::Target,
+            (At::Target, _) => return Err(Malformed(MALFORMED_REQUEST_LINE)),
+            (At::Version(i), b) if i < 7 && b == b"HTTP/1."[usize::from(i)] => At::Version(i + 1),
+            (At::Version(7), b'0' | b'1') => At::VersionEnd,
+            (At::VersionEnd, b'\n') => At::LineStart,
+            (At::Version(_) | At::VersionEnd, _) => return Err(Malformed(MALFORMED_REQUEST_LINE)),
+            (At::LineStart, b'\n') => return Ok(true),
+            (At::LineStart, b' ' | b'\t') => {
+                return Err(Malformed("a header line starts with whitespace (obsolete line folding)"))
+            }
+            (At::LineStart | At::Name, b) if is_tchar(b) => At::Name,
+            (At::Name, b':') => {
+                self.headers += 1;
+                if self.headers > self.max_headers {
+                    return Err(Violation::TooManyHeaders);
+                }
+                At::Value
+            }
+            (At::LineStart | At::Name, _) => {
+                return Err(Malformed("a header line has no name, a character not allowed in a name, or no colon"))
+            }
+            (At::Value, b'\n') => At::LineStart,
+            (At::Value, b) if is_value_byte(b) => At::Value,
+            (At::Value, _) => return Err(Malformed("a header value contains a control character")),
+        };
+        Ok(false)
+    }
+}
+
+/// RFC 9110 §5.6.2 token characters (method and header names).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// RFC 9110 §5.5 field-value bytes: visible characters, space, tab and obs-text.
+fn is_value_byte(b: u8) -> bool {
+    b >= b' ' && b != 0x7f || b == b'\t'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(head: &[u8]) -> Scan {
+        HeadScanner::new(1 << 10, 10).feed(head)
+    }
+
+    #[test]
+    fn a_head_ends_at_the_blank_line_in_any_split() {
+        let head = b"POST /v1/messages HTTP/1.1\r\nHost: gw\r\nx-api-key: k\r\n\r\n";
+        let mut with_body = head.to_vec();
+        with_body.extend_from_slice(b"{\"body\":\"\r\n\r\n\"}");
+        for split in 0..=with_body.len() {
+            let mut s = HeadScanner::new(1 << 10, 10);
+            let end = match s.feed(&with_body[..split]) {
+                Scan::Complete(n) => n,
+                Scan::Incomplete => match s.feed(&with_body[split..]) {
+                    Scan::Complete(n) => split + n,
+                    other => panic!("split at {split}: {other:?}"),
+                },
+                other => panic!("split at {split}: {other:?}"),
+            };
+            assert_eq!(end, head.len(), "split at {split}");
+        }
+        // Bare LF line ends (which Pingora's parser accepts) and empty lines before the request
+        // line (RFC 9112 §2.2).
+        assert_eq!(scan(b"GET / HTTP/1.1\nHost: gw\n\n"), Scan::Complete(25));
+        assert_eq!(scan(b"\r\nGET / HTTP/1.0\r\n\r\n"), Scan::Complete(20));
+    }
+
+    #[test]
+    fn limits_name_what_was_too_big() {
+        assert_eq!(HeadScanner::new(64, 10).feed(&[b'a'; 65]), Scan::Refused(Violation::UriTooLong));
+        let mut long_header = b"GET / HTTP/1.1\r\nx: ".to_vec();
+        long_header.extend([b'a'; 64]);
+        assert_eq!(HeadScanner::new(64, 10).feed(&long_header), Scan::Refused(Violation::HeaderTooLarge));
+        let many = b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nc: 3\r\n";
+        assert_eq!(HeadScanner::new(1 << 10, 2).feed(many), Scan::Refused(Violation::TooManyHeaders));
+        assert_eq!(HeadScanner::new(1 << 10, 3).feed(many), Scan::Incomplete);
+    }
+
+    #[test]
+    fn malformed_heads_say_what_is_wrong() {
+        let cases: [(&[u8], &str); 10] = [
+            (b"GARBAGE\r\n\r\n", "request line"),
+            (b"GET\r\n\r\n", "request line"),
+            (b"GET  / HTTP/1.1\r\n\r\n", "request line"),
+            (b"GET / HTTP/2.0\r\n\r\n", "request line"),
+            (b"GET /a\x01b HTTP/1.1\r\n\r\n", "request line"),
+            (b"GET / HTTP/1.1\r\nX-Bad: a\x00b\r\n\r\n", "control character"),
+            (b"GET / HTTP/1.1\r\nX-Bad: a\rb\r\n\r\n", "CR"),
+            (b"GET / HTTP/1.1\r\nHost : gw\r\n\r\n", "no colon"),
+            (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", "no colon"),
+            (b"GET / HTTP/1.1\r\nHost: gw\r\n folded\r\n\r\n", "folding"),
+        ];
+        for (head, says) in cases {
+            match scan(head) {
+                Scan::Refused(Violation::Malformed(m)) => {
+                    assert!(m.contains(says), "{:?}: {m}", String::from_utf8_lossy(head))
+                }
+                other => panic!("{:?}: {other:?}", String::from_utf8_lossy(head)),
+            }
+        }
+        // What real clients send passes: UTF-8 in a value, tabs, every token character in a name.
+        let fine = "POST /v1/messages?beta=true HTTP/1.1\r\nUser-Agent: claude-cli/2.1.0 (external, cli)\r\n\
+                    X-Name: Zoë\tand more\r\nx-!#$%&'*+-.^_`|~: v\r\n\r\n";
+        assert_eq!(scan(fine.as_bytes()), Scan::Complete(fine.len()));
+    }
+}
