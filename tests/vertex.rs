@@ -268,3 +268,42 @@ async fn service_account_tokens_are_minted_and_renewed() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A pass-through deployment (no `model`) puts the client's model name in the Vertex URL path:
+/// a name that would step out of its path segment is refused before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_names_cannot_step_out_of_the_upstream_path() {
+    let (anthropic, vertex) = (
+        MockProvider::start(Behavior::default()).await.unwrap(),
+        MockProvider::start(Behavior::default()).await.unwrap(),
+    );
+    let key = new_key();
+    let passthrough = "[[model]]\nname = \"any-claude\"\npatterns = [\"claude-*\"]\ndeployments = [{ provider = \"vertex\" }]\n\
+                       [[price]]\nmatch = \"claude-*\"\ninput = 3.0\noutput = 15.0\ncache_read = 0.3\ncache_write_5m = 3.75\ncache_write_1h = 6.0\n";
+    let gw = start_gateway(&format!(
+        "{}{passthrough}",
+        config(&anthropic, &vertex, "credential = \"env:TG_TEST_PROVIDER_KEY\"", &key)
+    ));
+    for model in ["claude-haiku-x/../claude-opus-4-1@20250805", "claude-x/..", "claude-a?b", "claude-a#b"] {
+        let resp = messages_request(&gw, &key).body(body(model, false)).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        assert_eq!(status, 400, "{model}: {text}");
+        assert!(text.contains("is not a model id provider vertex can be asked for"), "{text}");
+    }
+    // A well-formed name passes through, in its own path segment.
+    let resp = messages_request(&gw, &key).body(body("claude-haiku-4-5@20251001", false)).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let got = vertex.received();
+    assert_eq!(got.len(), 1, "nothing malformed reached the provider");
+    assert_eq!(got[0].uri, format!("{PREDICT}/claude-haiku-4-5@20251001:rawPredict"));
+    // The same names in a Bedrock-format path never route (404).
+    let resp = client()
+        .post(gw.url("/model/..%2F..%2Fadmin/invoke"))
+        .header("x-api-key", &key.key)
+        .body(body("x", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+}

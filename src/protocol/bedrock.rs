@@ -160,8 +160,11 @@ impl StreamToSse {
                         serde_json::from_slice(&data).map_err(|e| TranscodeError::Chunk(e.to_string()))?;
                     out.put_slice(b"event: ");
                     out.put_slice(event.kind.as_bytes());
-                    out.put_slice(b"\ndata: ");
-                    out.put_slice(&data);
+                    // One `data:` line per line of the JSON (providers send it on one line).
+                    for line in data.split(|&b| b == b'\n') {
+                        out.put_slice(b"\ndata: ");
+                        out.put_slice(line.strip_suffix(b"\r").unwrap_or(line));
+                    }
                     out.put_slice(b"\n\n");
                 }
                 // Other events (none today) carry nothing a Messages client knows.
@@ -225,32 +228,60 @@ pub fn count_tokens_answer(body: &[u8]) -> Option<Bytes> {
 /// expects: one `chunk` frame per SSE event, its data base64-encoded.
 #[derive(Default)]
 pub struct SseToStream {
-    buf: BytesMut,
+    /// The line not yet ended.
+    line: BytesMut,
+    /// The data lines of the event not yet ended, joined with `\n` (SSE's own rule).
+    data: Vec<u8>,
+    /// The event being read is past [`MAX_EVENT`]: the rest of it is dropped.
+    oversized: bool,
 }
+
+/// No Anthropic event comes near this; a stream that does is not buffered without bound.
+const MAX_EVENT: usize = 16 << 20;
 
 impl SseToStream {
     pub fn new() -> Self {
         SseToStream::default()
     }
 
-    /// The frames for every event `chunk` completes; a partial event waits for the rest.
+    /// The frames for every event `chunk` completes; a partial event waits for the rest. Lines
+    /// end in LF or CRLF; a blank line ends an event.
     pub fn feed(&mut self, chunk: &[u8]) -> Bytes {
-        self.buf.extend_from_slice(chunk);
         let mut out = BytesMut::new();
-        while let Some(end) = memchr::memmem::find(&self.buf, b"\n\n") {
-            let event = self.buf.split_to(end + 2);
-            let mut data: Vec<u8> = Vec::new();
-            for line in event[..].split(|b: &u8| *b == b'\n') {
-                if let Some(d) = line.strip_prefix(b"data:") {
-                    if !data.is_empty() {
-                        data.push(b'\n');
+        let mut rest = chunk;
+        while let Some(nl) = memchr::memchr(b'\n', rest) {
+            let line = if self.line.is_empty() {
+                &rest[..nl]
+            } else {
+                self.line.extend_from_slice(&rest[..nl]);
+                &self.line[..]
+            };
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.is_empty() {
+                if !self.data.is_empty() && !self.oversized {
+                    out.put_slice(&chunk_frame(&self.data));
+                }
+                self.data.clear();
+                self.oversized = false;
+            } else if let Some(d) = line.strip_prefix(b"data:") {
+                let d = d.strip_prefix(b" ").unwrap_or(d);
+                if self.data.len() + d.len() + 1 > MAX_EVENT {
+                    self.oversized = true;
+                } else if !self.oversized {
+                    if !self.data.is_empty() {
+                        self.data.push(b'\n');
                     }
-                    data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
+                    self.data.extend_from_slice(d);
                 }
             }
-            if !data.is_empty() {
-                out.put_slice(&chunk_frame(&data));
-            }
+            self.line.clear();
+            rest = &rest[nl + 1..];
+        }
+        if self.line.len() + rest.len() > MAX_EVENT {
+            self.oversized = true;
+            self.line.clear();
+        } else {
+            self.line.extend_from_slice(rest);
         }
         out.freeze()
     }

@@ -74,6 +74,12 @@ fn percent_decode(s: &str) -> Option<String> {
 /// prefixes LiteLLM offers (`/anthropic`, `/bedrock`, `/vertex_ai/v1`) name the format
 /// explicitly and are served like the bare paths: authenticated, limited, metered, audited.
 pub fn parse_path(path: &str) -> Option<Call> {
+    // No route has a dot segment, raw or percent-encoded; one in a client's path is a traversal
+    // attempt or a mistake.
+    let dot = |seg: &str| seg == "." || seg == "..";
+    if path.split('/').any(dot) || percent_decode(path).is_some_and(|d| d.split('/').any(dot)) {
+        return None;
+    }
     let prefixed = |rest: &str, format: Format| parse_bare(rest).filter(|c| c.format() == format);
     if let Some(rest) = path.strip_prefix("/anthropic/") {
         return prefixed(&path["/anthropic".len()..], Format::Anthropic).filter(|_| !rest.is_empty());
@@ -101,7 +107,7 @@ fn parse_bare(path: &str) -> Option<Call> {
             _ => return None,
         };
         let model = percent_decode(id)?;
-        return (!model.is_empty()).then_some(Call::Bedrock { model, stream });
+        return super::is_path_safe_model_id(&model).then_some(Call::Bedrock { model, stream });
     }
     let rest = path.strip_prefix("/v1").unwrap_or(path);
     let mut parts = rest.strip_prefix('/')?.splitn(7, '/');
@@ -113,12 +119,15 @@ fn parse_bare(path: &str) -> Option<Call> {
     let (model, action) = tail.rsplit_once(':')?;
     match (model, action) {
         ("count-tokens", "rawPredict") => Some(Call::VertexCountTokens),
-        (m, "rawPredict") if !m.is_empty() && !m.contains('/') => Some(Call::Vertex { model: m.into(), stream: false }),
-        (m, "streamRawPredict") if !m.is_empty() && !m.contains('/') => {
-            Some(Call::Vertex { model: m.into(), stream: true })
-        }
+        (m, "rawPredict") if vertex_model(m) => Some(Call::Vertex { model: m.into(), stream: false }),
+        (m, "streamRawPredict") if vertex_model(m) => Some(Call::Vertex { model: m.into(), stream: true }),
         _ => None,
     }
+}
+
+/// A Vertex model in a path is one segment, taken as it is (Vertex ids are never encoded).
+fn vertex_model(m: &str) -> bool {
+    !m.contains('/') && super::is_path_safe_model_id(m)
 }
 
 /// A Bedrock InvokeModel body as a Messages body, and the betas it carried (they travel as the

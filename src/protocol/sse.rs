@@ -133,7 +133,8 @@ impl SseUsageScanner {
                 _ => LineState::Skip,
             };
         }
-        if b"event:".starts_with(head) || b"data:".starts_with(head) {
+        // A lone CR may be the start of a blank CRLF line, which ends the event.
+        if b"event:".starts_with(head) || b"data:".starts_with(head) || head == b"\r" {
             return LineState::Undecided;
         }
         LineState::Skip

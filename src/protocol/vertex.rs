@@ -37,8 +37,18 @@ fn base(project: &str, region: &str) -> String {
     format!("/v1/projects/{project}/locations/{region}/publishers/anthropic/models")
 }
 
+/// The model is checked by the caller ([`super::is_path_safe_model_id`], no `/`); what is not
+/// unreserved or `@` is still percent-encoded, so nothing in it can end the segment.
 pub fn predict_path(project: &str, region: &str, model: &str, stream: bool) -> String {
-    format!("{}/{model}:{}", base(project, region), if stream { "streamRawPredict" } else { "rawPredict" })
+    let mut escaped = String::with_capacity(model.len());
+    for b in model.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'@') {
+            escaped.push(b as char);
+        } else {
+            escaped.push_str(&format!("%{b:02X}"));
+        }
+    }
+    format!("{}/{escaped}:{}", base(project, region), if stream { "streamRawPredict" } else { "rawPredict" })
 }
 
 pub fn count_tokens_path(project: &str, region: &str) -> String {

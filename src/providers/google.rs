@@ -57,8 +57,17 @@ struct Assertion<'a> {
 
 impl TokenSource {
     pub fn from_key_json(json: &str) -> Result<Self, String> {
-        let key: ServiceAccountKey =
-            serde_json::from_str(json).map_err(|e| format!("not a service-account key file: {e}"))?;
+        // serde_json's messages quote the values they choke on, and this value is a secret: say
+        // only where and what kind of problem.
+        let key: ServiceAccountKey = serde_json::from_str(json).map_err(|e| {
+            let what = match e.classify() {
+                serde_json::error::Category::Data => {
+                    "JSON, but not a service-account key (it needs client_email, private_key and token_uri as strings)"
+                }
+                _ => "not valid JSON",
+            };
+            format!("not a service-account key file: {what} (line {}, column {})", e.line(), e.column())
+        })?;
         let encoding = jsonwebtoken::EncodingKey::from_rsa_pem(key.private_key.as_bytes())
             .map_err(|e| format!("service-account private key: {e}"))?;
         Ok(TokenSource {

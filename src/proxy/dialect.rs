@@ -84,6 +84,17 @@ struct Betas {
 }
 
 pub(super) fn outbound(provider: &Provider, req: &Inbound<'_>, model_id: &str) -> Result<Outbound, ApiError> {
+    // Bedrock and Vertex take the model in the URL path. A configured id is the operator's; a
+    // requested name passed through comes from the client and must not reach another path.
+    let in_path = matches!(provider.kind, ProviderKind::Bedrock | ProviderKind::Vertex);
+    let one_segment = provider.kind != ProviderKind::Vertex || !model_id.contains('/');
+    if in_path && !(crate::protocol::is_path_safe_model_id(model_id) && one_segment) {
+        return Err(ApiError::invalid_request(format!(
+            "model {:?} is not a model id provider {} can be asked for",
+            model_id.chars().take(200).collect::<String>(),
+            provider.name
+        )));
+    }
     let (value, dropped) = provider.betas.apply(req.beta.unwrap_or_default());
     let betas = Betas { changed: value != req.beta.unwrap_or_default().trim(), value };
     let out = outbound_with(provider, req, model_id, &betas)?;
