@@ -102,6 +102,7 @@ impl Refusal {
             Refusal::Head(Violation::HeaderTooLarge) => "header_too_large",
             Refusal::Head(Violation::TooManyHeaders) => "too_many_headers",
             Refusal::Head(Violation::Malformed(_)) => "malformed_head",
+            Refusal::Head(Violation::Connect) => "connect",
         }
     }
     fn status(self) -> u16 {
@@ -110,6 +111,7 @@ impl Refusal {
             Refusal::Head(Violation::UriTooLong) => 414,
             Refusal::Head(Violation::HeaderTooLarge | Violation::TooManyHeaders) => 431,
             Refusal::Head(Violation::Malformed(_)) => 400,
+            Refusal::Head(Violation::Connect) => 405,
         }
     }
     fn message(self, l: &HeadLimits) -> String {
@@ -125,6 +127,9 @@ impl Refusal {
                 format!("the request has more than {} header lines", l.max_headers)
             }
             Refusal::Head(Violation::Malformed(what)) => format!("malformed request: {what}"),
+            Refusal::Head(Violation::Connect) => {
+                "CONNECT is not allowed here: this is an API gateway, not a tunnel".into()
+            }
         }
     }
 }

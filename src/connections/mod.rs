@@ -109,6 +109,7 @@ async fn turn_away(mut stream: Stream, answer: Vec<u8>) {
 fn refusal(status: u16, message: String) -> Vec<u8> {
     let (reason, kind) = match status {
         408 => ("Request Timeout", "invalid_request_error"),
+        405 => ("Method Not Allowed", "invalid_request_error"),
         414 => ("URI Too Long", "invalid_request_error"),
         431 => ("Request Header Fields Too Large", "invalid_request_error"),
         503 => ("Service Unavailable", "overloaded_error"),

@@ -11,6 +11,8 @@ pub enum Violation {
     UriTooLong,
     HeaderTooLarge,
     TooManyHeaders,
+    /// CONNECT: this gateway is no tunnel (Pingora would answer an empty 405).
+    Connect,
     /// What is wrong with the head.
     Malformed(&'static str),
 }
@@ -51,11 +53,32 @@ pub struct HeadScanner {
     bytes: usize,
     /// Header lines so far.
     headers: usize,
+    /// The method's first bytes (enough to tell CONNECT).
+    method: [u8; 8],
+    method_len: usize,
+    /// The current header name's first bytes, lowercased (enough to tell the framing headers).
+    name: [u8; 17],
+    name_len: usize,
+    content_length: bool,
+    transfer_encoding: bool,
 }
 
 impl HeadScanner {
     pub fn new(max_bytes: usize, max_headers: usize) -> Self {
-        HeadScanner { max_bytes, max_headers, at: At::Start, cr: false, bytes: 0, headers: 0 }
+        HeadScanner {
+            max_bytes,
+            max_headers,
+            at: At::Start,
+            cr: false,
+            bytes: 0,
+            headers: 0,
+            method: [0; 8],
+            method_len: 0,
+            name: [0; 17],
+            name_len: 0,
+            content_length: false,
+            transfer_encoding: false,
+        }
     }
 
     /// Starts over for the next request's head.
@@ -112,7 +135,16 @@ impl HeadScanner {
         }
         self.at = match (self.at, b) {
             (At::Start, b'\n') => At::Start,
-            (At::Start | At::Method, b) if is_tchar(b) => At::Method,
+            (At::Start | At::Method, b) if is_tchar(b) => {
+                if self.method_len < self.method.len() {
+                    self.method[self.method_len] = b;
+                }
+                self.method_len += 1;
+                At::Method
+            }
+            (At::Method, b' ') if &self.method[..self.method_len.min(8)] == b"CONNECT" && self.method_len == 7 => {
+                return Err(Violation::Connect)
+            }
             (At::Method, b' ') => At::Target,
             (At::Start | At::Method, _) => return Err(Malformed(MALFORMED_REQUEST_LINE)),
             (At::Target, b' ') => At::Version(0),
@@ -126,12 +158,22 @@ impl HeadScanner {
             (At::LineStart, b' ' | b'\t') => {
                 return Err(Malformed("a header line starts with whitespace (obsolete line folding)"))
             }
-            (At::LineStart | At::Name, b) if is_tchar(b) => At::Name,
+            (At::LineStart | At::Name, b) if is_tchar(b) => {
+                if self.at == At::LineStart {
+                    self.name_len = 0;
+                }
+                if self.name_len < self.name.len() {
+                    self.name[self.name_len] = b.to_ascii_lowercase();
+                }
+                self.name_len += 1;
+                At::Name
+            }
             (At::Name, b':') => {
                 self.headers += 1;
                 if self.headers > self.max_headers {
                     return Err(Violation::TooManyHeaders);
                 }
+                self.framing_header()?;
                 At::Value
             }
             (At::LineStart | At::Name, _) => {
@@ -142,6 +184,28 @@ impl HeadScanner {
             (At::Value, _) => return Err(Malformed("a header value contains a control character")),
         };
         Ok(false)
+    }
+}
+
+impl HeadScanner {
+    /// Content-Length twice, or with Transfer-Encoding, is how requests are smuggled past a
+    /// proxy in front (RFC 9112 §6.1, §6.3 allow refusing both); no honest client sends them.
+    fn framing_header(&mut self) -> Result<(), Violation> {
+        let name = &self.name[..self.name_len.min(self.name.len())];
+        if self.name_len == 14 && name == b"content-length" {
+            if self.content_length {
+                return Err(Violation::Malformed("the request has Content-Length twice"));
+            }
+            self.content_length = true;
+        } else if self.name_len == 17 && name == b"transfer-encoding" {
+            self.transfer_encoding = true;
+        } else {
+            return Ok(());
+        }
+        if self.content_length && self.transfer_encoding {
+            return Err(Violation::Malformed("the request has both Content-Length and Transfer-Encoding"));
+        }
+        Ok(())
     }
 }
 
@@ -219,6 +283,23 @@ mod tests {
                 other => panic!("{:?}: {other:?}", String::from_utf8_lossy(head)),
             }
         }
+        for head in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\nCONTENT-LENGTH: 4\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\n",
+        ] {
+            assert!(
+                matches!(scan(head), Scan::Refused(Violation::Malformed(_))),
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        assert!(matches!(
+            scan(b"POST / HTTP/1.1\r\nContent-Length-X: 4\r\nContent-Length: 4\r\n\r\n"),
+            Scan::Complete(_)
+        ));
+        assert_eq!(scan(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n"), Scan::Refused(Violation::Connect));
+        assert_eq!(scan(b"CONNECTX / HTTP/1.1\r\n\r\n"), Scan::Complete(23));
         // What real clients send passes: UTF-8 in a value, tabs, every token character in a name.
         let fine = "POST /v1/messages?beta=true HTTP/1.1\r\nUser-Agent: claude-cli/2.1.0 (external, cli)\r\n\
                     X-Name: Zoë\tand more\r\nx-!#$%&'*+-.^_`|~: v\r\n\r\n";
