@@ -196,3 +196,67 @@ hash = "{hash}"
     assert_eq!(resp.status(), 200);
     let _ = Duration::ZERO;
 }
+
+/// Sixty-four requests stuck on a provider that answers nothing for seconds hold no worker:
+/// requests for another provider are answered at once meanwhile, and the stuck ones end with
+/// the first-byte timeout's 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_provider_does_not_hold_up_the_others() {
+    let hung =
+        MockProvider::start(Behavior { header_delay: Duration::from_secs(5), ..Behavior::default() }).await.unwrap();
+    let fine = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let config = format!(
+        r#"
+[[provider]]
+name = "hung"
+kind = "anthropic"
+base_url = "{hung}"
+credential = "env:TG_TEST_PROVIDER_KEY"
+first_byte_timeout = "2s"
+health = {{ probe = "none" }}
+
+[[provider]]
+name = "fine"
+kind = "anthropic"
+base_url = "{fine}"
+credential = "env:TG_TEST_PROVIDER_KEY"
+
+[[model]]
+name = "claude-hung"
+deployments = [{{ provider = "hung" }}]
+
+[[model]]
+name = "claude-fine"
+deployments = [{{ provider = "fine" }}]
+
+[[key]]
+id = "alice"
+hash = "{hash}"
+"#,
+        hung = hung.url(),
+        fine = fine.url(),
+        hash = key.hash
+    );
+    let gw = start_gateway(&config);
+    let stuck: Vec<_> = (0..64)
+        .map(|_| tokio::spawn(messages_request(&gw, &key).body(messages_body("claude-hung", true, 10)).send()))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let resp = messages_request(&gw, &key).body(messages_body("claude-fine", false, 10)).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(started.elapsed() < Duration::from_secs(1), "a normal request took {:?}", started.elapsed());
+    }
+    for s in stuck {
+        let resp = s.await.unwrap().unwrap();
+        assert_eq!(resp.status(), 504);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["type"], "error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("no answer within"), "{v}");
+    }
+    assert!(metrics(&gw)
+        .await
+        .contains(r#"tollgate_upstream_errors_total{kind="first_byte_timeout",provider="hung"} 64"#));
+}
