@@ -260,3 +260,48 @@ hash = "{hash}"
         .await
         .contains(r#"tollgate_upstream_errors_total{kind="first_byte_timeout",provider="hung"} 64"#));
 }
+
+/// Established connections from this machine to `port` (the gateway's side of each).
+fn connections_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let remote_port = f[2].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            remote_port == Some(port) && f[3] == "01"
+        })
+        .count()
+}
+
+/// After a burst of 32 concurrent requests, a provider with `pool_size = 2` keeps two idle
+/// connections, not 32 (Pingora's pool alone would keep up to 128).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_are_bounded_per_provider() {
+    let mock =
+        MockProvider::start(Behavior { delay: Duration::from_millis(100), ..Behavior::default() }).await.unwrap();
+    let key = new_key();
+    let config = format!(
+        "[[provider]]\nname = \"mock\"\nkind = \"anthropic\"\nbase_url = \"{}\"\ncredential = \"env:TG_TEST_PROVIDER_KEY\"\n\
+         pool_size = 2\nhealth = {{ probe = \"none\" }}\n{}",
+        mock.url(),
+        models_and_key(&key, "mock")
+    );
+    let gw = start_gateway(&config);
+    let burst: Vec<_> = (0..32)
+        .map(|_| tokio::spawn(messages_request(&gw, &key).body(messages_body("claude-sonnet-4-5", true, 10)).send()))
+        .collect();
+    for b in burst {
+        let resp = b.await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.text().await.unwrap().contains("message_stop"));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let port = mock.addr.port();
+    assert_eq!(connections_to(port), 2, "idle connections kept to the provider");
+    // They are reused: another request opens none.
+    let resp = messages_request(&gw, &key).body(messages_body("claude-sonnet-4-5", false, 10)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(connections_to(port), 2);
+}

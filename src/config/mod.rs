@@ -209,7 +209,7 @@ pub struct ServerConfig {
     pub grace_period: Duration,
     /// Request bodies larger than this are refused with 413.
     pub max_body_bytes: usize,
-    /// Idle upstream connections kept for reuse, across all providers.
+    /// Idle connections kept for reuse per provider, for providers that set no `pool_size`.
     pub upstream_pool_size: usize,
     /// A client that accepts no bytes of an answer for this long is disconnected.
     #[serde(deserialize_with = "duration")]
@@ -388,6 +388,10 @@ pub struct ProviderConfig {
     /// Vertex: a service-account key (JSON), as a secret reference: tokens are minted from it.
     #[serde(default)]
     pub service_account: Option<SecretRef>,
+    /// Idle connections to this provider kept for reuse (default `server.upstream_pool_size`);
+    /// connections beyond it are closed when their request ends.
+    #[serde(default)]
+    pub pool_size: Option<usize>,
     /// Bedrock: SigV4 credentials. Without these or a `credential`, the standard
     /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN` variables are used.
     #[serde(default)]

@@ -63,6 +63,9 @@ pub struct Provider {
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub pool_idle_timeout: Duration,
+    /// This provider's own connection pool: idle connections are bounded per provider, so a
+    /// burst to one cannot leave hundreds open, nor crowd out another's.
+    pub connector: pingora::connectors::http::Connector,
 }
 
 impl std::fmt::Debug for Provider {
@@ -74,7 +77,8 @@ impl std::fmt::Debug for Provider {
 impl Provider {
     /// Builds the provider and resolves its credentials. Name resolution is left to
     /// [`Provider::resolve_blocking`] (start-up) and the pool's background discovery.
-    pub fn from_config(c: &ProviderConfig) -> Result<Self, String> {
+    /// `default_pool_size` applies when the provider sets no `pool_size`.
+    pub fn from_config(c: &ProviderConfig, default_pool_size: usize) -> Result<Self, String> {
         let ca = match &c.ca_file {
             Some(path) => Some(load_ca(path)?),
             None => None,
@@ -148,6 +152,9 @@ impl Provider {
             first_byte_timeout: c.first_byte_timeout,
             idle_timeout: c.idle_timeout,
             pool_idle_timeout: c.pool_idle_timeout,
+            connector: pingora::connectors::http::Connector::new(Some(pingora::connectors::ConnectorOptions::new(
+                c.pool_size.unwrap_or(default_pool_size),
+            ))),
         })
     }
 

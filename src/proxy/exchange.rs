@@ -138,7 +138,7 @@ impl Gateway {
         } else {
             Outcome::Complete
         };
-        self.connector.release_http_session(up, &*peer, Some(provider.pool_idle_timeout)).await;
+        provider.connector.release_http_session(up, &*peer, Some(provider.pool_idle_timeout)).await;
         Ok(())
     }
 
@@ -154,7 +154,7 @@ impl Gateway {
     ) -> Result<(), ApiError> {
         let status = ctx.status;
         let body = read_small(&mut up, provider).await?;
-        self.connector.release_http_session(up, peer, Some(provider.pool_idle_timeout)).await;
+        provider.connector.release_http_session(up, peer, Some(provider.pool_idle_timeout)).await;
         let body = super::fallback::provider_error(provider.kind, status, &body);
         ctx.outcome = Outcome::UpstreamError;
         ctx.error = crate::protocol::usage::usage_from_json(&body)
@@ -174,7 +174,7 @@ impl Gateway {
         peer: &HttpPeer,
     ) -> Result<(), ApiError> {
         let body = read_small(&mut up, provider).await?;
-        self.connector.release_http_session(up, peer, Some(provider.pool_idle_timeout)).await;
+        provider.connector.release_http_session(up, peer, Some(provider.pool_idle_timeout)).await;
         let answer = crate::protocol::bedrock::count_tokens_answer(&body).ok_or_else(|| {
             ApiError::bad_gateway(format!("provider {} sent a token count this gateway cannot read", provider.name))
         })?;
@@ -206,7 +206,7 @@ impl Gateway {
                 }
             };
             if drained {
-                self.connector.release_http_session(up, peer, Some(provider.pool_idle_timeout)).await;
+                provider.connector.release_http_session(up, peer, Some(provider.pool_idle_timeout)).await;
             }
         }
         ctx.usage = meter.finish().usage;
@@ -232,7 +232,7 @@ impl Gateway {
         let peer = &*peer;
         let mut attempt = 0;
         loop {
-            let (mut up, reused) = self.connector.get_http_session(peer).await.map_err(|e| {
+            let (mut up, reused) = provider.connector.get_http_session(peer).await.map_err(|e| {
                 let timeout = matches!(e.etype(), ErrorType::ConnectTimedout | ErrorType::TLSHandshakeTimedout);
                 let kind = if timeout { "connect_timeout" } else { "connect_error" };
                 self.metrics.upstream_errors.with_label_values(&[&provider.name, kind]).inc();

@@ -239,7 +239,7 @@ impl Gateway {
                     );
                     if error_body.is_some() {
                         if let Ok(peer) = endpoint.peer() {
-                            self.connector.release_http_session(up, &*peer, Some(provider.pool_idle_timeout)).await;
+                            provider.connector.release_http_session(up, &*peer, Some(provider.pool_idle_timeout)).await;
                         }
                     }
                     let body = error_body.filter(|b| !b.is_empty()).unwrap_or_else(|| {

@@ -23,7 +23,6 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::Method;
-use pingora::connectors::http::Connector;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::upstreams::peer::HttpPeer;
@@ -73,7 +72,10 @@ impl State {
                     .get(name)
                     .cloned()
                     .ok_or_else(|| format!("provider {name:?} is new: adding a provider needs a restart"))?,
-                None => Arc::new(Provider::from_config(p).map_err(|e| format!("provider {name:?}: {e}"))?),
+                None => Arc::new(
+                    Provider::from_config(p, config.server.upstream_pool_size)
+                        .map_err(|e| format!("provider {name:?}: {e}"))?,
+                ),
             };
             by_name.insert(provider.name.clone(), provider.clone());
             providers.push(provider);
@@ -104,7 +106,6 @@ pub type SharedState = Arc<ArcSwap<State>>;
 pub struct Gateway {
     runtime: Arc<Runtime>,
     state: SharedState,
-    connector: Connector,
     audit: AuditLog,
     metrics: Arc<Metrics>,
     /// A client that accepts no bytes for this long is dropped.
@@ -122,7 +123,6 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(runtime: Arc<Runtime>, config: &Config, audit: AuditLog, metrics: Arc<Metrics>) -> Self {
         let server = &config.server;
-        let options = pingora::connectors::ConnectorOptions::new(server.upstream_pool_size);
         let anonymous = config
             .listeners
             .iter()
@@ -131,7 +131,6 @@ impl Gateway {
         Gateway {
             state: runtime.state.clone(),
             runtime,
-            connector: Connector::new(Some(options)),
             audit,
             metrics,
             client_write_timeout: server.client_write_timeout,
