@@ -89,16 +89,38 @@ impl HeadScanner {
     pub fn feed(&mut self, data: &[u8]) -> Scan {
         let mut i = 0;
         while i < data.len() {
-            // Header values are most of a head: take a run of ordinary value bytes at once.
-            if self.at == At::Value && !self.cr {
-                let run = data[i..].iter().take_while(|&&b| is_value_byte(b)).count();
-                i += run;
-                self.bytes += run;
-                if self.bytes > self.max_bytes {
-                    return Scan::Refused(Violation::HeaderTooLarge);
-                }
-                if i == data.len() {
-                    break;
+            // Most of a head is runs of ordinary bytes inside a name, a value or the target: take
+            // each run at once, through a table, and leave only delimiters to `step`.
+            if !self.cr {
+                let class = match self.at {
+                    At::Value => Some(VALUE),
+                    At::Name => Some(TCHAR),
+                    At::Target => Some(TARGET),
+                    _ => None,
+                };
+                if let Some(class) = class {
+                    let run = data[i..].iter().take_while(|&&b| class & CLASSES[usize::from(b)] != 0).count();
+                    if self.at == At::Name {
+                        // The name's first bytes, lowercased, tell the framing headers.
+                        for &b in &data[i..i + run] {
+                            if self.name_len < self.name.len() {
+                                self.name[self.name_len] = b.to_ascii_lowercase();
+                            }
+                            self.name_len += 1;
+                        }
+                    }
+                    i += run;
+                    self.bytes += run;
+                    if self.bytes > self.max_bytes {
+                        return Scan::Refused(if self.at == At::Target {
+                            Violation::UriTooLong
+                        } else {
+                            Violation::HeaderTooLarge
+                        });
+                    }
+                    if i == data.len() {
+                        break;
+                    }
                 }
             }
             let b = data[i];
@@ -209,14 +231,38 @@ impl HeadScanner {
     }
 }
 
-/// RFC 9110 §5.6.2 token characters (method and header names).
+/// Byte classes, as bits of [`CLASSES`].
+const TCHAR: u8 = 1;
+const VALUE: u8 = 2;
+const TARGET: u8 = 4;
+
+/// For each byte: RFC 9110 §5.6.2 token characters (method and header names), §5.5 field-value
+/// bytes (visible characters, space, tab and obs-text), and request-target bytes (anything but
+/// controls and space).
+const CLASSES: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        let tchar = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~'
+            );
+        let value = (c >= b' ' && c != 0x7f) || c == b'\t';
+        let target = c > b' ' && c != 0x7f;
+        t[b] = if tchar { TCHAR } else { 0 } | if value { VALUE } else { 0 } | if target { TARGET } else { 0 };
+        b += 1;
+    }
+    t
+};
+
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    CLASSES[usize::from(b)] & TCHAR != 0
 }
 
-/// RFC 9110 §5.5 field-value bytes: visible characters, space, tab and obs-text.
 fn is_value_byte(b: u8) -> bool {
-    b >= b' ' && b != 0x7f || b == b'\t'
+    CLASSES[usize::from(b)] & VALUE != 0
 }
 
 #[cfg(test)]
