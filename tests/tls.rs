@@ -8,29 +8,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-
-struct Ca {
-    pem: String,
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-fn ca() -> Ca {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let key = KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    Ca { pem: cert.pem(), cert, key }
-}
-
-/// A certificate for `names` signed by `ca`: (certificate PEM, key PEM).
-fn leaf(ca: &Ca, names: &[&str]) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    let cert = CertificateParams::new(names).unwrap().signed_by(&key, &ca.cert, &ca.key).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
@@ -56,9 +33,9 @@ const ADMIN_TOKEN: &str = "tls-test-admin-token";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewed_certificate_is_served_after_a_reload() {
-    let (old_ca, new_ca) = (ca(), ca());
+    let (old_ca, new_ca) = (Ca::new(), Ca::new());
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = leaf(&old_ca, &["localhost"]);
+    let (cert, key) = old_ca.leaf(&["localhost"]);
     let cert_path = write(dir.path(), "cert.pem", &cert);
     let key_path = write(dir.path(), "key.pem", &key);
     let mock = MockProvider::start(Behavior::default()).await.unwrap();
@@ -69,7 +46,7 @@ async fn a_renewed_certificate_is_served_after_a_reload() {
     assert!(probe(gw.port, &new_ca.pem).await.is_err());
 
     // Renewed on disk (by certbot, say): served after SIGHUP, to new connections.
-    let (cert, key) = leaf(&new_ca, &["localhost"]);
+    let (cert, key) = new_ca.leaf(&["localhost"]);
     std::fs::write(&cert_path, cert).unwrap();
     std::fs::write(&key_path, key).unwrap();
     gw.signal("HUP");
@@ -82,7 +59,7 @@ async fn a_renewed_certificate_is_served_after_a_reload() {
 
     // A key that does not match the certificate: the reload is refused and says why; the
     // certificate in use stays.
-    let (_, other_key) = leaf(&new_ca, &["localhost"]);
+    let (_, other_key) = new_ca.leaf(&["localhost"]);
     std::fs::write(&key_path, other_key).unwrap();
     let resp = client().post(gw.admin_url("/admin/reload")).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
     let status = resp.status().as_u16();
@@ -99,11 +76,11 @@ fn launch_with(listener_extra: &str, config: &str) -> Gateway {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_listener_can_require_client_certificates() {
-    let (server_ca, client_ca, stranger_ca) = (ca(), ca(), ca());
+    let (server_ca, client_ca, stranger_ca) = (Ca::new(), Ca::new(), Ca::new());
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = leaf(&server_ca, &["localhost", "127.0.0.1"]);
-    let (client_cert, client_key) = leaf(&client_ca, &["ops"]);
-    let (stranger_cert, stranger_key) = leaf(&stranger_ca, &["ops"]);
+    let (cert, key) = server_ca.leaf(&["localhost", "127.0.0.1"]);
+    let (client_cert, client_key) = client_ca.leaf(&["ops"]);
+    let (stranger_cert, stranger_key) = stranger_ca.leaf(&["ops"]);
     let server_ca_path = write(dir.path(), "server-ca.pem", &server_ca.pem);
     let admin = format!(
         "token = \"env:TG_ADMIN\"\ntls = {{ cert = \"{}\", key = \"{}\", client_ca = \"{}\" }}",

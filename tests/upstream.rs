@@ -16,14 +16,9 @@ struct Pki {
 
 /// A private CA and a certificate for `localhost` signed by it.
 fn pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&key, &ca, &ca_key).unwrap();
-    Pki { ca_pem: ca.pem(), cert_pem: cert.pem(), key_pem: key.serialize_pem() }
+    let ca = Ca::new();
+    let (cert_pem, key_pem) = ca.leaf(&["localhost"]);
+    Pki { ca_pem: ca.pem.clone(), cert_pem, key_pem }
 }
 
 fn models_and_key(key: &TestKey, provider: &str) -> String {
