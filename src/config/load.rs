@@ -82,8 +82,12 @@ fn validate(c: &Config) -> Result<(), Invalid> {
         return Err((0..0, "server.threads must be at least 1".into()));
     }
     // Below about 1 KiB no real client's head fits (Claude Code's are 1 to 2 KiB).
-    if c.server.max_header_bytes < 1024 || c.server.max_headers < 16 {
-        return Err((0..0, "server.max_header_bytes must be at least 1024 and server.max_headers at least 16".into()));
+    // Above Pingora's own limits (1 MiB, 256 lines) Pingora would refuse first, with an empty 400.
+    if !(1024..=1 << 20).contains(&c.server.max_header_bytes) || !(16..=256).contains(&c.server.max_headers) {
+        return Err((
+            0..0,
+            "server.max_header_bytes must be from 1024 to 1048576, and server.max_headers from 16 to 256".into(),
+        ));
     }
     if let Some(l) = c.listeners.iter().find(|l| l.max_connections == 0) {
         return Err((l.address.span(), "max_connections must be at least 1".into()));
