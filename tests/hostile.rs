@@ -52,6 +52,7 @@ async fn malformed_requests_get_clear_client_errors() {
         (format!("POST /v1/messages HTTP/1.1\r\nHost: gw\r\nx-api-key: {k}\r\nX-Bad: a\x00b\r\nContent-Length: 2\r\n\r\n{{}}").into_bytes(), "400", Some("control character")),
         (b"GET / HTTP/1.1\r\nHost: gw\r\nX-Bad: a\rb\r\n\r\n".to_vec(), "400", Some("CR in the request head")),
         (b"GET / HTTP/1.1\r\nHost : gw\r\n\r\n".to_vec(), "400", Some("no colon")),
+        (b"POST /v1/messages HTTP/1.1\r\nHost: gw\r\nContent-Length: abc\r\n\r\n".to_vec(), "400", Some("Content-Length is not a number")),
         (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n".to_vec(), "405", Some("not a tunnel")),
         (
             format!("POST /v1/messages HTTP/1.1\r\nHost: gw\r\nx-api-key: {k}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n").into_bytes(),

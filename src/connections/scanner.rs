@@ -61,6 +61,11 @@ pub struct HeadScanner {
     name_len: usize,
     content_length: bool,
     transfer_encoding: bool,
+    /// The value being read is Content-Length's: digits only (RFC 9110 §8.6).
+    in_content_length: bool,
+    /// A digit of it has been seen; white space after its digits has been seen.
+    content_length_digits: bool,
+    after_digits: bool,
 }
 
 impl HeadScanner {
@@ -78,6 +83,9 @@ impl HeadScanner {
             name_len: 0,
             content_length: false,
             transfer_encoding: false,
+            in_content_length: false,
+            content_length_digits: false,
+            after_digits: false,
         }
     }
 
@@ -93,6 +101,8 @@ impl HeadScanner {
             // each run at once, through a table, and leave only delimiters to `step`.
             if !self.cr {
                 let class = match self.at {
+                    // Content-Length's value is checked byte by byte below.
+                    At::Value if self.in_content_length => None,
                     At::Value => Some(VALUE),
                     At::Name => Some(TCHAR),
                     At::Target => Some(TARGET),
@@ -201,7 +211,24 @@ impl HeadScanner {
             (At::LineStart | At::Name, _) => {
                 return Err(Malformed("a header line has no name, a character not allowed in a name, or no colon"))
             }
-            (At::Value, b'\n') => At::LineStart,
+            (At::Value, b'\n') if self.in_content_length && !self.content_length_digits => {
+                return Err(Malformed("Content-Length is not a number"))
+            }
+            (At::Value, b'\n') => {
+                self.in_content_length = false;
+                At::LineStart
+            }
+            (At::Value, b) if self.in_content_length => {
+                // Digits, with optional white space around them.
+                match b {
+                    b'0'..=b'9' if !(self.content_length_digits && self.after_digits) => {
+                        self.content_length_digits = true
+                    }
+                    b' ' | b'\t' => self.after_digits = self.content_length_digits,
+                    _ => return Err(Malformed("Content-Length is not a number")),
+                }
+                At::Value
+            }
             (At::Value, b) if is_value_byte(b) => At::Value,
             (At::Value, _) => return Err(Malformed("a header value contains a control character")),
         };
@@ -219,6 +246,7 @@ impl HeadScanner {
                 return Err(Violation::Malformed("the request has Content-Length twice"));
             }
             self.content_length = true;
+            self.in_content_length = true;
         } else if self.name_len == 17 && name == b"transfer-encoding" {
             self.transfer_encoding = true;
         } else {
@@ -344,6 +372,18 @@ mod tests {
             scan(b"POST / HTTP/1.1\r\nContent-Length-X: 4\r\nContent-Length: 4\r\n\r\n"),
             Scan::Complete(_)
         ));
+        for bad in ["abc", "", " ", "4 5", "-1", "0x10", "12a"] {
+            let head = format!("POST / HTTP/1.1\r\nContent-Length: {bad}\r\n\r\n");
+            assert_eq!(
+                scan(head.as_bytes()),
+                Scan::Refused(Violation::Malformed("Content-Length is not a number")),
+                "{bad:?}"
+            );
+        }
+        for good in ["0", "12", " 12 ", "\t7"] {
+            let head = format!("POST / HTTP/1.1\r\nContent-Length:{good}\r\nx: y\r\n\r\n");
+            assert_eq!(scan(head.as_bytes()), Scan::Complete(head.len()), "{good:?}");
+        }
         assert_eq!(scan(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n"), Scan::Refused(Violation::Connect));
         assert_eq!(scan(b"CONNECTX / HTTP/1.1\r\n\r\n"), Scan::Complete(23));
         // What real clients send passes: UTF-8 in a value, tabs, every token character in a name.
