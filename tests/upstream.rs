@@ -154,8 +154,23 @@ hash = "{hash}"
         r.send()
     };
 
+    // The three failures at once, and a normal request answered promptly meanwhile.
+    let no_header = send("claude-slow", false, &[("x-mock-header-delay-ms", "2000")]);
+    let silent_stream = send("claude-slow", true, &[("x-mock-delay-ms", "2000")]);
+    let nobody = send("claude-down", false, &[]);
+    let normal = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        let resp = send("claude-slow", false, &[]).await.unwrap();
+        (resp.status(), started.elapsed())
+    };
+    let (no_header, silent_stream, nobody, (normal_status, normal_took)) =
+        tokio::join!(no_header, silent_stream, nobody, normal);
+    assert_eq!(normal_status, 200);
+    assert!(normal_took < Duration::from_secs(1), "a normal request took {normal_took:?}");
+
     // No header within the first-byte timeout: 504.
-    let resp = send("claude-slow", false, &[("x-mock-header-delay-ms", "2000")]).await.unwrap();
+    let resp = no_header.unwrap();
     assert_eq!(resp.status(), 504);
     let id = resp.headers()["x-tollgate-request-id"].to_str().unwrap().to_string();
     let v: Value = resp.json().await.unwrap();
@@ -164,7 +179,7 @@ hash = "{hash}"
     assert_eq!(gw.record(&id)["outcome"], "failed");
 
     // A stream that goes silent longer than the idle timeout is cut, and recorded as such.
-    let resp = send("claude-slow", true, &[("x-mock-delay-ms", "2000")]).await.unwrap();
+    let resp = silent_stream.unwrap();
     assert_eq!(resp.status(), 200);
     let id = resp.headers()["x-tollgate-request-id"].to_str().unwrap().to_string();
     assert!(resp.bytes().await.is_err());
@@ -173,7 +188,7 @@ hash = "{hash}"
     assert_eq!(rec["usage"]["input_tokens"], 25);
 
     // Nobody listening: 502.
-    let resp = send("claude-down", false, &[]).await.unwrap();
+    let resp = nobody.unwrap();
     assert_eq!(resp.status(), 502);
     let v: Value = resp.json().await.unwrap();
     assert!(v["error"]["message"].as_str().unwrap().contains("cannot connect"), "{v}");
