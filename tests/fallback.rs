@@ -375,6 +375,7 @@ async fn attempts_and_the_deadline_are_bounded() {
     config += &format!(
         "[[model]]\nname = \"m\"\nmax_attempts = 2\ndeployments = [{{ provider = \"p0\" }}, {{ provider = \"p1\" }}, {{ provider = \"p2\" }}]\n\
          [[model]]\nname = \"slow\"\ndeadline = \"1s\"\ndeployments = [{{ provider = \"p0\" }}, {{ provider = \"p2\" }}]\n\
+         [[model]]\nname = \"ok\"\ndeployments = [{{ provider = \"p2\" }}]\n\
          [[key]]\nid = \"a\"\nhash = \"{}\"\n",
         key.hash
     );
@@ -387,8 +388,19 @@ async fn attempts_and_the_deadline_are_bounded() {
     // a second, not after the provider's ten-second first-byte timeout.
     mocks[0].set_behavior(Behavior { header_delay: Duration::from_secs(5), ..Behavior::default() });
     let started = std::time::Instant::now();
-    let resp = messages_request(&gw, &key).body(messages_body("slow", false, 1)).send().await.unwrap();
+    let slow = messages_request(&gw, &key).body(messages_body("slow", false, 1)).send();
+    let normal = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let at = std::time::Instant::now();
+        let r = messages_request(&gw, &key).body(messages_body("ok", false, 1)).send().await.unwrap();
+        (r.status(), at.elapsed())
+    };
+    let (resp, (normal_status, normal_took)) = tokio::join!(slow, normal);
+    let resp = resp.unwrap();
     let took = started.elapsed();
+    // Meanwhile a request for another model is answered at once.
+    assert_eq!(normal_status, 200);
+    assert!(normal_took < Duration::from_secs(1), "{normal_took:?}");
     assert_eq!(resp.status(), 504);
     assert!(took < Duration::from_secs(3), "took {took:?}");
     let v: Value = resp.json().await.unwrap();

@@ -559,6 +559,17 @@ async fn stream_is_relayed_as_it_arrives_and_a_client_cut_is_recorded() {
     assert!(first.starts_with(b"event: message_start"));
     // The whole answer takes 15 pauses of 300 ms; the first event must not wait for them.
     assert!(first_at < std::time::Duration::from_millis(2000), "first event after {first_at:?}: buffered?");
+    // While it streams, others are served at once.
+    let normal_started = std::time::Instant::now();
+    let normal = client()
+        .post(s.gw.url("/v1/messages"))
+        .header("x-api-key", &s.alice.key)
+        .body(messages_body("claude-sonnet-4-5", false, 10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(normal.status(), 200);
+    assert!(normal_started.elapsed() < std::time::Duration::from_secs(1), "{:?}", normal_started.elapsed());
     // Read one more event, then hang up.
     resp.chunk().await.unwrap().unwrap();
     drop(resp);
