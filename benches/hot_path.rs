@@ -25,6 +25,7 @@ fn realistic_stream() -> Vec<u8> {
         cache_read_input_tokens: 61_000,
         cache_creation_5m_input_tokens: 0,
         cache_creation_1h_input_tokens: 2_400,
+        ..Default::default()
     };
     sse_events("claude-sonnet-5", &usage, 400).concat()
 }
@@ -70,6 +71,12 @@ fn request_body(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(body.len() as u64));
         g.bench_function(BenchmarkId::new("peek", name), |b| {
             b.iter(|| black_box(peek_request(black_box(&body)).unwrap()))
+        });
+        g.bench_function(BenchmarkId::new("references_scan", name), |b| {
+            b.iter(|| black_box(tollgate::protocol::references::scan(black_box(&body), false, 20)))
+        });
+        g.bench_function(BenchmarkId::new("one_hour_cache_check", name), |b| {
+            b.iter(|| black_box(tollgate::protocol::references::asks_one_hour_cache(black_box(&body))))
         });
         let span = peek_request(&body).unwrap().model.unwrap().1;
         g.bench_function(BenchmarkId::new("model_rewrite", name), |b| {
@@ -145,11 +152,12 @@ fn cost(c: &mut Criterion) {
         cache_creation_input_tokens: 2_400,
         cache_creation_5m_input_tokens: 0,
         cache_creation_1h_input_tokens: 2_400,
+        ..Default::default()
     };
-    let price = prices.lookup("claude-sonnet-5").unwrap();
-    c.bench_function("cost_computation", |b| b.iter(|| black_box(price.cost_nanos(black_box(&usage)))));
+    let price = prices.lookup(None, "claude-sonnet-5").unwrap();
+    c.bench_function("cost_computation", |b| b.iter(|| black_box(price.cost_nanos(black_box(&usage), false))));
     c.bench_function("price_lookup_by_pattern", |b| {
-        b.iter(|| black_box(prices.lookup(black_box("us.anthropic.claude-sonnet-4-5-20250929-v1:0"))))
+        b.iter(|| black_box(prices.lookup(None, black_box("us.anthropic.claude-sonnet-4-5-20250929-v1:0"))))
     });
 }
 
@@ -205,7 +213,7 @@ fn admission(c: &mut Criterion) {
         scope(ScopeKind::Model, "claude-sonnet-4-5", Policy { budget: None, limits }),
     ];
     let demand = Demand { worst_nanos: 960_000_000, input_tokens: 20_000, output_tokens: 32_000 };
-    let actual = Actual { cost_nanos: 61_000_000, input_tokens: 18_000, output_tokens: 900 };
+    let actual = Actual { cost_nanos: 61_000_000, input_tokens: 18_000, output_tokens: 900, at_ms: 0 };
     c.bench_function("admit_and_settle_4_scopes", |b| {
         b.iter(|| {
             let r = dyn_limiter.clone().admit(black_box(scopes.clone()), black_box(demand)).ok().unwrap();

@@ -318,7 +318,9 @@ fn key_detail(k: &Value) -> String {
 fn usage_table(v: &Value) -> String {
     let groups: Vec<String> = v["group_by"].as_array().map(|g| g.iter().map(text).collect()).unwrap_or_default();
     let mut header: Vec<String> = groups.iter().map(|g| g.to_uppercase()).collect();
-    header.extend(["REQUESTS", "INPUT", "OUTPUT", "CACHE READ", "CACHE WRITE", "COST USD"].map(String::from));
+    header.extend(
+        ["REQUESTS", "INPUT", "OUTPUT", "CACHE READ", "CACHE WRITE", "COST USD", "ESTIMATED"].map(String::from),
+    );
     let rows: Vec<Vec<String>> = v["rows"]
         .as_array()
         .map(Vec::as_slice)
@@ -334,6 +336,7 @@ fn usage_table(v: &Value) -> String {
                 n("cache_read_tokens").to_string(),
                 (n("cache_write_5m_tokens") + n("cache_write_1h_tokens")).to_string(),
                 text(&r["cost_usd"]),
+                n("estimated").to_string(),
             ]);
             row
         })

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     pub upstream_errors: IntCounterVec,
     pub unpriced: IntCounterVec,
+    /// Records whose usage or cost is an estimate, by the rule that set it.
+    pub estimated: IntCounterVec,
     pub audit_dropped: IntCounter,
     pub attempts: IntCounterVec,
     pub fallbacks: IntCounterVec,
@@ -75,6 +77,14 @@ impl Metrics {
         let unpriced = IntCounterVec::new(
             Opts::new("tollgate_unpriced_requests_total", "Requests metered for a model with no price"),
             &["model", "provider"],
+        )
+        .unwrap();
+        let estimated = IntCounterVec::new(
+            Opts::new(
+                "tollgate_usage_estimated_total",
+                "Requests whose usage is an estimate, not the provider's count, by the rule that priced them",
+            ),
+            &["model", "provider", "rule"],
         )
         .unwrap();
         let attempts = IntCounterVec::new(
@@ -154,6 +164,7 @@ impl Metrics {
             Box::new(in_flight.clone()),
             Box::new(upstream_errors.clone()),
             Box::new(unpriced.clone()),
+            Box::new(estimated.clone()),
             Box::new(audit_dropped.clone()),
             Box::new(attempts.clone()),
             Box::new(fallbacks.clone()),
@@ -180,6 +191,7 @@ impl Metrics {
             in_flight,
             upstream_errors,
             unpriced,
+            estimated,
             audit_dropped,
             attempts,
             fallbacks,

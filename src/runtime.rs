@@ -142,8 +142,14 @@ impl Runtime {
                 self.store.flush().map_err(|e| e.to_string())?;
                 flushed = true;
             }
-            let spent =
-                self.store.spend_by_key_prefix(&format!("{}:", issuer.name), start).map_err(|e| e.to_string())?;
+            let prefix = format!("{}:", issuer.name);
+            let mut spent: HashMap<String, u64> =
+                self.store.spend_by_key_prefix(&prefix, start).map_err(|e| e.to_string())?.into_iter().collect();
+            // Principals counted in memory with no row this period are seeded too (at zero):
+            // otherwise one would keep a period the issuer no longer has.
+            for id in self.limiter.ids_with_prefix(ScopeKind::Key, &prefix) {
+                spent.entry(id).or_insert(0);
+            }
             for (id, nanos) in spent {
                 let scope = Scope { kind: ScopeKind::Key, id: id.as_str().into(), policy };
                 let same = before.get(&(scope.kind, &*scope.id)) == Some(&Some(budget.period));

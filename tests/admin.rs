@@ -81,6 +81,7 @@ fn cache_usage() -> MockUsage {
         cache_read_input_tokens: 4000,
         cache_creation_5m_input_tokens: 100,
         cache_creation_1h_input_tokens: 200,
+        ..Default::default()
     }
 }
 
@@ -425,6 +426,7 @@ async fn usage_report_has_exact_tokens_and_cost_by_key_team_user_model_and_day()
             "cache_write_1h_tokens": 200 * n,
             "cost_nanos": CACHE_COST_NANOS * n,
             "cost_usd": tollgate::metering::usd(CACHE_COST_NANOS * n),
+            "estimated": 0,
         })
     };
     let report = |group_by: Value, rows: Vec<Value>| {
@@ -936,10 +938,10 @@ async fn cli_reports_usage_and_budgets_and_reloads() {
     assert_eq!(lines.len(), 4, "{table}");
     assert_eq!(
         lines[0].split_whitespace().collect::<Vec<_>>(),
-        ["TEAM", "REQUESTS", "INPUT", "OUTPUT", "CACHE", "READ", "CACHE", "WRITE", "COST", "USD"]
+        ["TEAM", "REQUESTS", "INPUT", "OUTPUT", "CACHE", "READ", "CACHE", "WRITE", "COST", "USD", "ESTIMATED"]
     );
-    assert_eq!(row(&table, "web"), ["web", "2", "50", "30", "8000", "600", "0.00615"]);
-    assert_eq!(row(&table, "platform"), ["platform", "1", "25", "15", "4000", "300", "0.003075"]);
+    assert_eq!(row(&table, "web"), ["web", "2", "50", "30", "8000", "600", "0.00615", "0"]);
+    assert_eq!(row(&table, "platform"), ["platform", "1", "25", "15", "4000", "300", "0.003075", "0"]);
     assert!(lines[1].starts_with("web "), "most expensive first:\n{table}");
     assert_eq!(lines[3], "total: $0.009225 (days in UTC)");
     let web_line = lines[1];
@@ -953,7 +955,7 @@ async fn cli_reports_usage_and_budgets_and_reloads() {
         table.lines().next().unwrap().split_whitespace().take(3).collect::<Vec<_>>(),
         ["KEY", "DAY", "REQUESTS"]
     );
-    assert_eq!(row(&table, "k-web"), ["k-web", day.as_str(), "2", "50", "30", "8000", "600", "0.00615"]);
+    assert_eq!(row(&table, "k-web"), ["k-web", day.as_str(), "2", "50", "30", "8000", "600", "0.00615", "0"]);
     assert_eq!(table.lines().count(), 3, "{table}");
 
     let v = cli_json(gw, &["usage", "--group-by", "key"]);

@@ -120,7 +120,8 @@ async fn anthropic_client_on_bedrock_with_an_api_key() {
     assert_eq!(r["usage"]["input_tokens"], 7);
     assert_eq!(r["usage"]["output_tokens"], 11);
     assert_eq!(r["usage"]["cache_creation_1h_input_tokens"], 100);
-    assert_eq!(r["cost_nanos"], 7 * 3000 + 11 * 15_000 + 100 * 6000);
+    // A regional Bedrock id (no `global.` prefix) costs 10% more than the global endpoint.
+    assert_eq!(r["cost_nanos"], 7 * 3300 + 11 * 16_500 + 100 * 6600);
 
     // Not streamed: the JSON answer as it came.
     let resp = send("viabedrock", false).await.unwrap();

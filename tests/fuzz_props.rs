@@ -310,12 +310,12 @@ proptest! {
         crlf in any::<u64>(), cuts in cuts(),
     ) {
         let u = MockUsage { input_tokens: input, output_tokens: output, cache_read_input_tokens: read,
-            cache_creation_5m_input_tokens: w5, cache_creation_1h_input_tokens: w1 };
+            cache_creation_5m_input_tokens: w5, cache_creation_1h_input_tokens: w1, ..Default::default() };
         let lines = anthropic_lines(&u, &texts);
         let clean = scan(&[&join_lines(&lines, 0)]);
         let expected = Usage { input_tokens: input, output_tokens: output, cache_read_input_tokens: read,
             cache_creation_input_tokens: w5 + w1, cache_creation_5m_input_tokens: w5,
-            cache_creation_1h_input_tokens: w1 };
+            cache_creation_1h_input_tokens: w1, ..Default::default() };
         prop_assert_eq!(&clean, &(expected, true, None));
 
         let mut noisy = lines;

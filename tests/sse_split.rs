@@ -25,6 +25,7 @@ fn every_single_split_point_gives_the_same_usage() {
         cache_read_input_tokens: 89_000,
         cache_creation_5m_input_tokens: 12,
         cache_creation_1h_input_tokens: 3456,
+        ..Default::default()
     };
     let bytes = stream(&u, 20);
     let whole = usage_of(&[&bytes]);
@@ -45,7 +46,7 @@ proptest! {
         cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..64),
     ) {
         let u = MockUsage { input_tokens: input, output_tokens: output, cache_read_input_tokens: read,
-            cache_creation_5m_input_tokens: w5, cache_creation_1h_input_tokens: w1 };
+            cache_creation_5m_input_tokens: w5, cache_creation_1h_input_tokens: w1, ..Default::default() };
         let bytes = stream(&u, deltas);
         let mut points: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
         points.push(0);

@@ -168,17 +168,51 @@ pub enum Unpriced {
     Allow,
 }
 
+/// How a stream that ended before its final usage is charged to a budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interrupted {
+    /// Its output bounded by the content streamed (flagged `streamed_content`).
+    #[default]
+    Estimate,
+    /// Its reservation's worst case, when a budget applies (flagged `reservation`): covers
+    /// thinking the provider billed but never streamed.
+    Reservation,
+}
+
+/// What happens, under a budget, to a prompt that brings content from outside its body (URL or
+/// file sources, server tools, MCP servers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ByReference {
+    /// Reserve the model's whole context window for the prompt.
+    #[default]
+    Reserve,
+    /// Refuse it with 403, naming the field.
+    Refuse,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlsConfig {
     /// The IANA time zone budget periods and report days are cut in.
     pub timezone: Spanned<String>,
     pub unpriced: Unpriced,
+    pub interrupted: Interrupted,
+    pub by_reference: ByReference,
+    /// The uses reserved for a web search or fetch tool that sets no `max_uses`.
+    pub server_tool_uses: u64,
 }
 
 impl Default for ControlsConfig {
     fn default() -> Self {
-        ControlsConfig { timezone: Spanned::new(0..0, "UTC".into()), unpriced: Unpriced::Refuse }
+        ControlsConfig {
+            timezone: Spanned::new(0..0, "UTC".into()),
+            unpriced: Unpriced::Refuse,
+            interrupted: Interrupted::Estimate,
+            by_reference: ByReference::Reserve,
+            server_tool_uses: 20,
+        }
     }
 }
 
@@ -339,6 +373,16 @@ pub enum ProviderKind {
     /// Google Vertex AI rawPredict: an OAuth token from `service_account`, or a static token as
     /// `credential`.
     Vertex,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Bedrock => "bedrock",
+            ProviderKind::Vertex => "vertex",
+        }
+    }
 }
 
 /// `betas = { drop = ["files-api-*"], rename = { "old-beta" = "new-beta" } }`. A `drop` list
@@ -598,6 +642,60 @@ pub struct PriceConfig {
     pub cache_write_1h: f64,
     #[serde(default)]
     pub long_context: Option<LongContextConfig>,
+    /// Only for this provider (its name, or its kind: `anthropic`, `bedrock`, `vertex`).
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// Modifiers and limits (see [`PriceExtras`]); unset ones come from the shipped defaults.
+    #[serde(default)]
+    pub fast: Option<f64>,
+    #[serde(default)]
+    pub geo: Option<std::collections::BTreeMap<String, f64>>,
+    #[serde(default)]
+    pub regional: Option<f64>,
+    #[serde(default)]
+    pub web_search_per_1k: Option<f64>,
+    #[serde(default)]
+    pub web_fetch_per_1k: Option<f64>,
+    #[serde(default)]
+    pub max_output: Option<u64>,
+    #[serde(default)]
+    pub context_window: Option<u64>,
+}
+
+impl PriceConfig {
+    /// This row's modifiers and limits, each falling back to `defaults`.
+    pub fn extras(&self, defaults: &PriceExtras) -> PriceExtras {
+        PriceExtras {
+            fast: self.fast.or(defaults.fast),
+            geo: self.geo.clone().or_else(|| defaults.geo.clone()),
+            regional: self.regional.or(defaults.regional),
+            web_search_per_1k: self.web_search_per_1k.or(defaults.web_search_per_1k),
+            web_fetch_per_1k: self.web_fetch_per_1k.or(defaults.web_fetch_per_1k),
+            max_output: self.max_output.or(defaults.max_output),
+            context_window: self.context_window.or(defaults.context_window),
+        }
+    }
+}
+
+/// Price modifiers and model limits. On a `[[price]]` row they apply to that model; in the
+/// shipped table's `[defaults]` they apply to every row that does not set its own.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PriceExtras {
+    /// Every rate is multiplied by this when the usage says `speed = "fast"`.
+    pub fast: Option<f64>,
+    /// Multipliers by `inference_geo` value (`{ us = 1.1 }`); an unlisted value costs 1x.
+    pub geo: Option<std::collections::BTreeMap<String, f64>>,
+    /// Multiplier for a regional (not global) Bedrock or Vertex endpoint.
+    pub regional: Option<f64>,
+    /// USD per 1,000 web searches (`usage.server_tool_use.web_search_requests`).
+    pub web_search_per_1k: Option<f64>,
+    /// USD per 1,000 web fetches.
+    pub web_fetch_per_1k: Option<f64>,
+    /// The largest `max_tokens` the model accepts.
+    pub max_output: Option<u64>,
+    /// The largest prompt the model accepts, in tokens (with every beta that widens it).
+    pub context_window: Option<u64>,
 }
 
 /// Rates for the whole request when its prompt exceeds `threshold` tokens.
@@ -616,6 +714,8 @@ pub struct LongContextConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PriceFile {
+    #[serde(default)]
+    pub defaults: PriceExtras,
     #[serde(default)]
     pub price: Vec<PriceConfig>,
 }

@@ -37,10 +37,12 @@ impl Bucket {
         self.level
     }
 
-    /// How long until the bucket holds `need`.
+    /// How long until the bucket holds `need`, at most a day (a level far below zero, after
+    /// requests that used far more than they reserved, must not overflow a `Duration`).
     fn wait_for(&self, need: f64, per_minute: u64) -> Duration {
         let missing = (need - self.level).max(0.0);
-        Duration::from_secs_f64(missing * 60.0 / per_minute as f64)
+        let secs = (missing * 60.0 / per_minute.max(1) as f64).min(86_400.0);
+        Duration::try_from_secs_f64(secs).unwrap_or(Duration::from_secs(86_400))
     }
 
     /// Gives back what was reserved and not used (or takes what was used beyond it).
@@ -64,19 +66,26 @@ struct Counters {
 }
 
 impl Counters {
-    /// Moves the spend into the current period; reservations in flight carry over.
+    /// Keeps the spend in step with time: once the period ends, the next one starts from
+    /// zero (reservations in flight carry over). The period itself is the scope's own, set at
+    /// first use or by a seed from the ledger; a policy that names another period (a request
+    /// admitted before a reload) does not change it, so a change of period never erases spend.
     fn roll(&mut self, period: Period, tz: Tz, now_ms: i64) {
-        if self.period == Some(period) && now_ms < self.period_end {
+        let period = *self.period.get_or_insert(period);
+        if now_ms < self.period_end && now_ms >= self.period_start {
             return;
         }
-        if self.period.is_some() && self.period != Some(period) {
-            tracing::warn!("budget period changed without a seed; spend starts from zero");
-        }
         let (start, end) = period.bounds(tz, now_ms);
-        self.period = Some(period);
         self.period_start = start;
         self.period_end = end;
         self.spent = 0;
+    }
+
+    /// Adds a cost booked at `at_ms` to the spend, if that instant is in the current period.
+    fn charge(&mut self, cost_nanos: u64, at_ms: i64) {
+        if (self.period_start..self.period_end).contains(&at_ms) {
+            self.spent = self.spent.saturating_add(cost_nanos);
+        }
     }
 }
 
@@ -97,13 +106,22 @@ impl Inner {
     }
 }
 
+/// Unix milliseconds now: the system clock, or a test's.
+pub type Clock = Box<dyn Fn() -> i64 + Send + Sync>;
+
 pub struct LocalLimiter {
     inner: Mutex<Inner>,
+    clock: Clock,
 }
 
 impl LocalLimiter {
     pub fn new(tz: Tz) -> Self {
-        LocalLimiter { inner: Mutex::new(Inner { tz, scopes: Default::default() }) }
+        Self::with_clock(tz, Box::new(now_ms))
+    }
+
+    /// A limiter whose budget periods follow `clock` (tests move time across period ends).
+    pub fn with_clock(tz: Tz, clock: Clock) -> Self {
+        LocalLimiter { inner: Mutex::new(Inner { tz, scopes: Default::default() }), clock }
     }
 
     /// Budget periods from now on are cut in `tz`.
@@ -239,7 +257,7 @@ fn check(scope: &Scope, c: &mut Counters, demand: Demand, tz: Tz, now: Instant, 
 impl Limiter for LocalLimiter {
     fn admit(self: Arc<Self>, scopes: Vec<Scope>, demand: Demand) -> Result<Reservation, Refusal> {
         let now = Instant::now();
-        let now_ms = now_ms();
+        let now_ms = (self.clock)();
         {
             let mut g = self.lock();
             let tz = g.tz;
@@ -269,7 +287,7 @@ impl Limiter for LocalLimiter {
     }
 
     fn settle(&self, scopes: &[Scope], demand: Demand, actual: Actual) {
-        let now_ms = now_ms();
+        let now_ms = (self.clock)();
         let mut g = self.lock();
         let tz = g.tz;
         for s in scopes {
@@ -277,7 +295,7 @@ impl Limiter for LocalLimiter {
             if let Some(b) = s.policy.budget {
                 c.roll(b.period, tz, now_ms);
                 c.reserved = c.reserved.saturating_sub(demand.worst_nanos);
-                c.spent = c.spent.saturating_add(actual.cost_nanos);
+                c.charge(actual.cost_nanos, if actual.at_ms == 0 { now_ms } else { actual.at_ms });
             }
             let l = s.policy.limits;
             if let Some(tpm) = l.input_tpm {
@@ -292,7 +310,7 @@ impl Limiter for LocalLimiter {
 
     fn status(&self, scope: &Scope) -> ScopeStatus {
         let now = Instant::now();
-        let now_ms = now_ms();
+        let now_ms = (self.clock)();
         let mut g = self.lock();
         let tz = g.tz;
         let c = g.counters(scope.kind, &scope.id);
@@ -324,7 +342,7 @@ impl Limiter for LocalLimiter {
         let mut g = self.lock();
         let tz = g.tz;
         let c = g.counters(scope.kind, &scope.id);
-        let (start, end) = b.period.bounds(tz, now_ms());
+        let (start, end) = b.period.bounds(tz, (self.clock)());
         if start != period_start_ms {
             tracing::warn!(%scope, "seeded spend is for another period; ignored");
             return;
@@ -335,11 +353,15 @@ impl Limiter for LocalLimiter {
         c.spent = spent_nanos;
     }
 
+    fn ids_with_prefix(&self, kind: ScopeKind, prefix: &str) -> Vec<String> {
+        self.lock().scopes[kind as usize].keys().filter(|id| id.starts_with(prefix)).cloned().collect()
+    }
+
     fn tracks(&self, scope: &Scope) -> bool {
         let Some(b) = scope.policy.budget else { return true };
         let mut g = self.lock();
         let tz = g.tz;
-        let (start, _) = b.period.bounds(tz, now_ms());
+        let (start, _) = b.period.bounds(tz, (self.clock)());
         let c = g.counters(scope.kind, &scope.id);
         c.period == Some(b.period) && c.period_start == start
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use local::{now_ms, LocalLimiter};
+pub use local::{now_ms, Clock, LocalLimiter};
 pub use period::{rfc3339, Period};
 
 /// A spending cap over a period.
@@ -160,6 +160,10 @@ pub struct Actual {
     pub cost_nanos: u64,
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// When the request is booked (its ledger row's time, Unix milliseconds): its cost counts
+    /// in the budget period that contains this instant, as it does in the ledger. A request
+    /// booked in a period that has ended adds nothing to the current one. 0 means now.
+    pub at_ms: i64,
 }
 
 /// Why a request was refused; the proxy turns it into the client's error.
@@ -188,11 +192,17 @@ pub trait Limiter: Send + Sync {
     fn status(&self, scope: &Scope) -> ScopeStatus;
 
     /// Sets the spend of a budgeted scope for its current period (from the ledger, at start or
-    /// when the budget first appears). Reservations in flight are kept.
+    /// when the budget first appears or changes its period). Reservations in flight are kept.
+    /// This is the only way a scope's period changes: a request admitted under the old period
+    /// and settled after the seed counts in the seeded period (if its time falls in it).
     fn seed(&self, scope: &Scope, period_start_ms: i64, spent_nanos: u64);
 
     /// Whether the scope already tracks spend for the period of `budget`.
     fn tracks(&self, scope: &Scope) -> bool;
+
+    /// The ids of the scopes of `kind` this limiter counts for, starting with `prefix` (the
+    /// principals of a JWT issuer, which are known only once they call).
+    fn ids_with_prefix(&self, kind: ScopeKind, prefix: &str) -> Vec<String>;
 }
 
 /// Spend and headroom of a scope.

@@ -3,5 +3,7 @@
 mod pricing;
 mod record;
 
-pub use pricing::{usd, Price, PriceTable, Rates, DEFAULT_PRICES};
-pub use record::{Outcome, UsageRecord};
+pub use pricing::{
+    usd, Asked, Price, PriceTable, ProviderRef, Rates, DEFAULT_CONTEXT_WINDOW, DEFAULT_MAX_OUTPUT, DEFAULT_PRICES,
+};
+pub use record::{Estimate, Outcome, UsageRecord};

@@ -21,6 +21,35 @@ pub enum Outcome {
     Failed,
 }
 
+/// Why a record's usage or cost is not the provider's own final count, and by which rule it was
+/// set instead (README, "Pricing").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Estimate {
+    /// The stream ended before its final usage: output tokens are bounded from above by the
+    /// content bytes streamed.
+    StreamedContent,
+    /// An interrupted stream under a budget, charged its reservation's worst case by the
+    /// operator's `controls.interrupted = "reservation"` policy.
+    Reservation,
+    /// A successful answer that reported no usage at all: charged the request's worst case.
+    MissingUsage,
+    /// Cache writes reported without their TTL split, priced as 1-hour writes because the
+    /// request asked for 1-hour caching.
+    CacheTtlFromRequest,
+}
+
+impl Estimate {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Estimate::StreamedContent => "streamed_content",
+            Estimate::Reservation => "reservation",
+            Estimate::MissingUsage => "missing_usage",
+            Estimate::CacheTtlFromRequest => "cache_ttl_from_request",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct UsageRecord {
     pub request_id: String,
@@ -57,6 +86,9 @@ pub struct UsageRecord {
     pub cost_usd: f64,
     /// False when the model had no price: the cost is then 0 and must not be trusted.
     pub priced: bool,
+    /// Set when the usage or cost is an estimate rather than the provider's count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage_estimated: Option<Estimate>,
     pub latency_ms: f64,
     pub ttfb_ms: Option<f64>,
     pub outcome: Outcome,

@@ -27,14 +27,24 @@ use tokio::sync::mpsc;
 
 use crate::protocol::json_peek::peek_request;
 
-/// Usage the mock reports, per token class.
+/// Usage the mock reports, per token class, and what ran beyond tokens.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct MockUsage {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cache_read_input_tokens: u64,
     pub cache_creation_5m_input_tokens: u64,
     pub cache_creation_1h_input_tokens: u64,
+    /// `usage.speed` (`"fast"` for fast mode).
+    pub speed: Option<String>,
+    /// `usage.inference_geo` (`"us"`, `"global"`).
+    pub inference_geo: Option<String>,
+    /// `usage.server_tool_use` counts.
+    pub web_search_requests: u64,
+    pub web_fetch_requests: u64,
+    /// Report cache writes without the `cache_creation` TTL split, as some providers do.
+    pub no_cache_split: bool,
 }
 
 impl Default for MockUsage {
@@ -45,20 +55,43 @@ impl Default for MockUsage {
             cache_read_input_tokens: 0,
             cache_creation_5m_input_tokens: 0,
             cache_creation_1h_input_tokens: 0,
+            speed: None,
+            inference_geo: None,
+            web_search_requests: 0,
+            web_fetch_requests: 0,
+            no_cache_split: false,
         }
     }
 }
 
 impl MockUsage {
     fn input_side(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "input_tokens": self.input_tokens,
             "cache_creation_input_tokens": self.cache_creation_5m_input_tokens + self.cache_creation_1h_input_tokens,
             "cache_read_input_tokens": self.cache_read_input_tokens,
-            "cache_creation": {
+        });
+        if !self.no_cache_split {
+            v["cache_creation"] = serde_json::json!({
                 "ephemeral_5m_input_tokens": self.cache_creation_5m_input_tokens,
                 "ephemeral_1h_input_tokens": self.cache_creation_1h_input_tokens,
-            },
+            });
+        }
+        if let Some(speed) = &self.speed {
+            v["speed"] = speed.as_str().into();
+        }
+        if let Some(geo) = &self.inference_geo {
+            v["inference_geo"] = geo.as_str().into();
+        }
+        v
+    }
+
+    fn server_tool_use(&self) -> Option<serde_json::Value> {
+        (self.web_search_requests > 0 || self.web_fetch_requests > 0).then(|| {
+            serde_json::json!({
+                "web_search_requests": self.web_search_requests,
+                "web_fetch_requests": self.web_fetch_requests,
+            })
         })
     }
 
@@ -66,17 +99,24 @@ impl MockUsage {
         let mut v = self.input_side();
         v["output_tokens"] = output_tokens.into();
         v["service_tier"] = "standard".into();
+        if let Some(tools) = self.server_tool_use() {
+            v["server_tool_use"] = tools;
+        }
         v
     }
 
     /// What a real `message_delta` carries: cumulative totals, but no `cache_creation` split.
     fn delta(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "input_tokens": self.input_tokens,
             "cache_creation_input_tokens": self.cache_creation_5m_input_tokens + self.cache_creation_1h_input_tokens,
             "cache_read_input_tokens": self.cache_read_input_tokens,
             "output_tokens": self.output_tokens,
-        })
+        });
+        if let Some(tools) = self.server_tool_use() {
+            v["server_tool_use"] = tools;
+        }
+        v
     }
 }
 

@@ -176,9 +176,19 @@ pub struct RequestPeek {
     /// The `model` value, unescaped, and the span of its JSON string (quotes included).
     pub model: Option<(String, Range<usize>)>,
     pub stream: bool,
+    /// `max_tokens` when it is a whole number from 1 up; see `max_tokens_invalid`.
     pub max_tokens: Option<u64>,
+    /// `max_tokens` is present but not a whole number from 1 to 2^64-1 (`-1`, `1.5`, `1e15`,
+    /// `"x"`): the gateway refuses it rather than reserve a guess.
+    pub max_tokens_invalid: bool,
     /// The span of the `metadata` object, if any (it may carry `user_id`).
     pub metadata: Option<Range<usize>>,
+    /// `speed` is `"fast"`.
+    pub fast: bool,
+    /// The `inference_geo` value, when it is a string.
+    pub inference_geo: Option<String>,
+    /// `mcp_servers` is present and not empty.
+    pub mcp_servers: bool,
 }
 
 /// Reads `model`, `stream` and `max_tokens`. A duplicated `model` is refused: providers keep the
@@ -200,19 +210,36 @@ pub fn peek_request(body: &[u8]) -> Result<RequestPeek, JsonError> {
                     .map_err(|_| JsonError { what: "invalid \"model\" string", at: span.start })?;
                 peek.model = Some((value, span));
             }
-            // `stream` and `max_tokens` only inform metering and limits; validating them is
-            // the provider's job (it answers a bad value with its own 400). The last one wins,
-            // as in the provider's parser.
+            // `stream` informs metering; validating it is the provider's job. The last value
+            // wins, as in the provider's parser.
             "stream" => peek.stream = &body[span] == b"true",
             "metadata" => peek.metadata = Some(span),
             "max_tokens" => {
-                peek.max_tokens = std::str::from_utf8(&body[span]).ok().and_then(|v| v.parse().ok());
+                let raw = &body[span];
+                // Digits only: a sign, a fraction or an exponent is not a token count.
+                let digits = !raw.is_empty() && raw.iter().all(u8::is_ascii_digit);
+                let n = digits.then(|| std::str::from_utf8(raw).ok()?.parse::<u64>().ok()).flatten();
+                peek.max_tokens = n.filter(|n| *n >= 1);
+                peek.max_tokens_invalid = peek.max_tokens.is_none();
+            }
+            // Read as the provider reads it: `"f\u0061st"` is fast too.
+            "speed" => peek.fast = serde_json::from_slice::<String>(&body[span]).is_ok_and(|v| v == "fast"),
+            "inference_geo" => peek.inference_geo = serde_json::from_slice::<String>(&body[span]).ok(),
+            "mcp_servers" => {
+                let raw = trim_ws(&body[span]);
+                peek.mcp_servers = raw != b"null" && !(raw.starts_with(b"[") && trim_ws(&raw[1..]) == b"]");
             }
             _ => {}
         }
         Ok(())
     })?;
     Ok(peek)
+}
+
+fn trim_ws(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
+    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    &b[start..end.max(start)]
 }
 
 /// Rebuilds the top-level object of `body` without the members named in `drop` and with the

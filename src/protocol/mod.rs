@@ -4,6 +4,7 @@ pub mod bedrock;
 pub mod eventstream;
 pub mod inbound;
 pub mod json_peek;
+pub mod references;
 pub mod sse;
 pub mod usage;
 pub mod vertex;

@@ -4,6 +4,12 @@
 //! stream (`content_block_delta` data) is skipped with `memchr`. Only the few lines that carry
 //! usage (`message_start`, `message_delta`, `error`) are parsed; when such a line straddles a
 //! chunk boundary, just that line is buffered.
+//!
+//! For a stream that ends before its final `message_delta` (a client or provider cut, a
+//! timeout), the scanner also counts the bytes of content streamed so far: every
+//! `content_block_delta` data line beyond the smallest such event's wrapper. Each token is at
+//! least one byte of text, and JSON escaping only adds bytes, so that count bounds the output
+//! tokens that were streamed from above, without parsing a single delta.
 
 use memchr::memchr;
 
@@ -11,6 +17,10 @@ use super::usage::{Usage, UsageJson};
 
 /// A usage line longer than this is not buffered (no real one comes near it).
 const MAX_LINE: usize = 1 << 20;
+
+/// The bytes of the smallest `content_block_delta` data that carries no content:
+/// `{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":""}}`.
+const DELTA_WRAPPER: u64 = 80;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Event {
@@ -20,6 +30,8 @@ enum Event {
     MessageDelta,
     MessageStop,
     Error,
+    /// `content_block_delta`: only its size is counted (the bytes after `data:`).
+    ContentDelta,
     Other,
 }
 
@@ -31,6 +43,8 @@ enum LineState {
     Keep,
     /// Inside a line that does not matter.
     Skip,
+    /// Inside a content delta's data line: its bytes are counted, not kept.
+    Count,
 }
 
 /// Accumulates usage across `feed` calls.
@@ -41,6 +55,14 @@ pub struct SseUsageScanner {
     line: Vec<u8>,
     usage: Usage,
     saw_message_stop: bool,
+    /// A `message_delta` with usage went by: the output count is final.
+    saw_final_usage: bool,
+    /// The output count `message_start` reported (tokens before the first delta).
+    start_output: u64,
+    /// Bytes of the data line being counted so far (`Count` state).
+    counting: u64,
+    /// Upper bound of the content bytes streamed (see the module comment).
+    content_bytes: u64,
     error_type: Option<String>,
 }
 
@@ -58,8 +80,23 @@ impl SseUsageScanner {
             line: Vec::new(),
             usage: Usage::default(),
             saw_message_stop: false,
+            saw_final_usage: false,
+            start_output: 0,
+            counting: 0,
+            content_bytes: 0,
             error_type: None,
         }
+    }
+
+    /// True once a `message_delta` reported usage: the provider's own final count.
+    pub fn has_final_usage(&self) -> bool {
+        self.saw_final_usage
+    }
+
+    /// An upper bound of the output tokens streamed so far, for a stream that ended without its
+    /// final usage: the output `message_start` reported plus every content byte since.
+    pub fn output_upper_bound(&self) -> u64 {
+        self.usage.output_tokens.max(self.start_output.saturating_add(self.content_bytes))
     }
 
     pub fn usage(&self) -> Usage {
@@ -86,6 +123,7 @@ impl SseUsageScanner {
             chunk = rest;
             match self.state {
                 LineState::Skip => {}
+                LineState::Count => self.counting += part.len() as u64,
                 LineState::Keep => self.push(part),
                 LineState::Undecided => {
                     if ends_line && self.line.is_empty() {
@@ -95,12 +133,20 @@ impl SseUsageScanner {
                     }
                     self.push(part);
                     self.state = self.classify();
-                    if self.state == LineState::Skip {
+                    if self.state == LineState::Count {
+                        self.counting = self.line.len() as u64;
+                    }
+                    if matches!(self.state, LineState::Skip | LineState::Count) {
                         self.line.clear();
                     }
                 }
             }
             if ends_line {
+                if self.state == LineState::Count {
+                    // `data:` is not content; the rest of the line counts, space and CR too.
+                    self.add_content(self.counting.saturating_sub(5));
+                    self.counting = 0;
+                }
                 if self.state == LineState::Keep || self.state == LineState::Undecided {
                     let line = std::mem::take(&mut self.line);
                     self.line_done(&line);
@@ -110,6 +156,10 @@ impl SseUsageScanner {
                 self.state = LineState::Undecided;
             }
         }
+    }
+
+    fn add_content(&mut self, data_len: u64) {
+        self.content_bytes = self.content_bytes.saturating_add(data_len.saturating_sub(DELTA_WRAPPER));
     }
 
     fn push(&mut self, part: &[u8]) {
@@ -130,6 +180,7 @@ impl SseUsageScanner {
         if head.starts_with(b"data:") {
             return match self.event {
                 Event::MessageStart | Event::MessageDelta | Event::Error | Event::Unnamed => LineState::Keep,
+                Event::ContentDelta => LineState::Count,
                 _ => LineState::Skip,
             };
         }
@@ -140,8 +191,8 @@ impl SseUsageScanner {
         LineState::Skip
     }
 
-    fn line_done(&mut self, line: &[u8]) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    fn line_done(&mut self, raw: &[u8]) {
+        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
         if line.is_empty() {
             // A blank line ends the event.
             self.event = Event::Unnamed;
@@ -151,6 +202,7 @@ impl SseUsageScanner {
                 b"message_delta" => Event::MessageDelta,
                 b"message_stop" => Event::MessageStop,
                 b"error" => Event::Error,
+                b"content_block_delta" => Event::ContentDelta,
                 _ => Event::Other,
             };
             if self.event == Event::MessageStop {
@@ -159,6 +211,9 @@ impl SseUsageScanner {
         } else if let Some(data) = line.strip_prefix(b"data:") {
             match self.event {
                 Event::MessageStart | Event::MessageDelta | Event::Error | Event::Unnamed => self.data(trim(data)),
+                // Counted as the `Count` state counts a line split across chunks: every byte
+                // after `data:`, so the bound does not depend on where chunks were cut.
+                Event::ContentDelta => self.add_content(raw.len() as u64 - 5),
                 _ => {}
             }
         }
@@ -184,13 +239,17 @@ impl SseUsageScanner {
             "message_start" => {
                 if let Some(u) = d.message.and_then(|m| m.usage) {
                     self.usage.apply(&u);
+                    self.start_output = self.usage.output_tokens;
                 }
             }
             "message_delta" => {
                 if let Some(u) = d.usage {
                     self.usage.apply(&u);
+                    self.saw_final_usage = true;
                 }
             }
+            // An unnamed event's content delta still counts.
+            "content_block_delta" => self.add_content(json.len() as u64),
             "message_stop" => self.saw_message_stop = true,
             "error" => {
                 self.error_type = Some(d.error.and_then(|e| e.kind).unwrap_or_else(|| "error".into()));
@@ -229,6 +288,7 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
             cache_creation_input_tokens: 300,
             cache_creation_5m_input_tokens: 100,
             cache_creation_1h_input_tokens: 200,
+            ..Default::default()
         }
     }
 

@@ -2,7 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Tokens per billing class for one request.
+/// Tokens per billing class for one request, and what the provider says ran: the speed tier,
+/// where inference ran, and the server tools it used (each billed on top of tokens).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Usage {
     pub input_tokens: u64,
@@ -12,6 +13,90 @@ pub struct Usage {
     pub cache_creation_input_tokens: u64,
     pub cache_creation_5m_input_tokens: u64,
     pub cache_creation_1h_input_tokens: u64,
+    /// `usage.speed`: fast mode is billed at a multiple of the standard rates.
+    #[serde(skip_serializing_if = "Speed::is_standard")]
+    pub speed: Speed,
+    /// `usage.inference_geo`, when the provider reports where the request ran.
+    #[serde(skip_serializing_if = "Tag::is_empty")]
+    pub inference_geo: Tag,
+    /// `usage.server_tool_use.web_search_requests`: searches, billed per use.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub web_search_requests: u64,
+    /// `usage.server_tool_use.web_fetch_requests`: fetches (their content is billed as input).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub web_fetch_requests: u64,
+    /// Cache writes reported without a TTL split, counted above as 5-minute writes (the API's
+    /// default TTL) until pricing knows better from the request.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cache_writes_unsplit: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The speed tier a request ran at.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Speed {
+    #[default]
+    Standard,
+    Fast,
+}
+
+impl Speed {
+    pub fn is_standard(&self) -> bool {
+        *self == Speed::Standard
+    }
+
+    /// Reads a `speed` value; anything but `fast` runs (and bills) at the standard tier.
+    pub fn parse(s: &str) -> Speed {
+        if s == "fast" {
+            Speed::Fast
+        } else {
+            Speed::Standard
+        }
+    }
+}
+
+/// A short provider-reported label (`us`, `global`, ...) kept inline so [`Usage`] stays `Copy`.
+/// Longer values are cut at a character boundary; no real label comes near the limit.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tag {
+    len: u8,
+    bytes: [u8; 23],
+}
+
+impl Tag {
+    pub fn new(s: &str) -> Tag {
+        let mut end = s.len().min(23);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0; 23];
+        bytes[..end].copy_from_slice(&s.as_bytes()[..end]);
+        Tag { len: end as u8, bytes }
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or_default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::fmt::Debug for Tag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl Serialize for Tag {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 impl Usage {
@@ -42,15 +127,49 @@ impl Usage {
             .map(|c| (c.ephemeral_5m_input_tokens.unwrap_or(0), c.ephemeral_1h_input_tokens.unwrap_or(0)));
         match (u.cache_creation_input_tokens, split) {
             (total, Some((m5, h1))) => {
-                let total = total.unwrap_or(0).max(m5.saturating_add(h1));
+                let explained = m5.saturating_add(h1);
+                let total = total.unwrap_or(0).max(explained);
                 self.set_cache_writes(total, h1);
+                self.cache_writes_unsplit = total - explained;
             }
             // `message_delta` repeats the total without the split: keep the 1-hour part known
             // from `message_start`; only a difference nobody explained counts as 5-minute
-            // writes, the API's default TTL.
-            (Some(total), None) => self.set_cache_writes(total, self.cache_creation_1h_input_tokens.min(total)),
+            // writes, the API's default TTL, and is remembered as unsplit.
+            (Some(total), None) => {
+                let explained = self.cache_creation_input_tokens - self.cache_writes_unsplit;
+                self.set_cache_writes(total, self.cache_creation_1h_input_tokens.min(total));
+                self.cache_writes_unsplit = total.saturating_sub(explained);
+            }
             (None, None) => {}
         }
+        if let Some(speed) = &u.speed {
+            self.speed = Speed::parse(speed);
+        }
+        if let Some(geo) = &u.inference_geo {
+            self.inference_geo = Tag::new(geo);
+        }
+        // Counts are cumulative, like output tokens: a later report replaces an earlier one.
+        if let Some(tools) = &u.server_tool_use {
+            if let Some(n) = tools.web_search_requests {
+                self.web_search_requests = n;
+            }
+            if let Some(n) = tools.web_fetch_requests {
+                self.web_fetch_requests = n;
+            }
+        }
+    }
+
+    /// Counts the unsplit cache writes as 1-hour writes: the rule when the request asked for
+    /// 1-hour caching. Returns whether anything moved.
+    pub fn unsplit_writes_as_one_hour(&mut self) -> bool {
+        let n = self.cache_writes_unsplit;
+        if n == 0 {
+            return false;
+        }
+        self.cache_creation_5m_input_tokens = self.cache_creation_5m_input_tokens.saturating_sub(n);
+        self.cache_creation_1h_input_tokens += n;
+        self.cache_writes_unsplit = 0;
+        true
     }
 
     fn set_cache_writes(&mut self, total: u64, one_hour: u64) {
@@ -68,6 +187,15 @@ pub struct UsageJson {
     pub cache_read_input_tokens: Option<u64>,
     pub cache_creation_input_tokens: Option<u64>,
     pub cache_creation: Option<CacheCreationJson>,
+    pub speed: Option<String>,
+    pub inference_geo: Option<String>,
+    pub server_tool_use: Option<ServerToolUseJson>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ServerToolUseJson {
+    pub web_search_requests: Option<u64>,
+    pub web_fetch_requests: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -122,6 +250,7 @@ mod tests {
                 cache_creation_input_tokens: 300,
                 cache_creation_5m_input_tokens: 100,
                 cache_creation_1h_input_tokens: 200,
+                ..Default::default()
             }
         );
     }
@@ -147,6 +276,7 @@ mod tests {
         let more: UsageJson = serde_json::from_str(r#"{"cache_creation_input_tokens":2500}"#).unwrap();
         u.apply(&more);
         assert_eq!((u.cache_creation_1h_input_tokens, u.cache_creation_5m_input_tokens), (2400, 100));
+        assert_eq!(u.cache_writes_unsplit, 100);
     }
 
     #[test]
@@ -156,5 +286,6 @@ mod tests {
                 .unwrap();
         assert_eq!(u.cache_creation_5m_input_tokens, 7);
         assert_eq!(u.cache_creation_1h_input_tokens, 0);
+        assert_eq!(u.cache_writes_unsplit, 7);
     }
 }

@@ -75,6 +75,19 @@ impl std::fmt::Debug for Provider {
 }
 
 impl Provider {
+    /// Whether `model_id` runs on a regional endpoint here, which Bedrock and Vertex price
+    /// above their global ones: a Bedrock id without the `global.` inference-profile prefix,
+    /// or a Vertex provider in a region other than `global`.
+    pub fn regional(&self, model_id: &str) -> bool {
+        match self.kind {
+            ProviderKind::Anthropic => false,
+            // An inference-profile ARN names the profile after its last `/`; an application
+            // profile's ARN does not say, and counts as regional (the dearer side).
+            ProviderKind::Bedrock => !model_id.rsplit('/').next().unwrap_or(model_id).starts_with("global."),
+            ProviderKind::Vertex => self.region.as_deref() != Some("global"),
+        }
+    }
+
     /// Builds the provider and resolves its credentials. Name resolution is left to
     /// [`Provider::resolve_blocking`] (start-up) and the pool's background discovery.
     /// `default_pool_size` applies when the provider sets no `pool_size`.

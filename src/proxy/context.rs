@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::auth::ApiKey;
-use crate::metering::{Outcome, Price, UsageRecord};
+use crate::metering::{Estimate, Outcome, Price, UsageRecord};
 use crate::protocol::inbound::Format;
 use crate::protocol::usage::Usage;
 use crate::routing::{Deployment, Route};
@@ -40,6 +40,20 @@ pub struct RequestCtx {
     pub format: Format,
     /// Authenticated by its listener's `anonymous_key`, not by a key it sent.
     pub anonymous: bool,
+    /// The deployment that answered is a regional Bedrock or Vertex endpoint.
+    pub regional: bool,
+    /// The request's worst-case cost on any deployment it may reach (admission's bound).
+    pub worst_nanos: u64,
+    /// The output tokens admission reserved (`max_tokens`, or the model's maximum): no
+    /// estimate goes above it, as no provider generates more.
+    pub output_cap: u64,
+    /// Some `cache_control` in the request asked for a 1-hour TTL.
+    pub cache_1h: bool,
+    /// Charge an interrupted stream its worst case (`controls.interrupted = "reservation"` and
+    /// a budget applies).
+    pub interrupted_at_worst: bool,
+    /// Why the usage is an estimate, when it is one.
+    pub estimate: Option<Estimate>,
 }
 
 impl RequestCtx {
@@ -67,6 +81,12 @@ impl RequestCtx {
             reservation: None,
             format: Format::Anthropic,
             anonymous: false,
+            regional: false,
+            worst_nanos: 0,
+            output_cap: 0,
+            cache_1h: false,
+            interrupted_at_worst: false,
+            estimate: None,
         }
     }
 
@@ -74,11 +94,51 @@ impl RequestCtx {
         self.route.as_ref().and_then(|r| r.deployments.get(self.deployment))
     }
 
+    /// Takes what metering found. A successful answer without the provider's final count gets
+    /// an estimate: output bounded by the content streamed when the stream reported its input
+    /// side, the worst case when nothing at all was reported.
+    pub fn take_metered(&mut self, m: &super::meter::Metered) {
+        self.usage = m.usage;
+        let answered = self.upstream_status.is_some_and(|s| (200..300).contains(&s));
+        if m.final_usage || !answered {
+            return;
+        }
+        match m.output_bound {
+            Some(bound) if !self.usage.is_zero() => {
+                let cap = if self.output_cap > 0 { self.output_cap } else { u64::MAX };
+                self.usage.output_tokens = bound.min(cap).max(self.usage.output_tokens);
+                self.estimate = Some(Estimate::StreamedContent);
+            }
+            _ => self.estimate = Some(Estimate::MissingUsage),
+        }
+    }
+
+    /// The priced usage and cost, by the rules for estimates (README, "Pricing").
+    fn priced(&mut self) -> (u64, bool) {
+        if self.cache_1h && self.usage.unsplit_writes_as_one_hour() {
+            self.estimate.get_or_insert(Estimate::CacheTtlFromRequest);
+        }
+        let Some(price) = self.price.as_ref() else {
+            // No price: the cost cannot be known; a worst case, if one was computed, still counts.
+            let cost = if self.estimate == Some(Estimate::MissingUsage) { self.worst_nanos } else { 0 };
+            return (cost, self.usage.is_zero() && self.estimate.is_none());
+        };
+        let cost = price.cost_nanos(&self.usage, self.regional);
+        let cost = match self.estimate {
+            Some(Estimate::MissingUsage) => cost.max(self.worst_nanos),
+            Some(Estimate::StreamedContent) if self.interrupted_at_worst => {
+                self.estimate = Some(Estimate::Reservation);
+                cost.max(self.worst_nanos)
+            }
+            _ => cost,
+        };
+        (cost, true)
+    }
+
     /// The usage record, priced; the attempts move into it.
     pub fn record(&mut self, method: &str, path: &str, client: Client) -> UsageRecord {
+        let (cost_nanos, priced) = self.priced();
         let dep = self.deployment();
-        let price = self.price.as_ref();
-        let cost_nanos = price.map(|p| p.cost_nanos(&self.usage)).unwrap_or(0);
         UsageRecord {
             request_id: self.id.clone(),
             time: self.time,
@@ -108,7 +168,8 @@ impl RequestCtx {
             usage: self.usage,
             cost_nanos,
             cost_usd: cost_nanos as f64 / 1e9,
-            priced: price.is_some() || self.usage.is_zero(),
+            priced,
+            usage_estimated: self.estimate,
             latency_ms: self.start.elapsed().as_secs_f64() * 1e3,
             ttfb_ms: self.ttfb.map(|t| t.as_secs_f64() * 1e3),
             outcome: self.outcome,

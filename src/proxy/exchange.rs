@@ -2,7 +2,7 @@
 //! stream the answer to the client chunk by chunk while metering it. Which endpoint, and what
 //! happens when an attempt fails, is `fallback`'s business.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use pingora::http::RequestHeader;
@@ -25,9 +25,6 @@ use crate::providers::{Endpoint, Provider};
 /// A pooled connection the provider closed while idle fails on first use; retry those on
 /// another connection, at most this many times.
 const STALE_RETRIES: usize = 2;
-
-/// A close this soon after the request was written, with no answer, is a stale connection.
-const STALE_WINDOW: Duration = Duration::from_millis(500);
 
 impl Gateway {
     /// Streams the chosen attempt's answer to the client, metering it on the way.
@@ -110,8 +107,7 @@ impl Gateway {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let m = meter.finish();
-                    ctx.usage = m.usage;
+                    ctx.take_metered(&meter.finish());
                     ctx.outcome = Outcome::Incomplete;
                     ctx.error = Some(format!("provider {} broke off the answer: {e}", provider.name));
                     // Close without the final chunk: the client must see the answer as cut short.
@@ -122,7 +118,7 @@ impl Gateway {
         }
         let finished = session.write_response_body(None, true).await;
         let m = meter.finish();
-        ctx.usage = m.usage;
+        ctx.take_metered(&m);
         ctx.outcome = if !(200..300).contains(&status) {
             ctx.error = m.error_type.or_else(|| Some(format!("provider answered {status}")));
             Outcome::UpstreamError
@@ -209,17 +205,16 @@ impl Gateway {
                 provider.connector.release_http_session(up, peer, Some(provider.pool_idle_timeout)).await;
             }
         }
-        ctx.usage = meter.finish().usage;
+        ctx.take_metered(&meter.finish());
         Ok(())
     }
 
     /// Sends the request and reads the final (non-1xx) response header.
     ///
     /// A pooled connection the provider closed while idle fails at once: such a failure is
-    /// retried on another connection, but only when the request cannot have been processed
-    /// (the write failed, or the connection closed right after the write with no answer).
-    /// Anything later (a reset after minutes, a broken header) is not retried: the provider
-    /// may already be generating, and billing, the answer.
+    /// retried on another connection, but only while the request was not yet written whole.
+    /// Once it was, the provider may be generating, and billing, the answer, so nothing is sent
+    /// again here; the error says the request was written ([`SendError::written`]).
     pub(super) async fn send(
         &self,
         provider: &Provider,
@@ -227,8 +222,11 @@ impl Gateway {
         req: RequestHeader,
         body: Bytes,
         first_byte_timeout: Duration,
-    ) -> Result<HttpSession, ApiError> {
-        let peer = endpoint.peer().map_err(|e| ApiError::unavailable(format!("provider {}: {e}", provider.name)))?;
+    ) -> Result<HttpSession, SendError> {
+        let unwritten = |error| SendError { error, written: false };
+        let peer = endpoint
+            .peer()
+            .map_err(|e| unwritten(ApiError::unavailable(format!("provider {}: {e}", provider.name))))?;
         let peer = &*peer;
         let mut attempt = 0;
         loop {
@@ -236,11 +234,11 @@ impl Gateway {
                 let timeout = matches!(e.etype(), ErrorType::ConnectTimedout | ErrorType::TLSHandshakeTimedout);
                 let kind = if timeout { "connect_timeout" } else { "connect_error" };
                 self.metrics.upstream_errors.with_label_values(&[&provider.name, kind]).inc();
-                if timeout {
+                unwritten(if timeout {
                     ApiError::gateway_timeout(format!("provider {}: connect timed out", provider.name))
                 } else {
                     ApiError::bad_gateway(format!("provider {}: cannot connect: {}", provider.name, e.etype().as_str()))
-                }
+                })
             })?;
             up.set_write_timeout(Some(provider.idle_timeout));
             let written = async {
@@ -249,7 +247,6 @@ impl Gateway {
                 up.finish_request_body().await
             }
             .await;
-            let written_at = Instant::now();
             let write_failed = written.is_err();
             let result = match written {
                 Ok(()) => read_final_header(&mut up, first_byte_timeout).await,
@@ -259,18 +256,21 @@ impl Gateway {
                 Ok(()) => return Ok(up),
                 Err(e) => e,
             };
-            let stale = reused
-                && attempt < STALE_RETRIES
-                && (write_failed || (e.etype() == &ErrorType::ConnectionClosed && written_at.elapsed() < STALE_WINDOW));
-            if stale {
+            if write_failed && reused && attempt < STALE_RETRIES {
                 attempt += 1;
                 tracing::debug!(provider = %provider.name, error = %e, "pooled connection was stale, retrying on another");
                 continue;
             }
             let timeout = e.etype() == &ErrorType::ReadTimedout;
-            let kind = if timeout { "first_byte_timeout" } else { "exchange_error" };
+            let kind = if write_failed {
+                "write_error"
+            } else if timeout {
+                "first_byte_timeout"
+            } else {
+                "exchange_error"
+            };
             self.metrics.upstream_errors.with_label_values(&[&provider.name, kind]).inc();
-            return Err(if timeout {
+            let error = if timeout && !write_failed {
                 ApiError::gateway_timeout(format!(
                     "provider {} sent no answer within {:.1}s",
                     provider.name,
@@ -278,9 +278,17 @@ impl Gateway {
                 ))
             } else {
                 ApiError::bad_gateway(format!("provider {}: {}", provider.name, e.etype().as_str()))
-            });
+            };
+            return Err(SendError { error, written: !write_failed });
         }
     }
+}
+
+/// Why an exchange produced no answer, and whether the provider got the whole request (and so
+/// may be generating, and billing, an answer nobody will read).
+pub(super) struct SendError {
+    pub error: ApiError,
+    pub written: bool,
 }
 
 /// Reads response headers until a final one: informational answers (100, 103) may come first

@@ -20,6 +20,7 @@ use pingora_proxy::Session;
 use serde::Serialize;
 
 use super::dialect::{outbound, Answer, Inbound, Outbound};
+use super::exchange::SendError;
 use super::headers::{copy_request_headers, response_for_client};
 use super::{ApiError, Gateway, RequestCtx, State};
 use crate::config::ProviderKind;
@@ -44,6 +45,10 @@ pub struct AttemptRecord {
     pub latency_ms: f64,
     /// Why the attempt was abandoned; absent for the one that answered.
     pub abandoned: Option<String>,
+    /// An abandoned attempt whose request reached the provider whole: the provider may have
+    /// generated (and billed) an answer the gateway never read.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub may_be_billed: bool,
 }
 
 /// Counts a request on an endpoint while it is sent or streamed.
@@ -175,6 +180,7 @@ impl Gateway {
                         status: None,
                         latency_ms: 0.0,
                         abandoned: None,
+                        may_be_billed: false,
                     };
                     let guard = InFlight::new(endpoint.clone());
                     let attempt_started = Instant::now();
@@ -183,29 +189,42 @@ impl Gateway {
                     let cut_by_deadline = timeout < provider.first_byte_timeout;
                     let result = match self.upstream_request(session, &endpoint, credential, &out) {
                         // The deadline bounds the whole attempt, writing a large body included.
+                        // Whether the request was written whole when it struck is not known:
+                        // count it as written.
                         Ok(r) => tokio::time::timeout(
                             remaining,
                             self.send(&provider, &endpoint, r, out.body.clone(), timeout),
                         )
                         .await
                         .unwrap_or_else(|_| {
-                            Err(ApiError::gateway_timeout(format!("model {}: deadline reached", route.name)))
+                            let error = ApiError::gateway_timeout(format!("model {}: deadline reached", route.name));
+                            Err(SendError { error, written: true })
                         }),
-                        Err(e) => Err(e),
+                        Err(error) => Err(SendError { error, written: false }),
                     };
                     record.latency_ms = attempt_started.elapsed().as_secs_f64() * 1e3;
                     let mut up = match result {
                         Ok(up) => up,
-                        Err(e) => {
+                        Err(SendError { error: e, written }) => {
                             // A timeout the deadline shortened says nothing about the endpoint.
                             if !(cut_by_deadline && e.status == 504) {
                                 self.note_failure(&provider, &endpoint);
                             }
                             record.abandoned = Some(e.message.clone());
+                            record.may_be_billed = written;
                             self.count_attempt(&provider, "failed");
                             ctx.attempts.push(record);
-                            last_gateway = Some(e);
                             last_from = Some((d, model_id.clone()));
+                            // The provider got the whole request and may be generating it: only
+                            // a first-byte timeout (a provider that may never answer) is worth
+                            // the risk of paying twice. Any other failure goes to the client.
+                            if written && e.status != 504 {
+                                ctx.route = Some(route.clone());
+                                ctx.deployment = d;
+                                ctx.provider_model = Some(model_id);
+                                return Err(e);
+                            }
+                            last_gateway = Some(e);
                             continue;
                         }
                     };
@@ -223,7 +242,9 @@ impl Gateway {
                         }
                         ctx.route = Some(route.clone());
                         ctx.deployment = d;
-                        ctx.price = fixed_price.or_else(|| state.prices.lookup(&model_id));
+                        ctx.price = fixed_price
+                            .or_else(|| state.prices.lookup(Some(crate::routing::provider_ref(&provider)), &model_id));
+                        ctx.regional = provider.regional(&model_id);
                         ctx.provider_model = Some(model_id);
                         let answer = Answer { metered: req.metered, transcode: out.transcode };
                         // The bodies are not needed any more: free them before a long stream.

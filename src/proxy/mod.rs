@@ -35,12 +35,13 @@ pub use headers::REQUEST_ID_HEADER;
 
 use crate::audit::AuditLog;
 use crate::auth::{looks_like_jwt, presented_key, ApiKey, AuthError, JwtVerifier};
-use crate::config::{Config, Unpriced};
+use crate::config::{ByReference, Config, Interrupted, Unpriced};
 use crate::limits::{Actual, Demand, Limiter, Owners, Policy, Reservation, Scope, ScopeKind};
-use crate::metering::{Outcome, PriceTable};
+use crate::metering::{Asked, Outcome, PriceTable, DEFAULT_CONTEXT_WINDOW, DEFAULT_MAX_OUTPUT};
 use crate::metrics::Metrics;
 use crate::protocol::inbound::{from_bedrock, from_vertex, parse_path, Call};
-use crate::protocol::json_peek::{peek_request, replace_string_value};
+use crate::protocol::json_peek::{peek_request, replace_string_value, RequestPeek};
+use crate::protocol::references::{self, Reach};
 use crate::providers::Provider;
 use crate::routing::{ModelTable, Route};
 use crate::runtime::Runtime;
@@ -53,6 +54,9 @@ pub struct State {
     pub prices: PriceTable,
     pub owners: Owners,
     pub unpriced: Unpriced,
+    pub interrupted: Interrupted,
+    pub by_reference: ByReference,
+    pub server_tool_uses: u64,
     pub max_body_bytes: usize,
     pub jwt: JwtVerifier,
 }
@@ -86,6 +90,9 @@ impl State {
             prices,
             owners: Owners::build(&config.users, &config.teams)?,
             unpriced: config.controls.unpriced,
+            interrupted: config.controls.interrupted,
+            by_reference: config.controls.by_reference,
+            server_tool_uses: config.controls.server_tool_uses,
             max_body_bytes: config.server.max_body_bytes,
             jwt: JwtVerifier::build(&config.jwt_issuers, running.map(|r| &r.jwt))?,
         })
@@ -96,9 +103,12 @@ impl State {
 /// (the tool-use system prompt is a few hundred tokens).
 const PROMPT_OVERHEAD_TOKENS: u64 = 1024;
 
-/// Output reserved when `max_tokens` is missing or unreadable: the largest any current model
-/// can generate. (The provider refuses such a request anyway; this only keeps the bound.)
-const DEFAULT_MAX_OUTPUT: u64 = 128_000;
+/// What admission needs to know about a request that generates (and costs).
+struct Generation<'a> {
+    body_len: usize,
+    peek: &'a RequestPeek,
+    reach: &'a Reach,
+}
 
 /// The live configuration, shared with the admin listener and swapped whole on reload.
 pub type SharedState = Arc<ArcSwap<State>>;
@@ -225,9 +235,10 @@ impl Gateway {
             Call::VertexCountTokens => (from_vertex(&raw, None).map_err(invalid)?, None, None),
             Call::Messages | Call::CountTokens => (raw, None, None),
         };
-        let peek =
+        let mut peek =
             peek_request(&body).map_err(|e| ApiError::invalid_request(format!("the body is not valid JSON: {e}")))?;
-        let (requested, model_span) = peek.model.ok_or_else(|| ApiError::invalid_request("model: field required"))?;
+        let (requested, model_span) =
+            peek.model.take().ok_or_else(|| ApiError::invalid_request("model: field required"))?;
         ctx.stream = peek.stream;
         let route = state
             .models
@@ -244,8 +255,24 @@ impl Gateway {
         ctx.route = Some(route.clone());
         // Every route is admitted; token counting is free, so it takes a request slot and
         // reserves nothing.
-        let demand_of = (!call.counts_tokens()).then_some((body.len(), peek.max_tokens));
-        ctx.reservation = self.admit(&state, &key, &route, &requested, demand_of)?;
+        let reach;
+        let generation = if call.counts_tokens() {
+            None
+        } else {
+            if peek.max_tokens_invalid {
+                return Err(ApiError::invalid_request("max_tokens: must be a whole number from 1 up"));
+            }
+            // What the body reaches beyond its bytes matters to a budget's bound; without one,
+            // pricing needs only the cache TTL.
+            reach = if self.has_budget(&state, &key) {
+                references::scan(&body, peek.mcp_servers, state.server_tool_uses)
+            } else {
+                Reach { cache_1h: references::asks_one_hour_cache(&body), ..Reach::default() }
+            };
+            ctx.cache_1h = reach.cache_1h;
+            Some(Generation { body_len: body.len(), peek: &peek, reach: &reach })
+        };
+        ctx.reservation = self.admit(&state, ctx, &key, &route, &requested, generation)?;
         // Only session affinity needs the key; most requests never compute it.
         let affinity =
             route.deployments.iter().any(|d| d.provider.pool.selection == crate::providers::Selection::SessionAffinity);
@@ -263,17 +290,26 @@ impl Gateway {
         self.forward(session, ctx, &state, route, request).await
     }
 
+    /// Whether a budget applies to a request with this key: its own, its user's or its team's
+    /// (models carry limits, not budgets).
+    fn has_budget(&self, state: &State, key: &ApiKey) -> bool {
+        let owner = |o: &Option<String>, table: &HashMap<String, (Arc<str>, Policy)>| {
+            o.as_ref().and_then(|o| table.get(o)).is_some_and(|(_, p)| p.budget.is_some())
+        };
+        key.policy.budget.is_some() || owner(&key.user, &state.owners.users) || owner(&key.team, &state.owners.teams)
+    }
+
     /// Reserves the request's worst case on every budget and limit that applies to it: its
-    /// key, the key's user and team, and the model. `generation` is the body size and
-    /// `max_tokens` of a request that generates (and costs); `None` for one that does not.
-    /// Returns `None` when nothing applies.
+    /// key, the key's user and team, and the model. `generation` describes a request that
+    /// generates (and costs); `None` for one that does not. Returns `None` when nothing applies.
     fn admit(
         &self,
         state: &State,
+        ctx: &mut RequestCtx,
         key: &ApiKey,
         route: &Route,
         requested: &str,
-        generation: Option<(usize, Option<u64>)>,
+        generation: Option<Generation>,
     ) -> Result<Option<Reservation>, ApiError> {
         let mut scopes = Vec::with_capacity(4);
         if !key.policy.is_empty() {
@@ -292,24 +328,71 @@ impl Gateway {
             let policy = Policy { budget: None, limits: route.limits };
             scopes.push(Scope { kind: ScopeKind::Model, id: route.scope_id.clone(), policy });
         }
+        let budgeted = scopes.iter().any(|s| s.policy.budget.is_some());
+        let demand = match generation {
+            None => Demand::default(),
+            Some(g) => {
+                let options = reachable(state, route, requested);
+                let bounds = Bounds::of(&options);
+                let output_tokens = match g.peek.max_tokens {
+                    Some(n) if n > bounds.max_output => {
+                        return Err(ApiError::invalid_request(format!(
+                            "max_tokens: {n} is above the {} tokens model {} can generate",
+                            bounds.max_output, route.name
+                        )))
+                    }
+                    Some(n) => n,
+                    None => bounds.max_output,
+                };
+                // An image costs by its pixels, not its bytes.
+                let images = g.reach.images.saturating_mul(references::IMAGE_MAX_TOKENS);
+                let mut prompt = (g.body_len as u64).saturating_add(PROMPT_OVERHEAD_TOKENS).saturating_add(images);
+                if let (true, Some(field)) = (budgeted, g.reach.by_reference) {
+                    if state.by_reference == ByReference::Refuse {
+                        self.metrics.refused.with_label_values(&["by_reference"]).inc();
+                        return Err(ApiError::permission(format!(
+                            "{field}: this request brings content from outside its body, whose cost cannot be bounded \
+                             before it runs, and a budget applies; the operator's policy refuses such requests"
+                        )));
+                    }
+                    // Fetched content lands in the prompt: it can fill the model's window.
+                    prompt = bounds.context_window;
+                }
+                if g.reach.pdf {
+                    prompt = bounds.context_window;
+                }
+                // No provider bills a prompt larger than the window: it refuses it.
+                prompt = prompt.min(bounds.context_window);
+                let asked = Asked {
+                    fast: g.peek.fast,
+                    geo: g.peek.inference_geo.as_deref(),
+                    regional: false,
+                    web_searches: g.reach.web_searches,
+                    web_fetches: g.reach.web_fetches,
+                };
+                let (worst, unpriced) = worst_case(&options, prompt, output_tokens, asked);
+                if let (true, Some(model), Unpriced::Refuse) = (budgeted, unpriced, state.unpriced) {
+                    return Err(ApiError::permission(format!(
+                        "model {} has no price, so its cost cannot be counted against a budget; the operator can add \
+                         a [[price]] for it or set controls.unpriced = \"allow\"",
+                        shorten(&model)
+                    )));
+                }
+                ctx.worst_nanos = worst;
+                ctx.output_cap = output_tokens;
+                ctx.interrupted_at_worst = budgeted && state.interrupted == Interrupted::Reservation;
+                // Token limits reserve a typical prompt (about four bytes a token) and settle
+                // to the real count; only budgets need the strict bound.
+                Demand {
+                    worst_nanos: if budgeted { worst } else { 0 },
+                    input_tokens: g.body_len as u64 / 4,
+                    output_tokens,
+                }
+            }
+        };
         if scopes.is_empty() {
             return Ok(None);
         }
-        let demand = match generation {
-            None => Demand::default(),
-            Some((body_len, max_tokens)) => {
-                let output_tokens = max_tokens.unwrap_or(DEFAULT_MAX_OUTPUT);
-                let worst_nanos = if scopes.iter().any(|s| s.policy.budget.is_some()) {
-                    let prompt = body_len as u64 + PROMPT_OVERHEAD_TOKENS;
-                    worst_case(state, route, requested, prompt, output_tokens)?
-                } else {
-                    0
-                };
-                // Token limits reserve a typical prompt (about four bytes a token) and settle
-                // to the real count; only budgets need the strict bound.
-                Demand { worst_nanos, input_tokens: body_len as u64 / 4, output_tokens }
-            }
-        };
         let limiter: Arc<dyn Limiter> = self.runtime.limiter.clone();
         match limiter.admit(scopes, demand) {
             Ok(r) => Ok(Some(r)),
@@ -366,31 +449,67 @@ impl Gateway {
     }
 }
 
-/// The most the request can cost on any deployment it may be sent to, including the model it
-/// falls back to when the prompt is too long.
-fn worst_case(state: &State, route: &Route, requested: &str, prompt: u64, output: u64) -> Result<u64, ApiError> {
+/// One deployment a request may reach, priced once for admission: its model id, its price
+/// (`None`: unpriced) and whether it is a regional endpoint.
+struct Reachable<'a> {
+    model: &'a str,
+    price: Option<Arc<crate::metering::Price>>,
+    regional: bool,
+}
+
+/// Every deployment a request for `route` may reach (its own, and those of the model it falls
+/// back to when the prompt is too long), each priced once.
+fn reachable<'a>(state: &'a State, route: &'a Route, requested: &'a str) -> Vec<Reachable<'a>> {
     let fallback = route.context_fallback.as_deref().and_then(|f| state.models.resolve(f));
+    route
+        .deployments
+        .iter()
+        .chain(fallback.into_iter().flat_map(|r| r.deployments.iter()))
+        .map(|d| {
+            let model = d.model_id.as_deref().unwrap_or(requested);
+            Reachable { model, price: d.price_for(&state.prices, model), regional: d.provider.regional(model) }
+        })
+        .collect()
+}
+
+/// The largest output and prompt any deployment of the request accepts.
+struct Bounds {
+    max_output: u64,
+    context_window: u64,
+}
+
+impl Bounds {
+    fn of(options: &[Reachable]) -> Bounds {
+        let mut b = Bounds { max_output: 0, context_window: 0 };
+        for o in options {
+            let (out, window) = o
+                .price
+                .as_ref()
+                .map_or((DEFAULT_MAX_OUTPUT, DEFAULT_CONTEXT_WINDOW), |p| (p.max_output, p.context_window));
+            b.max_output = b.max_output.max(out);
+            b.context_window = b.context_window.max(window);
+        }
+        b
+    }
+}
+
+/// The most the request can cost on any deployment it may be sent to, and the first model on
+/// the way that has no price (it adds nothing to the bound).
+fn worst_case(options: &[Reachable], prompt: u64, output: u64, asked: Asked) -> (u64, Option<String>) {
     let mut worst = 0;
-    for d in route.deployments.iter().chain(fallback.iter().flat_map(|r| r.deployments.iter())) {
-        let price = match (&d.price, &d.model_id) {
-            (Some(p), _) => Some(p.clone()),
-            (None, Some(_)) => None,
-            (None, None) => state.prices.lookup(requested),
-        };
-        match price {
-            Some(p) => worst = worst.max(p.worst_case_nanos(prompt, output)),
-            None if state.unpriced == Unpriced::Allow => {}
+    let mut unpriced = None;
+    for o in options {
+        match &o.price {
+            Some(p) => {
+                let asked = Asked { regional: o.regional, ..asked };
+                worst = worst.max(p.worst_case_nanos(prompt, output, &asked));
+            }
             None => {
-                let model = d.model_id.as_deref().unwrap_or(requested);
-                return Err(ApiError::permission(format!(
-                    "model {} has no price, so its cost cannot be counted against a budget; the operator can add a \
-                     [[price]] for it or set controls.unpriced = \"allow\"",
-                    shorten(model)
-                )));
+                unpriced.get_or_insert_with(|| o.model.to_string());
             }
         }
     }
-    Ok(worst)
+    (worst, unpriced)
 }
 
 /// What keeps a session on one endpoint: Claude Code's session id, else `metadata.user_id`.
@@ -561,19 +680,6 @@ impl Gateway {
         if let Some(t) = ctx.ttfb {
             m.ttfb.with_label_values(&[model, provider, stream]).observe(t.as_secs_f64());
         }
-        let u = &ctx.usage;
-        for (class, n) in [
-            ("input", u.input_tokens),
-            ("output", u.output_tokens),
-            ("cache_read", u.cache_read_input_tokens),
-            ("cache_write_5m", u.cache_creation_5m_input_tokens),
-            ("cache_write_1h", u.cache_creation_1h_input_tokens),
-        ] {
-            if n > 0 {
-                m.tokens.with_label_values(&[model, provider, team, class]).inc_by(n);
-            }
-        }
-
         let req = session.req_header();
         let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         let client = Client {
@@ -586,6 +692,21 @@ impl Gateway {
         let model = record.model.as_deref().unwrap_or("none");
         let provider = record.provider.as_deref().unwrap_or("none");
         let team = record.team.as_deref().unwrap_or("none");
+        let u = &record.usage;
+        for (class, n) in [
+            ("input", u.input_tokens),
+            ("output", u.output_tokens),
+            ("cache_read", u.cache_read_input_tokens),
+            ("cache_write_5m", u.cache_creation_5m_input_tokens),
+            ("cache_write_1h", u.cache_creation_1h_input_tokens),
+        ] {
+            if n > 0 {
+                m.tokens.with_label_values(&[model, provider, team, class]).inc_by(n);
+            }
+        }
+        if let Some(e) = record.usage_estimated {
+            m.estimated.with_label_values(&[model, provider, e.as_str()]).inc();
+        }
         if record.cost_nanos > 0 {
             m.cost_usd.with_label_values(&[model, provider, team]).inc_by(record.cost_usd);
         }
@@ -600,10 +721,12 @@ impl Gateway {
         }
         if let Some(r) = ctx.reservation.take() {
             let u = &record.usage;
+            let at_ms = record.time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
             r.settle(Actual {
                 cost_nanos: record.cost_nanos,
                 input_tokens: u.input_tokens.saturating_add(u.cache_creation_input_tokens),
                 output_tokens: u.output_tokens,
+                at_ms,
             });
         }
         self.audit.submit(record);

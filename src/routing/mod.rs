@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::ModelConfig;
-use crate::metering::{Price, PriceTable};
+use crate::metering::{Price, PriceTable, ProviderRef};
 use crate::providers::Provider;
 
 mod glob;
@@ -21,6 +21,23 @@ pub struct Deployment {
     /// The price of `model_id`, resolved at load; `None` when the table has no entry for it
     /// (or the id is only known per request).
     pub price: Option<Arc<Price>>,
+}
+
+impl Deployment {
+    /// The price of `model_id` (the deployment's own, or the requested name passed through)
+    /// on this deployment's provider.
+    pub fn price_for(&self, prices: &PriceTable, model_id: &str) -> Option<Arc<Price>> {
+        match (&self.price, &self.model_id) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(_)) => None,
+            (None, None) => prices.lookup(Some(provider_ref(&self.provider)), model_id),
+        }
+    }
+}
+
+/// How a price row names a provider.
+pub fn provider_ref(p: &Provider) -> ProviderRef<'_> {
+    ProviderRef { name: &p.name, kind: p.kind.as_str() }
 }
 
 #[derive(Debug)]
@@ -61,7 +78,7 @@ impl ModelTable {
                     .ok_or_else(|| format!("unknown provider {:?}", d.provider.get_ref()))?
                     .clone();
                 let model_id = d.model.clone();
-                let price = model_id.as_deref().and_then(|id| prices.lookup(id));
+                let price = model_id.as_deref().and_then(|id| prices.lookup(Some(provider_ref(&provider)), id));
                 deployments.push(Deployment { provider, model_id, price });
             }
             let route = Arc::new(Route {

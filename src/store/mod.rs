@@ -37,6 +37,8 @@ pub struct LedgerRow {
     pub cache_write_1h_tokens: u64,
     pub cost_nanos: u64,
     pub priced: bool,
+    /// The estimate rule, when the usage is not the provider's own count.
+    pub estimated: Option<&'static str>,
 }
 
 impl LedgerRow {
@@ -62,6 +64,7 @@ impl LedgerRow {
             cache_write_1h_tokens: r.usage.cache_creation_1h_input_tokens,
             cost_nanos: r.cost_nanos,
             priced: r.priced,
+            estimated: r.usage_estimated.map(|e| e.as_str()),
         }
     }
 }
@@ -140,6 +143,8 @@ pub struct UsageLine {
     pub cache_write_5m_tokens: u64,
     pub cache_write_1h_tokens: u64,
     pub cost_nanos: u64,
+    /// Requests whose usage is an estimate (see `UsageRecord::usage_estimated`).
+    pub estimated: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

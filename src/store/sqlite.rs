@@ -52,14 +52,37 @@ CREATE TABLE IF NOT EXISTS ledger (
     cache_write_5m_tokens INTEGER NOT NULL,
     cache_write_1h_tokens INTEGER NOT NULL,
     cost_nanos INTEGER NOT NULL,
-    priced INTEGER NOT NULL
+    priced INTEGER NOT NULL,
+    estimated TEXT
 );
 CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts_ms);
 CREATE INDEX IF NOT EXISTS ledger_key ON ledger (key_id, ts_ms);
 CREATE INDEX IF NOT EXISTS ledger_user ON ledger (user, ts_ms);
 CREATE INDEX IF NOT EXISTS ledger_team ON ledger (team, ts_ms);
-PRAGMA user_version = 1;
 ";
+
+/// The schema version this build writes; older files are brought up to it at open.
+const SCHEMA_VERSION: i64 = 2;
+
+/// Brings a store written by an older build up to [`SCHEMA_VERSION`].
+fn migrate(conn: &Connection) -> StoreResult<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version < 2 {
+        // Version 1 had no `estimated` column (a fresh file made just now already has it).
+        let has: bool =
+            conn.query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('ledger') WHERE name = 'estimated'", [], |r| {
+                r.get(0)
+            })?;
+        if !has {
+            conn.execute_batch("ALTER TABLE ledger ADD COLUMN estimated TEXT")?;
+        }
+    }
+    // Never lower it: a newer build's file keeps its own number.
+    if version < SCHEMA_VERSION {
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    Ok(())
+}
 
 /// Report days are cut from quarter-hour sums, so every time zone offset in use today
 /// (whole, half and quarter hours) lands on the right day.
@@ -100,6 +123,7 @@ impl SqliteStore {
         }
         let writer = open(path)?;
         writer.execute_batch(SCHEMA)?;
+        migrate(&writer)?;
         let reader = open(path)?;
         let shared = Arc::new(Shared {
             queue: Mutex::new(Vec::with_capacity(1024)),
@@ -148,8 +172,8 @@ fn insert_rows(conn: &mut Connection, rows: &[LedgerRow]) -> StoreResult<()> {
         let mut stmt = tx.prepare_cached(
             "INSERT OR IGNORE INTO ledger (request_id, ts_ms, key_id, user, team, model, provider, provider_model,
              status, outcome, stream, input_tokens, output_tokens, cache_read_tokens, cache_write_5m_tokens,
-             cache_write_1h_tokens, cost_nanos, priced)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+             cache_write_1h_tokens, cost_nanos, priced, estimated)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
         )?;
         for r in rows {
             stmt.execute(params![
@@ -171,6 +195,7 @@ fn insert_rows(conn: &mut Connection, rows: &[LedgerRow]) -> StoreResult<()> {
                 sql_int(r.cache_write_1h_tokens),
                 sql_int(r.cost_nanos),
                 r.priced,
+                r.estimated,
             ])?;
         }
     }
@@ -317,7 +342,8 @@ impl Store for SqliteStore {
         }
         let group_clause = if select.is_empty() { String::new() } else { format!("GROUP BY {}", select.join(", ")) };
         let sums = "COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cache_read_tokens), \
-                    SUM(cache_write_5m_tokens), SUM(cache_write_1h_tokens), SUM(cost_nanos)";
+                    SUM(cache_write_5m_tokens), SUM(cache_write_1h_tokens), SUM(cost_nanos), \
+                    COUNT(estimated)";
         let cols = if select.is_empty() { sums.to_string() } else { format!("{}, {sums}", select.join(", ")) };
         let sql = format!("SELECT {cols} FROM ledger WHERE {} {group_clause}", wheres.join(" AND "));
 
@@ -351,6 +377,7 @@ impl Store for SqliteStore {
             line.cache_write_5m_tokens += get(4)?;
             line.cache_write_1h_tokens += get(5)?;
             line.cost_nanos += get(6)?;
+            line.estimated += get(7)?;
         }
         let mut names: Vec<&'static str> = scopes.iter().map(|g| g.name()).collect();
         if by_day {
@@ -446,6 +473,7 @@ mod tests {
             cache_write_1h_tokens: 0,
             cost_nanos: cost,
             priced: true,
+            estimated: None,
         }
     }
 

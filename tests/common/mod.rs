@@ -149,8 +149,9 @@ impl Gateway {
 
     /// All usage records written so far.
     pub fn records(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.audit_path)
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(&self.audit_path).unwrap_or_default();
+        // A read may race the writer: its last line is whole only once its newline is there.
+        text[..text.rfind('\n').map_or(0, |end| end + 1)]
             .lines()
             .map(|l| serde_json::from_str(l).expect("audit lines are JSON"))
             .collect()
