@@ -26,6 +26,9 @@ pub struct Metrics {
     pub budget_remaining: prometheus::GaugeVec,
     pub limit_remaining: IntGaugeVec,
     pub ledger_queue: IntGauge,
+    /// Keys and JWT principals the limiter counts now, and those forgotten while idle.
+    pub key_scopes: IntGauge,
+    pub key_scopes_forgotten: IntGauge,
     pub jwt_failures: IntCounterVec,
     pub betas_dropped: IntCounterVec,
     pub client_refused: IntCounterVec,
@@ -152,6 +155,16 @@ impl Metrics {
         )
         .unwrap();
         let ledger_queue = IntGauge::new("tollgate_ledger_queue", "Ledger rows waiting to be committed").unwrap();
+        let key_scopes = IntGauge::new(
+            "tollgate_key_scopes",
+            "Keys and JWT principals counted in memory (at most controls.max_principals)",
+        )
+        .unwrap();
+        let key_scopes_forgotten = IntGauge::new(
+            "tollgate_key_scopes_forgotten",
+            "Idle keys and JWT principals forgotten to stay under controls.max_principals, since start",
+        )
+        .unwrap();
         let audit_dropped =
             IntCounter::new("tollgate_audit_dropped_total", "Usage records dropped because the audit queue was full")
                 .unwrap();
@@ -174,6 +187,8 @@ impl Metrics {
             Box::new(budget_remaining.clone()),
             Box::new(limit_remaining.clone()),
             Box::new(ledger_queue.clone()),
+            Box::new(key_scopes.clone()),
+            Box::new(key_scopes_forgotten.clone()),
             Box::new(jwt_failures.clone()),
             Box::new(betas_dropped.clone()),
             Box::new(client_refused.clone()),
@@ -201,6 +216,8 @@ impl Metrics {
             budget_remaining,
             limit_remaining,
             ledger_queue,
+            key_scopes,
+            key_scopes_forgotten,
             jwt_failures,
             betas_dropped,
             client_refused,

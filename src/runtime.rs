@@ -44,6 +44,7 @@ impl Runtime {
         let stored = store.keys().map_err(|e| e.to_string())?;
         let keys = KeyStore::build(&config.keys, &stored)?;
         let limiter = Arc::new(LocalLimiter::new(config.controls.tz()));
+        limiter.set_max_keys(config.controls.max_principals);
         let rt = Runtime {
             state: Arc::new(ArcSwap::from_pointee(state)),
             keys: Arc::new(ArcSwap::from_pointee(keys)),
@@ -73,7 +74,18 @@ impl Runtime {
         let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let renewed = certs.iter().map(|c| c.prepare()).collect::<Result<Vec<_>, _>>()?;
         self.limiter.set_time_zone(config.controls.tz());
+        self.limiter.set_max_keys(config.controls.max_principals);
         self.seed_budgets(&self.scopes(), &state, &keys)?;
+        // Credentials are read again (a rotated `file:` secret, new AWS keys), each provider's
+        // own set swapped in whole; one that cannot be read keeps the running set.
+        let live = providers_by_name(&state);
+        for p in &config.providers {
+            if let Some(provider) = live.get(p.name.get_ref()) {
+                if let Err(e) = provider.replace_credentials(crate::providers::read_credentials(p)) {
+                    tracing::warn!(provider = %provider.name, "credentials not re-read, the running ones stay: {e}");
+                }
+            }
+        }
         self.state.store(Arc::new(state));
         self.keys.store(Arc::new(keys));
         self.admin_token.store(Arc::new(token));

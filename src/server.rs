@@ -53,8 +53,8 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
         threads: config.server.threads,
         grace_period_seconds: Some(config.server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(5),
-        upgrade_sock: config.server.upgrade_socket.display().to_string(),
-        pid_file: config.server.pid_file.display().to_string(),
+        upgrade_sock: config.upgrade_socket().display().to_string(),
+        pid_file: config.pid_file().display().to_string(),
         daemon: false,
         ..Default::default()
     };
@@ -142,7 +142,12 @@ fn refresh_credentials(runtime: Arc<Runtime>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (first, done) = std::sync::mpsc::channel();
     std::thread::Builder::new().name("tollgate-refresh".into()).spawn(move || {
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("an HTTP client");
+        // No redirects: the key set comes from the URL the operator named, nowhere else.
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("an HTTP client");
         let mut first = Some(first);
         rt.block_on(async move {
             loop {
@@ -156,7 +161,7 @@ fn refresh_credentials(runtime: Arc<Runtime>) -> anyhow::Result<()> {
                         if !resp.status().is_success() {
                             return Err(format!("JWKS at {} answered {}", jwks.url, resp.status()));
                         }
-                        resp.bytes().await.map(|b| b.to_vec()).map_err(|e| e.to_string())
+                        read_capped(resp, MAX_JWKS_BYTES).await.map_err(|e| format!("JWKS at {}: {e}", jwks.url))
                     };
                     jwks.apply(fetched.await);
                 }
@@ -194,6 +199,21 @@ fn refresh_credentials(runtime: Arc<Runtime>) -> anyhow::Result<()> {
     // Only a JWKS fetch can take time; without one the first pass is immediate.
     let _ = done.recv_timeout(Duration::from_secs(10));
     Ok(())
+}
+
+/// A key set larger than this is refused: real ones are a few KiB.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+
+/// Reads a response body, refusing it past `max` bytes (as it arrives, not after).
+async fn read_capped(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > max {
+            return Err(format!("the body is larger than {max} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Reloads the config on SIGHUP. The handler is installed here, before any listener opens, so

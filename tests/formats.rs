@@ -206,7 +206,8 @@ async fn keyless_listener_custom_header_and_inference_profiles() {
     let r = gw.record(&rid);
     assert_eq!((r["key_id"].as_str(), r["auth"].as_str()), (Some("k"), Some("listener")));
 
-    // A wrong key is still refused: the listener only stands in for no key.
+    // A wrong key is still refused: the listener only stands in for no key. A Bedrock client
+    // hears it as Bedrock says it (403 AccessDeniedException).
     let resp = client()
         .post(gw.url("/model/on-bedrock/invoke"))
         .header("authorization", "Bearer tg-wrong")
@@ -214,7 +215,8 @@ async fn keyless_listener_custom_header_and_inference_profiles() {
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.status(), 403);
+    assert_eq!(resp.headers()["x-amzn-errortype"], "AccessDeniedException");
 
     // Claude Code on Vertex: Authorization holds a Google token, the key comes in a custom header.
     let vbody = json!({"anthropic_version": "vertex-2023-10-16", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});

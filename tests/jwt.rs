@@ -488,9 +488,9 @@ async fn jwks_rotation_keeps_retired_keys_through_the_grace_period() {
     // Two issuers on the same set: `idp` keeps retired keys an hour, `brief` one second.
     let issuers = format!(
         "[[jwt_issuer]]\nname = \"idp\"\nissuer = \"https://idp.example\"\nalgorithms = [\"ES256\", \"EdDSA\"]\n\
-         jwks_url = \"{url}\"\njwks_refresh = \"1s\"\njwks_grace = \"1h\"\n\
+         jwks_url = \"{url}\"\njwks_allow_http = true\njwks_refresh = \"1s\"\njwks_grace = \"1h\"\n\
          [[jwt_issuer]]\nname = \"brief\"\nissuer = \"https://brief.example\"\nalgorithms = [\"ES256\"]\n\
-         jwks_url = \"{url}\"\njwks_refresh = \"1s\"\njwks_grace = \"1s\"\n",
+         jwks_url = \"{url}\"\njwks_allow_http = true\njwks_refresh = \"1s\"\njwks_grace = \"1s\"\n",
         url = jwks.url
     );
     let gw = start_gateway(&config(&mock, &key, &issuers, ""));
@@ -943,7 +943,7 @@ async fn jwks_with_an_unsupported_key_still_serves_the_others() {
     let x25519 = json!({"kty": "OKP", "crv": "X25519", "kid": "enc", "use": "enc", "x": b64(&[9u8; 32])});
     let jwks = JwksServer::start(json!({"keys": [x25519, ec_jwk(&a, "A")]}));
     let issuers = format!(
-        "[[jwt_issuer]]\nname = \"idp\"\nalgorithms = [\"ES256\"]\njwks_url = \"{}\"\njwks_refresh = \"1s\"\n",
+        "[[jwt_issuer]]\nname = \"idp\"\nalgorithms = [\"ES256\"]\njwks_url = \"{}\"\njwks_allow_http = true\njwks_refresh = \"1s\"\n",
         jwks.url
     );
     let gw = start_gateway(&config(&mock, &key, &issuers, ""));
@@ -960,7 +960,7 @@ async fn reload_adding_a_jwks_issuer_fetches_its_keys() {
     let jwks = JwksServer::start(json!({"keys": [ec_jwk(&a, "A")]}));
     let gw = start_gateway(&config(&mock, &key, "", ""));
     let issuers = format!(
-        "[[jwt_issuer]]\nname = \"idp\"\nalgorithms = [\"ES256\"]\njwks_url = \"{}\"\njwks_refresh = \"1s\"\n",
+        "[[jwt_issuer]]\nname = \"idp\"\nalgorithms = [\"ES256\"]\njwks_url = \"{}\"\njwks_allow_http = true\njwks_refresh = \"1s\"\n",
         jwks.url
     );
     let text = std::fs::read_to_string(&gw.config_path).unwrap();
@@ -991,7 +991,7 @@ async fn reload_applies_a_new_jwks_refresh() {
     let b = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let jwks = JwksServer::start(json!({"keys": [ec_jwk(&a, "A")]}));
     let issuers = format!(
-        "[[jwt_issuer]]\nname = \"idp\"\nalgorithms = [\"ES256\"]\njwks_url = \"{}\"\njwks_refresh = \"1h\"\n",
+        "[[jwt_issuer]]\nname = \"idp\"\nalgorithms = [\"ES256\"]\njwks_url = \"{}\"\njwks_allow_http = true\njwks_refresh = \"1h\"\n",
         jwks.url
     );
     let gw = start_gateway(&config(&mock, &key, &issuers, ""));

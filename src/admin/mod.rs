@@ -263,6 +263,9 @@ impl Admin {
             }
         }
         m.ledger_queue.set(self.runtime.store.pending() as i64);
+        let (keys, forgotten) = self.runtime.limiter.key_scopes();
+        m.key_scopes.set(keys as i64);
+        m.key_scopes_forgotten.set(forgotten as i64);
     }
 }
 

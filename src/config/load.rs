@@ -208,6 +208,17 @@ fn validate(c: &Config) -> Result<(), Invalid> {
         http::HeaderName::try_from(h.as_str())
             .map_err(|_| (0..0, format!("server.key_header {h:?} is not a header name")))?;
     }
+    for h in &c.server.response_headers {
+        http::HeaderName::try_from(h.as_str())
+            .map_err(|_| (0..0, format!("server.response_headers: {h:?} is not a header name")))?;
+    }
+    for p in &c.providers {
+        for h in &p.allow_headers {
+            http::HeaderName::try_from(h.as_str()).map_err(|_| {
+                (p.name.span(), format!("provider {:?}: allow_headers: {h:?} is not a header name", p.name.get_ref()))
+            })?;
+        }
+    }
 
     let mut ids = HashSet::new();
     for k in &c.keys {
@@ -259,6 +270,9 @@ fn validate(c: &Config) -> Result<(), Invalid> {
         if j.secrets.is_empty() && j.public_keys.is_empty() && j.jwks_url.is_none() {
             return Err((j.name.span(), format!("JWT issuer {name:?} needs secrets, public_keys or jwks_url")));
         }
+        if let Some(url) = &j.jwks_url {
+            check_jwks_url(url, j.jwks_allow_http).map_err(|e| (j.name.span(), format!("JWT issuer {name:?}: {e}")))?;
+        }
         if c.jwt_issuers.len() > 1 && j.issuer.is_none() {
             return Err((
                 j.name.span(),
@@ -306,6 +320,33 @@ fn validate(c: &Config) -> Result<(), Invalid> {
         }
     }
     Ok(())
+}
+
+/// A JWKS URL is HTTPS: its keys decide who may spend. Plain HTTP only on a loopback address,
+/// and only when the issuer says `jwks_allow_http = true`.
+fn check_jwks_url(url: &str, allow_http: bool) -> Result<(), String> {
+    let uri: http::Uri = url.parse().map_err(|_| format!("jwks_url {url:?} is not a URL"))?;
+    let host = uri.host().unwrap_or_default();
+    match uri.scheme_str() {
+        Some("https") if !host.is_empty() => Ok(()),
+        Some("http") if allow_http => {
+            let loopback = host == "localhost"
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if loopback {
+                Ok(())
+            } else {
+                Err(format!("jwks_url {url:?}: jwks_allow_http is for loopback addresses only"))
+            }
+        }
+        Some("http") => {
+            Err(format!("jwks_url {url:?} must be https (jwks_allow_http = true allows a loopback http URL)"))
+        }
+        _ => Err(format!("jwks_url {url:?} must be an https URL")),
+    }
 }
 
 #[cfg(test)]

@@ -50,6 +50,55 @@ pub struct Config {
     pub jwt_issuers: Vec<JwtIssuerConfig>,
 }
 
+impl Config {
+    /// Where a new process started with `--upgrade` takes the listening sockets from:
+    /// `server.upgrade_socket`, else a name of this instance's own (see [`Config::instance`])
+    /// in systemd's `RUNTIME_DIRECTORY`, or `/tmp`. Two gateways on one host never share it.
+    pub fn upgrade_socket(&self) -> PathBuf {
+        self.server.upgrade_socket.clone().unwrap_or_else(|| runtime_dir().join(format!("{}.sock", self.instance())))
+    }
+
+    /// The pid file: `server.pid_file`, else named like the upgrade socket.
+    pub fn pid_file(&self) -> PathBuf {
+        self.server.pid_file.clone().unwrap_or_else(|| runtime_dir().join(format!("{}.pid", self.instance())))
+    }
+
+    /// A name for this gateway on its host: from its first listener's address, which no other
+    /// process can be listening on (`tollgate-127.0.0.1-8080`).
+    pub fn instance(&self) -> String {
+        let address = self.listeners.first().map(|l| l.address.get_ref().as_str()).unwrap_or("default");
+        let name: String =
+            address.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '-' }).collect();
+        format!("tollgate-{}", name.trim_matches('-'))
+    }
+}
+
+#[cfg(test)]
+mod instance_tests {
+    #[test]
+    fn two_gateways_on_one_host_get_their_own_upgrade_socket() {
+        let one = |listen: &str| {
+            let text = format!("[[listener]]\naddress = \"{listen}\"\n");
+            crate::config::load_str(&text, "t.toml").unwrap()
+        };
+        let (a, b) = (one("127.0.0.1:8080"), one("[::1]:8081"));
+        assert_eq!(a.instance(), "tollgate-127.0.0.1-8080");
+        assert_eq!(b.instance(), "tollgate-1--8081");
+        assert_ne!(a.upgrade_socket(), b.upgrade_socket());
+        assert_ne!(a.pid_file(), b.pid_file());
+        assert!(a.upgrade_socket().ends_with("tollgate-127.0.0.1-8080.sock"));
+    }
+}
+
+/// systemd's `RuntimeDirectory=` (it sets `RUNTIME_DIRECTORY`, several joined by `:`; the
+/// first is taken), else `/tmp`.
+fn runtime_dir() -> PathBuf {
+    std::env::var("RUNTIME_DIRECTORY")
+        .ok()
+        .and_then(|d| d.split(':').next().filter(|d| !d.is_empty()).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+}
+
 /// A JWT issuer: its keys, what its tokens must say, and how they map to a principal.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,9 +119,13 @@ pub struct JwtIssuerConfig {
     /// Public keys in PEM files (RSA, EC P-256/P-384 or Ed25519).
     #[serde(default)]
     pub public_keys: Vec<JwtPublicKeyConfig>,
-    /// A JWKS document fetched in the background.
+    /// A JWKS document fetched in the background, over HTTPS.
     #[serde(default)]
     pub jwks_url: Option<String>,
+    /// Allows an `http://` `jwks_url` on a loopback address: for tests and local identity
+    /// providers only. Anything else must be HTTPS.
+    #[serde(default)]
+    pub jwks_allow_http: bool,
     #[serde(default = "default_jwks_refresh", deserialize_with = "duration")]
     pub jwks_refresh: Duration,
     /// How long a key that left the JWKS still verifies tokens.
@@ -202,6 +255,8 @@ pub struct ControlsConfig {
     pub by_reference: ByReference,
     /// The uses reserved for a web search or fetch tool that sets no `max_uses`.
     pub server_tool_uses: u64,
+    /// Keys and JWT principals counted in memory at most; idle ones are forgotten past it.
+    pub max_principals: usize,
 }
 
 impl Default for ControlsConfig {
@@ -212,6 +267,7 @@ impl Default for ControlsConfig {
             interrupted: Interrupted::Estimate,
             by_reference: ByReference::Reserve,
             server_tool_uses: 20,
+            max_principals: crate::limits::DEFAULT_MAX_KEYS,
         }
     }
 }
@@ -267,12 +323,16 @@ pub struct ServerConfig {
     #[serde(deserialize_with = "duration")]
     pub body_timeout: Duration,
     /// Where a new process started with `--upgrade` takes the listening sockets from.
-    pub upgrade_socket: PathBuf,
-    pub pid_file: PathBuf,
+    /// Unset: derived from this instance (see [`Config::upgrade_socket`]).
+    pub upgrade_socket: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
     /// A request header that carries the gateway key, checked before `x-api-key` and
     /// `Authorization` (Claude Code on Vertex can add one through `ANTHROPIC_CUSTOM_HEADERS`
     /// while its `Authorization` holds a Google token).
     pub key_header: Option<String>,
+    /// Response headers clients get back beyond the built-in list (README, "What crosses the
+    /// gateway"), by name.
+    pub response_headers: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -289,9 +349,10 @@ impl Default for ServerConfig {
             max_headers: 100,
             body_read_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(120),
-            upgrade_socket: PathBuf::from("/tmp/tollgate-upgrade.sock"),
-            pid_file: PathBuf::from("/tmp/tollgate.pid"),
+            upgrade_socket: None,
+            pid_file: None,
             key_header: None,
+            response_headers: Vec::new(),
         }
     }
 }
@@ -444,6 +505,10 @@ pub struct ProviderConfig {
     /// first-party-only ones by default).
     #[serde(default)]
     pub betas: Option<BetaPolicyConfig>,
+    /// Provider control headers (`x-amz*`, `x-goog*`) a client may send through to this
+    /// provider, by name; every other one is dropped.
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
     #[serde(default)]
     pub selection: Selection,
     #[serde(default)]

@@ -10,10 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chrono_tz::Tz;
-use rustc_hash::FxHashMap;
+use std::collections::HashMap;
 
 use super::{
-    rfc3339, Actual, Budget, Demand, Limiter, Period, RateLimits, Refusal, Reservation, Scope, ScopeKind, ScopeStatus,
+    rfc3339, Actual, Budget, Demand, Hold, Limiter, Period, RateLimits, Refusal, Reservation, Scope, ScopeKind,
+    ScopeStatus,
 };
 use crate::metering::usd;
 
@@ -63,9 +64,22 @@ struct Counters {
     input: Bucket,
     output: Bucket,
     in_flight: u32,
+    /// When a request last took or asked for this scope (Unix milliseconds).
+    last_ms: i64,
 }
 
 impl Counters {
+    /// Nothing is lost by forgetting this scope: nothing in flight or reserved, no spend in a
+    /// period still running, and no token bucket in use, or idle long enough for every one to
+    /// have refilled.
+    fn forgettable(&self, now_ms: i64) -> bool {
+        let buckets_used = self.requests.at.is_some() || self.input.at.is_some() || self.output.at.is_some();
+        self.in_flight == 0
+            && self.reserved == 0
+            && (self.spent == 0 || now_ms >= self.period_end)
+            && (!buckets_used || now_ms.saturating_sub(self.last_ms) >= IDLE_MS)
+    }
+
     /// Keeps the spend in step with time: once the period ends, the next one starts from
     /// zero (reservations in flight carry over). The period itself is the scope's own, set at
     /// first use or by a seed from the ledger; a policy that names another period (a request
@@ -89,20 +103,75 @@ impl Counters {
     }
 }
 
+/// A scope idle this long has full token buckets again: forgetting it changes nothing.
+const IDLE_MS: i64 = 60_000;
+
+/// Key scopes counted in memory at most, unless the config says otherwise: keys and the JWT
+/// principals seen (a principal is a key of its own, made from a token's claims).
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
+
 struct Inner {
     tz: Tz,
-    /// By scope kind, then id. Ids come from the config and the admin API, not from clients,
-    /// so a fast non-keyed hash is safe here.
-    scopes: [FxHashMap<String, Counters>; 4],
+    /// By scope kind, then id. Key ids include JWT principals, whose names come from token
+    /// claims: the maps hash with a per-process random key (SipHash), so no one can choose
+    /// names that collide.
+    scopes: [HashMap<String, Counters>; 4],
+    /// The most key scopes counted at once; past it, idle ones are forgotten, and a new one is
+    /// refused while none is idle.
+    max_keys: usize,
+    /// Key scopes forgotten so far, for the metric.
+    forgotten: u64,
 }
 
 impl Inner {
+    /// The counters of a scope, made on first use.
     fn counters(&mut self, kind: ScopeKind, id: &str) -> &mut Counters {
         let map = &mut self.scopes[kind as usize];
         if !map.contains_key(id) {
             map.insert(id.to_string(), Counters::default());
         }
         map.get_mut(id).expect("inserted above")
+    }
+
+    /// As [`Inner::counters`], for a request that is being admitted: a new key scope must fit
+    /// under `max_keys`, after idle ones are forgotten if need be.
+    fn admit_counters(&mut self, kind: ScopeKind, id: &str, now_ms: i64) -> Result<&mut Counters, Refusal> {
+        let known = self.scopes[kind as usize].contains_key(id);
+        if !known && kind == ScopeKind::Key && self.scopes[kind as usize].len() >= self.max_keys {
+            self.forget_idle_keys(now_ms);
+            if self.scopes[kind as usize].len() >= self.max_keys {
+                return Err(Refusal {
+                    status: 429,
+                    message: format!(
+                        "the gateway is counting its maximum of {} keys and principals, none idle; retry shortly",
+                        self.max_keys
+                    ),
+                    retry_after: Some(Duration::from_secs(5)),
+                    headers: Vec::new(),
+                    reason: "principals",
+                });
+            }
+        }
+        let c = self.counters(kind, id);
+        c.last_ms = now_ms;
+        Ok(c)
+    }
+
+    /// Forgets idle key scopes, a tenth of the cap at least when there are that many, so the
+    /// scan runs once per many new principals rather than once per request.
+    fn forget_idle_keys(&mut self, now_ms: i64) {
+        let map = &mut self.scopes[ScopeKind::Key as usize];
+        let before = map.len();
+        let mut room = (self.max_keys / 10).max(1);
+        map.retain(|_, c| {
+            if room > 0 && c.forgettable(now_ms) {
+                room -= 1;
+                false
+            } else {
+                true
+            }
+        });
+        self.forgotten += (before - map.len()) as u64;
     }
 }
 
@@ -121,7 +190,19 @@ impl LocalLimiter {
 
     /// A limiter whose budget periods follow `clock` (tests move time across period ends).
     pub fn with_clock(tz: Tz, clock: Clock) -> Self {
-        LocalLimiter { inner: Mutex::new(Inner { tz, scopes: Default::default() }), clock }
+        let inner = Inner { tz, scopes: Default::default(), max_keys: DEFAULT_MAX_KEYS, forgotten: 0 };
+        LocalLimiter { inner: Mutex::new(inner), clock }
+    }
+
+    /// Counts at most `max` key scopes (keys and JWT principals) at once.
+    pub fn set_max_keys(&self, max: usize) {
+        self.lock().max_keys = max.max(1);
+    }
+
+    /// Key scopes counted now, and how many were forgotten since the start.
+    pub fn key_scopes(&self) -> (usize, u64) {
+        let g = self.lock();
+        (g.scopes[ScopeKind::Key as usize].len(), g.forgotten)
     }
 
     /// Budget periods from now on are cut in `tz`.
@@ -211,7 +292,29 @@ fn bucket_refusal(
     }
 }
 
-fn check(scope: &Scope, c: &mut Counters, demand: Demand, tz: Tz, now: Instant, now_ms: i64) -> Result<(), Refusal> {
+fn concurrency_refusal(scope: &Scope, max: u32) -> Refusal {
+    Refusal {
+        status: 429,
+        message: format!("concurrency limit of {scope}: {max} requests at a time"),
+        retry_after: Some(Duration::from_secs(1)),
+        headers: vec![
+            ("anthropic-ratelimit-concurrency-limit".into(), max.to_string()),
+            ("anthropic-ratelimit-concurrency-remaining".into(), "0".into()),
+        ],
+        reason: "concurrency",
+    }
+}
+
+/// `held`: the request already holds this scope's concurrency slot.
+fn check(
+    scope: &Scope,
+    c: &mut Counters,
+    demand: Demand,
+    tz: Tz,
+    now: Instant,
+    now_ms: i64,
+    held: bool,
+) -> Result<(), Refusal> {
     if let Some(b) = scope.policy.budget {
         c.roll(b.period, tz, now_ms);
         if let Some(r) = budget_refusal(scope, b, c, demand) {
@@ -237,32 +340,29 @@ fn check(scope: &Scope, c: &mut Counters, demand: Demand, tz: Tz, now: Instant, 
             return Err(bucket_refusal(scope, "output-tokens", "output_tpm", &c.output, tpm, need, now_ms));
         }
     }
-    if let Some(max) = concurrency {
+    if let Some(max) = concurrency.filter(|_| !held) {
         if c.in_flight >= max {
-            return Err(Refusal {
-                status: 429,
-                message: format!("concurrency limit of {scope}: {max} requests at a time"),
-                retry_after: Some(Duration::from_secs(1)),
-                headers: vec![
-                    ("anthropic-ratelimit-concurrency-limit".into(), max.to_string()),
-                    ("anthropic-ratelimit-concurrency-remaining".into(), "0".into()),
-                ],
-                reason: "concurrency",
-            });
+            return Err(concurrency_refusal(scope, max));
         }
     }
     Ok(())
 }
 
 impl Limiter for LocalLimiter {
-    fn admit(self: Arc<Self>, scopes: Vec<Scope>, demand: Demand) -> Result<Reservation, Refusal> {
+    fn admit_held(
+        self: Arc<Self>,
+        scopes: Vec<Scope>,
+        demand: Demand,
+        held: Option<Hold>,
+    ) -> Result<Reservation, Refusal> {
         let now = Instant::now();
         let now_ms = (self.clock)();
+        let is_held = |s: &Scope| held.as_ref().is_some_and(|h| h.scope().kind == s.kind && h.scope().id == s.id);
         {
             let mut g = self.lock();
             let tz = g.tz;
             for s in &scopes {
-                check(s, g.counters(s.kind, &s.id), demand, tz, now, now_ms)?;
+                check(s, g.admit_counters(s.kind, &s.id, now_ms)?, demand, tz, now, now_ms, is_held(s))?;
             }
             // Every scope has room: take it on all of them under the same lock.
             for s in &scopes {
@@ -280,10 +380,37 @@ impl Limiter for LocalLimiter {
                 if l.output_tpm.is_some() {
                     c.output.level -= demand.output_tokens as f64;
                 }
-                c.in_flight += 1;
+                if !is_held(s) {
+                    c.in_flight += 1;
+                }
             }
         }
+        // The held slot is the reservation's now: its settlement gives it back.
+        if let Some(h) = held {
+            h.take_over();
+        }
         Ok(Reservation::new(self, scopes, demand))
+    }
+
+    fn hold(self: Arc<Self>, scope: &Scope) -> Result<Hold, Refusal> {
+        {
+            let now_ms = (self.clock)();
+            let mut g = self.lock();
+            let c = g.admit_counters(scope.kind, &scope.id, now_ms)?;
+            if let Some(max) = scope.policy.limits.concurrency {
+                if c.in_flight >= max {
+                    return Err(concurrency_refusal(scope, max));
+                }
+            }
+            c.in_flight += 1;
+        }
+        Ok(Hold::new(self, scope.clone()))
+    }
+
+    fn release(&self, scope: &Scope) {
+        let mut g = self.lock();
+        let c = g.counters(scope.kind, &scope.id);
+        c.in_flight = c.in_flight.saturating_sub(1);
     }
 
     fn settle(&self, scopes: &[Scope], demand: Demand, actual: Actual) {
@@ -438,6 +565,33 @@ mod tests {
         assert_eq!(d.reason, "rpm");
         assert!(d.headers.iter().any(|(k, v)| k == "anthropic-ratelimit-requests-remaining" && v == "0"));
         assert_eq!(l.status(&s[0]).requests_remaining, Some(0));
+    }
+
+    #[test]
+    fn key_scopes_are_capped_and_idle_ones_forgotten() {
+        let l = Arc::new(LocalLimiter::new(Tz::UTC));
+        l.set_max_keys(10);
+        let s = |i: usize| vec![scope(ScopeKind::Key, &format!("idp:user{i}"), budget(1))];
+        // Ten principals in flight: an eleventh cannot be counted.
+        let held: Vec<_> = (0..10).map(|i| l.clone().admit(s(i), demand(1)).unwrap()).collect();
+        let refused = l.clone().admit(s(10), demand(1)).err().unwrap();
+        assert_eq!((refused.status, refused.reason), (429, "principals"));
+        // Settled at no cost, they are idle and forgettable: new principals fit again.
+        for r in held {
+            r.settle(Actual::default());
+        }
+        for i in 10..1000 {
+            l.clone().admit(s(i), demand(1)).unwrap().settle(Actual::default());
+        }
+        let (counted, forgotten) = l.key_scopes();
+        assert!(counted <= 10, "{counted}");
+        assert_eq!(counted as u64 + forgotten, 1000);
+        // A principal with spend this period is kept.
+        let l = Arc::new(LocalLimiter::new(Tz::UTC));
+        l.set_max_keys(1);
+        l.clone().admit(s(0), demand(5)).unwrap().settle(Actual { cost_nanos: 5, ..Default::default() });
+        assert_eq!(l.clone().admit(s(1), demand(1)).err().unwrap().reason, "principals");
+        assert_eq!(l.status(&s(0)[0]).spent_nanos, 5);
     }
 
     #[test]

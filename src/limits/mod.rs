@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use local::{now_ms, Clock, LocalLimiter};
+pub use local::{now_ms, Clock, LocalLimiter, DEFAULT_MAX_KEYS};
 pub use period::{rfc3339, Period};
 
 /// A spending cap over a period.
@@ -183,7 +183,26 @@ pub struct Refusal {
 /// The counters behind admission and settlement.
 pub trait Limiter: Send + Sync {
     /// Checks every scope and, when all have room, reserves `demand` on each of them at once.
-    fn admit(self: Arc<Self>, scopes: Vec<Scope>, demand: Demand) -> Result<Reservation, Refusal>;
+    fn admit(self: Arc<Self>, scopes: Vec<Scope>, demand: Demand) -> Result<Reservation, Refusal> {
+        self.admit_held(scopes, demand, None)
+    }
+
+    /// As [`Limiter::admit`], for a request already holding a concurrency slot of one of the
+    /// scopes (taken before its body was read): that scope's slot is not checked or taken
+    /// again, and the hold becomes part of the reservation.
+    fn admit_held(
+        self: Arc<Self>,
+        scopes: Vec<Scope>,
+        demand: Demand,
+        held: Option<Hold>,
+    ) -> Result<Reservation, Refusal>;
+
+    /// Takes a concurrency slot of `scope` now, before the request's body is read, so that a
+    /// scope's concurrency limit also bounds the bodies it has in memory.
+    fn hold(self: Arc<Self>, scope: &Scope) -> Result<Hold, Refusal>;
+
+    /// Gives back a slot taken by [`Limiter::hold`] that no reservation took over.
+    fn release(&self, scope: &Scope);
 
     /// Replaces a reservation by what the request used. Called exactly once per reservation.
     fn settle(&self, scopes: &[Scope], demand: Demand, actual: Actual);
@@ -218,6 +237,37 @@ pub struct ScopeStatus {
     pub requests_remaining: Option<u64>,
     pub input_tokens_remaining: Option<i64>,
     pub output_tokens_remaining: Option<i64>,
+}
+
+/// A concurrency slot of one scope taken before admission. Dropped (the request was refused
+/// or failed before admission), it gives the slot back.
+pub struct Hold {
+    limiter: Arc<dyn Limiter>,
+    scope: Scope,
+    taken_over: bool,
+}
+
+impl Hold {
+    pub fn new(limiter: Arc<dyn Limiter>, scope: Scope) -> Self {
+        Hold { limiter, scope, taken_over: false }
+    }
+
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
+    /// A reservation now owns the slot (its settlement gives it back).
+    pub fn take_over(mut self) {
+        self.taken_over = true;
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if !self.taken_over {
+            self.limiter.release(&self.scope);
+        }
+    }
 }
 
 /// A request's hold on its scopes. Settle it with what the request used; dropped unsettled (a

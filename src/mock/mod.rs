@@ -7,7 +7,8 @@
 //! `x-mock-status` (answer this status with an Anthropic error body), `x-mock-delay-ms` (pause
 //! between SSE events), `x-mock-cut-after` (close the connection after this many events),
 //! `x-mock-deltas` (number of text deltas), `x-mock-usage` (JSON usage object to report),
-//! `x-mock-header-delay-ms` (answer this late).
+//! `x-mock-header-delay-ms` (answer this late), `x-mock-response-headers` (a JSON object of
+//! headers to add to the answer).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -286,6 +287,22 @@ fn header<T: std::str::FromStr>(h: &HeaderMap, name: &str) -> Option<T> {
 }
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    // `x-mock-response-headers: {"name": "value", ...}` adds headers to the answer, as a real
+    // provider sends its own (cookies, account ids, routing headers).
+    let extra: Option<serde_json::Map<String, serde_json::Value>> =
+        req.headers().get("x-mock-response-headers").and_then(|v| serde_json::from_slice(v.as_bytes()).ok());
+    let mut resp = answer(shared, req).await?;
+    for (name, value) in extra.into_iter().flatten() {
+        if let (Ok(n), Some(Ok(v))) =
+            (http::HeaderName::try_from(name.as_str()), value.as_str().map(http::HeaderValue::try_from))
+        {
+            resp.headers_mut().append(n, v);
+        }
+    }
+    Ok(resp)
+}
+
+async fn answer(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let mut b = shared.behavior.lock().unwrap().clone();
@@ -325,16 +342,22 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     if let Some(rest) = path.strip_prefix("/model/") {
         return Ok(bedrock(rest, &body, b, shared));
     }
-    if let Some((_, rest)) = path.split_once("/publishers/anthropic/models/") {
+    if let Some((base, rest)) = path.split_once("/publishers/anthropic/models/") {
+        // Vertex's own shape only: /v1/projects/{project}/locations/{region}.
+        let parts: Vec<&str> = base.split('/').collect();
+        if !matches!(parts.as_slice(), ["", "v1", "projects", p, "locations", r] if !p.is_empty() && !r.is_empty()) {
+            return Ok(error_response(404, None));
+        }
         return Ok(vertex(rest, &body, b, shared));
     }
     if let Some(status) = b.status {
         return Ok(error_response(status, b.error_message.as_deref()));
     }
-    if path.ends_with("/count_tokens") {
+    // As strict as the Messages API about paths: exactly these two.
+    if path == "/v1/messages/count_tokens" {
         return Ok(json_response(StatusCode::OK, serde_json::json!({"input_tokens": b.usage.input_tokens})));
     }
-    if !path.ends_with("/v1/messages") {
+    if path != "/v1/messages" {
         return Ok(error_response(404, None));
     }
     let Ok(peek) = peek_request(&body) else {
@@ -359,7 +382,18 @@ fn bedrock(rest: &str, body: &[u8], b: Behavior, shared: Arc<Shared>) -> Respons
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             serde_json::json!({ "message": message }),
         );
-        r.headers_mut().insert("x-amzn-errortype", http::HeaderValue::from_static("MockException"));
+        // The exception names Bedrock gives these statuses (what boto3 raises).
+        let exception = match status {
+            400 => "ValidationException",
+            403 => "AccessDeniedException",
+            404 => "ResourceNotFoundException",
+            408 => "ModelTimeoutException",
+            429 => "ThrottlingException",
+            503 => "ServiceUnavailableException",
+            _ => "InternalServerException",
+        };
+        let value = format!("{exception}:http://internal.amazon.com/coral/com.amazon.bedrock/");
+        r.headers_mut().insert("x-amzn-errortype", http::HeaderValue::from_str(&value).expect("a header value"));
         r
     };
     if let Some(status) = b.status {
@@ -413,7 +447,7 @@ fn bedrock(rest: &str, body: &[u8], b: Behavior, shared: Arc<Shared>) -> Respons
 }
 
 /// Vertex AI's rawPredict: the model in the path, `anthropic_version: vertex-2023-10-16` in the
-/// body (checked), Messages answers, errors in Google's shape.
+/// body (checked; count-tokens takes any version), Messages answers, errors in Google's shape.
 fn vertex(rest: &str, body: &[u8], b: Behavior, shared: Arc<Shared>) -> Response<Body> {
     let google_error = |status: u16, message: &str| {
         json_response(
@@ -432,7 +466,13 @@ fn vertex(rest: &str, body: &[u8], b: Behavior, shared: Arc<Shared>) -> Response
         Ok(v) => v,
         Err(_) => return google_error(400, "mock vertex: invalid JSON"),
     };
-    if v["anthropic_version"] != "vertex-2023-10-16" {
+    // rawPredict takes only its own version; count-tokens takes what the Vertex SDK sends there
+    // (its API date, e.g. `2026-10-21`), so any version, but one.
+    let version = v["anthropic_version"].as_str().unwrap_or_default();
+    if model == "count-tokens" && version.is_empty() {
+        return google_error(400, "mock vertex: count-tokens needs anthropic_version");
+    }
+    if model != "count-tokens" && version != "vertex-2023-10-16" {
         return google_error(400, "mock vertex: anthropic_version must be vertex-2023-10-16");
     }
     if model == "count-tokens" {

@@ -98,6 +98,26 @@ pub fn anthropic_error(status: u16, body: &[u8]) -> Bytes {
     }
 }
 
+/// An Anthropic error body as Bedrock answers it, for a Bedrock client (boto3, Claude Code on
+/// Bedrock): the status, the exception name for `x-amzn-errortype` (what boto3 turns into its
+/// exception class), and `{"message": ...}`.
+pub fn error_from_anthropic(status: u16, body: &[u8]) -> (u16, &'static str, Bytes) {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let message =
+        v["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| format!("the gateway answered {status}"));
+    let (status, exception) = match (status, v["error"]["type"].as_str()) {
+        (429, _) | (_, Some("rate_limit_error")) => (429, "ThrottlingException"),
+        (529, _) | (503, _) | (_, Some("overloaded_error")) => (503, "ServiceUnavailableException"),
+        (401 | 403, _) => (403, "AccessDeniedException"),
+        (404, _) => (404, "ResourceNotFoundException"),
+        (408 | 504, _) => (408, "ModelTimeoutException"),
+        (400..=499, _) => (status, "ValidationException"),
+        _ => (500, "InternalServerException"),
+    };
+    let body = serde_json::to_vec(&serde_json::json!({ "message": message })).expect("JSON values serialize");
+    (status, exception, Bytes::from(body))
+}
+
 /// The Anthropic error type of a Bedrock stream exception.
 fn exception_type(exception: &str) -> &'static str {
     match exception {

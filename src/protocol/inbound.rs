@@ -93,6 +93,12 @@ pub fn parse_path(path: &str) -> Option<Call> {
     parse_bare(path)
 }
 
+/// The path (and query) a Messages-format call takes to an Anthropic provider: the client's,
+/// less the `/anthropic` pass-through prefix, which names the format to the gateway only.
+pub fn upstream_path(path_and_query: &str) -> &str {
+    path_and_query.strip_prefix("/anthropic").filter(|rest| rest.starts_with('/')).unwrap_or(path_and_query)
+}
+
 fn parse_bare(path: &str) -> Option<Call> {
     match path {
         "/v1/messages" => return Some(Call::Messages),
@@ -164,6 +170,13 @@ pub fn from_vertex(body: &[u8], model: Option<&str>) -> Result<Bytes, JsonError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pass_through_prefix_stays_at_the_gateway() {
+        assert_eq!(upstream_path("/anthropic/v1/messages?beta=true"), "/v1/messages?beta=true");
+        assert_eq!(upstream_path("/v1/messages/count_tokens"), "/v1/messages/count_tokens");
+        assert_eq!(upstream_path("/anthropicx/v1/messages"), "/anthropicx/v1/messages");
+    }
 
     #[test]
     fn paths() {

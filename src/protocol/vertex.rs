@@ -81,6 +81,29 @@ pub fn anthropic_error(status: u16, body: &[u8]) -> Bytes {
     )
 }
 
+/// An Anthropic error body in Google's shape, for a Vertex client:
+/// `{"error": {"code", "message", "status"}}`.
+pub fn error_from_anthropic(status: u16, body: &[u8]) -> Bytes {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let message =
+        v["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| format!("the gateway answered {status}"));
+    let code = match status {
+        400 | 413 | 414 => "INVALID_ARGUMENT",
+        401 => "UNAUTHENTICATED",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        405 => "UNIMPLEMENTED",
+        408 | 504 => "DEADLINE_EXCEEDED",
+        429 => "RESOURCE_EXHAUSTED",
+        503 | 529 => "UNAVAILABLE",
+        _ => "INTERNAL",
+    };
+    Bytes::from(
+        serde_json::to_vec(&serde_json::json!({"error": {"code": status, "message": message, "status": code}}))
+            .expect("JSON values serialize"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

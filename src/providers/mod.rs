@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use http::{HeaderName, HeaderValue};
 use pingora::protocols::tls::CaType;
 use pingora::utils::tls::WrappedX509;
@@ -33,6 +35,8 @@ pub struct Credential {
     pub index: usize,
     pub auth: Auth,
     pub passive: PassiveHealth,
+    /// SHA-256 of the secret material: tells a reload whether it changed.
+    fingerprint: [u8; 32],
 }
 
 /// How a request proves itself to the provider.
@@ -51,13 +55,16 @@ pub struct Provider {
     pub kind: ProviderKind,
     /// Which betas this provider gets.
     pub betas: BetaPolicy,
+    /// Provider control headers clients may send through (lowercase names).
+    pub allow_headers: Vec<HeaderName>,
     /// Vertex: where the model lives (project, region).
     pub project: Option<String>,
     pub region: Option<String>,
     pub endpoints: Vec<Arc<Endpoint>>,
     pub pool: Pool,
-    /// Usable credentials, or why there are none.
-    credentials: Result<Vec<Credential>, String>,
+    /// Usable credentials, or why there are none; replaced whole when a reload reads them
+    /// again.
+    credentials: ArcSwap<Result<Vec<Arc<Credential>>, String>>,
     next_credential: AtomicUsize,
     pub health: HealthPolicy,
     pub first_byte_timeout: Duration,
@@ -105,42 +112,7 @@ impl Provider {
                 Endpoint::new(i, UpstreamUrl::parse(url.get_ref())?, weight, settings.clone()).map(Arc::new)
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let keys = c.credential_list();
-        let credentials = if c.kind == ProviderKind::Bedrock && keys.is_empty() {
-            aws_signer(c).map(|signer| {
-                vec![Credential { index: 0, auth: Auth::SigV4(signer), passive: PassiveHealth::default() }]
-            })
-        } else if let (ProviderKind::Vertex, Some(sa)) = (c.kind, &c.service_account) {
-            sa.resolve()
-                .and_then(|json| {
-                    TokenSource::from_key_json(json.expose()).map_err(|e| format!("service_account {sa}: {e}"))
-                })
-                .map(|source| {
-                    vec![Credential {
-                        index: 0,
-                        auth: Auth::OAuth(Arc::new(source)),
-                        passive: PassiveHealth::default(),
-                    }]
-                })
-        } else {
-            keys.into_iter()
-                .enumerate()
-                .map(|(index, r)| {
-                    let secret = r.get_ref().resolve()?;
-                    let (name, value) = match c.kind {
-                        ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), secret.expose().to_string()),
-                        // A Bedrock API key (what AWS_BEARER_TOKEN_BEDROCK holds).
-                        ProviderKind::Bedrock | ProviderKind::Vertex => {
-                            (http::header::AUTHORIZATION, format!("Bearer {}", secret.expose()))
-                        }
-                    };
-                    let mut value = HeaderValue::from_str(&value)
-                        .map_err(|_| format!("credential {} holds characters not allowed in a header", r.get_ref()))?;
-                    value.set_sensitive(true);
-                    Ok(Credential { index, auth: Auth::Header(name, value), passive: PassiveHealth::default() })
-                })
-                .collect::<Result<Vec<_>, String>>()
-        };
+        let credentials = ArcSwap::from_pointee(read_credentials(c));
         let probe = (c.health.probe != ProbeKind::None).then(|| {
             Box::new(health::Probe {
                 kind: c.health.probe,
@@ -155,6 +127,7 @@ impl Provider {
             name: c.name.get_ref().clone(),
             kind: c.kind,
             betas: BetaPolicy::from_config(c.kind, c.betas.as_ref()),
+            allow_headers: c.allow_headers.iter().filter_map(|h| HeaderName::try_from(h.as_str()).ok()).collect(),
             project: c.project.clone(),
             region: c.region.clone(),
             pool: Pool::new(&endpoints, c.selection, schedule),
@@ -174,23 +147,27 @@ impl Provider {
     /// A credential for the next attempt: in turn, skipping those cooling down. With all of
     /// them cooling down there is none, except as a `last_resort`: then the one that comes back
     /// first.
-    pub fn credential(&self, last_resort: bool) -> Result<&Credential, String> {
-        let all = self.credentials.as_ref().map_err(|e| format!("no credential: {e}"))?;
+    pub fn credential(&self, last_resort: bool) -> Result<Arc<Credential>, String> {
+        let set = self.credentials.load();
+        let all = set.as_ref().as_ref().map_err(|e| format!("no credential: {e}"))?;
         let now = now_ms();
         let start = self.next_credential.fetch_add(1, Ordering::Relaxed);
         let available = (0..all.len()).map(|i| &all[(start + i) % all.len()]).find(|c| c.passive.available(now));
         match available {
-            Some(c) => Ok(c),
-            None if last_resort => {
-                all.iter().min_by_key(|c| c.passive.cooling_down_for(now)).ok_or_else(|| "no credentials".into())
-            }
+            Some(c) => Ok(c.clone()),
+            None if last_resort => all
+                .iter()
+                .min_by_key(|c| c.passive.cooling_down_for(now))
+                .cloned()
+                .ok_or_else(|| "no credentials".into()),
             None => Err("every credential is paused after a 429".into()),
         }
     }
 
     /// Token sources to keep fresh (Vertex service accounts).
     pub fn token_sources(&self) -> Vec<Arc<TokenSource>> {
-        let all = self.credentials.as_ref().map(Vec::as_slice).unwrap_or_default();
+        let set = self.credentials.load();
+        let all = set.as_ref().as_ref().map(Vec::as_slice).unwrap_or_default();
         all.iter()
             .filter_map(|c| match &c.auth {
                 Auth::OAuth(t) => Some(t.clone()),
@@ -200,12 +177,34 @@ impl Provider {
     }
 
     pub fn credential_count(&self) -> usize {
-        self.credentials.as_ref().map_or(0, Vec::len)
+        self.credentials.load().as_ref().as_ref().map_or(0, Vec::len)
+    }
+
+    /// Takes credentials read again from the config (a reload). A credential whose secret did
+    /// not change is kept as it is, with its cool-down and its OAuth token; a changed one
+    /// starts fresh. When the new set cannot be read, the running one stays, and the reason is
+    /// returned to be logged.
+    pub fn replace_credentials(&self, fresh: Result<Vec<Arc<Credential>>, String>) -> Result<(), String> {
+        let running = self.credentials.load();
+        let fresh = match (fresh, running.as_ref()) {
+            (Ok(fresh), Ok(old)) => fresh
+                .into_iter()
+                .map(|f| old.iter().find(|o| o.fingerprint == f.fingerprint).cloned().unwrap_or(f))
+                .collect(),
+            (Ok(fresh), Err(_)) => fresh,
+            (Err(e), Ok(_)) => return Err(e),
+            (Err(e), Err(_)) => {
+                self.credentials.store(Arc::new(Err(e.clone())));
+                return Err(e);
+            }
+        };
+        self.credentials.store(Arc::new(Ok(fresh)));
+        Ok(())
     }
 
     /// Why this provider cannot take traffic, if it cannot.
     pub fn unready_reason(&self) -> Option<String> {
-        if let Err(e) = &self.credentials {
+        if let Err(e) = self.credentials.load().as_ref() {
             return Some(format!("provider {}: no credential: {e}", self.name));
         }
         if self.endpoints.iter().all(|e| e.peer().is_err()) {
@@ -223,6 +222,59 @@ impl Provider {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
         rt.block_on(self.pool.update());
     }
+}
+
+/// Reads a provider's credentials from their references: keys, AWS keys (or the standard AWS
+/// variables), or a Google service account. Each carries the SHA-256 of its secret material, so
+/// a reload can tell a rotated secret from the same one.
+pub fn read_credentials(c: &ProviderConfig) -> Result<Vec<Arc<Credential>>, String> {
+    let keys = c.credential_list();
+    let one = |auth, material: &[u8]| {
+        vec![Arc::new(Credential {
+            index: 0,
+            auth,
+            passive: PassiveHealth::default(),
+            fingerprint: fingerprint(material),
+        })]
+    };
+    if c.kind == ProviderKind::Bedrock && keys.is_empty() {
+        let signer = aws_signer(c)?;
+        let material = signer.fingerprint_material();
+        return Ok(one(Auth::SigV4(signer), &material));
+    }
+    if let (ProviderKind::Vertex, Some(sa)) = (c.kind, &c.service_account) {
+        let json = sa.resolve()?;
+        let source = TokenSource::from_key_json(json.expose()).map_err(|e| format!("service_account {sa}: {e}"))?;
+        return Ok(one(Auth::OAuth(Arc::new(source)), json.expose().as_bytes()));
+    }
+    keys.into_iter()
+        .enumerate()
+        .map(|(index, r)| {
+            let secret = r.get_ref().resolve()?;
+            let (name, value) = match c.kind {
+                ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), secret.expose().to_string()),
+                // A Bedrock API key (what AWS_BEARER_TOKEN_BEDROCK holds).
+                ProviderKind::Bedrock | ProviderKind::Vertex => {
+                    (http::header::AUTHORIZATION, format!("Bearer {}", secret.expose()))
+                }
+            };
+            let mut value = HeaderValue::from_str(&value)
+                .map_err(|_| format!("credential {} holds characters not allowed in a header", r.get_ref()))?;
+            value.set_sensitive(true);
+            let fingerprint = fingerprint(secret.expose().as_bytes());
+            Ok(Arc::new(Credential {
+                index,
+                auth: Auth::Header(name, value),
+                passive: PassiveHealth::default(),
+                fingerprint,
+            }))
+        })
+        .collect()
+}
+
+fn fingerprint(material: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(material).into()
 }
 
 /// SigV4 credentials from the config's references, or from the standard AWS variables.

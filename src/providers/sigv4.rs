@@ -30,6 +30,17 @@ impl AwsSigner {
         AwsSigner { region: region.to_string(), service: "bedrock", access_key_id, secret_access_key, session_token }
     }
 
+    /// The secret material, for telling a rotated key from the same one (never logged).
+    pub fn fingerprint_material(&self) -> Vec<u8> {
+        let mut m = Vec::new();
+        for part in [Some(&self.access_key_id), Some(&self.secret_access_key), self.session_token.as_ref()] {
+            m.extend_from_slice(part.map_or("", |s| s.expose()).as_bytes());
+            m.push(0);
+        }
+        m.extend_from_slice(self.region.as_bytes());
+        m
+    }
+
     /// The headers that sign a request: `url` is the full URL (scheme, host, path, query);
     /// `headers` are those to sign along (`host` at least).
     pub fn sign(

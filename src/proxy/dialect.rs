@@ -157,9 +157,24 @@ fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: 
             // Only the version moves into the body; betas stay in their header, as Vertex takes them.
             let drop_headers: &'static [&'static str] = &["anthropic-version"];
             Ok(if req.count_tokens {
-                let with_id = with_model(req.body.clone(), req.model_span.clone(), req.requested, model_id);
+                // A Vertex client's count goes as it came (its own `anthropic_version`), with
+                // the deployment's model id; another client's gets Vertex's envelope.
+                let body = match (req.format, req.original) {
+                    (Format::Vertex, Some(original)) => {
+                        let span = crate::protocol::json_peek::peek_request(original)
+                            .map_err(bad_json)?
+                            .model
+                            .map(|(_, span)| span)
+                            .ok_or_else(|| ApiError::invalid_request("model: field required"))?;
+                        with_model(original.clone(), span, req.requested, model_id)
+                    }
+                    _ => {
+                        let with_id = with_model(req.body.clone(), req.model_span.clone(), req.requested, model_id);
+                        vertex::count_tokens_body(&with_id).map_err(bad_json)?
+                    }
+                };
                 Outbound {
-                    body: vertex::count_tokens_body(&with_id).map_err(bad_json)?,
+                    body,
                     path: Some(vertex::count_tokens_path(project, region)),
                     transcode: Transcode::None,
                     drop_headers,

@@ -4,7 +4,9 @@
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 
+use crate::config::ProviderKind;
 use crate::metering::Outcome;
+use crate::protocol::inbound::Format;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -86,16 +88,61 @@ impl ApiError {
         Bytes::from(serde_json::to_vec(&v).expect("JSON values serialize"))
     }
 
-    pub fn response_header(&self, request_id: &str, body_len: usize) -> ResponseHeader {
-        let mut h = ResponseHeader::build(self.status, Some(5)).expect("valid status");
+    /// The answer in the client's format: header and body.
+    pub fn answer(&self, format: Format, request_id: &str) -> (ResponseHeader, Bytes) {
+        let shaped = for_client(format, self.status, self.body());
+        (shaped.header(request_id, &self.headers, self.close), shaped.body)
+    }
+}
+
+/// Whether a provider answers in the client's own format: its errors then reach the client
+/// unmodified (clients match on the provider's wording).
+pub fn same_format(format: Format, kind: ProviderKind) -> bool {
+    matches!(
+        (format, kind),
+        (Format::Anthropic, ProviderKind::Anthropic)
+            | (Format::Bedrock, ProviderKind::Bedrock)
+            | (Format::Vertex, ProviderKind::Vertex)
+    )
+}
+
+/// An error answer in the client's format, from an Anthropic-shaped body: as it is for a
+/// Messages client; for a Bedrock client, Bedrock's status, `x-amzn-errortype` and
+/// `{"message"}`; for a Vertex client, Google's `{"error": {code, message, status}}`.
+pub struct Shaped {
+    pub status: u16,
+    pub body: Bytes,
+    pub errortype: Option<&'static str>,
+}
+
+pub fn for_client(format: Format, status: u16, anthropic: Bytes) -> Shaped {
+    match format {
+        Format::Anthropic => Shaped { status, body: anthropic, errortype: None },
+        Format::Bedrock => {
+            let (status, exception, body) = crate::protocol::bedrock::error_from_anthropic(status, &anthropic);
+            Shaped { status, body, errortype: Some(exception) }
+        }
+        Format::Vertex => {
+            Shaped { status, body: crate::protocol::vertex::error_from_anthropic(status, &anthropic), errortype: None }
+        }
+    }
+}
+
+impl Shaped {
+    /// The response header: JSON, the gateway's request ids, and `x-amzn-errortype` for Bedrock.
+    pub fn header(&self, request_id: &str, extra: &[(String, String)], close: bool) -> ResponseHeader {
+        let mut h = ResponseHeader::build(self.status, Some(6 + extra.len())).expect("valid status");
         let _ = h.insert_header(http::header::CONTENT_TYPE, "application/json");
-        let _ = h.insert_header(http::header::CONTENT_LENGTH, body_len);
+        let _ = h.insert_header(http::header::CONTENT_LENGTH, self.body.len());
         let _ = h.insert_header("request-id", request_id);
         let _ = h.insert_header(super::headers::REQUEST_ID_HEADER, request_id);
-        if self.close {
+        if let Some(t) = self.errortype {
+            let _ = h.insert_header("x-amzn-errortype", t);
+        }
+        if close {
             let _ = h.insert_header(http::header::CONNECTION, "close");
         }
-        for (name, value) in &self.headers {
+        for (name, value) in extra {
             let _ = h.insert_header(name.clone(), value.as_str());
         }
         h

@@ -12,6 +12,7 @@ use pingora::ErrorType;
 use pingora_proxy::Session;
 
 use super::dialect::{Answer, Transcode};
+use super::errors::{for_client, same_format};
 use super::fallback::InFlight;
 use super::headers::response_for_client;
 use super::meter::ResponseMeter;
@@ -45,7 +46,9 @@ impl Gateway {
         let status = upstream_header.status.as_u16();
         ctx.upstream_status = Some(status);
         ctx.status = status;
-        if provider.kind != ProviderKind::Anthropic && !upstream_header.status.is_success() {
+        // An error from a provider that speaks another format than the client's is reshaped;
+        // from one that speaks the client's own, it streams through as it came.
+        if !upstream_header.status.is_success() && !same_format(ctx.format, provider.kind) {
             return self.answer_provider_error(session, ctx, up, provider, &peer).await;
         }
         if transcode == Transcode::BedrockCountTokens {
@@ -68,7 +71,7 @@ impl Gateway {
         }
         let mut meter = ResponseMeter::for_response(&meter_header, metered);
         let chunked_ok = session.req_header().version >= http::Version::HTTP_11;
-        let out = response_for_client(&client_header, &ctx.id, chunked_ok);
+        let out = response_for_client(&client_header, &ctx.id, chunked_ok, &self.response_headers);
 
         session.set_write_timeout(Some(self.client_write_timeout));
         if session.write_response_header(Box::new(out), false).await.is_err() {
@@ -138,8 +141,8 @@ impl Gateway {
         Ok(())
     }
 
-    /// A Bedrock or Vertex error the client must see (a 400, say): read whole and given the
-    /// Anthropic shape.
+    /// A provider's error in another format than the client's (a 400, say): read whole and
+    /// given the client's shape.
     async fn answer_provider_error(
         &self,
         session: &mut Session,
@@ -151,12 +154,20 @@ impl Gateway {
         let status = ctx.status;
         let body = read_small(&mut up, provider).await?;
         provider.connector.release_http_session(up, peer, Some(provider.pool_idle_timeout)).await;
-        let body = super::fallback::provider_error(provider.kind, status, &body);
+        let body = match provider.kind {
+            ProviderKind::Anthropic => bytes::Bytes::from(body),
+            kind => super::fallback::provider_error(kind, status, &body),
+        };
         ctx.outcome = Outcome::UpstreamError;
         ctx.error = crate::protocol::usage::usage_from_json(&body)
             .and_then(|(_, kind)| kind)
             .or_else(|| Some(format!("provider answered {status}")));
-        write_json(session, &ctx.id, status, body).await;
+        let shaped = for_client(ctx.format, status, body);
+        ctx.status = shaped.status;
+        let header = shaped.header(&ctx.id, &[], false);
+        if session.write_response_header(Box::new(header), false).await.is_ok() {
+            let _ = session.write_response_body(Some(shaped.body), true).await;
+        }
         Ok(())
     }
 

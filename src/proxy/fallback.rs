@@ -20,8 +20,9 @@ use pingora_proxy::Session;
 use serde::Serialize;
 
 use super::dialect::{outbound, Answer, Inbound, Outbound};
+use super::errors::{for_client, same_format};
 use super::exchange::SendError;
-use super::headers::{copy_request_headers, response_for_client};
+use super::headers::{copy_request_headers, response_for_client, RequestPolicy};
 use super::{ApiError, Gateway, RequestCtx, State};
 use crate::config::ProviderKind;
 use crate::metering::Outcome;
@@ -73,8 +74,9 @@ impl Drop for InFlight {
 
 /// What the client gets when nothing better came.
 enum Failure {
-    /// A provider's error answer, read whole.
-    Upstream { header: Box<ResponseHeader>, body: Bytes },
+    /// A provider's error answer, read whole: as the provider sent it (`header`, `raw`) and in
+    /// the Anthropic shape (`body`).
+    Upstream { header: Box<ResponseHeader>, raw: Bytes, body: Bytes, kind: ProviderKind },
     /// The gateway's own error (no provider answered).
     Gateway(ApiError),
 }
@@ -127,7 +129,7 @@ impl Gateway {
         // When every endpoint is down or cooling down, one more pass tries them anyway.
         let mut last_resort = false;
         let header_betas = session.req_header().headers.get("anthropic-beta").and_then(|v| v.to_str().ok());
-        let beta = req.betas.clone().filter(|b| !b.is_empty()).or(header_betas.map(str::to_string));
+        let beta = merge_betas(header_betas, req.betas.as_deref());
         let has_version = session.req_header().headers.contains_key("anthropic-version");
         let inbound = Inbound {
             body: &req.body,
@@ -187,7 +189,7 @@ impl Gateway {
                     let remaining = deadline.saturating_duration_since(now);
                     let timeout = provider.first_byte_timeout.min(remaining);
                     let cut_by_deadline = timeout < provider.first_byte_timeout;
-                    let result = match self.upstream_request(session, &endpoint, credential, &out) {
+                    let result = match self.upstream_request(session, &provider, &endpoint, &credential, &out) {
                         // The deadline bounds the whole attempt, writing a large body included.
                         // Whether the request was written whole when it struck is not known:
                         // count it as written.
@@ -263,19 +265,18 @@ impl Gateway {
                             provider.connector.release_http_session(up, &*peer, Some(provider.pool_idle_timeout)).await;
                         }
                     }
-                    let body = error_body.filter(|b| !b.is_empty()).unwrap_or_else(|| {
+                    let raw = error_body.filter(|b| !b.is_empty()).unwrap_or_else(|| {
                         // Nothing readable came with the error: give the client the Anthropic shape.
                         let e = ApiError::bad_gateway(format!("provider {} answered {status}", provider.name));
                         e.body()
                     });
-                    // The client speaks Anthropic: a Bedrock error gets the Anthropic shape.
-                    let (header, body) = if provider.kind == ProviderKind::Anthropic {
-                        (header, body)
-                    } else {
-                        let mut header = header;
-                        let _ = header.insert_header(http::header::CONTENT_TYPE, "application/json");
-                        (header, provider_error(provider.kind, status, &body))
+                    // What the error says, in the Anthropic shape, for the record and the checks
+                    // below; the client gets it in its own format at the end.
+                    let body = match provider.kind {
+                        ProviderKind::Anthropic => raw.clone(),
+                        kind => provider_error(kind, status, &raw),
                     };
+                    let upstream = |header, raw, body| Failure::Upstream { header, raw, body, kind: provider.kind };
                     if maybe_too_long {
                         let next = is_prompt_too_long(&body)
                             .then(|| route.context_fallback.as_deref().and_then(|n| state.models.resolve(n)).cloned())
@@ -285,7 +286,7 @@ impl Gateway {
                             record.abandoned = Some(format!("prompt too long; trying {}", next.name));
                             self.count_attempt(&provider, "context_fallback");
                             ctx.attempts.push(record);
-                            last_upstream = Some(Failure::Upstream { header, body });
+                            last_upstream = Some(upstream(header, raw, body));
                             last_from = Some((d, model_id.clone()));
                             widened = true;
                             // The larger model gets its own attempts.
@@ -299,7 +300,7 @@ impl Gateway {
                         ctx.route = Some(route.clone());
                         ctx.deployment = d;
                         ctx.provider_model = Some(model_id);
-                        return self.replay(session, ctx, Failure::Upstream { header, body }).await;
+                        return self.replay(session, ctx, upstream(header, raw, body)).await;
                     }
                     // 429: this credential (or endpoint) pauses; 5xx and 529 count as failures.
                     if status == 429 {
@@ -319,7 +320,7 @@ impl Gateway {
                     record.abandoned = Some(format!("provider answered {status}"));
                     self.count_attempt(&provider, "retried");
                     ctx.attempts.push(record);
-                    last_upstream = Some(Failure::Upstream { header, body });
+                    last_upstream = Some(upstream(header, raw, body));
                     last_from = Some((d, model_id.clone()));
                 }
             }
@@ -348,6 +349,7 @@ impl Gateway {
     fn upstream_request(
         &self,
         session: &Session,
+        provider: &Provider,
         endpoint: &Endpoint,
         credential: &crate::providers::Credential,
         out: &Outbound,
@@ -355,12 +357,13 @@ impl Gateway {
         let client = session.req_header();
         let path = match &out.path {
             Some(p) => p.as_str(),
-            None => client.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+            None => crate::protocol::inbound::upstream_path(client.uri.path_and_query().map_or("/", |p| p.as_str())),
         };
         let target = format!("{}{}", endpoint.url.path_prefix, path);
         let mut req = RequestHeader::build("POST", target.as_bytes(), Some(client.headers.len() + 5))
             .map_err(|e| ApiError::invalid_request(format!("cannot build the upstream request: {e}")))?;
-        copy_request_headers(client, &mut req);
+        let policy = RequestPolicy { key_header: self.key_header.as_ref(), allow: &provider.allow_headers };
+        copy_request_headers(client, &mut req, &policy);
         for name in out.drop_headers {
             let _ = req.remove_header(*name);
         }
@@ -417,9 +420,9 @@ impl Gateway {
 
     /// Sends the client a failure: the provider's error as it came, or the gateway's own.
     async fn replay(&self, session: &mut Session, ctx: &mut RequestCtx, failure: Failure) -> Result<(), ApiError> {
-        let (header, body) = match failure {
+        let (header, raw, body, kind) = match failure {
             Failure::Gateway(e) => return Err(e),
-            Failure::Upstream { header, body } => (header, body),
+            Failure::Upstream { header, raw, body, kind } => (header, raw, body, kind),
         };
         let status = header.status.as_u16();
         ctx.upstream_status = Some(status);
@@ -428,14 +431,32 @@ impl Gateway {
         ctx.error = crate::protocol::usage::usage_from_json(&body)
             .and_then(|(_, kind)| kind)
             .or_else(|| Some(format!("provider answered {status}")));
-        let mut out = response_for_client(&header, &ctx.id, false);
-        let _ = out.remove_header(&http::header::TRANSFER_ENCODING);
-        let _ = out.insert_header(http::header::CONTENT_LENGTH, body.len());
+        // The provider's own answer when it speaks the client's format (clients match on its
+        // wording); otherwise the error in the client's format, with the provider's retry advice.
+        let (out, body) = if same_format(ctx.format, kind) {
+            let mut out = response_for_client(&header, &ctx.id, false, &self.response_headers);
+            let _ = out.remove_header(&http::header::TRANSFER_ENCODING);
+            let _ = out.insert_header(http::header::CONTENT_LENGTH, raw.len());
+            (out, raw)
+        } else {
+            let retry = retry_advice(&header);
+            let shaped = for_client(ctx.format, status, body);
+            ctx.status = shaped.status;
+            (shaped.header(&ctx.id, &retry, false), shaped.body)
+        };
         if session.write_response_header(Box::new(out), false).await.is_ok() {
             let _ = session.write_response_body(Some(body), true).await;
         }
         Ok(())
     }
+}
+
+/// The provider's advice on when to retry, kept when its error is reshaped.
+fn retry_advice(h: &ResponseHeader) -> Vec<(String, String)> {
+    ["retry-after", "retry-after-ms", "x-should-retry"]
+        .iter()
+        .filter_map(|name| Some((name.to_string(), h.headers.get(*name)?.to_str().ok()?.to_string())))
+        .collect()
 }
 
 /// A Bedrock or Vertex error body in the Anthropic shape.
@@ -444,6 +465,18 @@ pub(super) fn provider_error(kind: ProviderKind, status: u16, body: &[u8]) -> By
         ProviderKind::Vertex => crate::protocol::vertex::anthropic_error(status, body),
         _ => crate::protocol::bedrock::anthropic_error(status, body),
     }
+}
+
+/// The betas of the `anthropic-beta` header and of a Bedrock body's `anthropic_beta` list
+/// together (Claude Code on Bedrock sends some in each), each once, in the order they came.
+fn merge_betas(header: Option<&str>, body: Option<&str>) -> Option<String> {
+    let mut seen: Vec<&str> = Vec::new();
+    for beta in header.into_iter().chain(body).flat_map(|list| list.split(',')).map(str::trim) {
+        if !beta.is_empty() && !seen.contains(&beta) {
+            seen.push(beta);
+        }
+    }
+    (header.is_some() || !seen.is_empty()).then(|| seen.join(","))
 }
 
 /// Reads a (small) error body whole; `None` when it cannot be read or is too large, in which
@@ -466,4 +499,22 @@ async fn read_error_body(up: &mut HttpSession, limit: Duration) -> Option<Bytes>
 /// Anthropic says `prompt is too long: 250000 tokens > 200000 maximum`.
 fn is_prompt_too_long(body: &[u8]) -> bool {
     memchr::memmem::find(body, b"prompt is too long").is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_betas;
+
+    #[test]
+    fn betas_from_the_header_and_the_body_are_merged() {
+        assert_eq!(
+            merge_betas(
+                Some("claude-code-20250219, interleaved-thinking-2025-05-14"),
+                Some("interleaved-thinking-2025-05-14,context-1m-2025-08-07")
+            ),
+            Some("claude-code-20250219,interleaved-thinking-2025-05-14,context-1m-2025-08-07".into())
+        );
+        assert_eq!(merge_betas(None, Some("a")), Some("a".into()));
+        assert_eq!(merge_betas(None, None), None);
+    }
 }

@@ -36,7 +36,7 @@ pub use headers::REQUEST_ID_HEADER;
 use crate::audit::AuditLog;
 use crate::auth::{looks_like_jwt, presented_key, ApiKey, AuthError, JwtVerifier};
 use crate::config::{ByReference, Config, Interrupted, Unpriced};
-use crate::limits::{Actual, Demand, Limiter, Owners, Policy, Reservation, Scope, ScopeKind};
+use crate::limits::{Actual, Demand, Hold, Limiter, Owners, Policy, Reservation, Scope, ScopeKind};
 use crate::metering::{Asked, Outcome, PriceTable, DEFAULT_CONTEXT_WINDOW, DEFAULT_MAX_OUTPUT};
 use crate::metrics::Metrics;
 use crate::protocol::inbound::{from_bedrock, from_vertex, parse_path, Call};
@@ -103,6 +103,17 @@ impl State {
 /// (the tool-use system prompt is a few hundred tokens).
 const PROMPT_OVERHEAD_TOKENS: u64 = 1024;
 
+/// A request as admission sees it.
+struct Admission<'a> {
+    key: &'a ApiKey,
+    route: &'a Route,
+    requested: &'a str,
+    /// `None` for a request that generates nothing (a token count).
+    generation: Option<Generation<'a>>,
+    /// The key's concurrency slot, taken before the body was read.
+    held: Option<Hold>,
+}
+
 /// What admission needs to know about a request that generates (and costs).
 struct Generation<'a> {
     body_len: usize,
@@ -126,6 +137,8 @@ pub struct Gateway {
     body_timeouts: BodyTimeouts,
     /// A header that carries the gateway key (for clients that can only add a custom header).
     key_header: Option<http::HeaderName>,
+    /// Provider response headers clients get beyond the built-in list.
+    response_headers: Vec<http::HeaderName>,
     /// Listeners whose keyless requests count as a named key.
     anonymous: HashMap<std::net::SocketAddr, String>,
 }
@@ -147,6 +160,11 @@ impl Gateway {
             client_idle_secs: server.client_idle_timeout.as_secs().max(1),
             body_timeouts: BodyTimeouts { per_read: server.body_read_timeout, total: server.body_timeout },
             key_header: server.key_header.as_deref().and_then(|h| http::HeaderName::try_from(h).ok()),
+            response_headers: server
+                .response_headers
+                .iter()
+                .filter_map(|h| http::HeaderName::try_from(h.as_str()).ok())
+                .collect(),
             anonymous,
         }
     }
@@ -189,7 +207,7 @@ impl Gateway {
         ));
         // A listener may stand in for clients that can send no key at all.
         let anonymous = match presented {
-            None => session.server_addr().and_then(|a| a.as_inet()).and_then(|a| self.anonymous.get(a)),
+            None => session.server_addr().and_then(|a| a.as_inet()).and_then(|a| self.anonymous_key(*a)),
             Some(_) => None,
         };
         let keys = self.runtime.keys.load();
@@ -212,6 +230,19 @@ impl Gateway {
             Err(e) => return Err(ApiError::authentication(e.to_string())),
         };
         ctx.key = Some(key.clone());
+        // The key's concurrency slot is taken before its body is read: so the limit bounds the
+        // bodies a key can hold in memory too, and a key at its limit is refused unread.
+        let held = match key.policy.limits.concurrency {
+            Some(_) => {
+                let scope = Scope { kind: ScopeKind::Key, id: key.scope_id.clone(), policy: key.policy };
+                let limiter: Arc<dyn Limiter> = self.runtime.limiter.clone();
+                Some(limiter.hold(&scope).map_err(|refusal| {
+                    self.metrics.refused.with_label_values(&[refusal.reason]).inc();
+                    ApiError::refused(refusal)
+                })?)
+            }
+            None => None,
+        };
 
         let raw = read_body(session, state.max_body_bytes, self.body_timeouts).await.inspect_err(|e| {
             let reason = match e.status {
@@ -221,6 +252,14 @@ impl Gateway {
             };
             self.metrics.client_refused.with_label_values(&[reason]).inc();
         })?;
+        // JSON is UTF-8 (RFC 8259 §8.1): refuse anything else here rather than let the provider
+        // refuse it after the request was reserved and sent.
+        if let Err(e) = std::str::from_utf8(&raw) {
+            return Err(ApiError::invalid_request(format!(
+                "the body is not valid UTF-8: invalid byte at offset {}",
+                e.valid_up_to()
+            )));
+        }
         let invalid = |e: crate::protocol::json_peek::JsonError| {
             ApiError::invalid_request(format!("the body is not valid JSON: {e}"))
         };
@@ -232,7 +271,7 @@ impl Gateway {
                 (body, Some(betas.join(",")), Some(raw))
             }
             Call::Vertex { model, .. } => (from_vertex(&raw, Some(model)).map_err(invalid)?, None, Some(raw)),
-            Call::VertexCountTokens => (from_vertex(&raw, None).map_err(invalid)?, None, None),
+            Call::VertexCountTokens => (from_vertex(&raw, None).map_err(invalid)?, None, Some(raw)),
             Call::Messages | Call::CountTokens => (raw, None, None),
         };
         let mut peek =
@@ -272,7 +311,8 @@ impl Gateway {
             ctx.cache_1h = reach.cache_1h;
             Some(Generation { body_len: body.len(), peek: &peek, reach: &reach })
         };
-        ctx.reservation = self.admit(&state, ctx, &key, &route, &requested, generation)?;
+        let admission = Admission { key: &key, route: &route, requested: &requested, generation, held };
+        ctx.reservation = self.admit(&state, ctx, admission)?;
         // Only session affinity needs the key; most requests never compute it.
         let affinity =
             route.deployments.iter().any(|d| d.provider.pool.selection == crate::providers::Selection::SessionAffinity);
@@ -290,6 +330,17 @@ impl Gateway {
         self.forward(session, ctx, &state, route, request).await
     }
 
+    /// The `anonymous_key` of the listener that accepted a connection on `local`: the one
+    /// configured for that address, or for the wildcard address (`0.0.0.0`, `[::]`) on its port.
+    fn anonymous_key(&self, local: std::net::SocketAddr) -> Option<&String> {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+        self.anonymous.get(&local).or_else(|| {
+            [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)]
+                .into_iter()
+                .find_map(|ip| self.anonymous.get(&SocketAddr::new(ip, local.port())))
+        })
+    }
+
     /// Whether a budget applies to a request with this key: its own, its user's or its team's
     /// (models carry limits, not budgets).
     fn has_budget(&self, state: &State, key: &ApiKey) -> bool {
@@ -302,15 +353,8 @@ impl Gateway {
     /// Reserves the request's worst case on every budget and limit that applies to it: its
     /// key, the key's user and team, and the model. `generation` describes a request that
     /// generates (and costs); `None` for one that does not. Returns `None` when nothing applies.
-    fn admit(
-        &self,
-        state: &State,
-        ctx: &mut RequestCtx,
-        key: &ApiKey,
-        route: &Route,
-        requested: &str,
-        generation: Option<Generation>,
-    ) -> Result<Option<Reservation>, ApiError> {
+    fn admit(&self, state: &State, ctx: &mut RequestCtx, a: Admission) -> Result<Option<Reservation>, ApiError> {
+        let Admission { key, route, requested, generation, held } = a;
         let mut scopes = Vec::with_capacity(4);
         if !key.policy.is_empty() {
             scopes.push(Scope { kind: ScopeKind::Key, id: key.scope_id.clone(), policy: key.policy });
@@ -394,7 +438,7 @@ impl Gateway {
             return Ok(None);
         }
         let limiter: Arc<dyn Limiter> = self.runtime.limiter.clone();
-        match limiter.admit(scopes, demand) {
+        match limiter.admit_held(scopes, demand, held) {
             Ok(r) => Ok(Some(r)),
             Err(refusal) => {
                 self.metrics.refused.with_label_values(&[refusal.reason]).inc();
@@ -432,14 +476,13 @@ impl Gateway {
             session.shutdown().await;
             return;
         }
-        ctx.status = err.status;
-        let body = err.body();
         // A body left unread would be drained before the connection could be reused, at
         // whatever pace the client likes: close instead.
         let close = err.close || !session.is_body_done();
         let mut err = err;
         err.close = close;
-        let header = err.response_header(&ctx.id, body.len());
+        let (header, body) = err.answer(ctx.format, &ctx.id);
+        ctx.status = header.status.as_u16();
         if close {
             session.set_keepalive(None);
         }

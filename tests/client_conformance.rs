@@ -1,0 +1,257 @@
+//! What real clients ran into, each pinned by a test: Claude Code on Bedrock sends betas in the
+//! header and the body and both must arrive; a Vertex client's count-tokens keeps its own
+//! `anthropic_version`; the `/anthropic` pass-through prefix never reaches the provider; and
+//! errors reach each client in its own format (boto3 reads `x-amzn-errortype` and `message`,
+//! the Vertex SDK Google's `error` object), unmodified when the provider speaks it already.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+const VERTEX_BASE: &str = "/v1/projects/p1/locations/us-east5/publishers/anthropic/models";
+
+struct Setup {
+    gw: Gateway,
+    key: TestKey,
+    anthropic: MockProvider,
+    bedrock: MockProvider,
+    vertex: MockProvider,
+}
+
+async fn setup() -> Setup {
+    let (anthropic, bedrock, vertex) = (
+        MockProvider::start(Behavior::default()).await.unwrap(),
+        MockProvider::start(Behavior::default()).await.unwrap(),
+        MockProvider::start(Behavior::default()).await.unwrap(),
+    );
+    let key = new_key();
+    let gw = start_gateway(&format!(
+        r#"
+[[provider]]
+name = "anthropic"
+kind = "anthropic"
+base_url = "{a}"
+credential = "env:TG_TEST_PROVIDER_KEY"
+health = {{ probe = "none" }}
+
+[[provider]]
+name = "bedrock"
+kind = "bedrock"
+region = "us-east-1"
+base_url = "{b}"
+credential = "env:TG_TEST_PROVIDER_KEY"
+health = {{ probe = "none" }}
+
+[[provider]]
+name = "vertex"
+kind = "vertex"
+project = "p1"
+region = "us-east5"
+base_url = "{v}"
+credential = "env:TG_TEST_PROVIDER_KEY"
+health = {{ probe = "none" }}
+
+[[model]]
+name = "on-anthropic"
+max_attempts = 1
+deployments = [{{ provider = "anthropic", model = "claude-sonnet-4-5-20250929" }}]
+
+[[model]]
+name = "on-bedrock"
+max_attempts = 1
+deployments = [{{ provider = "bedrock", model = "global.anthropic.claude-sonnet-4-5-20250929-v1:0" }}]
+
+[[model]]
+name = "on-vertex"
+max_attempts = 1
+deployments = [{{ provider = "vertex", model = "claude-sonnet-4-5@20250929" }}]
+
+[[key]]
+id = "k"
+hash = "{hash}"
+"#,
+        a = anthropic.url(),
+        b = bedrock.url(),
+        v = vertex.url(),
+        hash = key.hash
+    ));
+    Setup { gw, key, anthropic, bedrock, vertex }
+}
+
+fn bedrock_body() -> String {
+    json!({
+        "anthropic_version": "bedrock-2023-05-31",
+        "anthropic_beta": ["interleaved-thinking-2025-05-14", "claude-code-20250219"],
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "hi"}],
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bedrock_client_betas_from_the_header_and_the_body_reach_every_provider() {
+    let s = setup().await;
+    for (model, mock) in [("on-anthropic", &s.anthropic), ("on-bedrock", &s.bedrock), ("on-vertex", &s.vertex)] {
+        let resp = client()
+            .post(s.gw.url(&format!("/model/{model}/invoke")))
+            .header("authorization", format!("Bearer {}", s.key.key))
+            .header("anthropic-beta", "claude-code-20250219")
+            .body(bedrock_body())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{model}: {}", resp.text().await.unwrap());
+        let got = mock.received().pop().unwrap();
+        let betas: Vec<String> = match model {
+            "on-bedrock" => serde_json::from_slice::<Value>(&got.body).unwrap()["anthropic_beta"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_str().unwrap().to_string())
+                .collect(),
+            _ => got.headers["anthropic-beta"].to_str().unwrap().split(',').map(str::to_string).collect(),
+        };
+        if model == "on-bedrock" {
+            // Bedrock itself gets the client's body byte for byte, its list as it came.
+            assert_eq!(betas, ["interleaved-thinking-2025-05-14", "claude-code-20250219"], "{model}");
+        } else {
+            // The header's first, then the body's, each once.
+            assert_eq!(betas, ["claude-code-20250219", "interleaved-thinking-2025-05-14"], "{model}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vertex_count_tokens_keeps_the_clients_version() {
+    let s = setup().await;
+    let body = json!({
+        "anthropic_version": "2026-10-21",
+        "model": "on-vertex",
+        "messages": [{"role": "user", "content": "hi"}],
+    });
+    let resp = client()
+        .post(s.gw.url(&format!("{VERTEX_BASE}/count-tokens:rawPredict")))
+        .header("authorization", format!("Bearer {}", s.key.key))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let got = s.vertex.received().pop().unwrap();
+    let sent: Value = serde_json::from_slice(&got.body).unwrap();
+    assert_eq!(sent["anthropic_version"], "2026-10-21");
+    assert_eq!(sent["model"], "claude-sonnet-4-5@20250929");
+    assert!(got.uri.ends_with("/publishers/anthropic/models/count-tokens:rawPredict"), "{}", got.uri);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anthropic_prefix_stays_at_the_gateway() {
+    let s = setup().await;
+    for (path, upstream) in [
+        ("/anthropic/v1/messages?beta=true", "/v1/messages?beta=true"),
+        ("/anthropic/v1/messages/count_tokens", "/v1/messages/count_tokens"),
+    ] {
+        let body = json!({"model": "on-anthropic", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
+        let resp =
+            client().post(s.gw.url(path)).header("x-api-key", &s.key.key).body(body.to_string()).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}: {}", resp.text().await.unwrap());
+        assert_eq!(s.anthropic.received().pop().unwrap().uri, upstream);
+    }
+}
+
+/// Sends a request that the provider answers 429, as `client` speaks; returns the status,
+/// headers and body the client got.
+async fn throttled(s: &Setup, client_format: &str, model: &str) -> (u16, reqwest::header::HeaderMap, Value) {
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    let (path, body) = match client_format {
+        "anthropic" => ("/v1/messages".to_string(), json!({"model": model, "max_tokens": 5, "messages": messages})),
+        "bedrock" => (format!("/model/{model}/invoke"), serde_json::from_str(&bedrock_body()).unwrap()),
+        _ => (
+            format!("{VERTEX_BASE}/{model}:rawPredict"),
+            json!({"anthropic_version": "vertex-2023-10-16", "max_tokens": 5, "messages": messages}),
+        ),
+    };
+    let resp = client()
+        .post(s.gw.url(&path))
+        .header("authorization", format!("Bearer {}", s.key.key))
+        .header("x-mock-status", "429")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (status, headers, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_reach_each_client_in_its_own_format() {
+    let s = setup().await;
+    let errortype = |h: &reqwest::header::HeaderMap| h.get("x-amzn-errortype").map(|v| v.to_str().unwrap().to_string());
+
+    // Same format: the provider's answer as it came.
+    let (status, h, body) = throttled(&s, "bedrock", "on-bedrock").await;
+    assert_eq!(status, 429);
+    assert_eq!(
+        errortype(&h).as_deref(),
+        Some("ThrottlingException:http://internal.amazon.com/coral/com.amazon.bedrock/")
+    );
+    assert_eq!(body, json!({"message": "mock bedrock: status 429"}));
+    let (status, _, body) = throttled(&s, "vertex", "on-vertex").await;
+    assert_eq!(status, 429);
+    assert_eq!(body, json!({"error": {"code": 429, "message": "mock vertex: status 429", "status": "MOCK"}}));
+    let (status, _, body) = throttled(&s, "anthropic", "on-anthropic").await;
+    assert_eq!(
+        (status, body["type"].as_str(), body["error"]["type"].as_str()),
+        (429, Some("error"), Some("rate_limit_error"))
+    );
+
+    // A Bedrock client of another provider: Bedrock's exception name and message.
+    for model in ["on-anthropic", "on-vertex"] {
+        let (status, h, body) = throttled(&s, "bedrock", model).await;
+        assert_eq!(status, 429, "{model}");
+        assert_eq!(errortype(&h).as_deref(), Some("ThrottlingException"), "{model}");
+        let message = body["message"].as_str().unwrap();
+        assert!(!message.is_empty(), "{model}: {body}");
+        assert!(body.get("type").is_none(), "{model}: {body}");
+    }
+    // A Vertex client of another provider: Google's shape.
+    for model in ["on-anthropic", "on-bedrock"] {
+        let (status, h, body) = throttled(&s, "vertex", model).await;
+        assert_eq!(status, 429, "{model}");
+        assert_eq!(body["error"]["code"], 429, "{model}: {body}");
+        assert_eq!(body["error"]["status"], "RESOURCE_EXHAUSTED", "{model}: {body}");
+        assert!(errortype(&h).is_none(), "{model}");
+    }
+    // An Anthropic client of Bedrock: the Anthropic shape, and no Bedrock exception header that
+    // would contradict it.
+    let (status, h, body) = throttled(&s, "anthropic", "on-bedrock").await;
+    assert_eq!(status, 429);
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert_eq!(body["error"]["message"], "mock bedrock: status 429");
+    assert!(errortype(&h).is_none());
+
+    // The gateway's own errors too: an unknown key from a Bedrock client and a Vertex client.
+    let resp = client()
+        .post(s.gw.url("/model/on-bedrock/invoke"))
+        .header("authorization", "Bearer tg-not-a-key")
+        .body(bedrock_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(errortype(resp.headers()).as_deref(), Some("AccessDeniedException"));
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["message"].as_str().unwrap().contains("key"), "{body}");
+    let resp = client()
+        .post(s.gw.url(&format!("{VERTEX_BASE}/on-vertex:rawPredict")))
+        .header("authorization", "Bearer tg-not-a-key")
+        .body(json!({"anthropic_version": "vertex-2023-10-16", "max_tokens": 5, "messages": []}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["status"], "UNAUTHENTICATED", "{body}");
+}
