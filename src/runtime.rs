@@ -81,6 +81,13 @@ impl Runtime {
         let live = providers_by_name(&state);
         for p in &config.providers {
             if let Some(provider) = live.get(p.name.get_ref()) {
+                if !provider.runs_as(p) {
+                    tracing::warn!(
+                        provider = %provider.name,
+                        "its kind, endpoints, region or project changed: they and its credentials apply at the next restart"
+                    );
+                    continue;
+                }
                 if let Err(e) = provider.replace_credentials(crate::providers::read_credentials(p)) {
                     tracing::warn!(provider = %provider.name, "credentials not re-read, the running ones stay: {e}");
                 }
@@ -155,8 +162,16 @@ impl Runtime {
                 flushed = true;
             }
             let prefix = format!("{}:", issuer.name);
-            let mut spent: HashMap<String, u64> =
-                self.store.spend_by_key_prefix(&prefix, start).map_err(|e| e.to_string())?.into_iter().collect();
+            // Principals with spend this period must be counted (their budget holds); those with
+            // none need no entry until they call again (so a reload cannot fill the limiter
+            // past controls.max_principals with refused callers).
+            let mut spent: HashMap<String, u64> = self
+                .store
+                .spend_by_key_prefix(&prefix, start)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .filter(|(_, nanos)| *nanos > 0)
+                .collect();
             // Principals counted in memory with no row this period are seeded too (at zero):
             // otherwise one would keep a period the issuer no longer has.
             for id in self.limiter.ids_with_prefix(ScopeKind::Key, &prefix) {

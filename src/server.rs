@@ -185,7 +185,7 @@ fn refresh_credentials(runtime: Arc<Runtime>) -> anyhow::Result<()> {
                         if !resp.status().is_success() {
                             return Err(format!("token endpoint {} answered {}", source.token_uri, resp.status()));
                         }
-                        resp.bytes().await.map(|b| b.to_vec()).map_err(|e| e.to_string())
+                        read_capped(resp, MAX_TOKEN_BYTES).await.map_err(|e| format!("token endpoint: {e}"))
                     };
                     source.apply(fetched.await);
                 }
@@ -203,6 +203,9 @@ fn refresh_credentials(runtime: Arc<Runtime>) -> anyhow::Result<()> {
 
 /// A key set larger than this is refused: real ones are a few KiB.
 const MAX_JWKS_BYTES: usize = 1 << 20;
+
+/// An OAuth token answer larger than this is refused: real ones are under 4 KiB.
+const MAX_TOKEN_BYTES: usize = 64 << 10;
 
 /// Reads a response body, refusing it past `max` bytes (as it arrives, not after).
 async fn read_capped(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {

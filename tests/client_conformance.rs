@@ -255,3 +255,162 @@ async fn errors_reach_each_client_in_its_own_format() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["status"], "UNAUTHENTICATED", "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_discovery_lists_what_the_key_may_use() {
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let (all, sonnet) = (new_key(), new_key());
+    let gw = start_gateway(&format!(
+        r#"
+[[provider]]
+name = "a"
+kind = "anthropic"
+base_url = "{url}"
+credential = "env:TG_TEST_PROVIDER_KEY"
+health = {{ probe = "none" }}
+
+[[model]]
+name = "team-sonnet"
+aliases = ["sonnet"]
+deployments = [{{ provider = "a", model = "claude-sonnet-4-6" }}]
+
+[[model]]
+name = "claude"
+patterns = ["claude-opus-4-*"]
+deployments = [{{ provider = "a" }}]
+
+[[key]]
+id = "all"
+hash = "{h1}"
+
+[[key]]
+id = "sonnet-only"
+hash = "{h2}"
+models = ["team-sonnet"]
+"#,
+        url = mock.url(),
+        h1 = all.hash,
+        h2 = sonnet.hash
+    ));
+    let list = |key: &TestKey, path: &str| client().get(gw.url(path)).header("x-api-key", &key.key).send();
+    let ids = |v: &Value| -> Vec<String> {
+        v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
+    };
+    let resp = list(&all, "/v1/models").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    // Names and aliases, and the Opus 4 ids the price table knows that the pattern route serves.
+    assert_eq!(
+        ids(&v),
+        [
+            "claude-opus-4-1-20250805",
+            "claude-opus-4-20250514",
+            "claude-opus-4-5-20251101",
+            "claude-opus-4-6",
+            "claude-opus-4-7",
+            "claude-opus-4-8",
+            "sonnet",
+            "team-sonnet"
+        ]
+    );
+    assert_eq!(v["has_more"], false);
+    assert_eq!(v["first_id"], "claude-opus-4-1-20250805");
+    assert_eq!(v["data"][0]["type"], "model");
+
+    let v: Value = list(&sonnet, "/v1/models").await.unwrap().json().await.unwrap();
+    assert_eq!(ids(&v), ["sonnet", "team-sonnet"]);
+    let resp = list(&sonnet, "/v1/models/team-sonnet").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["id"], "team-sonnet");
+    let resp = list(&sonnet, "/v1/models/claude-opus-4-6").await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["type"], "not_found_error");
+    // Only with a key.
+    let resp = client().get(gw.url("/v1/models")).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert!(mock.received().is_empty(), "a listing never reaches the provider");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_provider_ends_the_stream_with_an_error_the_client_reads() {
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let gw = start_gateway(&format!(
+        "[[provider]]\nname = \"a\"\nkind = \"anthropic\"\nbase_url = \"{url}\"\ncredential = \"env:TG_TEST_PROVIDER_KEY\"\n\
+         idle_timeout = \"1s\"\nhealth = {{ probe = \"none\" }}\n\
+         [[model]]\nname = \"m\"\ndeployments = [{{ provider = \"a\", model = \"claude-sonnet-4-6\" }}]\n\
+         [[key]]\nid = \"k\"\nhash = \"{hash}\"\n",
+        url = mock.url(),
+        hash = key.hash
+    ));
+    // Messages client: the SSE stream ends with an `error` event.
+    let body = json!({"model": "m", "max_tokens": 5, "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let resp =
+        messages_request(&gw, &key).header("x-mock-delay-ms", "3000").body(body.to_string()).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut text = Vec::new();
+    let mut resp = resp;
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        text.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8(text).unwrap();
+    assert!(text.contains("event: message_start"), "{text}");
+    let error = sse_data(&text).into_iter().find(|e| e["type"] == "error").expect("an error event");
+    assert_eq!(error["error"]["type"], "api_error");
+    assert!(error["error"]["message"].as_str().unwrap().contains("sent nothing for 1s"), "{error}");
+
+    // Bedrock client: an exception frame.
+    let resp = client()
+        .post(gw.url("/model/m/invoke-with-response-stream"))
+        .header("authorization", format!("Bearer {}", key.key))
+        .header("x-mock-delay-ms", "3000")
+        .body(bedrock_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut frames = Vec::new();
+    let mut resp = resp;
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        frames.extend_from_slice(&chunk);
+    }
+    let raw = String::from_utf8_lossy(&frames);
+    assert!(raw.contains(":exception-type"), "an exception frame: {raw}");
+    assert!(raw.contains("sent nothing for 1s"), "{raw}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_and_betas_that_do_not_exist_yet_pass() {
+    let s = setup().await;
+    let body = r#"{"model":"on-anthropic","max_tokens":5,"messages":[{"role":"user","content":"hi"}],"future_knob":{"level":3},"context_management":{"edits":[]}}"#;
+    let resp = client()
+        .post(s.gw.url("/v1/messages"))
+        .header("x-api-key", &s.key.key)
+        .header("anthropic-beta", "future-feature-2099-01-01, context-management-2025-06-27")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let got = s.anthropic.received().pop().unwrap();
+    assert_eq!(
+        got.body,
+        body.replace("on-anthropic", "claude-sonnet-4-5-20250929").as_bytes(),
+        "byte for byte but the model"
+    );
+    // Every beta, as the provider's policy passed them: one comma-joined line.
+    assert_eq!(got.headers["anthropic-beta"], "future-feature-2099-01-01,context-management-2025-06-27");
+    // Through Bedrock: the unknown field stays in the body, the betas move into it.
+    let resp = client()
+        .post(s.gw.url("/v1/messages"))
+        .header("x-api-key", &s.key.key)
+        .header("anthropic-beta", "future-feature-2099-01-01")
+        .body(body.replace("on-anthropic", "on-bedrock"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let sent: Value = serde_json::from_slice(&s.bedrock.received().pop().unwrap().body).unwrap();
+    assert_eq!(sent["future_knob"], json!({"level": 3}));
+    assert_eq!(sent["anthropic_beta"], json!(["future-feature-2099-01-01"]));
+}

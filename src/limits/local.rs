@@ -73,11 +73,15 @@ impl Counters {
     /// period still running, and no token bucket in use, or idle long enough for every one to
     /// have refilled.
     fn forgettable(&self, now_ms: i64) -> bool {
-        let buckets_used = self.requests.at.is_some() || self.input.at.is_some() || self.output.at.is_some();
+        let buckets = [&self.requests, &self.input, &self.output];
+        let used = buckets.iter().any(|b| b.at.is_some());
+        // A bucket in debt (a request used more than it reserved) takes longer than a minute
+        // to refill: such a scope is kept.
+        let in_debt = buckets.iter().any(|b| b.level < 0.0);
         self.in_flight == 0
             && self.reserved == 0
             && (self.spent == 0 || now_ms >= self.period_end)
-            && (!buckets_used || now_ms.saturating_sub(self.last_ms) >= IDLE_MS)
+            && (!used || (!in_debt && now_ms.saturating_sub(self.last_ms) >= IDLE_MS))
     }
 
     /// Keeps the spend in step with time: once the period ends, the next one starts from
@@ -121,6 +125,9 @@ struct Inner {
     max_keys: usize,
     /// Key scopes forgotten so far, for the metric.
     forgotten: u64,
+    /// When a pass to forget idle key scopes last freed nothing: another waits a second, so a
+    /// full table of busy scopes costs a refusal, not a scan, per new caller.
+    fruitless_at: Option<i64>,
 }
 
 impl Inner {
@@ -138,7 +145,9 @@ impl Inner {
     fn admit_counters(&mut self, kind: ScopeKind, id: &str, now_ms: i64) -> Result<&mut Counters, Refusal> {
         let known = self.scopes[kind as usize].contains_key(id);
         if !known && kind == ScopeKind::Key && self.scopes[kind as usize].len() >= self.max_keys {
-            self.forget_idle_keys(now_ms);
+            if self.fruitless_at.is_none_or(|at| now_ms.saturating_sub(at) >= 1000) {
+                self.forget_idle_keys(now_ms);
+            }
             if self.scopes[kind as usize].len() >= self.max_keys {
                 return Err(Refusal {
                     status: 429,
@@ -171,7 +180,9 @@ impl Inner {
                 true
             }
         });
-        self.forgotten += (before - map.len()) as u64;
+        let freed = before - map.len();
+        self.forgotten += freed as u64;
+        self.fruitless_at = (freed == 0).then_some(now_ms);
     }
 }
 
@@ -190,7 +201,8 @@ impl LocalLimiter {
 
     /// A limiter whose budget periods follow `clock` (tests move time across period ends).
     pub fn with_clock(tz: Tz, clock: Clock) -> Self {
-        let inner = Inner { tz, scopes: Default::default(), max_keys: DEFAULT_MAX_KEYS, forgotten: 0 };
+        let inner =
+            Inner { tz, scopes: Default::default(), max_keys: DEFAULT_MAX_KEYS, forgotten: 0, fruitless_at: None };
         LocalLimiter { inner: Mutex::new(inner), clock }
     }
 
@@ -432,6 +444,8 @@ impl Limiter for LocalLimiter {
                 c.output.adjust(demand.output_tokens, actual.output_tokens, tpm);
             }
             c.in_flight = c.in_flight.saturating_sub(1);
+            // Idle from when it last finished, not from when it started.
+            c.last_ms = now_ms;
         }
     }
 
@@ -569,17 +583,25 @@ mod tests {
 
     #[test]
     fn key_scopes_are_capped_and_idle_ones_forgotten() {
-        let l = Arc::new(LocalLimiter::new(Tz::UTC));
+        let now = Arc::new(std::sync::atomic::AtomicI64::new(now_ms()));
+        let clock = now.clone();
+        let l = Arc::new(LocalLimiter::with_clock(
+            Tz::UTC,
+            Box::new(move || clock.load(std::sync::atomic::Ordering::SeqCst)),
+        ));
         l.set_max_keys(10);
         let s = |i: usize| vec![scope(ScopeKind::Key, &format!("idp:user{i}"), budget(1))];
         // Ten principals in flight: an eleventh cannot be counted.
         let held: Vec<_> = (0..10).map(|i| l.clone().admit(s(i), demand(1)).unwrap()).collect();
         let refused = l.clone().admit(s(10), demand(1)).err().unwrap();
         assert_eq!((refused.status, refused.reason), (429, "principals"));
-        // Settled at no cost, they are idle and forgettable: new principals fit again.
+        // Settled at no cost, they are idle and forgettable. Within a second of a fruitless
+        // pass no new pass is made; after it, new principals fit again.
         for r in held {
             r.settle(Actual::default());
         }
+        assert_eq!(l.clone().admit(s(10), demand(1)).err().unwrap().reason, "principals");
+        now.fetch_add(1000, std::sync::atomic::Ordering::SeqCst);
         for i in 10..1000 {
             l.clone().admit(s(i), demand(1)).unwrap().settle(Actual::default());
         }

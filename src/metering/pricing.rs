@@ -318,6 +318,12 @@ impl PriceTable {
         Ok(table)
     }
 
+    /// Every exact model id the table prices (yours and the shipped ones): the models known to
+    /// exist, for listing what a pattern route can serve.
+    pub fn known_ids(&self) -> impl Iterator<Item = &str> {
+        self.overrides.exact.keys().chain(self.shipped.exact.keys()).map(String::as_str)
+    }
+
     pub fn lookup(&self, provider: Option<ProviderRef>, model_id: &str) -> Option<Arc<Price>> {
         self.overrides.lookup(provider, model_id).or_else(|| self.shipped.lookup(provider, model_id)).cloned()
     }

@@ -418,11 +418,13 @@ fn bedrock(rest: &str, body: &[u8], b: Behavior, shared: Arc<Shared>) -> Respons
         }
         return json_response(StatusCode::OK, serde_json::json!({"inputTokens": b.usage.input_tokens}));
     }
-    // The envelope a real Bedrock insists on.
+    // The envelope a real Bedrock insists on. Its version is `bedrock-2023-05-31`, or the API date
+    // the `anthropic` Python SDK's AnthropicBedrock puts there (`2026-10-21` in 2.14).
     if v.get("model").is_some() || v.get("stream").is_some() {
         return bedrock_error(400, "mock bedrock: model and stream are not allowed in the body");
     }
-    if v["anthropic_version"] != "bedrock-2023-05-31" {
+    let version = v["anthropic_version"].as_str().unwrap_or_default();
+    if version != "bedrock-2023-05-31" && !is_api_date(version) {
         return bedrock_error(400, "mock bedrock: anthropic_version must be bedrock-2023-05-31");
     }
     match action {
@@ -466,13 +468,13 @@ fn vertex(rest: &str, body: &[u8], b: Behavior, shared: Arc<Shared>) -> Response
         Ok(v) => v,
         Err(_) => return google_error(400, "mock vertex: invalid JSON"),
     };
-    // rawPredict takes only its own version; count-tokens takes what the Vertex SDK sends there
-    // (its API date, e.g. `2026-10-21`), so any version, but one.
+    // rawPredict takes its own version, or the API date the `anthropic` Python SDK's
+    // AnthropicVertex puts there (`2026-10-21` in 2.14); count-tokens takes any version, but one.
     let version = v["anthropic_version"].as_str().unwrap_or_default();
     if model == "count-tokens" && version.is_empty() {
         return google_error(400, "mock vertex: count-tokens needs anthropic_version");
     }
-    if model != "count-tokens" && version != "vertex-2023-10-16" {
+    if model != "count-tokens" && version != "vertex-2023-10-16" && !is_api_date(version) {
         return google_error(400, "mock vertex: anthropic_version must be vertex-2023-10-16");
     }
     if model == "count-tokens" {
@@ -489,6 +491,12 @@ fn vertex(rest: &str, body: &[u8], b: Behavior, shared: Arc<Shared>) -> Response
         "rawPredict" => json_response(StatusCode::OK, message_json("msg_vrtx_mock", model, &b)),
         _ => google_error(400, "mock vertex: streamRawPredict needs stream: true"),
     }
+}
+
+/// An Anthropic API version date, `YYYY-MM-DD`.
+fn is_api_date(v: &str) -> bool {
+    let b = v.as_bytes();
+    b.len() == 10 && b.iter().enumerate().all(|(i, c)| if i == 4 || i == 7 { *c == b'-' } else { c.is_ascii_digit() })
 }
 
 fn percent_decode(s: &str) -> String {

@@ -279,7 +279,7 @@ impl SseToStream {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             if line.is_empty() {
                 if !self.data.is_empty() && !self.oversized {
-                    out.put_slice(&chunk_frame(&self.data));
+                    out.put_slice(&event_frame(&self.data));
                 }
                 self.data.clear();
                 self.oversized = false;
@@ -304,6 +304,41 @@ impl SseToStream {
             self.line.extend_from_slice(rest);
         }
         out.freeze()
+    }
+}
+
+/// The frame for one SSE event's JSON: a `chunk` frame, or for an `error` event the exception
+/// frame Bedrock ends a stream with (boto3 raises it as an `EventStreamError` naming it).
+fn event_frame(event_json: &[u8]) -> Bytes {
+    // Only an event with an `"error"` key can be one; the content deltas never parse here.
+    if memchr::memmem::find(event_json, b"\"error\"").is_some() {
+        let v: serde_json::Value = serde_json::from_slice(event_json).unwrap_or_default();
+        if v["type"] == "error" {
+            let exception = exception_name(v["error"]["type"].as_str().unwrap_or_default());
+            let message = v["error"]["message"].as_str().unwrap_or("the stream failed");
+            let payload =
+                serde_json::to_vec(&serde_json::json!({ "message": message })).expect("JSON values serialize");
+            return super::eventstream::encode(
+                &[
+                    (":exception-type", exception),
+                    (":content-type", "application/json"),
+                    (":message-type", "exception"),
+                ],
+                &payload,
+            );
+        }
+    }
+    chunk_frame(event_json)
+}
+
+/// The Bedrock stream exception for an Anthropic error type (the reverse of `exception_type`).
+fn exception_name(anthropic: &str) -> &'static str {
+    match anthropic {
+        "rate_limit_error" => "throttlingException",
+        "invalid_request_error" => "validationException",
+        "overloaded_error" => "serviceUnavailableException",
+        "permission_error" => "accessDeniedException",
+        _ => "modelStreamErrorException",
     }
 }
 

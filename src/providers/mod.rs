@@ -57,6 +57,9 @@ pub struct Provider {
     pub betas: BetaPolicy,
     /// Provider control headers clients may send through (lowercase names).
     pub allow_headers: Vec<HeaderName>,
+    /// Where and what this provider is (kind, endpoints, region, project), as built: a reload
+    /// swaps credentials in only while these are unchanged.
+    settings: String,
     /// Vertex: where the model lives (project, region).
     pub project: Option<String>,
     pub region: Option<String>,
@@ -128,6 +131,7 @@ impl Provider {
             kind: c.kind,
             betas: BetaPolicy::from_config(c.kind, c.betas.as_ref()),
             allow_headers: c.allow_headers.iter().filter_map(|h| HeaderName::try_from(h.as_str()).ok()).collect(),
+            settings: settings_of(c),
             project: c.project.clone(),
             region: c.region.clone(),
             pool: Pool::new(&endpoints, c.selection, schedule),
@@ -178,6 +182,12 @@ impl Provider {
 
     pub fn credential_count(&self) -> usize {
         self.credentials.load().as_ref().as_ref().map_or(0, Vec::len)
+    }
+
+    /// Whether `c` describes this provider as it runs: same kind, endpoints, region and
+    /// project. Credentials meant for other endpoints must not be sent to these.
+    pub fn runs_as(&self, c: &ProviderConfig) -> bool {
+        self.settings == settings_of(c)
     }
 
     /// Takes credentials read again from the config (a reload). A credential whose secret did
@@ -270,6 +280,12 @@ pub fn read_credentials(c: &ProviderConfig) -> Result<Vec<Arc<Credential>>, Stri
             }))
         })
         .collect()
+}
+
+fn settings_of(c: &ProviderConfig) -> String {
+    let endpoints: Vec<String> =
+        c.endpoint_list().into_iter().map(|(url, weight)| format!("{}*{weight}", url.get_ref())).collect();
+    format!("{:?}|{}|{:?}|{:?}", c.kind, endpoints.join(","), c.region, c.project)
 }
 
 fn fingerprint(material: &[u8]) -> [u8; 32] {

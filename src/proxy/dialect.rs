@@ -53,6 +53,8 @@ pub(super) struct Inbound<'a> {
     pub stream: bool,
     pub count_tokens: bool,
     pub beta: Option<&'a str>,
+    /// The betas a Bedrock client put in its body (comma-joined), apart from its header's.
+    pub body_betas: Option<&'a str>,
     pub format: Format,
     /// The client's own body in its own format (Bedrock, Vertex).
     pub original: Option<&'a Bytes>,
@@ -61,16 +63,22 @@ pub(super) struct Inbound<'a> {
 }
 
 /// The betas (after the provider's policy) and version as headers, for a provider that takes
-/// them so: set when the client's format carried them elsewhere or the policy changed them.
+/// them so. The client's own `anthropic-beta` lines are never copied: only the policy's result
+/// is sent (an empty value sends none).
 fn beta_headers(req: &Inbound<'_>, betas: &Betas, version: bool) -> Vec<(&'static str, String)> {
-    let mut h = Vec::new();
-    if req.format == Format::Bedrock || betas.changed {
-        h.push(("anthropic-beta", betas.value.clone()));
-    }
+    let mut h = vec![("anthropic-beta", betas.value.clone())];
     if version && !req.has_version {
         h.push(("anthropic-version", ANTHROPIC_VERSION.to_string()));
     }
     h
+}
+
+/// Whether two comma-joined beta lists hold the same betas.
+fn same_set(a: &str, b: Option<&str>) -> bool {
+    fn set(s: &str) -> std::collections::BTreeSet<&str> {
+        s.split(',').map(str::trim).filter(|x| !x.is_empty()).collect()
+    }
+    set(a) == set(b.unwrap_or_default())
 }
 
 /// The Messages API version sent for clients whose format carries none in a header.
@@ -122,7 +130,10 @@ fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: 
         ProviderKind::Bedrock => {
             // A Bedrock client's body goes to Bedrock as it came.
             let invoke = match (req.format, req.original) {
-                (Format::Bedrock, Some(original)) if !betas.changed => original.clone(),
+                // Unless the policy changed its betas, or the header brought betas its body lacks.
+                (Format::Bedrock, Some(original)) if !betas.changed && same_set(&betas.value, req.body_betas) => {
+                    original.clone()
+                }
                 _ => {
                     let beta = Some(betas.value.as_str()).filter(|b| !b.is_empty());
                     bedrock::request_body(req.body, beta).map_err(bad_json)?

@@ -82,7 +82,7 @@ impl Gateway {
             // (what the meter reads, what the client gets)
             let read = match up.read_response_body().await {
                 Ok(Some(chunk)) => match (&mut decode, &mut encode) {
-                    (Some(d), _) => d.feed(&chunk).map_err(|e| e.to_string()).map(|sse| {
+                    (Some(d), _) => d.feed(&chunk).map_err(|e| (false, e.to_string())).map(|sse| {
                         let to_client = if frames_down { chunk } else { sse.clone() };
                         Some((sse, to_client))
                     }),
@@ -91,9 +91,10 @@ impl Gateway {
                 },
                 Ok(None) => Ok(None),
                 Err(e) => {
-                    let kind = if e.etype() == &ErrorType::ReadTimedout { "idle_timeout" } else { "read_error" };
+                    let silent = e.etype() == &ErrorType::ReadTimedout;
+                    let kind = if silent { "idle_timeout" } else { "read_error" };
                     self.metrics.upstream_errors.with_label_values(&[&provider.name, kind]).inc();
-                    Err(e.to_string())
+                    Err((silent, e.to_string()))
                 }
             };
             match read {
@@ -109,10 +110,22 @@ impl Gateway {
                     }
                 }
                 Ok(None) => break,
-                Err(e) => {
+                Err((silent, e)) => {
                     ctx.take_metered(&meter.finish());
                     ctx.outcome = Outcome::Incomplete;
                     ctx.error = Some(format!("provider {} broke off the answer: {e}", provider.name));
+                    // A provider gone silent: the client is told so in its stream's own terms
+                    // (an SSE `error` event, or an exception frame), rather than left to wait.
+                    if silent && ctx.stream {
+                        let message = format!(
+                            "provider {} sent nothing for {:.0}s; the answer is incomplete",
+                            provider.name,
+                            provider.idle_timeout.as_secs_f64()
+                        );
+                        let event = stream_error_event(&message);
+                        let chunk = if frames_down { SseToStream::new().feed(&event) } else { event };
+                        let _ = session.write_response_body(Some(chunk), false).await;
+                    }
                     // Close without the final chunk: the client must see the answer as cut short.
                     session.shutdown().await;
                     return Ok(());
@@ -152,6 +165,7 @@ impl Gateway {
         peer: &HttpPeer,
     ) -> Result<(), ApiError> {
         let status = ctx.status;
+        let retry = up.response_header().map(super::fallback::retry_advice).unwrap_or_default();
         let body = read_small(&mut up, provider).await?;
         provider.connector.release_http_session(up, peer, Some(provider.pool_idle_timeout)).await;
         let body = match provider.kind {
@@ -164,7 +178,7 @@ impl Gateway {
             .or_else(|| Some(format!("provider answered {status}")));
         let shaped = for_client(ctx.format, status, body);
         ctx.status = shaped.status;
-        let header = shaped.header(&ctx.id, &[], false);
+        let header = shaped.header(&ctx.id, &retry, false);
         if session.write_response_header(Box::new(header), false).await.is_ok() {
             let _ = session.write_response_body(Some(shaped.body), true).await;
         }
@@ -316,6 +330,12 @@ async fn read_final_header(up: &mut HttpSession, timeout: Duration) -> pingora::
 }
 
 const EVENT_STREAM: &str = "application/vnd.amazon.eventstream";
+
+/// An SSE `error` event, as the Messages API ends a stream it cannot finish.
+fn stream_error_event(message: &str) -> bytes::Bytes {
+    let data = serde_json::json!({"type": "error", "error": {"type": "api_error", "message": message}});
+    bytes::Bytes::from(format!("event: error\ndata: {data}\n\n"))
+}
 
 fn is_sse(h: &pingora::http::ResponseHeader) -> bool {
     h.headers

@@ -128,8 +128,12 @@ impl Gateway {
         let mut last_from: Option<(usize, String)> = None;
         // When every endpoint is down or cooling down, one more pass tries them anyway.
         let mut last_resort = false;
-        let header_betas = session.req_header().headers.get("anthropic-beta").and_then(|v| v.to_str().ok());
-        let beta = merge_betas(header_betas, req.betas.as_deref());
+        // Every `anthropic-beta` line the client sent (a value that is not text is no beta):
+        // the provider's policy sees them all, and only its result is sent on.
+        let header_lines: Vec<&str> =
+            session.req_header().headers.get_all("anthropic-beta").iter().filter_map(|v| v.to_str().ok()).collect();
+        let header_betas = (!header_lines.is_empty()).then(|| header_lines.join(","));
+        let beta = merge_betas(header_betas.as_deref(), req.betas.as_deref());
         let has_version = session.req_header().headers.contains_key("anthropic-version");
         let inbound = Inbound {
             body: &req.body,
@@ -138,6 +142,7 @@ impl Gateway {
             stream: ctx.stream,
             count_tokens: !req.metered,
             beta: beta.as_deref(),
+            body_betas: req.betas.as_deref(),
             format: req.format,
             original: req.original.as_ref(),
             has_version,
@@ -452,7 +457,7 @@ impl Gateway {
 }
 
 /// The provider's advice on when to retry, kept when its error is reshaped.
-fn retry_advice(h: &ResponseHeader) -> Vec<(String, String)> {
+pub(super) fn retry_advice(h: &ResponseHeader) -> Vec<(String, String)> {
     ["retry-after", "retry-after-ms", "x-should-retry"]
         .iter()
         .filter_map(|name| Some((name.to_string(), h.headers.get(*name)?.to_str().ok()?.to_string())))

@@ -52,8 +52,9 @@ pub struct RequestPolicy<'a> {
 
 /// Copies the client's end-to-end headers onto `upstream`, leaving out hop-by-hop ones, every
 /// header that can carry a client credential, provider control headers the operator did not
-/// allow, and what the gateway sets itself (`Host`, `Content-Length`, `Accept-Encoding`,
-/// `Expect`). `anthropic-version`, `anthropic-beta` and everything else pass as they came.
+/// allow, forwarding and method-override headers, and what the gateway sets itself (`Host`,
+/// `Content-Length`, `Accept-Encoding`, `Expect`, `anthropic-beta`). `anthropic-version` and
+/// everything else pass as they came.
 pub fn copy_request_headers(client: &RequestHeader, upstream: &mut RequestHeader, policy: &RequestPolicy) {
     let has_connection = client.headers.contains_key(header::CONNECTION);
     for (name, value) in client.headers.iter() {
@@ -61,7 +62,14 @@ pub fn copy_request_headers(client: &RequestHeader, upstream: &mut RequestHeader
             || is_credential(name)
             || policy.key_header == Some(name)
             || (is_provider_control(name) && !policy.allow.contains(name))
-            || matches!(name.as_str(), "host" | "content-length" | "accept-encoding" | "expect")
+            || matches!(
+                name.as_str(),
+                // Set by the gateway itself (the betas after the provider's policy).
+                "host" | "content-length" | "accept-encoding" | "expect" | "anthropic-beta"
+                    // Would tell the provider the employee's address, or change the method.
+                    | "forwarded" | "x-forwarded-for" | "x-forwarded-host" | "x-forwarded-proto" | "x-real-ip"
+                    | "x-http-method-override" | "x-http-method" | "x-method-override"
+            )
             || (has_connection && connection_listed(&client.headers, name))
         {
             continue;
@@ -152,15 +160,8 @@ mod tests {
         let names: Vec<_> = up.headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(
             names,
-            [
-                "anthropic-beta",
-                "anthropic-version",
-                "x-claude-code-session-id",
-                "x-amzn-bedrock-guardrailidentifier",
-                "accept-encoding"
-            ]
+            ["anthropic-version", "x-claude-code-session-id", "x-amzn-bedrock-guardrailidentifier", "accept-encoding"]
         );
-        assert_eq!(up.headers["anthropic-beta"], "a-1,b-2");
         assert_eq!(up.headers["accept-encoding"], "identity");
     }
 }

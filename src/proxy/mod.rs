@@ -14,6 +14,7 @@ mod exchange;
 mod fallback;
 mod headers;
 mod meter;
+mod models;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -139,8 +140,10 @@ pub struct Gateway {
     key_header: Option<http::HeaderName>,
     /// Provider response headers clients get beyond the built-in list.
     response_headers: Vec<http::HeaderName>,
-    /// Listeners whose keyless requests count as a named key.
-    anonymous: HashMap<std::net::SocketAddr, String>,
+    /// Every listener's address, with the key its keyless requests count as, if any.
+    anonymous: HashMap<std::net::SocketAddr, Option<String>>,
+    /// When this gateway started: the `created_at` of the models it lists.
+    started: SystemTime,
 }
 
 impl Gateway {
@@ -149,7 +152,9 @@ impl Gateway {
         let anonymous = config
             .listeners
             .iter()
-            .filter_map(|l| Some((l.address.get_ref().parse().ok()?, l.anonymous_key.as_ref()?.get_ref().clone())))
+            .filter_map(|l| {
+                Some((l.address.get_ref().parse().ok()?, l.anonymous_key.as_ref().map(|k| k.get_ref().clone())))
+            })
             .collect();
         Gateway {
             state: runtime.state.clone(),
@@ -166,6 +171,7 @@ impl Gateway {
                 .filter_map(|h| http::HeaderName::try_from(h.as_str()).ok())
                 .collect(),
             anonymous,
+            started: SystemTime::now(),
         }
     }
 
@@ -189,6 +195,15 @@ impl Gateway {
                 ctx.probe = true;
                 return self.answer_probe(session, ctx, &b"{\"inferenceProfileSummaries\":[]}"[..]).await;
             }
+            // Model discovery (Claude Code's `/model` picker on a gateway): the caller's models.
+            (p, &Method::GET) if models::listing_path(p).is_some() => {
+                let id = models::listing_path(p).flatten().map(str::to_string);
+                let state = self.state.load_full();
+                let key = self.authenticate(session, ctx, &state)?;
+                ctx.probe = true;
+                let (status, body) = models::answer(&state, &key, id.as_deref(), self.started)?;
+                return self.answer_json(session, ctx, status, body).await;
+            }
             (path, &Method::POST) => {
                 parse_path(path).ok_or_else(|| ApiError::not_found(format!("no endpoint at POST {}", shorten(path))))?
             }
@@ -200,35 +215,7 @@ impl Gateway {
         ctx.format = call.format();
 
         let state = self.state.load_full();
-        let custom = self.key_header.as_ref().and_then(|h| req.headers.get(h)).map(|v| v.as_bytes());
-        let presented = custom.or(presented_key(
-            req.headers.get("x-api-key").map(|v| v.as_bytes()),
-            req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes()),
-        ));
-        // A listener may stand in for clients that can send no key at all.
-        let anonymous = match presented {
-            None => session.server_addr().and_then(|a| a.as_inet()).and_then(|a| self.anonymous_key(*a)),
-            Some(_) => None,
-        };
-        let keys = self.runtime.keys.load();
-        let authenticated = match anonymous {
-            Some(id) => {
-                ctx.anonymous = true;
-                keys.authenticate_id(id, SystemTime::now())
-            }
-            None => keys.authenticate(presented, SystemTime::now()),
-        };
-        let key = match authenticated {
-            Ok(key) => key,
-            // Not one of our keys: it may be a JWT from a trusted issuer.
-            Err(AuthError::Unknown) if !state.jwt.is_empty() && presented.is_some_and(looks_like_jwt) => {
-                state.jwt.verify(presented.unwrap_or_default()).map_err(|e| {
-                    self.metrics.jwt_failures.with_label_values(&[e.reason]).inc();
-                    ApiError::authentication(e.message)
-                })?
-            }
-            Err(e) => return Err(ApiError::authentication(e.to_string())),
-        };
+        let key = self.authenticate(session, ctx, &state)?;
         ctx.key = Some(key.clone());
         // The key's concurrency slot is taken before its body is read: so the limit bounds the
         // bodies a key can hold in memory too, and a key at its limit is refused unread.
@@ -330,15 +317,56 @@ impl Gateway {
         self.forward(session, ctx, &state, route, request).await
     }
 
-    /// The `anonymous_key` of the listener that accepted a connection on `local`: the one
-    /// configured for that address, or for the wildcard address (`0.0.0.0`, `[::]`) on its port.
+    /// The caller's key: from `server.key_header`, `x-api-key` or `Authorization: Bearer`, a
+    /// JWT from a trusted issuer, or the listener's `anonymous_key` when none was sent.
+    fn authenticate(&self, session: &Session, ctx: &mut RequestCtx, state: &State) -> Result<Arc<ApiKey>, ApiError> {
+        let req = session.req_header();
+        let custom = self.key_header.as_ref().and_then(|h| req.headers.get(h)).map(|v| v.as_bytes());
+        let presented = custom.or(presented_key(
+            req.headers.get("x-api-key").map(|v| v.as_bytes()),
+            req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes()),
+        ));
+        // A listener may stand in for clients that can send no key at all.
+        let anonymous = match presented {
+            None => session.server_addr().and_then(|a| a.as_inet()).and_then(|a| self.anonymous_key(*a)),
+            Some(_) => None,
+        };
+        let keys = self.runtime.keys.load();
+        let authenticated = match anonymous {
+            Some(id) => {
+                ctx.anonymous = true;
+                keys.authenticate_id(id, SystemTime::now())
+            }
+            None => keys.authenticate(presented, SystemTime::now()),
+        };
+        let key = match authenticated {
+            Ok(key) => key,
+            // Not one of our keys: it may be a JWT from a trusted issuer.
+            Err(AuthError::Unknown) if !state.jwt.is_empty() && presented.is_some_and(looks_like_jwt) => {
+                state.jwt.verify(presented.unwrap_or_default()).map_err(|e| {
+                    self.metrics.jwt_failures.with_label_values(&[e.reason]).inc();
+                    ApiError::authentication(e.message)
+                })?
+            }
+            Err(e) => return Err(ApiError::authentication(e.to_string())),
+        };
+        Ok(key)
+    }
+
+    /// The `anonymous_key` of the listener that accepted a connection on `local`: the listener
+    /// configured for that address, else the wildcard one (`0.0.0.0`, `[::]`) on its port, of
+    /// the connection's own address family first (a `[::]` listener may take IPv4 connections
+    /// too, a `0.0.0.0` one never IPv6 ones).
     fn anonymous_key(&self, local: std::net::SocketAddr) -> Option<&String> {
         use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-        self.anonymous.get(&local).or_else(|| {
-            [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)]
-                .into_iter()
-                .find_map(|ip| self.anonymous.get(&SocketAddr::new(ip, local.port())))
-        })
+        let wildcards: &[IpAddr] = match local {
+            SocketAddr::V4(_) => &[IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)],
+            SocketAddr::V6(_) => &[IpAddr::V6(Ipv6Addr::UNSPECIFIED)],
+        };
+        let listener = std::iter::once(local)
+            .chain(wildcards.iter().map(|ip| SocketAddr::new(*ip, local.port())))
+            .find_map(|addr| self.anonymous.get(&addr))?;
+        listener.as_ref()
     }
 
     /// Whether a budget applies to a request with this key: its own, its user's or its team's
@@ -445,6 +473,25 @@ impl Gateway {
                 Err(ApiError::refused(refusal))
             }
         }
+    }
+
+    async fn answer_json(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        status: u16,
+        body: Bytes,
+    ) -> Result<(), ApiError> {
+        let mut h = ResponseHeader::build(status, Some(3)).expect("valid status");
+        let _ = h.insert_header(http::header::CONTENT_TYPE, "application/json");
+        let _ = h.insert_header(http::header::CONTENT_LENGTH, body.len());
+        let _ = h.insert_header(REQUEST_ID_HEADER, ctx.id.as_str());
+        ctx.status = status;
+        ctx.outcome = Outcome::Complete;
+        if session.write_response_header(Box::new(h), false).await.is_ok() {
+            let _ = session.write_response_body(Some(body), true).await;
+        }
+        Ok(())
     }
 
     async fn answer_probe(

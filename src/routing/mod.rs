@@ -112,4 +112,14 @@ impl ModelTable {
     pub fn routes(&self) -> &[Arc<Route>] {
         &self.routes
     }
+
+    /// Every exact name and alias, with its route.
+    pub fn names(&self) -> impl Iterator<Item = (&str, &Arc<Route>)> {
+        self.exact.iter().map(|(n, r)| (n.as_str(), r))
+    }
+
+    /// Whether some pattern routes names (then the names a client may send are open-ended).
+    pub fn has_patterns(&self) -> bool {
+        !self.patterns.is_empty()
+    }
 }
