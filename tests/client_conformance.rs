@@ -26,32 +26,9 @@ async fn setup() -> Setup {
         MockProvider::start(Behavior::default()).await.unwrap(),
     );
     let key = new_key();
+    let providers = provider_sections([&anthropic.url(), &bedrock.url(), &vertex.url()], ["", "", ""]);
     let gw = start_gateway(&format!(
-        r#"
-[[provider]]
-name = "anthropic"
-kind = "anthropic"
-base_url = "{a}"
-credential = "env:TG_TEST_PROVIDER_KEY"
-health = {{ probe = "none" }}
-
-[[provider]]
-name = "bedrock"
-kind = "bedrock"
-region = "us-east-1"
-base_url = "{b}"
-credential = "env:TG_TEST_PROVIDER_KEY"
-health = {{ probe = "none" }}
-
-[[provider]]
-name = "vertex"
-kind = "vertex"
-project = "p1"
-region = "us-east5"
-base_url = "{v}"
-credential = "env:TG_TEST_PROVIDER_KEY"
-health = {{ probe = "none" }}
-
+        r#"{providers}
 [[model]]
 name = "on-anthropic"
 max_attempts = 1
@@ -71,9 +48,6 @@ deployments = [{{ provider = "vertex", model = "claude-sonnet-4-5@20250929" }}]
 id = "k"
 hash = "{hash}"
 "#,
-        a = anthropic.url(),
-        b = bedrock.url(),
-        v = vertex.url(),
         hash = key.hash
     ));
     Setup { gw, key, anthropic, bedrock, vertex }

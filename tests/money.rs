@@ -171,35 +171,11 @@ fn config(a: &MockProvider, b: &MockProvider, v: &MockProvider, key: &TestKey, k
             )
         })
         .collect();
+    let idle = "idle_timeout = \"1s\"";
+    let providers = provider_sections([&a.url(), &b.url(), &v.url()], [idle, idle, idle]);
     format!(
         r#"
-[[provider]]
-name = "anthropic"
-kind = "anthropic"
-base_url = "{a}"
-credential = "env:TG_TEST_PROVIDER_KEY"
-idle_timeout = "1s"
-health = {{ probe = "none" }}
-
-[[provider]]
-name = "bedrock"
-kind = "bedrock"
-region = "us-east-1"
-base_url = "{b}"
-credential = "env:TG_TEST_PROVIDER_KEY"
-idle_timeout = "1s"
-health = {{ probe = "none" }}
-
-[[provider]]
-name = "vertex"
-kind = "vertex"
-project = "p1"
-region = "us-east5"
-base_url = "{v}"
-credential = "env:TG_TEST_PROVIDER_KEY"
-idle_timeout = "1s"
-health = {{ probe = "none" }}
-
+{providers}
 [[provider]]
 name = "vertex-global"
 kind = "vertex"
@@ -218,8 +194,6 @@ hash = "{hash}"
 {PRICES}
 {extra}
 "#,
-        a = a.url(),
-        b = b.url(),
         v = v.url(),
         hash = key.hash
     )

@@ -84,33 +84,12 @@ fn gauge(metrics: &str, name: &str) -> u64 {
 /// Providers `anthropic`, `bedrock` (which lets the client's guardrail header through) and
 /// `vertex` on the three mocks, a model on each, key `k`, the `helper` issuer, then `extra`.
 fn three_providers(a: &MockProvider, b: &MockProvider, v: &MockProvider, key: &TestKey, extra: &str) -> String {
+    let providers = provider_sections(
+        [&a.url(), &b.url(), &v.url()],
+        ["", "allow_headers = [\"x-amzn-bedrock-guardrailidentifier\"]", ""],
+    );
     format!(
-        r#"
-[[provider]]
-name = "anthropic"
-kind = "anthropic"
-base_url = "{a}"
-credential = "env:TG_TEST_PROVIDER_KEY"
-health = {{ probe = "none" }}
-
-[[provider]]
-name = "bedrock"
-kind = "bedrock"
-region = "us-east-1"
-base_url = "{b}"
-credential = "env:TG_TEST_PROVIDER_KEY"
-allow_headers = ["x-amzn-bedrock-guardrailidentifier"]
-health = {{ probe = "none" }}
-
-[[provider]]
-name = "vertex"
-kind = "vertex"
-project = "p1"
-region = "us-east5"
-base_url = "{v}"
-credential = "env:TG_TEST_PROVIDER_KEY"
-health = {{ probe = "none" }}
-
+        r#"{providers}
 [[model]]
 name = "on-anthropic"
 max_attempts = 1
@@ -133,9 +112,6 @@ hash = "{hash}"
 {HS256_ISSUER}
 {extra}
 "#,
-        a = a.url(),
-        b = b.url(),
-        v = v.url(),
         hash = key.hash
     )
 }

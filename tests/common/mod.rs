@@ -218,6 +218,22 @@ pub fn one_provider_config(url: &str, key: &TestKey) -> String {
     )
 }
 
+/// One provider of each kind on three mocks: `anthropic`, `bedrock` (region `us-east-1`) and
+/// `vertex` (project `p1`, region `us-east5`), keyed by `TG_TEST_PROVIDER_KEY`, without health
+/// probes. `extra` adds lines to each section, in that order (`idle_timeout = "1s"`, say).
+pub fn provider_sections(urls: [&str; 3], extra: [&str; 3]) -> String {
+    let [a, b, v] = urls;
+    let [xa, xb, xv] = extra;
+    format!(
+        "[[provider]]\nname = \"anthropic\"\nkind = \"anthropic\"\nbase_url = \"{a}\"\n\
+         credential = \"env:TG_TEST_PROVIDER_KEY\"\nhealth = {{ probe = \"none\" }}\n{xa}\n\n\
+         [[provider]]\nname = \"bedrock\"\nkind = \"bedrock\"\nregion = \"us-east-1\"\nbase_url = \"{b}\"\n\
+         credential = \"env:TG_TEST_PROVIDER_KEY\"\nhealth = {{ probe = \"none\" }}\n{xb}\n\n\
+         [[provider]]\nname = \"vertex\"\nkind = \"vertex\"\nproject = \"p1\"\nregion = \"us-east5\"\nbase_url = \"{v}\"\n\
+         credential = \"env:TG_TEST_PROVIDER_KEY\"\nhealth = {{ probe = \"none\" }}\n{xv}\n\n"
+    )
+}
+
 /// A Messages request to `gw` carrying `key`, ready for a body and more headers.
 pub fn messages_request(gw: &Gateway, key: &TestKey) -> reqwest::RequestBuilder {
     client().post(gw.url("/v1/messages")).header("x-api-key", &key.key)
