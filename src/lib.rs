@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod connections;
+pub mod glob;
 pub mod limits;
 pub mod metering;
 pub mod metrics;

@@ -9,13 +9,71 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use crate::auth::{KeyStore, SharedKeys};
-use crate::config::{Config, Secret};
+use crate::auth::{JwtVerifier, KeyStore, SharedKeys};
+use crate::config::{ByReference, Config, Interrupted, Secret, Unpriced};
+use crate::limits::Owners;
 use crate::limits::{Limiter, LocalLimiter, Scope, ScopeKind};
+use crate::metering::PriceTable;
 use crate::metrics::Metrics;
-use crate::proxy::{SharedState, State};
+use crate::providers::Provider;
+use crate::routing::ModelTable;
 use crate::store::Store;
 use crate::tls::ReloadableCert;
+
+/// Everything a request needs from the config (keys apart), swapped whole on reload.
+pub struct State {
+    pub models: ModelTable,
+    pub providers: Vec<Arc<Provider>>,
+    pub prices: PriceTable,
+    pub owners: Owners,
+    pub unpriced: Unpriced,
+    pub interrupted: Interrupted,
+    pub by_reference: ByReference,
+    pub server_tool_uses: u64,
+    pub max_body_bytes: usize,
+    pub jwt: JwtVerifier,
+}
+
+impl State {
+    /// Builds the snapshot. On a reload (`running` is the live one) providers are kept as they
+    /// run, with their pools and health: their sections apply at the next restart.
+    pub fn build(config: &Config, running: Option<&State>) -> Result<Self, String> {
+        let prices = PriceTable::with_overrides(&config.prices)?;
+        let mut providers = Vec::new();
+        let mut by_name = HashMap::new();
+        let live = running.map(crate::runtime::providers_by_name);
+        for p in &config.providers {
+            let name = p.name.get_ref();
+            let provider = match &live {
+                Some(live) => live
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| format!("provider {name:?} is new: adding a provider needs a restart"))?,
+                None => Arc::new(
+                    Provider::from_config(p, config.server.upstream_pool_size)
+                        .map_err(|e| format!("provider {name:?}: {e}"))?,
+                ),
+            };
+            by_name.insert(provider.name.clone(), provider.clone());
+            providers.push(provider);
+        }
+        Ok(State {
+            models: ModelTable::build(&config.models, &by_name, &prices)?,
+            providers,
+            prices,
+            owners: Owners::build(&config.users, &config.teams)?,
+            unpriced: config.controls.unpriced,
+            interrupted: config.controls.interrupted,
+            by_reference: config.controls.by_reference,
+            server_tool_uses: config.controls.server_tool_uses,
+            max_body_bytes: config.server.max_body_bytes,
+            jwt: JwtVerifier::build(&config.jwt_issuers, running.map(|r| &r.jwt))?,
+        })
+    }
+}
+
+/// The live configuration, shared with the admin listener and swapped whole on reload.
+pub type SharedState = Arc<ArcSwap<State>>;
 
 pub struct Runtime {
     pub state: SharedState,

@@ -1176,7 +1176,7 @@ proptest! {
                 ["/v1/messages/count_tokens", "/anthropic/v1/messages/count_tokens"].contains(&path.as_str()),
                 "{}", path
             ),
-            Some(Call::Bedrock { model, .. }) => {
+            Some(Call::Bedrock { model, .. }) | Some(Call::BedrockCountTokens { model }) => {
                 prop_assert!(!model.is_empty());
                 prop_assert!(path.starts_with("/model/") || path.starts_with("/bedrock/model/"), "{}", path);
             }

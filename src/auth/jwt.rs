@@ -40,13 +40,7 @@ fn family(alg: Algorithm) -> Family {
     }
 }
 
-/// `"HS256"` etc.; `none` is not an algorithm here.
-pub fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
-    if s.eq_ignore_ascii_case("none") {
-        return Err("algorithm \"none\" is never accepted".into());
-    }
-    s.parse::<Algorithm>().map_err(|_| format!("unknown JWT algorithm {s:?}"))
-}
+pub use crate::config::parse_algorithm;
 
 struct VerifyKey {
     kid: Option<String>,

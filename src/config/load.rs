@@ -108,7 +108,7 @@ fn validate(c: &Config) -> Result<(), Invalid> {
             ));
         }
         for (url, _) in endpoints {
-            crate::providers::UpstreamUrl::parse(url.get_ref()).map_err(|e| (url.span(), e))?;
+            super::UpstreamUrl::parse(url.get_ref()).map_err(|e| (url.span(), e))?;
         }
         if p.credential.is_some() && !p.credentials.is_empty() {
             return Err((
@@ -225,9 +225,9 @@ fn validate(c: &Config) -> Result<(), Invalid> {
         if !ids.insert(k.id.get_ref().as_str()) {
             return Err((k.id.span(), format!("key id {:?} is used twice", k.id.get_ref())));
         }
-        crate::auth::parse_key_hash(k.hash.get_ref()).map_err(|e| (k.hash.span(), e))?;
+        super::parse_key_hash(k.hash.get_ref()).map_err(|e| (k.hash.span(), e))?;
         if let Some(exp) = &k.expires {
-            crate::auth::parse_expiry(exp.get_ref()).map_err(|e| (exp.span(), e))?;
+            super::parse_expiry(exp.get_ref()).map_err(|e| (exp.span(), e))?;
         }
     }
 
@@ -262,7 +262,7 @@ fn validate(c: &Config) -> Result<(), Invalid> {
             return Err((j.name.span(), format!("JWT issuer {name:?} is defined twice")));
         }
         for a in &j.algorithms {
-            crate::auth::parse_algorithm(a).map_err(|e| (j.name.span(), format!("JWT issuer {name:?}: {e}")))?;
+            super::parse_algorithm(a).map_err(|e| (j.name.span(), format!("JWT issuer {name:?}: {e}")))?;
         }
         if j.algorithms.is_empty() {
             return Err((j.name.span(), format!("JWT issuer {name:?}: list the accepted algorithms")));

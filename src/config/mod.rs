@@ -1,8 +1,12 @@
 //! The TOML configuration: its schema (this file), secret references, and loading with errors
 //! that point at `file:line:column`.
 
+mod budget;
 mod load;
+mod period;
 mod secret;
+mod url;
+mod values;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,9 +14,12 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-pub use crate::providers::Selection;
+pub use budget::{Budget, BudgetConfig, RateLimits, DEFAULT_MAX_PRINCIPALS};
 pub use load::{load, load_str, ConfigError};
+pub use period::{rfc3339, Period};
 pub use secret::{Secret, SecretRef};
+pub use url::UpstreamUrl;
+pub use values::{parse_algorithm, parse_expiry, parse_key_hash, KeyHash};
 
 /// The whole file. Every table refuses fields it does not know, naming them.
 #[derive(Debug, Deserialize)]
@@ -152,9 +159,9 @@ pub struct JwtIssuerConfig {
     #[serde(default)]
     pub models: Option<Vec<String>>,
     #[serde(default)]
-    pub budget: Option<crate::limits::BudgetConfig>,
+    pub budget: Option<BudgetConfig>,
     #[serde(default)]
-    pub limits: crate::limits::RateLimits,
+    pub limits: RateLimits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -267,7 +274,7 @@ impl Default for ControlsConfig {
             interrupted: Interrupted::Estimate,
             by_reference: ByReference::Reserve,
             server_tool_uses: 20,
-            max_principals: crate::limits::DEFAULT_MAX_KEYS,
+            max_principals: DEFAULT_MAX_PRINCIPALS,
         }
     }
 }
@@ -284,9 +291,9 @@ impl ControlsConfig {
 pub struct OwnerConfig {
     pub id: Spanned<String>,
     #[serde(default)]
-    pub budget: Option<crate::limits::BudgetConfig>,
+    pub budget: Option<BudgetConfig>,
     #[serde(default)]
-    pub limits: crate::limits::RateLimits,
+    pub limits: RateLimits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -330,8 +337,8 @@ pub struct ServerConfig {
     /// `Authorization` (Claude Code on Vertex can add one through `ANTHROPIC_CUSTOM_HEADERS`
     /// while its `Authorization` holds a Google token).
     pub key_header: Option<String>,
-    /// Response headers clients get back beyond the built-in list (README, "What crosses the
-    /// gateway"), by name.
+    /// Response headers clients get back beyond the built-in list (docs/request-path.md), by
+    /// name.
     pub response_headers: Vec<String>,
 }
 
@@ -434,6 +441,23 @@ pub enum ProviderKind {
     /// Google Vertex AI rawPredict: an OAuth token from `service_account`, or a static token as
     /// `credential`.
     Vertex,
+}
+
+/// How a provider spreads requests over its endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection {
+    /// In turn, ignoring weights.
+    #[default]
+    RoundRobin,
+    /// In turn, in proportion to each endpoint's `weight`.
+    Weighted,
+    /// The endpoint with the fewest requests in flight.
+    LeastInFlight,
+    /// The same endpoint for the same session (`x-claude-code-session-id`, else
+    /// `metadata.user_id`), so its prompt cache stays warm; the next one on the ring while
+    /// that endpoint is out.
+    SessionAffinity,
 }
 
 impl ProviderKind {
@@ -650,7 +674,7 @@ pub struct ModelConfig {
     pub context_fallback: Option<Spanned<String>>,
     /// Rate limits over all requests to this model, whoever sends them.
     #[serde(default)]
-    pub limits: crate::limits::RateLimits,
+    pub limits: RateLimits,
 }
 
 fn default_max_attempts() -> usize {
@@ -688,9 +712,9 @@ pub struct KeyConfig {
     #[serde(default)]
     pub disabled: bool,
     #[serde(default)]
-    pub budget: Option<crate::limits::BudgetConfig>,
+    pub budget: Option<BudgetConfig>,
     #[serde(default)]
-    pub limits: crate::limits::RateLimits,
+    pub limits: RateLimits,
 }
 
 /// USD per million tokens for each token class.

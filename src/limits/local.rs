@@ -110,10 +110,6 @@ impl Counters {
 /// A scope idle this long has full token buckets again: forgetting it changes nothing.
 const IDLE_MS: i64 = 60_000;
 
-/// Key scopes counted in memory at most, unless the config says otherwise: keys and the JWT
-/// principals seen (a principal is a key of its own, made from a token's claims).
-pub const DEFAULT_MAX_KEYS: usize = 100_000;
-
 struct Inner {
     tz: Tz,
     /// By scope kind, then id. Key ids include JWT principals, whose names come from token
@@ -201,8 +197,13 @@ impl LocalLimiter {
 
     /// A limiter whose budget periods follow `clock` (tests move time across period ends).
     pub fn with_clock(tz: Tz, clock: Clock) -> Self {
-        let inner =
-            Inner { tz, scopes: Default::default(), max_keys: DEFAULT_MAX_KEYS, forgotten: 0, fruitless_at: None };
+        let inner = Inner {
+            tz,
+            scopes: Default::default(),
+            max_keys: crate::config::DEFAULT_MAX_PRINCIPALS,
+            forgotten: 0,
+            fruitless_at: None,
+        };
         LocalLimiter { inner: Mutex::new(inner), clock }
     }
 

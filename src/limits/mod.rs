@@ -6,70 +6,16 @@
 //! can hold them for a fleet; [`LocalLimiter`] keeps them in this process's memory.
 
 mod local;
-mod period;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-pub use local::{now_ms, Clock, LocalLimiter, DEFAULT_MAX_KEYS};
-pub use period::{rfc3339, Period};
-
-/// A spending cap over a period.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Budget {
-    pub limit_nanos: u64,
-    pub period: Period,
-}
-
-/// How a budget is written in TOML and in the admin API.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct BudgetConfig {
-    pub usd: f64,
-    #[serde(default)]
-    pub period: Period,
-}
-
-impl BudgetConfig {
-    pub fn to_budget(self) -> Result<Budget, String> {
-        if !self.usd.is_finite() || self.usd < 0.0 || self.usd > 1e9 {
-            return Err(format!("a budget is a USD amount between 0 and 1e9, not {}", self.usd));
-        }
-        Ok(Budget { limit_nanos: (self.usd * 1e9).round() as u64, period: self.period })
-    }
-}
-
-/// Rate limits of one scope; an absent limit does not apply. Tokens per minute count input
-/// tokens (plain and cache writes, as the provider's own limits do) and output tokens apart.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimits {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rpm: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub input_tpm: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output_tpm: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub concurrency: Option<u32>,
-}
-
-impl RateLimits {
-    pub fn is_empty(&self) -> bool {
-        *self == RateLimits::default()
-    }
-
-    pub fn validate(&self) -> Result<(), String> {
-        let zero = [self.rpm.map(u64::from), self.input_tpm, self.output_tpm, self.concurrency.map(u64::from)]
-            .contains(&Some(0));
-        if zero {
-            return Err("a rate limit of 0 would refuse everything: disable the key instead".into());
-        }
-        Ok(())
-    }
-}
+pub use crate::config::{
+    rfc3339, Budget, BudgetConfig, Period, RateLimits, DEFAULT_MAX_PRINCIPALS as DEFAULT_MAX_KEYS,
+};
+pub use local::{now_ms, Clock, LocalLimiter};
 
 /// Budget and limits of one scope.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

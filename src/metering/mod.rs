@@ -6,4 +6,4 @@ mod record;
 pub use pricing::{
     usd, Asked, Price, PriceTable, ProviderRef, Rates, DEFAULT_CONTEXT_WINDOW, DEFAULT_MAX_OUTPUT, DEFAULT_PRICES,
 };
-pub use record::{Estimate, Outcome, UsageRecord};
+pub use record::{AttemptRecord, Estimate, Outcome, UsageRecord};

@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::{LongContextConfig, PriceConfig, PriceExtras, PriceFile};
+use crate::glob::glob_match;
 use crate::protocol::usage::{Speed, Usage};
-use crate::routing::glob_match;
 
 /// The table that ships with Tollgate (see the file for its source and date).
 pub const DEFAULT_PRICES: &str = include_str!("default_prices.toml");

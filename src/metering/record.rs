@@ -22,7 +22,7 @@ pub enum Outcome {
 }
 
 /// Why a record's usage or cost is not the provider's own final count, and by which rule it was
-/// set instead (README, "Pricing").
+/// set instead (docs/pricing.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Estimate {
@@ -95,9 +95,25 @@ pub struct UsageRecord {
     /// Why the request did not complete, when it did not.
     pub error: Option<String>,
     /// Each try at a provider endpoint, in order; more than one means a fallback happened.
-    pub attempts: Vec<crate::proxy::AttemptRecord>,
+    pub attempts: Vec<AttemptRecord>,
 }
 
 fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+/// One try at one endpoint, as the usage record shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptRecord {
+    pub provider: String,
+    pub endpoint: String,
+    pub model: String,
+    pub status: Option<u16>,
+    pub latency_ms: f64,
+    /// Why the attempt was abandoned; absent for the one that answered.
+    pub abandoned: Option<String>,
+    /// An abandoned attempt whose request reached the provider whole: the provider may have
+    /// generated (and billed) an answer the gateway never read.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub may_be_billed: bool,
 }

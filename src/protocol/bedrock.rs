@@ -233,6 +233,29 @@ pub fn count_tokens_path(model_id: &str) -> String {
     invoke_path(model_id, false).replace("/invoke", "/count-tokens")
 }
 
+/// The InvokeModel body inside a Bedrock CountTokens request
+/// (`{"input": {"invokeModel": {"body": "<base64>"}}}`).
+pub fn count_tokens_inner(body: &[u8]) -> Result<Vec<u8>, JsonError> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|_| JsonError { what: "not JSON", at: 0 })?;
+    let b64 = v["input"]["invokeModel"]["body"]
+        .as_str()
+        .ok_or(JsonError { what: "input.invokeModel.body (a base64 InvokeModel body) is required", at: 0 })?;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|_| JsonError { what: "input.invokeModel.body is not base64", at: 0 })
+}
+
+/// The Messages API's `{"input_tokens": N}` as Bedrock's `{"inputTokens": N}`, for a Bedrock
+/// client counting through another provider.
+pub fn count_tokens_for_bedrock_client(body: &[u8]) -> Option<Bytes> {
+    #[derive(Deserialize)]
+    struct Count {
+        input_tokens: u64,
+    }
+    let c: Count = serde_json::from_slice(body).ok()?;
+    Some(Bytes::from(format!("{{\"inputTokens\":{}}}", c.input_tokens)))
+}
+
 /// Bedrock's `{"inputTokens": N}` as the Messages API's `{"input_tokens": N}`.
 pub fn count_tokens_answer(body: &[u8]) -> Option<Bytes> {
     #[derive(Deserialize)]

@@ -37,19 +37,23 @@ pub enum Call {
         stream: bool,
     },
     VertexCountTokens,
+    /// Bedrock's CountTokens: the model from the path, the InvokeModel body wrapped in the body.
+    BedrockCountTokens {
+        model: String,
+    },
 }
 
 impl Call {
     pub fn format(&self) -> Format {
         match self {
             Call::Messages | Call::CountTokens => Format::Anthropic,
-            Call::Bedrock { .. } => Format::Bedrock,
+            Call::Bedrock { .. } | Call::BedrockCountTokens { .. } => Format::Bedrock,
             Call::Vertex { .. } | Call::VertexCountTokens => Format::Vertex,
         }
     }
 
     pub fn counts_tokens(&self) -> bool {
-        matches!(self, Call::CountTokens | Call::VertexCountTokens)
+        matches!(self, Call::CountTokens | Call::VertexCountTokens | Call::BedrockCountTokens { .. })
     }
 }
 
@@ -107,13 +111,16 @@ fn parse_bare(path: &str) -> Option<Call> {
     }
     if let Some(rest) = path.strip_prefix("/model/") {
         let (id, action) = rest.rsplit_once('/')?;
-        let stream = match action {
-            "invoke" => false,
-            "invoke-with-response-stream" => true,
-            _ => return None,
-        };
         let model = percent_decode(id)?;
-        return super::is_path_safe_model_id(&model).then_some(Call::Bedrock { model, stream });
+        if !super::is_path_safe_model_id(&model) {
+            return None;
+        }
+        return match action {
+            "invoke" => Some(Call::Bedrock { model, stream: false }),
+            "invoke-with-response-stream" => Some(Call::Bedrock { model, stream: true }),
+            "count-tokens" => Some(Call::BedrockCountTokens { model }),
+            _ => None,
+        };
     }
     let rest = path.strip_prefix("/v1").unwrap_or(path);
     let mut parts = rest.strip_prefix('/')?.splitn(7, '/');

@@ -3,7 +3,7 @@
 //! provider: betas to drop (globs) and betas to rename.
 
 use crate::config::{BetaPolicyConfig, ProviderKind};
-use crate::routing::glob_match;
+use crate::glob::glob_match;
 
 /// Betas that, as far as Anthropic's feature pages said when this was written (2026-11), only
 /// the Anthropic API offers: the Files API, the MCP connector, server-side code execution and

@@ -19,15 +19,14 @@ mod google;
 mod health;
 mod pool;
 mod sigv4;
-mod url;
 
+pub use crate::config::UpstreamUrl;
 pub use betas::BetaPolicy;
 pub use endpoint::{Endpoint, EndpointRef, PeerSettings};
 pub use google::{unix_now, TokenSource};
 pub use health::{now_ms, HealthPolicy, PassiveHealth};
 pub use pool::{Balancer, Pool, Schedule, Selection};
 pub use sigv4::AwsSigner;
-pub use url::UpstreamUrl;
 
 /// One credential of a provider, with its own cool-down (a 429 is often per key).
 #[derive(Debug)]

@@ -16,26 +16,10 @@ use pingora_load_balancing::discovery::ServiceDiscovery;
 use pingora_load_balancing::health_check::HealthCheck;
 use pingora_load_balancing::selection::{BackendIter, BackendSelection, Consistent, RoundRobin};
 use pingora_load_balancing::{Backend, Backends, LoadBalancer};
-use serde::Deserialize;
 
 use super::endpoint::{Endpoint, EndpointRef};
 
-/// How a provider spreads requests over its endpoints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Selection {
-    /// In turn, ignoring weights.
-    #[default]
-    RoundRobin,
-    /// In turn, in proportion to each endpoint's `weight`.
-    Weighted,
-    /// The endpoint with the fewest requests in flight.
-    LeastInFlight,
-    /// The same endpoint for the same session (`x-claude-code-session-id`, else
-    /// `metadata.user_id`), so its prompt cache stays warm; the next one on the ring while
-    /// that endpoint is out.
-    SessionAffinity,
-}
+pub use crate::config::Selection;
 
 /// Turns the endpoint list into Pingora backends, resolving names as it goes.
 struct Discovery {

@@ -113,7 +113,7 @@ impl RequestCtx {
         }
     }
 
-    /// The priced usage and cost, by the rules for estimates (README, "Pricing").
+    /// The priced usage and cost, by the rules for estimates (docs/pricing.md).
     fn priced(&mut self) -> (u64, bool) {
         if self.cache_1h && self.usage.unsplit_writes_as_one_hour() {
             self.estimate.get_or_insert(Estimate::CacheTtlFromRequest);

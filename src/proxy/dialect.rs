@@ -20,6 +20,8 @@ pub(super) enum Transcode {
     BedrockStream,
     /// Bedrock's `{"inputTokens"}` to `{"input_tokens"}`.
     BedrockCountTokens,
+    /// `{"input_tokens"}` to Bedrock's `{"inputTokens"}`, for a Bedrock client.
+    CountTokensForBedrock,
 }
 
 /// What the answer needs on its way to the client.
@@ -73,6 +75,15 @@ fn beta_headers(req: &Inbound<'_>, betas: &Betas, version: bool) -> Vec<(&'stati
     h
 }
 
+/// How a token count comes back to the client from a provider answering `{"input_tokens"}`.
+fn count_for(req: &Inbound<'_>) -> Transcode {
+    if req.count_tokens && req.format == Format::Bedrock {
+        Transcode::CountTokensForBedrock
+    } else {
+        Transcode::None
+    }
+}
+
 /// Whether two comma-joined beta lists hold the same betas.
 fn same_set(a: &str, b: Option<&str>) -> bool {
     fn set(s: &str) -> std::collections::BTreeSet<&str> {
@@ -121,30 +132,39 @@ fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: 
                 _ if req.count_tokens => Some("/v1/messages/count_tokens".into()),
                 _ => Some("/v1/messages".into()),
             },
-            transcode: Transcode::None,
+            transcode: count_for(req),
             drop_headers: &[],
             set_headers: beta_headers(req, betas, true),
             dropped_betas: Vec::new(),
             accept: None,
         }),
         ProviderKind::Bedrock => {
-            // A Bedrock client's body goes to Bedrock as it came.
-            let invoke = match (req.format, req.original) {
-                // Unless the policy changed its betas, or the header brought betas its body lacks.
+            // A Bedrock client's body goes to Bedrock as it came (a CountTokens body too),
+            // unless the policy changed its betas, or the header brought betas its body lacks.
+            let as_it_came = match (req.format, req.original) {
                 (Format::Bedrock, Some(original)) if !betas.changed && same_set(&betas.value, req.body_betas) => {
-                    original.clone()
+                    Some(original.clone())
                 }
-                _ => {
-                    let beta = Some(betas.value.as_str()).filter(|b| !b.is_empty());
-                    bedrock::request_body(req.body, beta).map_err(bad_json)?
-                }
+                _ => None,
+            };
+            let rebuilt = || {
+                let beta = Some(betas.value.as_str()).filter(|b| !b.is_empty());
+                bedrock::request_body(req.body, beta).map_err(bad_json)
             };
             let drop_headers: &'static [&'static str] = &["anthropic-version", "anthropic-beta"];
             Ok(if req.count_tokens {
                 Outbound {
-                    body: bedrock::count_tokens_body(&invoke),
+                    body: match as_it_came {
+                        Some(body) => body,
+                        None => bedrock::count_tokens_body(&rebuilt()?),
+                    },
                     path: Some(bedrock::count_tokens_path(model_id)),
-                    transcode: Transcode::BedrockCountTokens,
+                    // A Bedrock client reads Bedrock's own answer.
+                    transcode: if req.format == Format::Bedrock {
+                        Transcode::None
+                    } else {
+                        Transcode::BedrockCountTokens
+                    },
                     drop_headers,
                     set_headers: Vec::new(),
                     dropped_betas: Vec::new(),
@@ -152,7 +172,10 @@ fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: 
                 }
             } else {
                 Outbound {
-                    body: invoke,
+                    body: match as_it_came {
+                        Some(body) => body,
+                        None => rebuilt()?,
+                    },
                     path: Some(bedrock::invoke_path(model_id, req.stream)),
                     transcode: if req.stream { Transcode::BedrockStream } else { Transcode::None },
                     drop_headers,
@@ -187,7 +210,7 @@ fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: 
                 Outbound {
                     body,
                     path: Some(vertex::count_tokens_path(project, region)),
-                    transcode: Transcode::None,
+                    transcode: count_for(req),
                     drop_headers,
                     set_headers: beta_headers(req, betas, false),
                     dropped_betas: Vec::new(),

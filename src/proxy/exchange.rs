@@ -51,8 +51,8 @@ impl Gateway {
         if !upstream_header.status.is_success() && !same_format(ctx.format, provider.kind) {
             return self.answer_provider_error(session, ctx, up, provider, &peer).await;
         }
-        if transcode == Transcode::BedrockCountTokens {
-            return self.answer_count(session, ctx, up, provider, &peer).await;
+        if matches!(transcode, Transcode::BedrockCountTokens | Transcode::CountTokensForBedrock) {
+            return self.answer_count(session, ctx, up, provider, &peer, transcode).await;
         }
         // The meter reads SSE. A Bedrock event stream is decoded for it; the client gets SSE,
         // or the frames as they came when it speaks Bedrock itself. An SSE stream goes to a
@@ -185,7 +185,8 @@ impl Gateway {
         Ok(())
     }
 
-    /// A Bedrock token count: read whole (it is tiny) and answered in the Messages API's shape.
+    /// A token count in the other shape (Bedrock's `inputTokens`, the Messages API's
+    /// `input_tokens`): read whole (it is tiny) and answered in the client's.
     async fn answer_count(
         &self,
         session: &mut Session,
@@ -193,10 +194,15 @@ impl Gateway {
         mut up: HttpSession,
         provider: &Provider,
         peer: &HttpPeer,
+        transcode: Transcode,
     ) -> Result<(), ApiError> {
         let body = read_small(&mut up, provider).await?;
         provider.connector.release_http_session(up, peer, Some(provider.pool_idle_timeout)).await;
-        let answer = crate::protocol::bedrock::count_tokens_answer(&body).ok_or_else(|| {
+        let answer = match transcode {
+            Transcode::CountTokensForBedrock => crate::protocol::bedrock::count_tokens_for_bedrock_client(&body),
+            _ => crate::protocol::bedrock::count_tokens_answer(&body),
+        };
+        let answer = answer.ok_or_else(|| {
             ApiError::bad_gateway(format!("provider {} sent a token count this gateway cannot read", provider.name))
         })?;
         ctx.outcome = Outcome::Complete;

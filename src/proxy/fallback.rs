@@ -17,7 +17,6 @@ use bytes::{Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora_proxy::Session;
-use serde::Serialize;
 
 use super::dialect::{outbound, Answer, Inbound, Outbound};
 use super::errors::{for_client, same_format};
@@ -25,7 +24,7 @@ use super::exchange::SendError;
 use super::headers::{copy_request_headers, response_for_client, RequestPolicy};
 use super::{ApiError, Gateway, RequestCtx, State};
 use crate::config::ProviderKind;
-use crate::metering::Outcome;
+use crate::metering::{AttemptRecord, Outcome};
 use crate::providers::Auth;
 use crate::providers::{now_ms, Endpoint, Provider};
 use crate::routing::Route;
@@ -35,22 +34,6 @@ const MAX_ERROR_BODY: usize = 256 << 10;
 
 /// Longest wait for an error body; a provider trickling its error is not waited for.
 const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// One try at one endpoint, as the usage record shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct AttemptRecord {
-    pub provider: String,
-    pub endpoint: String,
-    pub model: String,
-    pub status: Option<u16>,
-    pub latency_ms: f64,
-    /// Why the attempt was abandoned; absent for the one that answered.
-    pub abandoned: Option<String>,
-    /// An abandoned attempt whose request reached the provider whole: the provider may have
-    /// generated (and billed) an answer the gateway never read.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub may_be_billed: bool,
-}
 
 /// Counts a request on an endpoint while it is sent or streamed.
 pub(super) struct InFlight(Arc<Endpoint>);

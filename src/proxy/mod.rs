@@ -20,7 +20,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::Method;
@@ -29,76 +28,24 @@ use pingora::prelude::*;
 use pingora::upstreams::peer::HttpPeer;
 use pingora_proxy::{ProxyHttp, Session};
 
+pub use crate::metering::AttemptRecord;
 pub use context::{Client, RequestCtx};
 pub use errors::ApiError;
-pub use fallback::AttemptRecord;
 pub use headers::REQUEST_ID_HEADER;
 
 use crate::audit::AuditLog;
-use crate::auth::{looks_like_jwt, presented_key, ApiKey, AuthError, JwtVerifier};
+use crate::auth::{looks_like_jwt, presented_key, ApiKey, AuthError};
 use crate::config::{ByReference, Config, Interrupted, Unpriced};
-use crate::limits::{Actual, Demand, Hold, Limiter, Owners, Policy, Reservation, Scope, ScopeKind};
-use crate::metering::{Asked, Outcome, PriceTable, DEFAULT_CONTEXT_WINDOW, DEFAULT_MAX_OUTPUT};
+use crate::limits::{Actual, Demand, Hold, Limiter, Policy, Reservation, Scope, ScopeKind};
+use crate::metering::{Asked, Outcome, DEFAULT_CONTEXT_WINDOW, DEFAULT_MAX_OUTPUT};
 use crate::metrics::Metrics;
 use crate::protocol::inbound::{from_bedrock, from_vertex, parse_path, Call};
 use crate::protocol::json_peek::{peek_request, replace_string_value, RequestPeek};
 use crate::protocol::references::{self, Reach};
-use crate::providers::Provider;
-use crate::routing::{ModelTable, Route};
+use crate::routing::Route;
 use crate::runtime::Runtime;
+pub use crate::runtime::{SharedState, State};
 use crate::store::LedgerRow;
-
-/// Everything a request needs from the config (keys apart), swapped whole on reload.
-pub struct State {
-    pub models: ModelTable,
-    pub providers: Vec<Arc<Provider>>,
-    pub prices: PriceTable,
-    pub owners: Owners,
-    pub unpriced: Unpriced,
-    pub interrupted: Interrupted,
-    pub by_reference: ByReference,
-    pub server_tool_uses: u64,
-    pub max_body_bytes: usize,
-    pub jwt: JwtVerifier,
-}
-
-impl State {
-    /// Builds the snapshot. On a reload (`running` is the live one) providers are kept as they
-    /// run, with their pools and health: their sections apply at the next restart.
-    pub fn build(config: &Config, running: Option<&State>) -> Result<Self, String> {
-        let prices = PriceTable::with_overrides(&config.prices)?;
-        let mut providers = Vec::new();
-        let mut by_name = HashMap::new();
-        let live = running.map(crate::runtime::providers_by_name);
-        for p in &config.providers {
-            let name = p.name.get_ref();
-            let provider = match &live {
-                Some(live) => live
-                    .get(name)
-                    .cloned()
-                    .ok_or_else(|| format!("provider {name:?} is new: adding a provider needs a restart"))?,
-                None => Arc::new(
-                    Provider::from_config(p, config.server.upstream_pool_size)
-                        .map_err(|e| format!("provider {name:?}: {e}"))?,
-                ),
-            };
-            by_name.insert(provider.name.clone(), provider.clone());
-            providers.push(provider);
-        }
-        Ok(State {
-            models: ModelTable::build(&config.models, &by_name, &prices)?,
-            providers,
-            prices,
-            owners: Owners::build(&config.users, &config.teams)?,
-            unpriced: config.controls.unpriced,
-            interrupted: config.controls.interrupted,
-            by_reference: config.controls.by_reference,
-            server_tool_uses: config.controls.server_tool_uses,
-            max_body_bytes: config.server.max_body_bytes,
-            jwt: JwtVerifier::build(&config.jwt_issuers, running.map(|r| &r.jwt))?,
-        })
-    }
-}
 
 /// Prompt tokens reserved beyond the body's size: what the provider adds around a prompt
 /// (the tool-use system prompt is a few hundred tokens).
@@ -121,9 +68,6 @@ struct Generation<'a> {
     peek: &'a RequestPeek,
     reach: &'a Reach,
 }
-
-/// The live configuration, shared with the admin listener and swapped whole on reload.
-pub type SharedState = Arc<ArcSwap<State>>;
 
 pub struct Gateway {
     runtime: Arc<Runtime>,
@@ -255,6 +199,11 @@ impl Gateway {
         let (body, betas, original) = match &call {
             Call::Bedrock { model, stream } => {
                 let (body, betas) = from_bedrock(&raw, model, *stream).map_err(invalid)?;
+                (body, Some(betas.join(",")), Some(raw))
+            }
+            Call::BedrockCountTokens { model } => {
+                let inner = crate::protocol::bedrock::count_tokens_inner(&raw).map_err(invalid)?;
+                let (body, betas) = from_bedrock(&inner, model, false).map_err(invalid)?;
                 (body, Some(betas.join(",")), Some(raw))
             }
             Call::Vertex { model, .. } => (from_vertex(&raw, Some(model)).map_err(invalid)?, None, Some(raw)),

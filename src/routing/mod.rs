@@ -9,8 +9,7 @@ use crate::config::ModelConfig;
 use crate::metering::{Price, PriceTable, ProviderRef};
 use crate::providers::Provider;
 
-mod glob;
-pub use glob::glob_match;
+pub use crate::glob::glob_match;
 
 /// One place a model can be served: a provider and the model id it knows the model by.
 #[derive(Debug)]

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub use sqlite::SqliteStore;
 
-use crate::auth::KeyHash;
+use crate::config::KeyHash;
 use crate::limits::{BudgetConfig, RateLimits, ScopeKind};
 use crate::metering::UsageRecord;
 

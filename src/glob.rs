@@ -1,3 +1,5 @@
+//! Globs for model names and betas: `*` matches any run of characters.
+
 /// Matches `text` against `pattern`, where `*` matches any run of characters (also none) and
 /// every other character matches itself.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
