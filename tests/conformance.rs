@@ -21,6 +21,18 @@
 //! - the gateway's usage record (found by the `x-tollgate-request-id` the client was answered
 //!   with): format, provider, key, auth, status, outcome and exactly the mock's usage.
 //!
+//! Two kinds of Claude Code cells go further:
+//! - a provider's 400 (`invalid_request_error` with a message of the provider's own), on one row
+//!   of each of its formats: Claude Code fails (a non-zero exit or `is_error`) and prints the
+//!   provider's message, which every request it sent got in its format's error shape (Anthropic,
+//!   Bedrock's `{"message"}` and `x-amzn-errortype`, Google's `{"error":{"message"}}`). Claude
+//!   Code sends a refused request again without a feature at a time, so such a cell has several
+//!   requests, each checked against what the provider got;
+//! - model discovery (`CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY=1`, its Anthropic rows): at
+//!   start it sends `GET /v1/models` with its inference credentials and gets the key's models in
+//!   the Models API's shape, and keeps (in `~/.claude/cache/gateway-models.json`) the ids with
+//!   `claude` or `anthropic` in them.
+//!
 //! Missing clients fail the test with the command that installs them. `KNOWN_GAPS` lists cells
 //! that fail for a reason outside the client (a gateway gap); they must keep failing (a fixed gap
 //! fails the test until it leaves the list). The matrix is printed and written to
@@ -36,6 +48,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tollgate::mock::Received;
 
 const PROJECT: &str = "p1";
 const VERTEX_REGION: &str = "us-east5";
@@ -138,6 +151,8 @@ fn find_clients() -> Clients {
 #[derive(Default)]
 struct Conn {
     up: Vec<u8>,
+    /// When each read of `up` began: its offset and the time.
+    up_at: Vec<(usize, Instant)>,
     down: Vec<u8>,
 }
 
@@ -192,7 +207,12 @@ impl Tap {
                     let (sr, sw) = server.into_split();
                     let c = conn.clone();
                     tokio::join!(
-                        pump(cr, sw, move |b| c.lock().unwrap().up.extend_from_slice(b)),
+                        pump(cr, sw, move |b| {
+                            let mut c = c.lock().unwrap();
+                            let at = c.up.len();
+                            c.up_at.push((at, Instant::now()));
+                            c.up.extend_from_slice(b);
+                        }),
                         pump(sr, cw, move |b| conn.lock().unwrap().down.extend_from_slice(b)),
                     );
                 });
@@ -205,30 +225,36 @@ impl Tap {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// Every request seen so far with the answer it got.
+    /// Every request seen so far with the answer it got, in the order they were sent (a client's
+    /// second request may come on another connection than its first).
     fn exchanges(&self) -> Vec<Exchange> {
         let conns: Vec<_> = self.conns.lock().unwrap().clone();
-        conns
+        let mut all: Vec<Exchange> = conns
             .iter()
             .flat_map(|c| {
                 let c = c.lock().unwrap();
-                exchanges(&c.up, &c.down)
+                exchanges(&c.up, &c.up_at, &c.down)
             })
-            .collect()
+            .collect();
+        all.sort_by_key(|x| x.sent_at);
+        all
     }
 }
 
 type Headers = Vec<(String, String)>;
 
-/// One HTTP/1.1 request as the client sent it, and the status and headers it was answered with.
+/// One HTTP/1.1 request as the client sent it, and the answer it got.
 #[derive(Debug, Clone)]
 struct Exchange {
     method: String,
     target: String,
     headers: Headers,
     body: Vec<u8>,
+    /// When its first byte reached the tap.
+    sent_at: Option<Instant>,
     status: Option<u16>,
     response_headers: Headers,
+    response_body: Vec<u8>,
 }
 
 fn header<'a>(h: &'a Headers, name: &str) -> Option<&'a str> {
@@ -284,16 +310,26 @@ fn parse_body(buf: &[u8], headers: &Headers, to_end: bool) -> (Vec<u8>, usize) {
     }
 }
 
-fn exchanges(up: &[u8], down: &[u8]) -> Vec<Exchange> {
+fn exchanges(up: &[u8], up_at: &[(usize, Instant)], down: &[u8]) -> Vec<Exchange> {
     let mut out = Vec::new();
     let mut at = 0;
     while let Some((start, headers, len)) = parse_head(&up[at..]) {
+        let sent_at = up_at.iter().take_while(|(offset, _)| *offset <= at).last().map(|(_, t)| *t);
         at += len;
         let (body, used) = parse_body(&up[at..], &headers, false);
         at += used;
         let mut parts = start.split(' ');
         let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
-        out.push(Exchange { method, target, headers, body, status: None, response_headers: Vec::new() });
+        out.push(Exchange {
+            method,
+            target,
+            headers,
+            body,
+            sent_at,
+            status: None,
+            response_headers: Vec::new(),
+            response_body: Vec::new(),
+        });
     }
     let (mut at, mut i) = (0, 0);
     while i < out.len() {
@@ -304,7 +340,9 @@ fn exchanges(up: &[u8], down: &[u8]) -> Vec<Exchange> {
             continue;
         }
         if out[i].method != "HEAD" && status != 204 && status != 304 {
-            at += parse_body(&down[at..], &headers, true).1;
+            let (body, used) = parse_body(&down[at..], &headers, true);
+            out[i].response_body = body;
+            at += used;
         }
         out[i].status = Some(status);
         out[i].response_headers = headers;
@@ -362,7 +400,14 @@ enum Call {
     Create,
     Stream,
     Count,
+    /// The provider answers 429.
     Throttled,
+    /// The provider answers 400 `invalid_request_error` with [`provider_error`]'s message.
+    Rejected,
+    /// Claude Code with `CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY=1`: its `GET /v1/models` at
+    /// start, then the prompt as in `Stream`. One cell per mode (on the Anthropic API): the
+    /// listing is the key's, whatever the provider.
+    Models,
 }
 
 impl Call {
@@ -372,6 +417,8 @@ impl Call {
             Call::Stream => "stream",
             Call::Count => "count_tokens",
             Call::Throttled => "429",
+            Call::Rejected => "400",
+            Call::Models => "models",
         }
     }
 
@@ -381,8 +428,25 @@ impl Call {
             Call::Stream => "stream",
             Call::Count => "count",
             Call::Throttled => "throttled",
+            Call::Rejected => "rejected",
+            Call::Models => "models",
         }
     }
+
+    /// The status the client is answered with.
+    fn status(self) -> u16 {
+        match self {
+            Call::Throttled => 429,
+            Call::Rejected => 400,
+            _ => 200,
+        }
+    }
+}
+
+/// The `error.message` each mock provider answers an error with (`x-mock-status`): a cell with
+/// a provider error checks that this text reaches the client.
+fn provider_error(kind: Kind) -> String {
+    format!("Conformance: the {} provider refuses this request (messages.0.content)", kind.name())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -408,6 +472,10 @@ struct Mode {
 }
 
 const CC: &[Call] = &[Call::Stream];
+/// Claude Code on the Anthropic format, with model discovery.
+const CC_DISCOVERY: &[Call] = &[Call::Stream, Call::Models];
+/// One row of each of Claude Code's formats also gets a provider's 400.
+const CC_REJECTED: &[Call] = &[Call::Stream, Call::Rejected];
 const MODES: &[Mode] = &[
     Mode {
         id: "cc-api-key",
@@ -417,7 +485,7 @@ const MODES: &[Mode] = &[
         how: "Anthropic, `ANTHROPIC_API_KEY` (`x-api-key`)",
         anonymous: false,
         tls: false,
-        calls: CC,
+        calls: &[Call::Stream, Call::Models, Call::Rejected],
     },
     Mode {
         id: "cc-auth-token",
@@ -427,7 +495,7 @@ const MODES: &[Mode] = &[
         how: "Anthropic, `ANTHROPIC_AUTH_TOKEN` (bearer)",
         anonymous: false,
         tls: false,
-        calls: CC,
+        calls: CC_DISCOVERY,
     },
     Mode {
         id: "cc-key-helper",
@@ -437,7 +505,7 @@ const MODES: &[Mode] = &[
         how: "Anthropic, `apiKeyHelper` in settings.json",
         anonymous: false,
         tls: false,
-        calls: CC,
+        calls: CC_DISCOVERY,
     },
     Mode {
         id: "cc-bedrock-skip",
@@ -447,7 +515,7 @@ const MODES: &[Mode] = &[
         how: "Bedrock, `CLAUDE_CODE_SKIP_BEDROCK_AUTH` (anonymous listener)",
         anonymous: true,
         tls: false,
-        calls: CC,
+        calls: CC_REJECTED,
     },
     Mode {
         id: "cc-bedrock-bearer",
@@ -477,7 +545,7 @@ const MODES: &[Mode] = &[
         how: "Vertex, `CLAUDE_CODE_SKIP_VERTEX_AUTH`, key in `ANTHROPIC_CUSTOM_HEADERS`",
         anonymous: false,
         tls: false,
-        calls: CC,
+        calls: CC_REJECTED,
     },
     Mode {
         id: "py-api-key",
@@ -564,8 +632,9 @@ struct Cell {
 }
 
 impl Cell {
+    /// Claude Code always streams.
     fn stream(&self) -> bool {
-        self.call == Call::Stream
+        matches!(self.call, Call::Stream | Call::Rejected | Call::Models)
     }
 
     fn custom_headers(&self) -> Vec<(&'static str, String)> {
@@ -573,8 +642,8 @@ impl Cell {
             ("x-conformance-cell", self.id.clone()),
             ("x-mock-usage", serde_json::to_string(&self.usage).unwrap()),
         ];
-        if self.call == Call::Throttled {
-            h.push(("x-mock-status", "429".into()));
+        if matches!(self.call, Call::Throttled | Call::Rejected) {
+            h.push(("x-mock-status", self.call.status().to_string()));
         }
         h
     }
@@ -586,6 +655,7 @@ impl Cell {
             (_, Call::Stream) => "stream",
             (_, Call::Count) => "count",
             (_, Call::Throttled) => "throttled",
+            (_, Call::Rejected | Call::Models) => panic!("a Claude Code call: {:?}", self.call),
         };
         let client = match self.mode.id {
             "py-api-key" => "api_key",
@@ -607,6 +677,9 @@ fn cells() -> Vec<Cell> {
     for mode in MODES {
         for &call in mode.calls {
             for provider in KINDS {
+                if call == Call::Models && provider != Kind::Anthropic {
+                    continue;
+                }
                 let n = out.len() as u64 + 1;
                 let id = format!("{}-{}-{}", mode.id, call.id(), provider.name());
                 out.push(Cell {
@@ -650,6 +723,10 @@ struct Ran {
     stdout: String,
     stderr: String,
     result: Value,
+    /// For model discovery, what Claude Code kept of the listing: its cache
+    /// (`~/.claude/cache/gateway-models.json`, `{"baseUrl", "fetchedAt", "models": [{"id", ...}]}`
+    /// in 2.1.332), or null.
+    discovered: Value,
 }
 
 async fn run_claude(clients: &Clients, cell: &Cell, ep: &Endpoints, home: &Path) -> Ran {
@@ -666,6 +743,9 @@ async fn run_claude(clients: &Clients, cell: &Cell, ep: &Endpoints, home: &Path)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     let mut headers = cell.custom_headers();
+    if cell.call == Call::Models {
+        cmd.env("CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY", "1");
+    }
     match cell.mode.id {
         "cc-api-key" => {
             cmd.env("ANTHROPIC_BASE_URL", &ep.keyed).env("ANTHROPIC_API_KEY", &ep.key);
@@ -715,6 +795,10 @@ async fn run_claude(clients: &Clients, cell: &Cell, ep: &Endpoints, home: &Path)
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
             result: serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
+            discovered: std::fs::read(home.join(".claude/cache/gateway-models.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or(Value::Null),
         },
         Ok(Err(e)) => Ran { stderr: format!("claude did not start: {e}"), ..Default::default() },
         Err(_) => Ran { stderr: "claude ran for more than 90 s (killed)".into(), ..Default::default() },
@@ -776,8 +860,11 @@ async fn run_python(
 struct World<'a> {
     gw: &'a Gateway,
     key: &'a TestKey,
-    mocks: [&'a MockProvider; 3],
-    taps: [&'a Tap; 2],
+    /// What each provider got (Anthropic, Bedrock, Vertex).
+    received: [Vec<Received>; 3],
+    /// What each tap (keyed, anonymous) saw, once every client is done.
+    seen: [Vec<Exchange>; 2],
+    keyed_url: String,
     claude_version: &'a str,
 }
 
@@ -810,24 +897,30 @@ fn expected_path(cell: &Cell) -> String {
     match (cell.provider, cell.call) {
         (Kind::Anthropic, Call::Count) => "/v1/messages/count_tokens".into(),
         (Kind::Anthropic, _) => "/v1/messages".into(),
-        (Kind::Bedrock, call) => format!(
-            "/model/{id}/{}",
-            match call {
-                Call::Count => "count-tokens",
-                Call::Stream => "invoke-with-response-stream",
-                _ => "invoke",
-            }
-        ),
+        (Kind::Bedrock, Call::Count) => format!("/model/{id}/count-tokens"),
+        (Kind::Bedrock, _) => {
+            format!("/model/{id}/{}", if cell.stream() { "invoke-with-response-stream" } else { "invoke" })
+        }
         (Kind::Vertex, Call::Count) => {
             format!(
                 "/v1/projects/{PROJECT}/locations/{VERTEX_REGION}/publishers/anthropic/models/count-tokens:rawPredict"
             )
         }
-        (Kind::Vertex, call) => format!(
+        (Kind::Vertex, _) => format!(
             "/v1/projects/{PROJECT}/locations/{VERTEX_REGION}/publishers/anthropic/models/{id}:{}",
-            if call == Call::Stream { "streamRawPredict" } else { "rawPredict" }
+            if cell.stream() { "streamRawPredict" } else { "rawPredict" }
         ),
     }
+}
+
+/// A cell's request as the client sent it (read by the tap, or by the script behind TLS).
+fn sent_json(x: &Exchange) -> Value {
+    let v: Value = serde_json::from_slice(&x.body).unwrap_or(Value::Null);
+    if v["input"]["invokeModel"]["body"].is_string() {
+        // A Bedrock CountTokens request: what the client asked for is the wrapped body.
+        return provider_body(Kind::Bedrock, Call::Count, &x.body);
+    }
+    v
 }
 
 fn check(w: &World<'_>, cell: &Cell, ran: &Ran) -> Vec<String> {
@@ -839,10 +932,29 @@ fn check(w: &World<'_>, cell: &Cell, ran: &Ran) -> Vec<String> {
         "input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
         "cache_read_input_tokens": u.cache_read_input_tokens, "cache_creation_input_tokens": cache_creation,
     });
+    let provider_message = provider_error(cell.provider);
 
     // 1. What the client got.
     let r = &ran.result;
     match (cell.mode.runner, cell.call) {
+        (Runner::ClaudeCode, Call::Rejected) => {
+            if ran.exit == Some(0) && r["is_error"] != true {
+                fail(format!(
+                    "a provider's 400: claude exited 0 without is_error\nstdout: {}\nstderr: {}",
+                    ran.stdout, ran.stderr
+                ));
+            }
+            let text = r["result"].as_str().unwrap_or_default();
+            if !text.contains(&provider_message) {
+                fail(format!(
+                    "claude printed the result {text:?}, without the provider's message {provider_message:?}\nstdout: {}\nstderr: {}",
+                    ran.stdout, ran.stderr
+                ));
+            }
+            if !r["api_error_status"].is_null() && r["api_error_status"] != 400 {
+                fail(format!("claude's api_error_status is {}, not 400", r["api_error_status"]));
+            }
+        }
         (Runner::ClaudeCode, _) => {
             if ran.exit != Some(0) || r["is_error"] != false {
                 fail(format!("claude exited {:?}\nstdout: {}\nstderr: {}", ran.exit, ran.stdout, ran.stderr));
@@ -895,16 +1007,15 @@ fn check(w: &World<'_>, cell: &Cell, ran: &Ran) -> Vec<String> {
                 fail(format!("a 429 from the provider should raise ClientError ThrottlingException with a message; the client got {r}"));
             }
         }
+        (_, Call::Rejected | Call::Models) => fail(format!("{:?} is a Claude Code cell", cell.call)),
     }
 
-    // 2. What the client sent, as the tap saw it (or the script, behind TLS), and the gateway's
-    // request id it was answered with.
+    // 2. What the client sent, as the tap saw it (or the script, behind TLS), and what it was
+    // answered. One request, except that Claude Code answers a 400 by sending the request again
+    // without one feature at a time (a beta, deferred tools): every one is a request of this cell.
     let marker = cell.prompt.as_bytes();
     let has_marker = |b: &[u8]| b.windows(marker.len()).any(|w| w == marker);
-    let (sent_target, sent_headers, sent_body, request_id): (String, Headers, Vec<u8>, Option<String>) = if cell
-        .mode
-        .tls
-    {
+    let sent: Vec<Exchange> = if cell.mode.tls {
         let sent = &r["sent"];
         let headers = sent["headers"]
             .as_object()
@@ -913,165 +1024,236 @@ fn check(w: &World<'_>, cell: &Cell, ran: &Ran) -> Vec<String> {
             })
             .unwrap_or_default();
         let url = sent["url"].as_str().unwrap_or_default();
-        let target = url.splitn(4, '/').nth(3).map(|p| format!("/{p}")).unwrap_or_default();
-        let body = sent["body"].as_str().unwrap_or_default().as_bytes().to_vec();
-        (target, headers, body, r["request_id"].as_str().map(str::to_string))
+        let mut response_headers = Vec::new();
+        if let Some(rid) = r["request_id"].as_str() {
+            response_headers.push(("x-tollgate-request-id".to_string(), rid.to_string()));
+        }
+        vec![Exchange {
+            method: "POST".into(),
+            target: url.splitn(4, '/').nth(3).map(|p| format!("/{p}")).unwrap_or_default(),
+            headers,
+            body: sent["body"].as_str().unwrap_or_default().as_bytes().to_vec(),
+            sent_at: None,
+            status: None,
+            response_headers,
+            response_body: Vec::new(),
+        }]
     } else {
-        let tap = if cell.mode.anonymous { w.taps[1] } else { w.taps[0] };
-        let mine: Vec<Exchange> = tap
-            .exchanges()
-            .into_iter()
+        let seen = &w.seen[usize::from(cell.mode.anonymous)];
+        let mine: Vec<Exchange> = seen
+            .iter()
             .filter(|x| {
                 // A Bedrock CountTokens body carries the prompt base64-encoded.
-                let decoded = provider_body(Kind::Bedrock, Call::Count, &x.body).to_string();
                 header(&x.headers, "x-conformance-cell") == Some(cell.id.as_str())
-                    && (has_marker(&x.body) || has_marker(decoded.as_bytes()))
+                    && (has_marker(&x.body)
+                        || has_marker(provider_body(Kind::Bedrock, Call::Count, &x.body).to_string().as_bytes()))
             })
+            .cloned()
             .collect();
-        if mine.len() != 1 {
+        let many = cell.call == Call::Rejected;
+        if (many && mine.is_empty()) || (!many && mine.len() != 1) {
             fail(format!(
-                "the tap saw {} requests of this cell's, not 1: {:?}",
+                "the tap saw {} requests of this cell's, not {}: {:?}",
                 mine.len(),
+                if many { "1 or more" } else { "1" },
                 mine.iter().map(|x| &x.target).collect::<Vec<_>>()
             ));
         }
-        let answered = mine.last().and_then(|x| x.status);
-        let want = if cell.call == Call::Throttled { 429 } else { 200 };
-        if !mine.is_empty() && answered != Some(want) {
-            fail(format!("the client was answered {answered:?}, not {want}"));
-        }
-        match mine.into_iter().last() {
-            Some(x) => {
-                let rid = header(&x.response_headers, "x-tollgate-request-id").map(str::to_string);
-                (x.target, x.headers, x.body, rid)
+        let want = cell.call.status();
+        for x in &mine {
+            if x.status != Some(want) {
+                fail(format!("the client was answered {:?}, not {want}", x.status));
             }
-            None => (String::new(), Vec::new(), Vec::new(), None),
+            if cell.call == Call::Rejected {
+                if let Some(m) = client_error_mismatch(cell.mode.format, x, &provider_message) {
+                    fail(m);
+                }
+            }
         }
+        mine
     };
-    let mut sent_json: Value = serde_json::from_slice(&sent_body).unwrap_or(Value::Null);
-    if sent_json["input"]["invokeModel"]["body"].is_string() {
-        // A Bedrock CountTokens request: what the client asked for is the wrapped body.
-        sent_json = provider_body(Kind::Bedrock, Call::Count, &sent_body);
-    }
 
-    // 3. What the provider got.
+    // 3. What the provider got: as many requests as the client sent, in the same order.
     let mut got = Vec::new();
-    for (kind, mock) in KINDS.iter().zip(w.mocks) {
-        for req in mock.received() {
+    for (kind, received) in KINDS.iter().zip(&w.received) {
+        for req in received {
             let cell_header = req.headers.get("x-conformance-cell").and_then(|v| v.to_str().ok());
-            let body_marked = has_marker(&req.body)
-                || has_marker(provider_body(*kind, Call::Count, &req.body).to_string().as_bytes());
-            if cell_header == Some(cell.id.as_str()) && body_marked {
+            if cell_header == Some(cell.id.as_str())
+                && (has_marker(&req.body)
+                    || has_marker(provider_body(*kind, Call::Count, &req.body).to_string().as_bytes()))
+            {
                 got.push((*kind, req));
             }
         }
     }
-    if got.len() != 1 || got[0].0 != cell.provider {
+    if got.len() != sent.len().max(1) || got.iter().any(|(k, _)| *k != cell.provider) {
         fail(format!(
-            "the providers got {} requests of this cell's (on {:?}), not 1 on {}",
+            "the providers got {} requests of this cell's (on {:?}), not {} on {}",
             got.len(),
             got.iter().map(|(k, _)| k.name()).collect::<Vec<_>>(),
+            sent.len().max(1),
             cell.provider.name()
         ));
     }
-    if let Some((kind, req)) = got.into_iter().next().filter(|(k, _)| *k == cell.provider) {
-        let body = provider_body(kind, cell.call, &req.body);
-        let (path, query) = req.uri.split_once('?').unwrap_or((req.uri.as_str(), ""));
-        if path != expected_path(cell) {
-            fail(format!("the provider got {path}, not {}", expected_path(cell)));
-        }
-        // An Anthropic client's query (`?beta=true`) reaches the Anthropic API as it came.
-        let sent_query = sent_target.split_once('?').map_or("", |(_, q)| q);
-        if kind == Kind::Anthropic && cell.mode.format == Kind::Anthropic && query != sent_query {
-            fail(format!("the client sent the query {sent_query:?}, the provider got {query:?}"));
-        }
-
-        // Every beta the client sent, where this provider takes them (less its policy's drops).
-        let (client_h, client_b) =
-            betas_of(sent_headers.iter().filter(|(n, _)| n == "anthropic-beta").map(|(_, v)| v.clone()), &sent_json);
-        let dropped = |b: &String| kind != Kind::Anthropic && DROPPED_OFF_ANTHROPIC.iter().any(|p| b.starts_with(p));
-        let want: BTreeSet<String> = client_h.union(&client_b).filter(|b| !dropped(b)).cloned().collect();
-        let (got_h, got_b) = betas_of(
-            req.headers.get_all("anthropic-beta").iter().map(|v| v.to_str().unwrap_or_default().to_string()),
-            &body,
-        );
-        let got_where = if kind == Kind::Bedrock { &got_b } else { &got_h };
-        if *got_where != want {
-            fail(format!(
-                "betas: the client sent {want:?} (header {client_h:?}, body {client_b:?}); the {} provider got {got_where:?} (header {got_h:?}, body {got_b:?})",
-                kind.name()
-            ));
-        }
-        if kind == Kind::Bedrock && !got_h.is_empty() {
-            fail(format!("the Bedrock provider got an anthropic-beta header too: {got_h:?}"));
-        }
-        if cell.mode.runner != Runner::ClaudeCode && !SDK_BETAS.iter().all(|b| want.contains(*b)) {
-            fail(format!("the client sent the betas {want:?}, not the script's {SDK_BETAS:?}"));
-        }
-
-        // The API version.
-        let versions: Vec<&str> =
-            req.headers.get_all("anthropic-version").iter().map(|v| v.to_str().unwrap_or_default()).collect();
-        let client_version_header = header(&sent_headers, "anthropic-version");
-        let client_body_version = sent_json["anthropic_version"].as_str();
-        match kind {
-            Kind::Anthropic => {
-                let want = client_version_header.unwrap_or("2023-06-01");
-                if versions != [want] {
-                    fail(format!("the Anthropic provider got anthropic-version {versions:?}, not [{want:?}]"));
-                }
-            }
-            Kind::Bedrock | Kind::Vertex => {
-                if !versions.is_empty() {
-                    fail(format!("the {} provider got an anthropic-version header {versions:?}", kind.name()));
-                }
-                let own = (cell.mode.format == kind).then_some(client_body_version).flatten();
-                let default = if kind == Kind::Bedrock { "bedrock-2023-05-31" } else { "vertex-2023-10-16" };
-                let got = body["anthropic_version"].as_str();
-                let ok = match (kind, own) {
-                    (Kind::Vertex, Some(own)) => got == Some(own),
-                    (_, own) => got == Some(default) || (own.is_some() && got == own),
-                };
-                if !ok {
-                    fail(format!(
-                        "the {} provider got anthropic_version {got:?} (the client sent {client_body_version:?})",
-                        kind.name()
-                    ));
-                }
-            }
-        }
-
-        // The gateway's credential, and nothing the client authenticated with.
-        let secret_ok = match kind {
-            Kind::Anthropic => req.headers.get("x-api-key").is_some_and(|v| v == PROVIDER_SECRET),
-            _ => req.headers.get("authorization").is_some_and(|v| v == format!("Bearer {PROVIDER_SECRET}").as_str()),
-        };
-        if !secret_ok {
-            fail(format!("the {} provider did not get the gateway's provider credential", kind.name()));
-        }
-        for (name, value) in req.headers.iter() {
-            let value = String::from_utf8_lossy(value.as_bytes());
-            for secret in [w.key.key.as_str(), GOOGLE_TOKEN, AWS_ACCESS_KEY] {
-                if value.contains(secret) {
-                    fail(format!("a client credential reached the provider in {name}: {value}"));
-                }
-            }
-            if name.as_str() == KEY_HEADER || name.as_str().starts_with("x-amz") {
-                fail(format!("the provider got {name}"));
-            }
-        }
-        if String::from_utf8_lossy(&req.body).contains(&w.key.key) {
-            fail("the gateway key reached the provider in the body".into());
+    for (x, (kind, req)) in sent.iter().zip(&got).filter(|(_, (k, _))| *k == cell.provider) {
+        for m in check_forwarded(w, cell, x, *kind, req) {
+            fail(m);
         }
     }
 
-    // 4. The usage record.
-    let Some(rid) = request_id else {
+    // 4. The usage record of each request.
+    if sent.is_empty() {
         fail("the client's answer had no x-tollgate-request-id".into());
-        return fails;
+    }
+    for x in &sent {
+        let Some(rid) = header(&x.response_headers, "x-tollgate-request-id") else {
+            fail("the client's answer had no x-tollgate-request-id".into());
+            continue;
+        };
+        for m in check_record(w, cell, &w.gw.record(rid)) {
+            fail(m);
+        }
+    }
+
+    // 5. Model discovery.
+    if cell.call == Call::Models {
+        for m in check_discovery(w, cell, ran, sent.first()) {
+            fail(m);
+        }
+    }
+    fails
+}
+
+/// What is wrong with a provider's 400 as the client got it: its format's error shape, with the
+/// provider's message (Anthropic `{"type":"error","error":{"type","message"}}`; Bedrock
+/// `{"message"}` and `x-amzn-errortype`; Vertex Google's `{"error":{"code","message"}}`).
+fn client_error_mismatch(format: Kind, x: &Exchange, message: &str) -> Option<String> {
+    let body: Value = serde_json::from_slice(&x.response_body).unwrap_or(Value::Null);
+    let ok = match format {
+        Kind::Anthropic => {
+            body["type"] == "error"
+                && body["error"]["type"] == "invalid_request_error"
+                && body["error"]["message"] == message
+        }
+        Kind::Bedrock => {
+            body["message"] == message
+                && header(&x.response_headers, "x-amzn-errortype").is_some_and(|t| t.starts_with("ValidationException"))
+        }
+        Kind::Vertex => body["error"]["code"] == 400 && body["error"]["message"] == message,
     };
-    let rec = w.gw.record(&rid);
-    let throttled = cell.call == Call::Throttled;
+    (!ok).then(|| {
+        format!(
+            "a provider's 400 reached the {} client as {} (x-amzn-errortype {:?}), not in its error shape with {message:?}",
+            format.name(),
+            String::from_utf8_lossy(&x.response_body),
+            header(&x.response_headers, "x-amzn-errortype")
+        )
+    })
+}
+
+/// One request the provider got against the one the client sent: the path, the query, every
+/// beta, the API version, and the credentials.
+fn check_forwarded(w: &World<'_>, cell: &Cell, x: &Exchange, kind: Kind, req: &Received) -> Vec<String> {
+    let mut fails = Vec::new();
+    let mut fail = |m: String| fails.push(m);
+    let sent_json = sent_json(x);
+    let body = provider_body(kind, cell.call, &req.body);
+    let (path, query) = req.uri.split_once('?').unwrap_or((req.uri.as_str(), ""));
+    if path != expected_path(cell) {
+        fail(format!("the provider got {path}, not {}", expected_path(cell)));
+    }
+    // An Anthropic client's query (`?beta=true`) reaches the Anthropic API as it came.
+    let sent_query = x.target.split_once('?').map_or("", |(_, q)| q);
+    if kind == Kind::Anthropic && cell.mode.format == Kind::Anthropic && query != sent_query {
+        fail(format!("the client sent the query {sent_query:?}, the provider got {query:?}"));
+    }
+
+    // Every beta the client sent, where this provider takes them (less its policy's drops).
+    let (client_h, client_b) =
+        betas_of(x.headers.iter().filter(|(n, _)| n == "anthropic-beta").map(|(_, v)| v.clone()), &sent_json);
+    let dropped = |b: &String| kind != Kind::Anthropic && DROPPED_OFF_ANTHROPIC.iter().any(|p| b.starts_with(p));
+    let want: BTreeSet<String> = client_h.union(&client_b).filter(|b| !dropped(b)).cloned().collect();
+    let (got_h, got_b) = betas_of(
+        req.headers.get_all("anthropic-beta").iter().map(|v| v.to_str().unwrap_or_default().to_string()),
+        &body,
+    );
+    let got_where = if kind == Kind::Bedrock { &got_b } else { &got_h };
+    if *got_where != want {
+        fail(format!(
+            "betas: the client sent {want:?} (header {client_h:?}, body {client_b:?}); the {} provider got {got_where:?} (header {got_h:?}, body {got_b:?})",
+            kind.name()
+        ));
+    }
+    if kind == Kind::Bedrock && !got_h.is_empty() {
+        fail(format!("the Bedrock provider got an anthropic-beta header too: {got_h:?}"));
+    }
+    if cell.mode.runner != Runner::ClaudeCode && !SDK_BETAS.iter().all(|b| want.contains(*b)) {
+        fail(format!("the client sent the betas {want:?}, not the script's {SDK_BETAS:?}"));
+    }
+
+    // The API version.
+    let versions: Vec<&str> =
+        req.headers.get_all("anthropic-version").iter().map(|v| v.to_str().unwrap_or_default()).collect();
+    let client_version_header = header(&x.headers, "anthropic-version");
+    let client_body_version = sent_json["anthropic_version"].as_str();
+    match kind {
+        Kind::Anthropic => {
+            let want = client_version_header.unwrap_or("2023-06-01");
+            if versions != [want] {
+                fail(format!("the Anthropic provider got anthropic-version {versions:?}, not [{want:?}]"));
+            }
+        }
+        Kind::Bedrock | Kind::Vertex => {
+            if !versions.is_empty() {
+                fail(format!("the {} provider got an anthropic-version header {versions:?}", kind.name()));
+            }
+            let own = (cell.mode.format == kind).then_some(client_body_version).flatten();
+            let default = if kind == Kind::Bedrock { "bedrock-2023-05-31" } else { "vertex-2023-10-16" };
+            let got = body["anthropic_version"].as_str();
+            let ok = match (kind, own) {
+                (Kind::Vertex, Some(own)) => got == Some(own),
+                (_, own) => got == Some(default) || (own.is_some() && got == own),
+            };
+            if !ok {
+                fail(format!(
+                    "the {} provider got anthropic_version {got:?} (the client sent {client_body_version:?})",
+                    kind.name()
+                ));
+            }
+        }
+    }
+
+    // The gateway's credential, and nothing the client authenticated with.
+    let secret_ok = match kind {
+        Kind::Anthropic => req.headers.get("x-api-key").is_some_and(|v| v == PROVIDER_SECRET),
+        _ => req.headers.get("authorization").is_some_and(|v| v == format!("Bearer {PROVIDER_SECRET}").as_str()),
+    };
+    if !secret_ok {
+        fail(format!("the {} provider did not get the gateway's provider credential", kind.name()));
+    }
+    for (name, value) in req.headers.iter() {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        for secret in [w.key.key.as_str(), GOOGLE_TOKEN, AWS_ACCESS_KEY] {
+            if value.contains(secret) {
+                fail(format!("a client credential reached the provider in {name}: {value}"));
+            }
+        }
+        if name.as_str() == KEY_HEADER || name.as_str().starts_with("x-amz") {
+            fail(format!("the provider got {name}"));
+        }
+    }
+    if String::from_utf8_lossy(&req.body).contains(&w.key.key) {
+        fail("the gateway key reached the provider in the body".into());
+    }
+    fails
+}
+
+/// The usage record of one of the cell's requests.
+fn check_record(w: &World<'_>, cell: &Cell, rec: &Value) -> Vec<String> {
+    let mut fails = Vec::new();
+    let mut fail = |m: String| fails.push(m);
+    let u = &cell.usage;
+    let failed = cell.call.status() != 200;
     let expect = [
         ("format", json!(cell.mode.format.name())),
         ("provider", json!(cell.provider.name())),
@@ -1079,8 +1261,8 @@ fn check(w: &World<'_>, cell: &Cell, ran: &Ran) -> Vec<String> {
         ("requested_model", json!(cell.model)),
         ("key_id", json!("k")),
         ("auth", json!(if cell.mode.anonymous { "listener" } else { "key" })),
-        ("status", json!(if throttled { 429 } else { 200 })),
-        ("outcome", json!(if throttled { "upstream_error" } else { "complete" })),
+        ("status", json!(cell.call.status())),
+        ("outcome", json!(if failed { "upstream_error" } else { "complete" })),
         ("stream", json!(cell.stream())),
     ];
     for (field, want) in expect {
@@ -1088,7 +1270,7 @@ fn check(w: &World<'_>, cell: &Cell, ran: &Ran) -> Vec<String> {
             fail(format!("record.{field} is {}, not {want}", rec[field]));
         }
     }
-    let billed = matches!(cell.call, Call::Create | Call::Stream);
+    let billed = matches!(cell.call, Call::Create | Call::Stream | Call::Models);
     let n = |v: u64| if billed { v } else { 0 };
     let want_usage = [
         ("input_tokens", n(u.input_tokens)),
@@ -1107,6 +1289,106 @@ fn check(w: &World<'_>, cell: &Cell, ran: &Ran) -> Vec<String> {
         if !ua.starts_with(&format!("claude-cli/{}", w.claude_version)) {
             fail(format!("record.user_agent is {ua:?}"));
         }
+    }
+    fails
+}
+
+/// Claude Code's model discovery: one `GET /v1/models` with the credentials of its inference
+/// request (`prompt`, the cell's request to the Messages API), answered 200 with the key's models
+/// in the Models API's shape; and Claude Code kept the ids it takes (`claude` or `anthropic` in
+/// the id, in any case, in 2.1.332).
+fn check_discovery(w: &World<'_>, cell: &Cell, ran: &Ran, prompt: Option<&Exchange>) -> Vec<String> {
+    let mut fails = Vec::new();
+    let mut fail = |m: String| fails.push(m);
+    let lists: Vec<&Exchange> = w.seen[0]
+        .iter()
+        .filter(|x| header(&x.headers, "x-conformance-cell") == Some(cell.id.as_str()) && x.method == "GET")
+        .collect();
+    let [list] = lists.as_slice() else {
+        fail(format!(
+            "with CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY, claude sent {} GET requests, not one GET /v1/models: {:?}",
+            lists.len(),
+            lists.iter().map(|x| &x.target).collect::<Vec<_>>()
+        ));
+        return fails;
+    };
+    if list.target.split('?').next() != Some("/v1/models") {
+        fail(format!("claude listed models at {}, not /v1/models", list.target));
+    }
+    // Its inference credentials: the gateway key, in the same headers as its Messages request.
+    let credentials =
+        |h: &Headers| [header(h, "x-api-key").map(str::to_string), header(h, "authorization").map(str::to_string)];
+    let listed_with = credentials(&list.headers);
+    let key = w.key.key.as_str();
+    let is_key = |v: &Option<String>| v.as_deref().is_some_and(|v| v == key || v == format!("Bearer {key}"));
+    if !listed_with.iter().any(is_key) || listed_with.iter().any(|v| v.is_some() && !is_key(v)) {
+        fail(format!("claude listed models with the credentials {listed_with:?}, not the gateway key"));
+    }
+    if let Some(p) = prompt {
+        if credentials(&p.headers) != listed_with {
+            fail(format!(
+                "claude listed models with {listed_with:?} but sent its prompt with {:?}",
+                credentials(&p.headers)
+            ));
+        }
+    }
+    if list.status != Some(200) {
+        fail(format!(
+            "GET /v1/models was answered {:?}: {}",
+            list.status,
+            String::from_utf8_lossy(&list.response_body)
+        ));
+        return fails;
+    }
+
+    // The Models API's shape, with the key's models: ids this gateway routes, a claude one among them.
+    let body: Value = serde_json::from_slice(&list.response_body).unwrap_or(Value::Null);
+    let data = body["data"].as_array().cloned().unwrap_or_default();
+    let ids: Vec<&str> = data.iter().filter_map(|m| m["id"].as_str()).collect();
+    if data.is_empty() || ids.len() != data.len() {
+        fail(format!("GET /v1/models answered {body}, not a list of models"));
+    }
+    for m in &data {
+        let rfc3339 = m["created_at"].as_str().is_some_and(|t| chrono::DateTime::parse_from_rfc3339(t).is_ok());
+        if m["type"] != "model" || !m["display_name"].is_string() || !rfc3339 {
+            fail(format!("a model in GET /v1/models is {m}, not a Models API model"));
+        }
+    }
+    if body["has_more"] != false
+        || body["first_id"].as_str() != ids.first().copied()
+        || body["last_id"].as_str() != ids.last().copied()
+    {
+        fail(format!(
+            "GET /v1/models has has_more {}, first_id {}, last_id {} for the ids {ids:?}",
+            body["has_more"], body["first_id"], body["last_id"]
+        ));
+    }
+    if !ids.iter().any(|id| id.starts_with("claude")) {
+        fail(format!("GET /v1/models offered no id starting with claude: {ids:?}"));
+    }
+    for id in &ids {
+        if !KINDS.iter().any(|k| id.contains(k.family().0)) {
+            fail(format!("GET /v1/models offered {id}, which no route of the key's serves"));
+        }
+    }
+    if !ids.contains(&cell.model) {
+        fail(format!("GET /v1/models did not offer {}, the model the cell uses", cell.model));
+    }
+
+    // What Claude Code kept.
+    let d = &ran.discovered;
+    let kept: Vec<&str> =
+        d["models"].as_array().map(|m| m.iter().filter_map(|m| m["id"].as_str()).collect()).unwrap_or_default();
+    let takes = |id: &&str| {
+        let id = id.to_ascii_lowercase();
+        id.contains("claude") || id.contains("anthropic")
+    };
+    let want: Vec<&str> = ids.iter().copied().filter(takes).collect();
+    if d["baseUrl"] != w.keyed_url.as_str() || kept != want {
+        fail(format!(
+            "claude kept {d} of the listing (~/.claude/cache/gateway-models.json), not the ids {want:?} at {}",
+            w.keyed_url
+        ));
     }
     fails
 }
@@ -1178,41 +1460,59 @@ fn matrix(clients: &Clients, cells: &[Cell], results: &[(bool, Option<&str>)]) -
         chrono::Utc::now().format("%Y-%m-%d"),
     );
     let mut gaps: Vec<&str> = Vec::new();
+    // "✓ a, b; ✗ c [1]" for the cells `pick` takes, each under its call's label.
+    let mut marks = |pick: &dyn Fn(&Cell) -> bool, label: &dyn Fn(&Cell) -> &'static str| {
+        let (mut ok, mut bad) = (Vec::new(), Vec::new());
+        for (cell, (passed, gap)) in cells.iter().zip(results) {
+            if !pick(cell) {
+                continue;
+            }
+            let label = label(cell);
+            if *passed {
+                ok.push(label.to_string());
+            } else {
+                let note = match gap {
+                    Some(why) => {
+                        if !gaps.contains(why) {
+                            gaps.push(why);
+                        }
+                        format!("{label} [{}]", gaps.iter().position(|g| g == why).unwrap() + 1)
+                    }
+                    None => label.to_string(),
+                };
+                bad.push(note);
+            }
+        }
+        let mut parts = Vec::new();
+        if !ok.is_empty() {
+            parts.push(format!("✓ {}", ok.join(", ")).trim_end().to_string());
+        }
+        if !bad.is_empty() {
+            parts.push(format!("✗ {}", bad.join(", ")).trim_end().to_string());
+        }
+        parts.join("; ")
+    };
     for mode in MODES {
         let mut row = format!("| {} | {} |", mode.client, mode.how);
+        // A Claude Code row names its calls only if it has more than its prompt.
+        let named = mode.runner != Runner::ClaudeCode || mode.calls.contains(&Call::Rejected);
         for provider in KINDS {
-            let (mut ok, mut bad) = (Vec::new(), Vec::new());
-            for (cell, (passed, gap)) in cells.iter().zip(results) {
-                if cell.mode.id != mode.id || cell.provider != provider {
-                    continue;
-                }
-                let label = if mode.runner == Runner::ClaudeCode { "" } else { cell.call.label() };
-                if *passed {
-                    ok.push(label.to_string());
-                } else {
-                    let note = match gap {
-                        Some(why) => {
-                            if !gaps.contains(why) {
-                                gaps.push(why);
-                            }
-                            format!("{label} [{}]", gaps.iter().position(|g| g == why).unwrap() + 1)
-                        }
-                        None => label.to_string(),
-                    };
-                    bad.push(note);
-                }
-            }
-            let mut parts = Vec::new();
-            if !ok.is_empty() {
-                parts.push(format!("✓ {}", ok.join(", ")).trim_end().to_string());
-            }
-            if !bad.is_empty() {
-                parts.push(format!("✗ {}", bad.join(", ")).trim_end().to_string());
-            }
-            row += &format!(" {} |", parts.join("; "));
+            let pick = |c: &Cell| c.mode.id == mode.id && c.provider == provider && c.call != Call::Models;
+            let label = |c: &Cell| if named { c.call.label() } else { "" };
+            row += &format!(" {} |", marks(&pick, &label));
         }
         out += &row;
         out.push('\n');
+    }
+    out += "\n| client | how it reaches the gateway | model discovery: `GET /v1/models` at start |\n|---|---|---|\n";
+    for mode in MODES.iter().filter(|m| m.calls.contains(&Call::Models)) {
+        let pick = |c: &Cell| c.mode.id == mode.id && c.call == Call::Models;
+        out += &format!(
+            "| {}, `CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY=1` | {} | {} |\n",
+            mode.client,
+            mode.how,
+            marks(&pick, &|_| "")
+        );
     }
     for (i, why) in gaps.iter().enumerate() {
         out += &format!("\n[{}] {why}.\n", i + 1);
@@ -1235,11 +1535,12 @@ async fn real_clients_through_the_gateway() {
         clients.python.display()
     );
 
-    let mocks = [
-        MockProvider::start(Behavior::default()).await.unwrap(),
-        MockProvider::start(Behavior::default()).await.unwrap(),
-        MockProvider::start(Behavior::default()).await.unwrap(),
-    ];
+    // Each provider's errors carry a message of its own, which a cell of a provider's 400 looks
+    // for in what the client shows.
+    let mock =
+        |kind| MockProvider::start(Behavior { error_message: Some(provider_error(kind)), ..Behavior::default() });
+    let mocks =
+        [mock(Kind::Anthropic).await.unwrap(), mock(Kind::Bedrock).await.unwrap(), mock(Kind::Vertex).await.unwrap()];
     let key = new_key();
     let work = tempfile::tempdir().unwrap();
     let (cert, cert_key, ca_pem) = tls_pems();
@@ -1313,8 +1614,9 @@ async fn real_clients_through_the_gateway() {
     let world = World {
         gw: &gw,
         key: &key,
-        mocks: [&mocks[0], &mocks[1], &mocks[2]],
-        taps: [&keyed_tap, &anonymous_tap],
+        received: [mocks[0].received(), mocks[1].received(), mocks[2].received()],
+        seen: [keyed_tap.exchanges(), anonymous_tap.exchanges()],
+        keyed_url: keyed_tap.url(),
         claude_version: &clients.claude_version,
     };
     let mut report = Vec::new();
