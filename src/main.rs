@@ -277,7 +277,7 @@ fn check(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let state = match tollgate::proxy::State::build(&config, None) {
+    let state = match tollgate::runtime::State::build(&config, None) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {}: {e}", path.display());

@@ -808,7 +808,7 @@ fn check_config(text: &str) -> Vec<String> {
             return vec![e.to_string()];
         }
     };
-    match tollgate::proxy::State::build(&config, None) {
+    match tollgate::runtime::State::build(&config, None) {
         Err(e) => vec![e],
         Ok(state) => state.providers.iter().filter_map(|p| p.unready_reason()).collect(),
     }

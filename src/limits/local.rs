@@ -421,9 +421,10 @@ impl Limiter for LocalLimiter {
     }
 
     fn release(&self, scope: &Scope) {
-        let mut g = self.lock();
-        let c = g.counters(scope.kind, &scope.id);
-        c.in_flight = c.in_flight.saturating_sub(1);
+        // A held scope has a request in flight, so it cannot have been forgotten.
+        if let Some(c) = self.lock().scopes[scope.kind as usize].get_mut(&*scope.id) {
+            c.in_flight = c.in_flight.saturating_sub(1);
+        }
     }
 
     fn settle(&self, scopes: &[Scope], demand: Demand, actual: Actual) {
@@ -455,7 +456,9 @@ impl Limiter for LocalLimiter {
         let now_ms = (self.clock)();
         let mut g = self.lock();
         let tz = g.tz;
-        let c = g.counters(scope.kind, &scope.id);
+        // A report does not count a scope: one never seen reads as fresh counters.
+        let mut fresh = Counters::default();
+        let c = g.scopes[scope.kind as usize].get_mut(&*scope.id).unwrap_or(&mut fresh);
         let mut st = ScopeStatus { in_flight: c.in_flight, ..Default::default() };
         if let Some(b) = scope.policy.budget {
             c.roll(b.period, tz, now_ms);
@@ -501,11 +504,11 @@ impl Limiter for LocalLimiter {
 
     fn tracks(&self, scope: &Scope) -> bool {
         let Some(b) = scope.policy.budget else { return true };
-        let mut g = self.lock();
-        let tz = g.tz;
-        let (start, _) = b.period.bounds(tz, (self.clock)());
-        let c = g.counters(scope.kind, &scope.id);
-        c.period == Some(b.period) && c.period_start == start
+        let g = self.lock();
+        let (start, _) = b.period.bounds(g.tz, (self.clock)());
+        g.scopes[scope.kind as usize]
+            .get(&*scope.id)
+            .is_some_and(|c| c.period == Some(b.period) && c.period_start == start)
     }
 }
 

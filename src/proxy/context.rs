@@ -33,7 +33,7 @@ pub struct RequestCtx {
     pub outcome: Outcome,
     pub error: Option<String>,
     /// Every try at an endpoint, the abandoned ones first.
-    pub attempts: Vec<super::AttemptRecord>,
+    pub attempts: Vec<crate::metering::AttemptRecord>,
     /// The request's hold on its budgets and limits, settled when it ends.
     pub reservation: Option<crate::limits::Reservation>,
     /// The API format the client speaks; its answer keeps it.

@@ -121,9 +121,6 @@ pub(super) fn outbound(provider: &Provider, req: &Inbound<'_>, model_id: &str) -
 }
 
 fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: &Betas) -> Result<Outbound, ApiError> {
-    let bad_json = |e: crate::protocol::json_peek::JsonError| {
-        ApiError::invalid_request(format!("the body is not valid JSON: {e}"))
-    };
     match provider.kind {
         ProviderKind::Anthropic => Ok(Outbound {
             body: with_model(req.body.clone(), req.model_span.clone(), req.requested, model_id),
@@ -149,7 +146,7 @@ fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: 
             };
             let rebuilt = || {
                 let beta = Some(betas.value.as_str()).filter(|b| !b.is_empty());
-                bedrock::request_body(req.body, beta).map_err(bad_json)
+                bedrock::request_body(req.body, beta).map_err(ApiError::from)
             };
             let drop_headers: &'static [&'static str] = &["anthropic-version", "anthropic-beta"];
             Ok(if req.count_tokens {
@@ -195,8 +192,7 @@ fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: 
                 // the deployment's model id; another client's gets Vertex's envelope.
                 let body = match (req.format, req.original) {
                     (Format::Vertex, Some(original)) => {
-                        let span = crate::protocol::json_peek::peek_request(original)
-                            .map_err(bad_json)?
+                        let span = crate::protocol::json_peek::peek_request(original)?
                             .model
                             .map(|(_, span)| span)
                             .ok_or_else(|| ApiError::invalid_request("model: field required"))?;
@@ -204,7 +200,7 @@ fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: 
                     }
                     _ => {
                         let with_id = with_model(req.body.clone(), req.model_span.clone(), req.requested, model_id);
-                        vertex::count_tokens_body(&with_id).map_err(bad_json)?
+                        vertex::count_tokens_body(&with_id)?
                     }
                 };
                 Outbound {
@@ -220,7 +216,7 @@ fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: 
                 // A Vertex client's body goes to Vertex as it came.
                 let body = match (req.format, req.original) {
                     (Format::Vertex, Some(original)) => original.clone(),
-                    _ => vertex::request_body(req.body).map_err(bad_json)?,
+                    _ => vertex::request_body(req.body)?,
                 };
                 Outbound {
                     body,

@@ -95,6 +95,13 @@ impl ApiError {
     }
 }
 
+/// A body the JSON scanner could not read: the client's mistake, said with where it is.
+impl From<crate::protocol::json_peek::JsonError> for ApiError {
+    fn from(e: crate::protocol::json_peek::JsonError) -> Self {
+        ApiError::invalid_request(format!("the body is not valid JSON: {e}"))
+    }
+}
+
 /// Whether a provider answers in the client's own format: its errors then reach the client
 /// unmodified (clients match on the provider's wording).
 pub fn same_format(format: Format, kind: ProviderKind) -> bool {

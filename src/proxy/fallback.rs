@@ -134,7 +134,6 @@ impl Gateway {
             let deadline = started + route.deadline;
             for d in 0..route.deployments.len() {
                 let provider = route.deployments[d].provider.clone();
-                let fixed_price = route.deployments[d].price.clone();
                 let model_id = route.deployments[d].model_id.as_deref().unwrap_or(&req.requested).to_string();
                 // One body per deployment, however many of its endpoints are tried.
                 let out = outbound(&provider, &inbound, &model_id)?;
@@ -232,8 +231,7 @@ impl Gateway {
                         }
                         ctx.route = Some(route.clone());
                         ctx.deployment = d;
-                        ctx.price = fixed_price
-                            .or_else(|| state.prices.lookup(Some(crate::routing::provider_ref(&provider)), &model_id));
+                        ctx.price = route.deployments[d].price_for(&state.prices, &model_id);
                         ctx.regional = provider.regional(&model_id);
                         ctx.provider_model = Some(model_id);
                         let answer = Answer { metered: req.metered, transcode: out.transcode };

@@ -32,7 +32,6 @@ use pingora::prelude::*;
 use pingora::upstreams::peer::HttpPeer;
 use pingora_proxy::{ProxyHttp, Session};
 
-pub use crate::metering::AttemptRecord;
 pub use context::{Client, RequestCtx};
 pub use errors::ApiError;
 pub use headers::REQUEST_ID_HEADER;
@@ -46,7 +45,7 @@ use crate::protocol::inbound::{from_bedrock, from_vertex, parse_path, Call};
 use crate::protocol::json_peek::{peek_request, replace_string_value};
 use crate::protocol::references::{self, Reach};
 use crate::runtime::Runtime;
-pub use crate::runtime::{SharedState, State};
+use crate::runtime::{SharedState, State};
 use admission::{Admission, Generation};
 use body::{read_body, BodyTimeouts};
 
@@ -172,27 +171,23 @@ impl Gateway {
                 e.valid_up_to()
             )));
         }
-        let invalid = |e: crate::protocol::json_peek::JsonError| {
-            ApiError::invalid_request(format!("the body is not valid JSON: {e}"))
-        };
         // Every format becomes the Messages body; the client's own body is kept for a provider
         // that speaks the same format, which gets it unchanged.
         let (body, betas, original) = match &call {
             Call::Bedrock { model, stream } => {
-                let (body, betas) = from_bedrock(&raw, model, *stream).map_err(invalid)?;
+                let (body, betas) = from_bedrock(&raw, model, *stream)?;
                 (body, Some(betas.join(",")), Some(raw))
             }
             Call::BedrockCountTokens { model } => {
-                let inner = crate::protocol::bedrock::count_tokens_inner(&raw).map_err(invalid)?;
-                let (body, betas) = from_bedrock(&inner, model, false).map_err(invalid)?;
+                let inner = crate::protocol::bedrock::count_tokens_inner(&raw)?;
+                let (body, betas) = from_bedrock(&inner, model, false)?;
                 (body, Some(betas.join(",")), Some(raw))
             }
-            Call::Vertex { model, .. } => (from_vertex(&raw, Some(model)).map_err(invalid)?, None, Some(raw)),
-            Call::VertexCountTokens => (from_vertex(&raw, None).map_err(invalid)?, None, Some(raw)),
+            Call::Vertex { model, .. } => (from_vertex(&raw, Some(model))?, None, Some(raw)),
+            Call::VertexCountTokens => (from_vertex(&raw, None)?, None, Some(raw)),
             Call::Messages | Call::CountTokens => (raw, None, None),
         };
-        let mut peek =
-            peek_request(&body).map_err(|e| ApiError::invalid_request(format!("the body is not valid JSON: {e}")))?;
+        let mut peek = peek_request(&body)?;
         let (requested, model_span) =
             peek.model.take().ok_or_else(|| ApiError::invalid_request("model: field required"))?;
         ctx.stream = peek.stream;
@@ -204,7 +199,7 @@ impl Gateway {
         ctx.requested_model = Some(shorten(&requested).into_owned());
         // A pass-through deployment sends the requested name on, so that name must be allowed;
         // a fixed one sends its own id, so the route's public name counts.
-        let passthrough = route.deployments.iter().any(|d| d.model_id.is_none()).then_some(requested.as_str());
+        let passthrough = route.passthrough.then_some(requested.as_str());
         if !key.allows(&route.name, passthrough) {
             return Err(ApiError::permission(format!("API key {:?} may not use model {}", key.id, route.name)));
         }
@@ -231,9 +226,8 @@ impl Gateway {
         let admission = Admission { key: &key, route: &route, requested: &requested, generation, held };
         ctx.reservation = self.admit(&state, ctx, admission)?;
         // Only session affinity needs the key; most requests never compute it.
-        let affinity =
-            route.deployments.iter().any(|d| d.provider.pool.selection == crate::providers::Selection::SessionAffinity);
-        let affinity_key = if affinity { session_key(session.req_header(), &body, peek.metadata) } else { Vec::new() };
+        let affinity_key =
+            if route.affinity { session_key(session.req_header(), &body, peek.metadata) } else { Vec::new() };
         let request = fallback::Request {
             body,
             model_span,

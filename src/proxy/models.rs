@@ -28,7 +28,7 @@ pub(super) fn listing_path(path: &str) -> Option<Option<&str>> {
 fn ids(state: &State, key: &ApiKey) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for (name, route) in state.models.names() {
-        let passthrough = route.deployments.iter().any(|d| d.model_id.is_none()).then_some(name);
+        let passthrough = route.passthrough.then_some(name);
         // A route that passes the name through is a real model only if the name is one.
         let real = passthrough.is_none() || state.prices.lookup(None, name).is_some();
         if real && key.allows(&route.name, passthrough) {
@@ -38,7 +38,7 @@ fn ids(state: &State, key: &ApiKey) -> BTreeSet<String> {
     if state.models.has_patterns() {
         for id in state.prices.known_ids() {
             let Some(route) = state.models.resolve(id) else { continue };
-            let passthrough = route.deployments.iter().any(|d| d.model_id.is_none()).then_some(id);
+            let passthrough = route.passthrough.then_some(id);
             if key.allows(&route.name, passthrough) {
                 out.insert(id.to_string());
             }

@@ -53,6 +53,11 @@ pub struct Route {
     pub limits: crate::limits::RateLimits,
     /// The name again, for the limiter's scope without a copy per request.
     pub scope_id: Arc<str>,
+    /// Some deployment passes the requested name through (no `model` of its own).
+    pub passthrough: bool,
+    /// Some deployment's provider keeps a session on one endpoint (so the session key is
+    /// worth computing).
+    pub affinity: bool,
 }
 
 #[derive(Debug, Default)]
@@ -82,12 +87,16 @@ impl ModelTable {
             }
             let route = Arc::new(Route {
                 name: m.name.get_ref().clone(),
-                deployments,
                 max_attempts: m.max_attempts,
                 deadline: m.deadline,
                 context_fallback: m.context_fallback.as_ref().map(|f| f.get_ref().clone()),
                 limits: m.limits,
                 scope_id: m.name.get_ref().as_str().into(),
+                passthrough: deployments.iter().any(|d| d.model_id.is_none()),
+                affinity: deployments
+                    .iter()
+                    .any(|d| d.provider.pool.selection == crate::config::Selection::SessionAffinity),
+                deployments,
             });
             for n in std::iter::once(&m.name).chain(&m.aliases) {
                 table.exact.insert(n.get_ref().clone(), route.clone());
