@@ -121,20 +121,12 @@ async fn budget_holds_under_200_concurrent_requests() {
     // Every admitted request costs exactly its reservation, so exactly 50 fit.
     assert_eq!(admitted, 50);
     assert_eq!(mock.received().len(), 50, "exactly the admitted requests reached the provider");
-    wait_for_records(&gw, 200);
+    gw.wait_for_records(200);
     assert_eq!(spent(&gw), budget);
     let (status, _, text) = send(&gw, &key, &[]).await;
     assert_eq!(status, 403, "{text}");
     assert!(text.contains("is spent"), "{text}");
     assert!(text.contains("it resets at "), "{text}");
-}
-
-fn wait_for_records(gw: &Gateway, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gw.records().len() < n {
-        assert!(Instant::now() < deadline, "only {} of {n} records", gw.records().len());
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,7 +197,7 @@ async fn concurrency_admits_exactly_the_limit() {
     assert_eq!(headers["retry-after"], "1");
     let (a, b) = (a.text().await.unwrap(), b.text().await.unwrap());
     assert!(a.contains("message_stop") && b.contains("message_stop"));
-    wait_for_records(&gw, 3);
+    gw.wait_for_records(3);
     assert_eq!(send(&gw, &key, &[]).await.0, 200, "both slots came back");
     assert_eq!(mock.received().len(), 3);
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
@@ -51,14 +51,6 @@ fn message(text: &str) -> String {
         .unwrap_or_else(|| text.to_string())
 }
 
-fn wait_for_records(gw: &Gateway, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gw.records().len() < n {
-        assert!(Instant::now() < deadline, "only {} of {n} records", gw.records().len());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn by_reference_prompts_reserve_the_context_window() {
     let mock = MockProvider::start(Behavior::default()).await.unwrap();
@@ -101,7 +93,7 @@ async fn by_reference_prompts_reserve_the_context_window() {
         }
     }
     assert_eq!(admitted, 10, "the budget holds exactly ten context windows");
-    wait_for_records(&gw, 200);
+    gw.wait_for_records(200);
     let spent: u64 = gw.records().iter().map(|r| r["cost_nanos"].as_u64().unwrap()).sum();
     assert_eq!(spent, budget);
 }

@@ -147,6 +147,15 @@ impl Gateway {
         }
     }
 
+    /// Waits (up to 10 s) until at least `n` usage records are written.
+    pub fn wait_for_records(&self, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.records().len() < n {
+            assert!(std::time::Instant::now() < deadline, "only {} of {n} records", self.records().len());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// All usage records written so far.
     pub fn records(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(&self.audit_path).unwrap_or_default();
