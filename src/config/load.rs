@@ -209,8 +209,16 @@ fn validate(c: &Config) -> Result<(), Invalid> {
             .map_err(|_| (0..0, format!("server.key_header {h:?} is not a header name")))?;
     }
     for h in &c.server.response_headers {
-        http::HeaderName::try_from(h.as_str())
+        let name = http::HeaderName::try_from(h.as_str())
             .map_err(|_| (0..0, format!("server.response_headers: {h:?} is not a header name")))?;
+        // The gateway frames each answer itself; a provider's framing headers would contradict it.
+        let framing = ["connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"];
+        if framing.contains(&name.as_str()) {
+            return Err((
+                0..0,
+                format!("server.response_headers: {h:?} is a hop-by-hop header the gateway sets itself"),
+            ));
+        }
     }
     for p in &c.providers {
         for h in &p.allow_headers {
@@ -367,6 +375,13 @@ credential = "env:ANTHROPIC_API_KEY"
 name = "claude-sonnet-4-5"
 deployments = [{ provider = "anthropic" }]
 "#;
+
+    #[test]
+    fn hop_by_hop_response_headers_are_refused() {
+        let text = "[server]\nresponse_headers = [\"Transfer-Encoding\"]\n[[listener]]\naddress = \"127.0.0.1:1\"\n";
+        let e = load_str(text, "t.toml").unwrap_err();
+        assert!(e.message.contains("hop-by-hop"), "{}", e.message);
+    }
 
     #[test]
     fn minimal_loads() {
