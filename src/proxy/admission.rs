@@ -1,7 +1,6 @@
 //! Admission: what a request may cost at most, and its reservation on every budget and limit
 //! that applies to it (its key, the key's user and team, the model), all or none.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{shorten, ApiError, Gateway, RequestCtx, State};
@@ -19,7 +18,8 @@ const PROMPT_OVERHEAD_TOKENS: u64 = 1024;
 
 /// A request as admission sees it.
 pub(super) struct Admission<'a> {
-    pub key: &'a ApiKey,
+    /// The scopes of the caller (its key, its user and team), from [`caller_scopes`].
+    pub scopes: Vec<Scope>,
     pub route: &'a Route,
     pub requested: &'a str,
     /// `None` for a request that generates nothing (a token count).
@@ -35,16 +35,26 @@ pub(super) struct Generation<'a> {
     pub reach: &'a Reach,
 }
 
-impl Gateway {
-    /// Whether a budget applies to a request with this key: its own, its user's or its team's
-    /// (models carry limits, not budgets).
-    pub(super) fn has_budget(&self, state: &State, key: &ApiKey) -> bool {
-        let owner = |o: &Option<String>, table: &HashMap<String, (Arc<str>, Policy)>| {
-            o.as_ref().and_then(|o| table.get(o)).is_some_and(|(_, p)| p.budget.is_some())
-        };
-        key.policy.budget.is_some() || owner(&key.user, &state.owners.users) || owner(&key.team, &state.owners.teams)
+/// The scopes a caller counts against, whatever the model: its key, its user and its team,
+/// each when it has a budget or limits. The key's comes first.
+pub(super) fn caller_scopes(state: &State, key: &ApiKey) -> Vec<Scope> {
+    let mut scopes = Vec::with_capacity(4);
+    if !key.policy.is_empty() {
+        scopes.push(Scope { kind: ScopeKind::Key, id: key.scope_id.clone(), policy: key.policy });
     }
+    for (kind, owner, table) in
+        [(ScopeKind::User, &key.user, &state.owners.users), (ScopeKind::Team, &key.team, &state.owners.teams)]
+    {
+        if let Some((id, policy)) = owner.as_ref().and_then(|o| table.get(o)) {
+            if !policy.is_empty() {
+                scopes.push(Scope { kind, id: id.clone(), policy: *policy });
+            }
+        }
+    }
+    scopes
+}
 
+impl Gateway {
     /// Reserves the request's worst case on every budget and limit that applies to it: its
     /// key, the key's user and team, and the model. `generation` describes a request that
     /// generates (and costs); `None` for one that does not. Returns `None` when nothing applies.
@@ -54,24 +64,12 @@ impl Gateway {
         ctx: &mut RequestCtx,
         a: Admission,
     ) -> Result<Option<Reservation>, ApiError> {
-        let Admission { key, route, requested, generation, held } = a;
-        let mut scopes = Vec::with_capacity(4);
-        if !key.policy.is_empty() {
-            scopes.push(Scope { kind: ScopeKind::Key, id: key.scope_id.clone(), policy: key.policy });
-        }
-        for (kind, owner, table) in
-            [(ScopeKind::User, &key.user, &state.owners.users), (ScopeKind::Team, &key.team, &state.owners.teams)]
-        {
-            if let Some((id, policy)) = owner.as_ref().and_then(|o| table.get(o)) {
-                if !policy.is_empty() {
-                    scopes.push(Scope { kind, id: id.clone(), policy: *policy });
-                }
-            }
-        }
+        let Admission { mut scopes, route, requested, generation, held } = a;
         if !route.limits.is_empty() {
             let policy = Policy { budget: None, limits: route.limits };
             scopes.push(Scope { kind: ScopeKind::Model, id: route.scope_id.clone(), policy });
         }
+        // Models carry limits, not budgets: the caller's scopes decide.
         let budgeted = scopes.iter().any(|s| s.policy.budget.is_some());
         let demand = match generation {
             None => Demand::default(),

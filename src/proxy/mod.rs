@@ -38,7 +38,7 @@ pub use headers::REQUEST_ID_HEADER;
 
 use crate::audit::AuditLog;
 use crate::config::Config;
-use crate::limits::{Limiter, Scope, ScopeKind};
+use crate::limits::{Limiter, ScopeKind};
 use crate::metering::Outcome;
 use crate::metrics::Metrics;
 use crate::protocol::inbound::{from_bedrock, from_vertex, parse_path, Call};
@@ -46,7 +46,7 @@ use crate::protocol::json_peek::{peek_request, replace_string_value};
 use crate::protocol::references::{self, Reach};
 use crate::runtime::Runtime;
 use crate::runtime::{SharedState, State};
-use admission::{Admission, Generation};
+use admission::{caller_scopes, Admission, Generation};
 use body::{read_body, BodyTimeouts};
 
 pub struct Gateway {
@@ -143,11 +143,13 @@ impl Gateway {
         ctx.key = Some(key.clone());
         // The key's concurrency slot is taken before its body is read: so the limit bounds the
         // bodies a key can hold in memory too, and a key at its limit is refused unread.
-        let held = match key.policy.limits.concurrency {
-            Some(_) => {
-                let scope = Scope { kind: ScopeKind::Key, id: key.scope_id.clone(), policy: key.policy };
+        let scopes = caller_scopes(&state, &key);
+        let budgeted = scopes.iter().any(|s| s.policy.budget.is_some());
+        let key_scope = scopes.first().filter(|s| s.kind == ScopeKind::Key);
+        let held = match key_scope.filter(|s| s.policy.limits.concurrency.is_some()) {
+            Some(scope) => {
                 let limiter: Arc<dyn Limiter> = self.runtime.limiter.clone();
-                Some(limiter.hold(&scope).map_err(|refusal| {
+                Some(limiter.hold(scope).map_err(|refusal| {
                     self.metrics.refused.with_label_values(&[refusal.reason]).inc();
                     ApiError::refused(refusal)
                 })?)
@@ -215,7 +217,7 @@ impl Gateway {
             }
             // What the body reaches beyond its bytes matters to a budget's bound; without one,
             // pricing needs only the cache TTL.
-            reach = if self.has_budget(&state, &key) {
+            reach = if budgeted {
                 references::scan(&body, peek.mcp_servers, state.server_tool_uses)
             } else {
                 Reach { cache_1h: references::asks_one_hour_cache(&body), ..Reach::default() }
@@ -223,7 +225,7 @@ impl Gateway {
             ctx.cache_1h = reach.cache_1h;
             Some(Generation { body_len: body.len(), peek: &peek, reach: &reach })
         };
-        let admission = Admission { key: &key, route: &route, requested: &requested, generation, held };
+        let admission = Admission { scopes, route: &route, requested: &requested, generation, held };
         ctx.reservation = self.admit(&state, ctx, admission)?;
         // Only session affinity needs the key; most requests never compute it.
         let affinity_key =
