@@ -51,6 +51,19 @@ impl AwsSigner {
         body: &[u8],
         time: SystemTime,
     ) -> Result<Vec<(String, String)>, String> {
+        self.sign_hashed(method, url, headers, &payload_hash(body), time)
+    }
+
+    /// As [`AwsSigner::sign`], with the body's SHA-256 (lowercase hex) already known: a body sent
+    /// to several endpoints is hashed once, however large.
+    pub fn sign_hashed(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        payload_sha256: &str,
+        time: SystemTime,
+    ) -> Result<Vec<(String, String)>, String> {
         let credentials = Credentials::new(
             self.access_key_id.expose(),
             self.secret_access_key.expose(),
@@ -68,11 +81,18 @@ impl AwsSigner {
             .build()
             .map_err(|e| format!("SigV4 parameters: {e}"))?
             .into();
-        let request = SignableRequest::new(method, url, headers.iter().copied(), SignableBody::Bytes(body))
+        let body = SignableBody::Precomputed(payload_sha256.to_string());
+        let request = SignableRequest::new(method, url, headers.iter().copied(), body)
             .map_err(|e| format!("SigV4 cannot sign this request: {e}"))?;
         let (instructions, _) = sign(request, &params).map_err(|e| format!("SigV4 signing failed: {e}"))?.into_parts();
         Ok(instructions.headers().map(|(n, v)| (n.to_string(), v.to_string())).collect())
     }
+}
+
+/// A request body's SHA-256 as SigV4 signs it (lowercase hex).
+pub fn payload_hash(body: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(body))
 }
 
 #[cfg(test)]

@@ -46,6 +46,9 @@ pub(super) struct Outbound {
     /// The policy rules that dropped a beta, for the metric.
     pub dropped_betas: Vec<String>,
     pub accept: Option<&'static str>,
+    /// The body's SHA-256 for SigV4, computed on the first signed attempt and kept for the
+    /// deployment's other endpoints.
+    pub payload_hash: std::cell::OnceCell<String>,
 }
 
 pub(super) struct Inbound<'a> {
@@ -134,6 +137,7 @@ fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: 
             set_headers: beta_headers(req, betas, true),
             dropped_betas: Vec::new(),
             accept: None,
+            payload_hash: Default::default(),
         }),
         ProviderKind::Bedrock => {
             // A Bedrock client's body goes to Bedrock as it came (a CountTokens body too),
@@ -166,6 +170,7 @@ fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: 
                     set_headers: Vec::new(),
                     dropped_betas: Vec::new(),
                     accept: Some("application/json"),
+                    payload_hash: Default::default(),
                 }
             } else {
                 Outbound {
@@ -179,6 +184,7 @@ fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: 
                     set_headers: Vec::new(),
                     dropped_betas: Vec::new(),
                     accept: Some(if req.stream { "application/vnd.amazon.eventstream" } else { "application/json" }),
+                    payload_hash: Default::default(),
                 }
             })
         }
@@ -211,6 +217,7 @@ fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: 
                     set_headers: beta_headers(req, betas, false),
                     dropped_betas: Vec::new(),
                     accept: Some("application/json"),
+                    payload_hash: Default::default(),
                 }
             } else {
                 // A Vertex client's body goes to Vertex as it came.
@@ -226,6 +233,7 @@ fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: 
                     set_headers: beta_headers(req, betas, false),
                     dropped_betas: Vec::new(),
                     accept: Some(if req.stream { "text/event-stream" } else { "application/json" }),
+                    payload_hash: Default::default(),
                 }
             })
         }

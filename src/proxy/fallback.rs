@@ -375,12 +375,13 @@ impl Gateway {
             Auth::SigV4(signer) => {
                 let host = endpoint.host_header.to_str().unwrap_or_default();
                 let url = format!("{}://{host}{target}", endpoint.url.scheme());
+                let hash = out.payload_hash.get_or_init(|| crate::providers::payload_hash(&out.body));
                 let signed = signer
-                    .sign(
+                    .sign_hashed(
                         "POST",
                         &url,
                         &[("host", host), ("content-type", "application/json")],
-                        &out.body,
+                        hash,
                         std::time::SystemTime::now(),
                     )
                     .map_err(ApiError::unavailable)?;
