@@ -4,14 +4,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
@@ -69,14 +66,10 @@ fn hmac(secret: &str) -> EncodingKey {
     EncodingKey::from_secret(secret.as_bytes())
 }
 
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
 /// A token with `alg: none` and an empty signature, built by hand.
 fn unsigned_token(claims: &Value) -> String {
-    let header = b64(br#"{"alg":"none","typ":"JWT"}"#);
-    format!("{header}.{}.", b64(claims.to_string().as_bytes()))
+    let header = b64url(br#"{"alg":"none","typ":"JWT"}"#);
+    format!("{header}.{}.", b64url(claims.to_string().as_bytes()))
 }
 
 /// An RSA key pair made by the `openssl` command line: (private PKCS#8 PEM, public PEM path).
@@ -98,14 +91,8 @@ fn rsa_key(dir: &Path, name: &str) -> (Vec<u8>, PathBuf) {
     (std::fs::read(&private).unwrap(), public)
 }
 
-fn ec_jwk(kp: &rcgen::KeyPair, kid: &str) -> Value {
-    let raw = kp.public_key_raw();
-    assert_eq!((raw.len(), raw[0]), (65, 4), "an uncompressed P-256 point");
-    json!({"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256", "x": b64(&raw[1..33]), "y": b64(&raw[33..])})
-}
-
 fn ed_jwk(kp: &rcgen::KeyPair, kid: &str) -> Value {
-    json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "use": "sig", "alg": "EdDSA", "x": b64(kp.public_key_raw())})
+    json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "use": "sig", "alg": "EdDSA", "x": b64url(kp.public_key_raw())})
 }
 
 fn ec_signer(kp: &rcgen::KeyPair) -> EncodingKey {
@@ -411,55 +398,28 @@ async fn eddsa_with_a_pem_public_key() {
 // ---------------------------------------------------------------------------------------------
 
 /// A JWKS endpoint on loopback: serves the document it holds (or an error status), counts
-/// fetches. Its thread lives as long as the test process.
+/// fetches.
 struct JwksServer {
     url: String,
-    doc: Arc<Mutex<(u16, String)>>,
-    hits: Arc<AtomicUsize>,
+    server: CannedServer,
 }
 
 impl JwksServer {
     fn start(doc: Value) -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}/.well-known/jwks.json", listener.local_addr().unwrap());
-        let state = Arc::new(Mutex::new((200, doc.to_string())));
-        let hits = Arc::new(AtomicUsize::new(0));
-        let (shared, counter) = (state.clone(), hits.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut s) = conn else { continue };
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut req = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                counter.fetch_add(1, Ordering::SeqCst);
-                let (status, body) = shared.lock().unwrap().clone();
-                let head = format!(
-                    "HTTP/1.1 {status} JWKS\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = s.write_all(head.as_bytes());
-                let _ = s.write_all(body.as_bytes());
-            }
-        });
-        JwksServer { url, doc: state, hits }
+        let server = CannedServer::start(200, &[], doc.to_string().into_bytes());
+        JwksServer { url: server.url.clone(), server }
     }
 
     fn serve(&self, doc: Value) {
-        *self.doc.lock().unwrap() = (200, doc.to_string());
+        self.server.serve(doc.to_string().into_bytes());
     }
 
     fn fail(&self, status: u16) {
-        *self.doc.lock().unwrap() = (status, "{\"error\":\"down\"}".to_string());
+        self.server.set(status, b"{\"error\":\"down\"}".to_vec());
     }
 
     fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
+        self.server.hits()
     }
 }
 
@@ -622,8 +582,8 @@ async fn every_refusal_is_a_401_with_its_reason_counted() {
         tokens.push(token.clone());
     }
     // `alg: none` in any spelling, with or without a signature.
-    let header = b64(br#"{"alg":"None","typ":"JWT"}"#);
-    let none_signed = format!("{header}.{}.{}", b64(good().to_string().as_bytes()), b64(b"anything"));
+    let header = b64url(br#"{"alg":"None","typ":"JWT"}"#);
+    let none_signed = format!("{header}.{}.{}", b64url(good().to_string().as_bytes()), b64url(b"anything"));
     refused(&gw, &none_signed, &["malformed"], "the credential is not a JWT with an accepted algorithm").await;
     tokens.push(none_signed);
 
@@ -940,7 +900,7 @@ async fn jwks_with_an_unsupported_key_still_serves_the_others() {
     let a = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     // An encryption key (RFC 8037 X25519) next to the signing key, as some identity providers
     // publish.
-    let x25519 = json!({"kty": "OKP", "crv": "X25519", "kid": "enc", "use": "enc", "x": b64(&[9u8; 32])});
+    let x25519 = json!({"kty": "OKP", "crv": "X25519", "kid": "enc", "use": "enc", "x": b64url(&[9u8; 32])});
     let jwks = JwksServer::start(json!({"keys": [x25519, ec_jwk(&a, "A")]}));
     let issuers = format!(
         "[[jwt_issuer]]\nname = \"idp\"\nalgorithms = [\"ES256\"]\njwks_url = \"{}\"\njwks_allow_http = true\njwks_refresh = \"1s\"\n",

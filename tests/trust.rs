@@ -7,10 +7,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
@@ -603,73 +603,6 @@ fn the_gateway_will_not_start_on_a_plain_http_jwks_url() {
     assert!(stderr.contains("must be https"), "{stderr}");
 }
 
-/// What [`Server`] answers: status, extra headers, body.
-type Canned = (u16, Vec<(String, String)>, Vec<u8>);
-
-/// A loopback HTTP server answering every request with the status, headers and body it holds;
-/// counts requests. Its thread lives as long as the test process.
-struct Server {
-    url: String,
-    answer: Arc<Mutex<Canned>>,
-    hits: Arc<AtomicUsize>,
-}
-
-impl Server {
-    fn start(status: u16, headers: &[(&str, &str)], body: Vec<u8>) -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}/.well-known/jwks.json", listener.local_addr().unwrap());
-        let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let answer = Arc::new(Mutex::new((status, headers, body)));
-        let hits = Arc::new(AtomicUsize::new(0));
-        let (shared, counter) = (answer.clone(), hits.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut s) = conn else { continue };
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut req = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                counter.fetch_add(1, Ordering::SeqCst);
-                let (status, headers, body) = shared.lock().unwrap().clone();
-                let mut head = format!(
-                    "HTTP/1.1 {status} JWKS\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
-                    body.len()
-                );
-                for (k, v) in headers {
-                    head.push_str(&format!("{k}: {v}\r\n"));
-                }
-                head.push_str("\r\n");
-                let _ = s.write_all(head.as_bytes());
-                let _ = s.write_all(&body);
-            }
-        });
-        Server { url, answer, hits }
-    }
-
-    fn serve(&self, body: Vec<u8>) {
-        *self.answer.lock().unwrap() = (200, Vec::new(), body);
-    }
-
-    fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
-    }
-}
-
-fn b64(bytes: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-fn ec_jwk(kp: &rcgen::KeyPair, kid: &str) -> Value {
-    let raw = kp.public_key_raw();
-    json!({"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256", "x": b64(&raw[1..33]), "y": b64(&raw[33..])})
-}
-
 fn es256_token(kp: &rcgen::KeyPair, kid: &str, user: &str) -> String {
     let t = now();
     let claims = json!({"user": user, "team": "x", "iat": t, "exp": t + 600});
@@ -699,8 +632,8 @@ async fn a_jwks_redirect_is_not_followed() {
     let key = new_key();
     let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     // The set the redirect points to is valid, and holds the key that signs the token.
-    let target = Server::start(200, &[], json!({"keys": [ec_jwk(&kp, "A")]}).to_string().into_bytes());
-    let redirect = Server::start(302, &[("location", target.url.as_str())], b"{}".to_vec());
+    let target = CannedServer::start(200, &[], json!({"keys": [ec_jwk(&kp, "A")]}).to_string().into_bytes());
+    let redirect = CannedServer::start(302, &[("location", target.url.as_str())], b"{}".to_vec());
     let gw = start_gateway_logged(
         "",
         &[],
@@ -745,7 +678,7 @@ async fn a_jwks_larger_than_1_mib_is_refused() {
         assert_eq!(doc.len(), size);
         doc.into_bytes()
     };
-    let jwks = Server::start(200, &[], padded((1 << 20) + 1));
+    let jwks = CannedServer::start(200, &[], padded((1 << 20) + 1));
     let gw = start_gateway_logged(
         "",
         &[],

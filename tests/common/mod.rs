@@ -369,3 +369,81 @@ impl Ca {
         (cert.pem(), key.serialize_pem())
     }
 }
+
+/// What a [`CannedServer`] answers: status, extra headers, body.
+type Canned = (u16, Vec<(String, String)>, Vec<u8>);
+
+/// A loopback HTTP server (a JWKS endpoint, say) answering every request with the JSON status,
+/// headers and body it holds, and counting requests. Its thread lives as long as the test.
+pub struct CannedServer {
+    pub url: String,
+    answer: std::sync::Arc<std::sync::Mutex<Canned>>,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CannedServer {
+    pub fn start(status: u16, headers: &[(&str, &str)], body: Vec<u8>) -> Self {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/.well-known/jwks.json", listener.local_addr().unwrap());
+        let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let answer = std::sync::Arc::new(std::sync::Mutex::new((status, headers, body)));
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (shared, counter) = (answer.clone(), hits.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut s) = conn else { continue };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                let (status, headers, body) = shared.lock().unwrap().clone();
+                let mut head = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+                    body.len()
+                );
+                for (k, v) in headers {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+                head.push_str("\r\n");
+                let _ = s.write_all(head.as_bytes());
+                let _ = s.write_all(&body);
+            }
+        });
+        CannedServer { url, answer, hits }
+    }
+
+    /// Answers `status` and `body` from now on, without extra headers.
+    pub fn set(&self, status: u16, body: Vec<u8>) {
+        *self.answer.lock().unwrap() = (status, Vec::new(), body);
+    }
+
+    pub fn serve(&self, body: Vec<u8>) {
+        self.set(200, body);
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Unpadded URL-safe base64, as JWTs and JWKs write it.
+pub fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The JWK of a P-256 key pair's public key.
+pub fn ec_jwk(kp: &rcgen::KeyPair, kid: &str) -> Value {
+    let raw = kp.public_key_raw();
+    assert_eq!((raw.len(), raw[0]), (65, 4), "an uncompressed P-256 point");
+    serde_json::json!({"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256",
+        "x": b64url(&raw[1..33]), "y": b64url(&raw[33..])})
+}
