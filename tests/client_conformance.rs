@@ -20,11 +20,7 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let (anthropic, bedrock, vertex) = (
-        MockProvider::start(Behavior::default()).await.unwrap(),
-        MockProvider::start(Behavior::default()).await.unwrap(),
-        MockProvider::start(Behavior::default()).await.unwrap(),
-    );
+    let (anthropic, bedrock, vertex) = three_mocks(Behavior::default()).await;
     let key = new_key();
     let providers = provider_sections([&anthropic.url(), &bedrock.url(), &vertex.url()], ["", "", ""]);
     let gw = start_gateway(&format!(

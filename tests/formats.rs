@@ -190,11 +190,7 @@ async fn every_client_format_on_every_provider() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyless_listener_custom_header_and_inference_profiles() {
-    let (a, b, v) = (
-        MockProvider::start(Behavior::default()).await.unwrap(),
-        MockProvider::start(Behavior::default()).await.unwrap(),
-        MockProvider::start(Behavior::default()).await.unwrap(),
-    );
+    let (a, b, v) = three_mocks(Behavior::default()).await;
     let key = new_key();
     let gw = start_gateway_full("key_header = \"x-tollgate-key\"", "anonymous_key = \"k\"", &config(&a, &b, &v, &key));
 

@@ -178,11 +178,7 @@ fn set(names: &[&str]) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_credentials_and_provider_controls_never_reach_a_provider() {
-    let (a, b, v) = (
-        MockProvider::start(Behavior::default()).await.unwrap(),
-        MockProvider::start(Behavior::default()).await.unwrap(),
-        MockProvider::start(Behavior::default()).await.unwrap(),
-    );
+    let (a, b, v) = three_mocks(Behavior::default()).await;
     let key = new_key();
     let gw = start_gateway_sections(
         "key_header = \"x-tollgate-key\"",
@@ -393,11 +389,7 @@ async fn response_header_matrix(gw: &Gateway, key: &TestKey, extra: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_get_only_the_allowed_provider_response_headers() {
-    let (a, b, v) = (
-        MockProvider::start(Behavior::default()).await.unwrap(),
-        MockProvider::start(Behavior::default()).await.unwrap(),
-        MockProvider::start(Behavior::default()).await.unwrap(),
-    );
+    let (a, b, v) = three_mocks(Behavior::default()).await;
     let key = new_key();
     let gw = start_gateway_sections("", "", "", &[(SECRET_ENV, SECRET)], &three_providers(&a, &b, &v, &key, ""));
     response_header_matrix(&gw, &key, &[]).await;
@@ -405,11 +397,7 @@ async fn clients_get_only_the_allowed_provider_response_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_response_headers_let_named_ones_through() {
-    let (a, b, v) = (
-        MockProvider::start(Behavior::default()).await.unwrap(),
-        MockProvider::start(Behavior::default()).await.unwrap(),
-        MockProvider::start(Behavior::default()).await.unwrap(),
-    );
+    let (a, b, v) = three_mocks(Behavior::default()).await;
     let key = new_key();
     let gw = start_gateway_sections(
         "response_headers = [\"x-envoy-upstream-service-time\"]",

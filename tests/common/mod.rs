@@ -243,6 +243,15 @@ pub fn provider_sections(urls: [&str; 3], extra: [&str; 3]) -> String {
     )
 }
 
+/// Three mock providers with the same behaviour: one for each provider kind.
+pub async fn three_mocks(b: Behavior) -> (MockProvider, MockProvider, MockProvider) {
+    (
+        MockProvider::start(b.clone()).await.unwrap(),
+        MockProvider::start(b.clone()).await.unwrap(),
+        MockProvider::start(b).await.unwrap(),
+    )
+}
+
 /// A Messages request to `gw` carrying `key`, ready for a body and more headers.
 pub fn messages_request(gw: &Gateway, key: &TestKey) -> reqwest::RequestBuilder {
     client().post(gw.url("/v1/messages")).header("x-api-key", &key.key)
