@@ -62,14 +62,17 @@ impl Gateway {
         let mut decode = frames_up.then(crate::protocol::bedrock::StreamToSse::new);
         let mut encode = (frames_down && !frames_up && is_sse(upstream_header)).then(SseToStream::new);
         let mut client_header = upstream_header.clone();
-        let mut meter_header = upstream_header.clone();
+        // The meter reads SSE: the provider's own, or what Bedrock's frames are decoded into.
+        let mut meter = ResponseMeter::for_response(
+            frames_up || is_sse(upstream_header),
+            upstream_header.status.is_success(),
+            metered,
+        );
         if frames_up || encode.is_some() {
             let _ = client_header.remove_header(&http::header::CONTENT_LENGTH);
-            let _ = meter_header.insert_header(http::header::CONTENT_TYPE, "text/event-stream");
             let client_type = if frames_down { EVENT_STREAM } else { "text/event-stream; charset=utf-8" };
             let _ = client_header.insert_header(http::header::CONTENT_TYPE, client_type);
         }
-        let mut meter = ResponseMeter::for_response(&meter_header, metered);
         let chunked_ok = session.req_header().version >= http::Version::HTTP_11;
         let out = response_for_client(&client_header, &ctx.id, chunked_ok, &self.response_headers);
 

@@ -1,7 +1,5 @@
 //! Reads usage from a provider's response as it streams past.
 
-use pingora::http::ResponseHeader;
-
 use crate::protocol::sse::SseUsageScanner;
 use crate::protocol::usage::{usage_from_json, Usage};
 
@@ -37,16 +35,12 @@ pub struct Metered {
 }
 
 impl ResponseMeter {
-    pub fn for_response(resp: &ResponseHeader, metered: bool) -> Self {
-        let is_sse = resp
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
-        if is_sse {
+    /// The meter for an answer: SSE (`sse`, as the meter sees it after any decoding), else a
+    /// JSON body when it is metered or an error (read for its error type), else none.
+    pub fn for_response(sse: bool, success: bool, metered: bool) -> Self {
+        if sse {
             ResponseMeter::Sse(SseUsageScanner::new())
-        } else if metered || !resp.status.is_success() {
-            // Error bodies are read too, for the error type.
+        } else if metered || !success {
             ResponseMeter::Json { buf: Vec::new(), overflow: false }
         } else {
             ResponseMeter::Off
@@ -114,8 +108,7 @@ mod tests {
 
     #[test]
     fn an_oversized_answer_is_metered_from_its_tail() {
-        let h = ResponseHeader::build(200, None).unwrap();
-        let mut m = ResponseMeter::for_response(&h, true);
+        let mut m = ResponseMeter::for_response(false, true, true);
         let text = "x".repeat(MAX_JSON_METERED + 100);
         m.feed(b"{\"content\":[{\"type\":\"text\",\"text\":\"");
         for chunk in text.as_bytes().chunks(1 << 20) {
