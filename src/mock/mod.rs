@@ -9,6 +9,11 @@
 //! `x-mock-deltas` (number of text deltas), `x-mock-usage` (JSON usage object to report),
 //! `x-mock-header-delay-ms` (answer this late), `x-mock-response-headers` (a JSON object of
 //! headers to add to the answer).
+//!
+//! With [`Behavior::realm`] set, Bedrock and Vertex requests must carry credentials that realm
+//! issued (see [`cloud`]), as the real clouds insist.
+
+pub mod cloud;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -137,6 +142,9 @@ pub struct Behavior {
     pub header_delay: Duration,
     /// The `error.message` of error answers, instead of a generic one.
     pub error_message: Option<String>,
+    /// Authenticate Bedrock (SigV4 or a Bedrock API key) and Vertex (a Google bearer token)
+    /// requests against the credentials this realm issued; None accepts any.
+    pub realm: Option<Arc<cloud::Realm>>,
 }
 
 impl Default for Behavior {
@@ -150,6 +158,7 @@ impl Default for Behavior {
             record: true,
             header_delay: Duration::ZERO,
             error_message: None,
+            realm: None,
         }
     }
 }
@@ -340,6 +349,12 @@ async fn answer(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
 
     let path = parts.uri.path();
     if let Some(rest) = path.strip_prefix("/model/") {
+        if let Some(refusal) = b.realm.as_ref().and_then(|realm| {
+            let path_and_query = parts.uri.path_and_query().map_or(path, |p| p.as_str());
+            realm.verify_bedrock(parts.method.as_str(), path_and_query, h, &body).err()
+        }) {
+            return Ok(bedrock_refusal(&refusal));
+        }
         return Ok(bedrock(rest, &body, b, shared));
     }
     if let Some((base, rest)) = path.split_once("/publishers/anthropic/models/") {
@@ -347,6 +362,9 @@ async fn answer(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         let parts: Vec<&str> = base.split('/').collect();
         if !matches!(parts.as_slice(), ["", "v1", "projects", p, "locations", r] if !p.is_empty() && !r.is_empty()) {
             return Ok(error_response(404, None));
+        }
+        if let Some(refusal) = b.realm.as_ref().and_then(|realm| realm.verify_bearer(h).err()) {
+            return Ok(vertex_refusal(&refusal));
         }
         return Ok(vertex(rest, &body, b, shared));
     }
@@ -446,6 +464,29 @@ fn bedrock(rest: &str, body: &[u8], b: Behavior, shared: Arc<Shared>) -> Respons
         }
         _ => bedrock_error(404, "mock bedrock: unknown action"),
     }
+}
+
+/// AWS's answer to a request it could not authenticate: `{"message": ...}` with the code in
+/// `x-amzn-errortype`, as Bedrock's front end sends it.
+fn bedrock_refusal(f: &cloud::AuthFailure) -> Response<Body> {
+    let mut r = json_response(
+        StatusCode::from_u16(f.status).unwrap_or(StatusCode::FORBIDDEN),
+        serde_json::json!({ "message": f.message }),
+    );
+    let value = format!("{}:http://internal.amazon.com/coral/com.amazon.coral.service/", f.code);
+    r.headers_mut().insert("x-amzn-errortype", http::HeaderValue::from_str(&value).expect("a header value"));
+    r
+}
+
+/// Google's answer to a request without a valid token: 401 `UNAUTHENTICATED`.
+fn vertex_refusal(f: &cloud::AuthFailure) -> Response<Body> {
+    let mut r = json_response(
+        StatusCode::from_u16(f.status).unwrap_or(StatusCode::UNAUTHORIZED),
+        serde_json::json!({"error": {"code": f.status, "message": f.message, "status": f.code}}),
+    );
+    r.headers_mut()
+        .insert("www-authenticate", http::HeaderValue::from_static("Bearer realm=\"https://accounts.google.com/\""));
+    r
 }
 
 /// Vertex AI's rawPredict: the model in the path, `anthropic_version: vertex-2023-10-16` in the
