@@ -120,7 +120,7 @@ fn routing_and_keys(c: &mut Criterion) {
     let providers: HashMap<_, _> = config
         .providers
         .iter()
-        .map(|p| (p.name.get_ref().clone(), Arc::new(Provider::from_config(p, 256).unwrap())))
+        .map(|p| (p.name.get_ref().clone(), Arc::new(Provider::from_config(p, &config.egress, 256).unwrap())))
         .collect();
     let table = ModelTable::build(&config.models, &providers, &prices).unwrap();
     let mut g = c.benchmark_group("route_selection");
@@ -175,7 +175,7 @@ fn endpoint_selection(c: &mut Criterion) {
              credential = \"env:HOME\"\nselection = \"{selection}\"\nhealth = {{ probe = \"none\" }}\n"
         );
         let config = load_str(&text, "bench.toml").unwrap();
-        let provider = Provider::from_config(&config.providers[0], 256).unwrap();
+        let provider = Provider::from_config(&config.providers[0], &config.egress, 256).unwrap();
         rt.block_on(provider.pool.update());
         let key = b"3f1c2a9e-session-id".to_vec();
         g.bench_function(selection, |b| {

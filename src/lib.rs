@@ -17,6 +17,7 @@ pub mod mock;
 pub mod protocol;
 pub mod providers;
 pub mod proxy;
+pub mod refresh;
 pub mod routing;
 pub mod runtime;
 pub mod server;

@@ -50,7 +50,7 @@ impl State {
                     .cloned()
                     .ok_or_else(|| format!("provider {name:?} is new: adding a provider needs a restart"))?,
                 None => Arc::new(
-                    Provider::from_config(p, config.server.upstream_pool_size)
+                    Provider::from_config(p, &config.egress, config.server.upstream_pool_size)
                         .map_err(|e| format!("provider {name:?}: {e}"))?,
                 ),
             };
@@ -134,6 +134,9 @@ impl Runtime {
         self.limiter.set_time_zone(config.controls.tz());
         self.limiter.set_max_keys(config.controls.max_principals);
         self.seed_budgets(&self.scopes(), &state, &keys)?;
+        if format!("{:?}", config.egress) != format!("{:?}", self.config.load().egress) {
+            tracing::warn!("[egress] changed: it applies at the next restart (proxy credentials are read again now)");
+        }
         // Credentials are read again (a rotated `file:` secret, new AWS keys), each provider's
         // own set swapped in whole; one that cannot be read keeps the running set.
         let live = providers_by_name(&state);

@@ -29,6 +29,9 @@ const LISTENER_READ_BUFFER: usize = 8 << 10;
 /// With `upgrade`, takes the listening sockets over from a running instance (SIGQUIT it).
 /// SIGHUP (`systemctl reload`) reloads `config_path`.
 pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: bool) -> anyhow::Result<()> {
+    // Google's credentials library takes rustls's process-wide crypto provider: the same ring
+    // the rest of Tollgate uses. (An error only says one is installed already.)
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let metrics = Arc::new(Metrics::new());
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(&config.store.path, config.store.flush_interval)
@@ -41,13 +44,16 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
     let providers = runtime.state.load().providers.clone();
     for p in &providers {
         p.resolve_blocking();
-        if let Some(reason) = p.unready_reason() {
-            tracing::warn!("{reason}; requests routed to it will fail until this is fixed");
-        }
     }
     let (audit, audit_writer) = crate::audit::start(&config.audit, metrics.audit_dropped.clone())?;
     watch_hangup(runtime.clone())?;
-    refresh_credentials(runtime.clone())?;
+    crate::refresh::start(runtime.clone())?;
+    // After the first fetch of credentials that come from a cloud.
+    for p in &providers {
+        if let Some(reason) = p.unready_reason().or_else(|| p.credential_problem()) {
+            tracing::warn!("{reason}; requests routed to it will fail until this is fixed");
+        }
+    }
 
     let conf = ServerConf {
         threads: config.server.threads,
@@ -132,91 +138,6 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
     }
     store.close();
     Ok(())
-}
-
-/// Keeps every issuer's JWKS and every Vertex provider's OAuth token fresh from a thread of its
-/// own: the request path only reads what is held. Returns after the first pass (or 10 s), so
-/// tokens verify, and Vertex answers, from the first request.
-fn refresh_credentials(runtime: Arc<Runtime>) -> anyhow::Result<()> {
-    // Always running (it sleeps when there is nothing to fetch): a reload may add an issuer.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let (first, done) = std::sync::mpsc::channel();
-    std::thread::Builder::new().name("tollgate-refresh".into()).spawn(move || {
-        // No redirects: the key set comes from the URL the operator named, nowhere else.
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("an HTTP client");
-        let mut first = Some(first);
-        rt.block_on(async move {
-            loop {
-                // The sets of the config running now (a reload may have added some).
-                for jwks in runtime.state.load().jwt.jwks() {
-                    if !jwks.due(Instant::now()) {
-                        continue;
-                    }
-                    let fetched = async {
-                        let resp = client.get(&jwks.url).send().await.map_err(|e| e.to_string())?;
-                        if !resp.status().is_success() {
-                            return Err(format!("JWKS at {} answered {}", jwks.url, resp.status()));
-                        }
-                        read_capped(resp, MAX_JWKS_BYTES).await.map_err(|e| format!("JWKS at {}: {e}", jwks.url))
-                    };
-                    jwks.apply(fetched.await);
-                }
-                // Google OAuth tokens of Vertex providers, renewed before they expire.
-                for source in runtime.state.load().providers.iter().flat_map(|p| p.token_sources()) {
-                    if !source.due(Instant::now()) {
-                        continue;
-                    }
-                    let fetched = async {
-                        let assertion = source.assertion(crate::providers::unix_now())?;
-                        let form =
-                            [("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"), ("assertion", &assertion)];
-                        let body: String = form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
-                        let resp = client
-                            .post(&source.token_uri)
-                            .header("content-type", "application/x-www-form-urlencoded")
-                            .body(body)
-                            .send()
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        if !resp.status().is_success() {
-                            return Err(format!("token endpoint {} answered {}", source.token_uri, resp.status()));
-                        }
-                        read_capped(resp, MAX_TOKEN_BYTES).await.map_err(|e| format!("token endpoint: {e}"))
-                    };
-                    source.apply(fetched.await);
-                }
-                if let Some(tx) = first.take() {
-                    let _ = tx.send(());
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        })
-    })?;
-    // Only a JWKS fetch can take time; without one the first pass is immediate.
-    let _ = done.recv_timeout(Duration::from_secs(10));
-    Ok(())
-}
-
-/// A key set larger than this is refused: real ones are a few KiB.
-const MAX_JWKS_BYTES: usize = 1 << 20;
-
-/// An OAuth token answer larger than this is refused: real ones are under 4 KiB.
-const MAX_TOKEN_BYTES: usize = 64 << 10;
-
-/// Reads a response body, refusing it past `max` bytes (as it arrives, not after).
-async fn read_capped(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
-        if body.len() + chunk.len() > max {
-            return Err(format!("the body is larger than {max} bytes"));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
 }
 
 /// Reloads the config on SIGHUP. The handler is installed here, before any listener opens, so

@@ -18,6 +18,7 @@ const SECTIONS: &[(&str, &str, &str)] = &[
     ("OwnerConfig", "configuration.md", "## `[[team]]` and `[[user]]`"),
     ("BudgetConfig", "configuration.md", "## `[[team]]` and `[[user]]`"),
     ("AuditConfig", "configuration.md", "## `[audit]`"),
+    ("EgressConfig", "configuration.md", "## `[egress]`"),
     ("ProviderConfig", "configuration.md", "## `[[provider]]`"),
     ("AwsCredentialsConfig", "configuration.md", "## `[[provider]]`"),
     ("EndpointConfig", "configuration.md", "## `[[provider]]`"),

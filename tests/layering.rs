@@ -44,9 +44,22 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     ("admin", &["auth", "config", "limits", "metering", "metrics", "providers", "routing", "runtime", "store"]),
     ("cli", &["config"]),
+    ("refresh", &["auth", "providers", "runtime"]),
     (
         "server",
-        &["admin", "audit", "config", "connections", "metrics", "providers", "proxy", "runtime", "store", "tls"],
+        &[
+            "admin",
+            "audit",
+            "config",
+            "connections",
+            "metrics",
+            "providers",
+            "proxy",
+            "refresh",
+            "runtime",
+            "store",
+            "tls",
+        ],
     ),
 ];
 

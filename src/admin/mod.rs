@@ -221,8 +221,8 @@ impl Admin {
                     "provider": p.name,
                     "selection": p.pool.selection,
                     "credentials": p.credential_count(),
-                    "ready": p.unready_reason().is_none(),
-                    "problem": p.unready_reason(),
+                    "ready": p.unready_reason().or_else(|| p.credential_problem()).is_none(),
+                    "problem": p.unready_reason().or_else(|| p.credential_problem()),
                     "endpoints": endpoints,
                 })
             })
@@ -291,7 +291,11 @@ impl ServeHttp for Admin {
             "/healthz" => ok(200, json!({"status": "ok"})),
             "/readyz" => {
                 let state = self.runtime.state.load();
-                let problems: Vec<String> = state.providers.iter().filter_map(|p| p.unready_reason()).collect();
+                let problems: Vec<String> = state
+                    .providers
+                    .iter()
+                    .filter_map(|p| p.unready_reason().or_else(|| p.credential_problem()))
+                    .collect();
                 if problems.is_empty() {
                     ok(200, json!({"status": "ready"}))
                 } else {

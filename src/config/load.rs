@@ -135,11 +135,18 @@ fn validate(c: &Config) -> Result<(), Invalid> {
                     format!("provider {:?}: Vertex needs a project and a region", p.name.get_ref()),
                 ));
             }
-            ProviderKind::Vertex if p.service_account.is_some() != p.credential_list().is_empty() => {
+            ProviderKind::Vertex
+                if [p.service_account.is_some(), p.google_credentials.is_some(), !p.credential_list().is_empty()]
+                    .iter()
+                    .filter(|set| **set)
+                    .count()
+                    > 1 =>
+            {
                 return Err((
                     p.name.span(),
                     format!(
-                        "provider {:?}: Vertex needs service_account or a token as credential (one of them)",
+                        "provider {:?}: Vertex takes one of service_account, google_credentials or a token as \
+                         credential (none: Application Default Credentials)",
                         p.name.get_ref()
                     ),
                 ));
@@ -158,6 +165,34 @@ fn validate(c: &Config) -> Result<(), Invalid> {
             }
             _ => {}
         }
+        if p.kind != ProviderKind::Vertex && p.google_credentials.is_some() {
+            return Err((p.name.span(), format!("provider {:?}: google_credentials is for Vertex", p.name.get_ref())));
+        }
+        if let Some(a) = &p.aws {
+            check_aws(a).map_err(|e| (p.name.span(), format!("provider {:?}: aws: {e}", p.name.get_ref())))?;
+        }
+        match (&p.proxy, &p.proxy_auth) {
+            (Some(direct), Some(_)) if direct == "direct" => {
+                return Err((p.name.span(), format!("provider {:?}: proxy_auth with proxy = \"direct\"", p.name.get_ref())))
+            }
+            (None, Some(_)) => {
+                return Err((
+                    p.name.span(),
+                    format!(
+                        "provider {:?}: proxy_auth is for the provider's own proxy: set proxy too (or use egress.proxy_auth)",
+                        p.name.get_ref()
+                    ),
+                ))
+            }
+            (Some(proxy), _) if proxy != "direct" => {
+                super::ProxyUrl::parse(proxy)
+                    .map_err(|e| (p.name.span(), format!("provider {:?}: proxy: {e}", p.name.get_ref())))?;
+            }
+            _ => {}
+        }
+    }
+    if let Some(proxy) = &c.egress.proxy {
+        super::ProxyUrl::parse(proxy).map_err(|e| (0..0, format!("egress.proxy: {e}")))?;
     }
 
     let mut names = HashSet::new();
@@ -412,4 +447,33 @@ deployments = [{ provider = "anthropic" }]
         assert!(e.message.contains("must be a reference"), "{e}");
         assert!(!e.to_string().contains("sk-ant-secret"));
     }
+}
+
+/// Keys come as a pair (with an optional session token), or not at all; a profile names where
+/// the chain looks, so it cannot go with keys.
+fn check_aws(a: &super::AwsCredentialsConfig) -> Result<(), String> {
+    match (&a.access_key_id, &a.secret_access_key) {
+        (Some(_), None) | (None, Some(_)) => return Err("access_key_id and secret_access_key go together".into()),
+        (None, None) if a.session_token.is_some() => return Err("session_token needs access_key_id".into()),
+        (Some(_), Some(_)) if a.profile.is_some() => {
+            return Err("profile chooses where the chain looks for keys: not with keys of its own".into())
+        }
+        _ => {}
+    }
+    if let Some(arn) = &a.role_arn {
+        // arn:PARTITION:iam::ACCOUNT:role/NAME
+        let parts: Vec<&str> = arn.splitn(6, ':').collect();
+        let ok = parts.len() == 6
+            && parts[0] == "arn"
+            && parts[2] == "iam"
+            && parts[4].len() == 12
+            && parts[4].bytes().all(|b| b.is_ascii_digit())
+            && parts[5].starts_with("role/");
+        if !ok {
+            return Err(format!("role_arn {arn:?} is not an IAM role ARN (arn:aws:iam::123456789012:role/NAME)"));
+        }
+    } else if a.external_id.is_some() || a.session_name.is_some() {
+        return Err("external_id and session_name go with role_arn".into());
+    }
+    Ok(())
 }

@@ -18,7 +18,7 @@ pub use budget::{Budget, BudgetConfig, RateLimits, DEFAULT_MAX_PRINCIPALS};
 pub use load::{load, load_str, ConfigError};
 pub use period::{rfc3339, Period};
 pub use secret::{Secret, SecretRef};
-pub use url::UpstreamUrl;
+pub use url::{ProxyUrl, UpstreamUrl};
 pub use values::{parse_algorithm, parse_expiry, parse_key_hash, KeyHash};
 
 /// The whole file. Every table refuses fields it does not know, naming them.
@@ -55,6 +55,31 @@ pub struct Config {
     /// Trusted issuers of JWT credentials (an `apiKeyHelper`, an identity provider).
     #[serde(default, rename = "jwt_issuer")]
     pub jwt_issuers: Vec<JwtIssuerConfig>,
+    /// How provider traffic leaves the host: a corporate proxy, a private CA.
+    #[serde(default)]
+    pub egress: EgressConfig,
+}
+
+/// `[egress]`: the way out for every provider that does not set its own.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressConfig {
+    /// An HTTP proxy that tunnels with `CONNECT`, `http://host:port`. Unset: the
+    /// `HTTPS_PROXY` (or `https_proxy`) variable, if any.
+    #[serde(default)]
+    pub proxy: Option<String>,
+    /// `user:password` for the proxy (`Proxy-Authorization: Basic`), as a secret reference.
+    #[serde(default)]
+    pub proxy_auth: Option<SecretRef>,
+    /// Hosts reached directly, never through the proxy: `host`, `.domain` (and its
+    /// subdomains), an IP address or CIDR block, or `*`. Unset: the `NO_PROXY` (or
+    /// `no_proxy`) variable.
+    #[serde(default)]
+    pub no_proxy: Option<Vec<String>>,
+    /// CA certificates (PEM) trusted for upstream TLS instead of the system roots, for
+    /// providers without a `ca_file` of their own (a TLS-inspecting proxy re-signs with one).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -435,11 +460,11 @@ impl Default for AuditConfig {
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
     Anthropic,
-    /// AWS Bedrock InvokeModel: SigV4 (`aws`, or the standard AWS environment variables) or a
-    /// Bedrock API key as `credential`.
+    /// AWS Bedrock InvokeModel: SigV4 (keys in `aws`, or AWS's credential chain) or a Bedrock
+    /// API key as `credential`.
     Bedrock,
-    /// Google Vertex AI rawPredict: an OAuth token from `service_account`, or a static token as
-    /// `credential`.
+    /// Google Vertex AI rawPredict: an OAuth token from `service_account`, `google_credentials`
+    /// or Application Default Credentials, or a static token as `credential`.
     Vertex,
 }
 
@@ -481,14 +506,31 @@ pub struct BetaPolicyConfig {
     pub rename: std::collections::BTreeMap<String, String>,
 }
 
-/// AWS credentials for SigV4, as secret references.
-#[derive(Debug, Deserialize)]
+/// Where Bedrock's SigV4 identity comes from: keys as secret references, or else AWS's
+/// credential chain (environment, shared config profile, web identity, ECS, EC2 instance
+/// metadata); either can then assume a role.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AwsCredentialsConfig {
-    pub access_key_id: SecretRef,
-    pub secret_access_key: SecretRef,
+    #[serde(default)]
+    pub access_key_id: Option<SecretRef>,
+    #[serde(default)]
+    pub secret_access_key: Option<SecretRef>,
     #[serde(default)]
     pub session_token: Option<SecretRef>,
+    /// The profile of the shared AWS config files the chain reads (default: `AWS_PROFILE`,
+    /// else `default`).
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// A role to assume with STS on top of the identity found; renewed before it expires.
+    #[serde(default)]
+    pub role_arn: Option<String>,
+    /// The external id the role's trust policy asks for.
+    #[serde(default)]
+    pub external_id: Option<String>,
+    /// The session name CloudTrail shows for the assumed role (default `tollgate`).
+    #[serde(default)]
+    pub session_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -517,12 +559,20 @@ pub struct ProviderConfig {
     /// Vertex: a service-account key (JSON), as a secret reference: tokens are minted from it.
     #[serde(default)]
     pub service_account: Option<SecretRef>,
+    /// Vertex: a Google credentials file of any kind Application Default Credentials reads
+    /// (`external_account` for workload identity federation, `authorized_user`,
+    /// `impersonated_service_account`; a `service_account` key is minted from as
+    /// `service_account` is), as a secret reference. Without
+    /// this, `service_account` or a `credential`, Application Default Credentials from the
+    /// environment (`GOOGLE_APPLICATION_CREDENTIALS`, gcloud's file, the metadata server).
+    #[serde(default)]
+    pub google_credentials: Option<SecretRef>,
     /// Idle connections to this provider kept for reuse (default `server.upstream_pool_size`);
     /// connections beyond it are closed when their request ends.
     #[serde(default)]
     pub pool_size: Option<usize>,
-    /// Bedrock: SigV4 credentials. Without these or a `credential`, the standard
-    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN` variables are used.
+    /// Bedrock: SigV4 credentials. Without keys here or a `credential`, AWS's credential
+    /// chain finds them as the AWS SDKs do.
     #[serde(default)]
     pub aws: Option<AwsCredentialsConfig>,
     /// Which `anthropic-beta` values this provider gets (Bedrock and Vertex drop the
@@ -537,9 +587,17 @@ pub struct ProviderConfig {
     pub selection: Selection,
     #[serde(default)]
     pub health: HealthConfig,
-    /// Extra CA certificates (PEM) trusted for this provider instead of the system roots.
+    /// Extra CA certificates (PEM) trusted for this provider instead of the system roots
+    /// (default: `egress.ca_file`).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// This provider's egress proxy, `http://host:port`, or `direct` for none (default: the
+    /// `[egress]` one).
+    #[serde(default)]
+    pub proxy: Option<String>,
+    /// `user:password` for this provider's own `proxy`, as a secret reference.
+    #[serde(default)]
+    pub proxy_auth: Option<SecretRef>,
     #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
     pub connect_timeout: Duration,
     /// Until the response header arrives. Non-streamed answers of long generations come late.

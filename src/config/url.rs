@@ -66,6 +66,97 @@ impl UpstreamUrl {
     }
 }
 
+/// An egress proxy: `http://host[:port]` (port 80 if unset). The proxy is spoken to in plain
+/// HTTP and asked to `CONNECT`; what goes through the tunnel is the provider's own TLS.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyUrl {
+    pub host: String,
+    pub port: u16,
+    /// `user:password` found in the URL itself (only accepted from `HTTPS_PROXY`: a config
+    /// file holds secret references, never secrets).
+    pub userinfo: Option<String>,
+}
+
+impl std::fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let auth = if self.userinfo.is_some() { "<redacted>@" } else { "" };
+        write!(f, "ProxyUrl(http://{auth}{})", self.label())
+    }
+}
+
+impl ProxyUrl {
+    /// A proxy URL from the config: no credentials in it.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let p = Self::parse_env(s)?;
+        if p.userinfo.is_some() {
+            return Err("the proxy URL holds credentials: give them as proxy_auth (a secret reference)".into());
+        }
+        Ok(p)
+    }
+
+    /// A proxy URL from `HTTPS_PROXY`, which may carry `user:password@` (percent-encoded).
+    pub fn parse_env(s: &str) -> Result<Self, String> {
+        let rest = s.trim().strip_prefix("http://").ok_or_else(|| {
+            "the proxy must be an http:// URL (Tollgate speaks plain HTTP to it and tunnels TLS with CONNECT)"
+                .to_string()
+        })?;
+        let authority = rest.trim_end_matches('/');
+        if authority.contains('/') || authority.contains('?') {
+            return Err("the proxy URL takes no path".into());
+        }
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(percent_decode(u)), h),
+            None => (None, authority),
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, rest) = v6.split_once(']').ok_or("unclosed [ in the proxy host")?;
+            (h.to_string(), rest.strip_prefix(':'))
+        } else {
+            match hostport.split_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (hostport.to_string(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err("the proxy URL has no host".into());
+        }
+        let port = match port {
+            Some(p) => p.parse::<u16>().map_err(|_| format!("proxy port {p:?} is not a port number"))?,
+            None => 80,
+        };
+        Ok(ProxyUrl { host, port, userinfo })
+    }
+
+    /// `host:port` as the proxy is named in logs and errors.
+    pub fn label(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,5 +171,19 @@ mod tests {
         assert_eq!(u.host_header(), "127.0.0.1:9000");
         assert!(UpstreamUrl::parse("ftp://x").is_err());
         assert!(UpstreamUrl::parse("https://").is_err());
+    }
+
+    #[test]
+    fn proxy_urls() {
+        let p = ProxyUrl::parse("http://proxy.corp:3128").unwrap();
+        assert_eq!((p.host.as_str(), p.port, p.userinfo), ("proxy.corp", 3128, None));
+        assert_eq!(ProxyUrl::parse("http://10.0.0.1/").unwrap().port, 80);
+        assert_eq!(ProxyUrl::parse("http://[::1]:8080").unwrap().label(), "[::1]:8080");
+        assert!(ProxyUrl::parse("https://proxy:3128").is_err());
+        assert!(ProxyUrl::parse("http://u:p@proxy:3128").is_err(), "no literal credentials in the config");
+        let e = ProxyUrl::parse_env("http://svc%40corp:p%3Ass@proxy:3128").unwrap();
+        assert_eq!(e.userinfo.as_deref(), Some("svc@corp:p:ss"));
+        assert!(ProxyUrl::parse("http://proxy:99999").is_err());
+        assert!(ProxyUrl::parse("http://proxy:3128/path").is_err());
     }
 }

@@ -11,6 +11,7 @@ use http::HeaderValue;
 use pingora::protocols::tls::CaType;
 use pingora::upstreams::peer::HttpPeer;
 
+use super::egress::{Egress, Tunnel};
 use super::health::PassiveHealth;
 use super::UpstreamUrl;
 
@@ -20,6 +21,8 @@ pub struct PeerSettings {
     pub connect_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub ca: Option<Arc<CaType>>,
+    /// The provider's egress proxy, if its traffic goes through one.
+    pub egress: Option<Arc<Egress>>,
 }
 
 #[derive(Debug)]
@@ -36,6 +39,9 @@ pub struct Endpoint {
     /// Requests being sent or streamed through this endpoint now.
     pub in_flight: AtomicUsize,
     settings: PeerSettings,
+    /// Set when this endpoint is reached through the egress proxy: then the address resolved
+    /// and connected to is the proxy's.
+    tunnel: Option<Arc<Tunnel>>,
     peer: ArcSwapOption<HttpPeer>,
     /// The last resolution failure, for `/readyz`, `/status` and error messages.
     dns_error: ArcSwap<Option<String>>,
@@ -49,6 +55,10 @@ impl Endpoint {
     pub fn new(index: usize, url: UpstreamUrl, weight: usize, settings: PeerSettings) -> Result<Self, String> {
         let label = url.host_header();
         let host_header = HeaderValue::from_str(&label).map_err(|e| format!("endpoint host: {e}"))?;
+        let tunnel = settings.egress.as_ref().filter(|g| g.tunnels(&url.host)).map(|g| {
+            // Connecting includes the CONNECT exchange: give it the TCP connect's time again.
+            Arc::new(Tunnel::new(g.clone(), &url.host, url.port, settings.connect_timeout * 2))
+        });
         let e = Endpoint {
             index,
             url,
@@ -58,11 +68,13 @@ impl Endpoint {
             passive: PassiveHealth::default(),
             in_flight: AtomicUsize::new(0),
             settings,
+            tunnel,
             peer: ArcSwapOption::empty(),
             dns_error: ArcSwap::from_pointee(None),
         };
-        if let Ok(ip) = e.url.host.parse::<IpAddr>() {
-            e.set_address(SocketAddr::new(ip, e.url.port));
+        let (host, port) = e.dial();
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            e.set_address(SocketAddr::new(ip, port));
         }
         Ok(e)
     }
@@ -70,8 +82,8 @@ impl Endpoint {
     /// A peer for the current address, or why there is none yet.
     pub fn peer(&self) -> Result<Arc<HttpPeer>, String> {
         self.peer.load_full().ok_or_else(|| match &**self.dns_error.load() {
-            Some(e) => format!("cannot resolve {}: {e}", self.url.host),
-            None => format!("{} is not resolved yet", self.url.host),
+            Some(e) => format!("cannot resolve {}: {e}", self.dial().0),
+            None => format!("{} is not resolved yet", self.dial().0),
         })
     }
 
@@ -84,7 +96,21 @@ impl Endpoint {
     }
 
     pub fn needs_dns(&self) -> bool {
-        self.url.host.parse::<IpAddr>().is_err()
+        self.dial().0.parse::<IpAddr>().is_err()
+    }
+
+    /// Whether this endpoint is reached through the egress proxy.
+    pub fn tunnelled(&self) -> bool {
+        self.tunnel.is_some()
+    }
+
+    /// The host and port connected to: the endpoint's own, or its proxy's (which resolves the
+    /// endpoint's name itself: a host behind a proxy often cannot).
+    fn dial(&self) -> (&str, u16) {
+        match &self.tunnel {
+            Some(t) => (t.proxy_host(), t.proxy_port()),
+            None => (&self.url.host, self.url.port),
+        }
     }
 
     fn set_address(&self, addr: SocketAddr) {
@@ -106,6 +132,15 @@ impl Endpoint {
             user_timeout: Duration::ZERO,
         });
         o.ca = self.settings.ca.clone();
+        if let Some(t) = &self.tunnel {
+            o.custom_l4 = Some(t.clone());
+            // Every tunnelled peer has the proxy's address: keep their pooled connections
+            // apart by the endpoint each one reaches.
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (&self.url.host, self.url.port).hash(&mut h);
+            peer.group_key = h.finish();
+        }
         self.peer.store(Some(Arc::new(peer)));
         self.dns_error.store(Arc::new(None));
     }
@@ -113,7 +148,7 @@ impl Endpoint {
     /// Resolves the host once, blocking: for start-up, before any worker runs.
     pub fn resolve_blocking(&self) {
         if self.needs_dns() {
-            let result = (self.url.host.as_str(), self.url.port).to_socket_addrs().map(pick);
+            let result = self.dial().to_socket_addrs().map(pick);
             self.apply(result);
         }
     }
@@ -121,7 +156,7 @@ impl Endpoint {
     /// Resolves the host again, in the background.
     pub async fn resolve(&self) {
         if self.needs_dns() {
-            let result = tokio::net::lookup_host((self.url.host.as_str(), self.url.port)).await.map(pick);
+            let result = tokio::net::lookup_host(self.dial()).await.map(pick);
             self.apply(result);
         }
     }
@@ -132,7 +167,7 @@ impl Endpoint {
             Ok(None) => self.dns_error.store(Arc::new(Some("no addresses".into()))),
             // Keep the last good address: a failed lookup is no reason to stop serving.
             Err(e) => {
-                tracing::warn!(host = %self.url.host, error = %e, "DNS lookup failed");
+                tracing::warn!(host = %self.dial().0, error = %e, "DNS lookup failed");
                 self.dns_error.store(Arc::new(Some(e.to_string())));
             }
         }

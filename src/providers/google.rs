@@ -1,7 +1,10 @@
-//! Google OAuth2 access tokens for Vertex AI, from a service-account key (the JWT bearer grant,
-//! RFC 7523): sign a short assertion with the account's RSA key, trade it at the token endpoint,
-//! cache the token and fetch the next one before this one expires. Fetching happens on a
-//! background thread; the request path only reads the token held.
+//! Google OAuth2 access tokens for Vertex AI. From a service-account key Tollgate runs the JWT
+//! bearer grant (RFC 7523) itself: sign a short assertion with the account's RSA key, trade it
+//! at the token endpoint, fetch the next one before this one expires. Every other kind of
+//! Google credential (the metadata server's workload identity, external accounts for workload
+//! identity federation, user and impersonated credentials) comes from Google's own
+//! `google-cloud-auth`, which renews them itself. Fetching happens on the refresh thread; the
+//! request path only reads the token held.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -35,10 +38,24 @@ struct Held {
 pub struct TokenSource {
     pub account: String,
     pub token_uri: String,
-    key: jsonwebtoken::EncodingKey,
+    kind: Kind,
     held: ArcSwapOption<Held>,
     state: Mutex<(Option<Instant>, Option<String>)>,
 }
+
+enum Kind {
+    /// A service-account key: Tollgate signs assertions with it.
+    Key(jsonwebtoken::EncodingKey),
+    /// Google's credentials library, from a credentials file (`Some`) or Application Default
+    /// Credentials; built on the refresh thread, whose runtime runs its renewal task.
+    Library(Option<serde_json::Value>, Mutex<Option<google_cloud_auth::credentials::AccessTokenCredentials>>),
+}
+
+/// How long a token from Google's library is used without hearing from it again. The library
+/// renews tokens itself (four minutes before they expire) and does not say when they expire,
+/// so it is asked again every second and its answer held this long: long enough to ride out a
+/// slow answer, well inside the four minutes.
+const LIBRARY_TOKEN_HOLD: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for TokenSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -73,16 +90,87 @@ impl TokenSource {
         Ok(TokenSource {
             account: key.client_email,
             token_uri: key.token_uri,
-            key: encoding,
+            kind: Kind::Key(encoding),
             held: ArcSwapOption::empty(),
             state: Mutex::new((None, None)),
         })
     }
 
+    /// Credentials read by Google's library: a credentials file of any type it knows
+    /// (`json`), or Application Default Credentials from the environment (`None`).
+    pub fn from_library(json: Option<&str>) -> Result<Self, String> {
+        let (account, value) = match json {
+            Some(text) => {
+                let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+                    format!("not a Google credentials file: not valid JSON (line {}, column {})", e.line(), e.column())
+                })?;
+                let kind = value.get("type").and_then(|t| t.as_str()).unwrap_or_default();
+                if !matches!(kind, "external_account" | "authorized_user" | "impersonated_service_account") {
+                    return Err(format!(
+                        "a Google credentials file of type {kind:?}: Tollgate reads service_account, external_account, \
+                         authorized_user and impersonated_service_account"
+                    ));
+                }
+                (format!("{kind} credentials"), Some(value))
+            }
+            None => ("Application Default Credentials".to_string(), None),
+        };
+        Ok(TokenSource {
+            account,
+            token_uri: String::new(),
+            kind: Kind::Library(value, Mutex::new(None)),
+            held: ArcSwapOption::empty(),
+            state: Mutex::new((None, None)),
+        })
+    }
+
+    /// Reads the credentials file or ADC again on the next pass (a reload).
+    pub fn renew_soon(&self) {
+        if let Kind::Library(_, built) = &self.kind {
+            *built.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    /// Whether Tollgate fetches this token itself (the JWT bearer grant) rather than
+    /// Google's library.
+    pub fn is_key(&self) -> bool {
+        matches!(self.kind, Kind::Key(_))
+    }
+
+    /// Asks Google's library for its current token (it renews it itself); on the refresh
+    /// thread.
+    pub async fn refresh_from_library(&self) {
+        let Kind::Library(json, built) = &self.kind else { return };
+        let held = built.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let token = async {
+            let creds = match held {
+                Some(c) => c,
+                None => {
+                    let c = build_library(json.clone())?;
+                    *built.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+                    c
+                }
+            };
+            creds.access_token().await.map_err(|e| {
+                // The library stops renewing for good after an error it deems permanent
+                // (an `invalid_grant`, say): start again from the file on the next try.
+                *built.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                format!("{e}")
+            })
+        };
+        let answer = match tokio::time::timeout(Duration::from_secs(30), token).await {
+            Ok(Ok(t)) => Ok(t.token),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("Google's credentials library gave no token within 30 s".into()),
+        };
+        self.hold(answer.map(|token| (token, LIBRARY_TOKEN_HOLD, LIBRARY_TOKEN_HOLD - Duration::from_secs(1))));
+    }
+
     /// The signed assertion for the token endpoint, valid one hour from `now` (Unix seconds).
     pub fn assertion(&self, now: u64) -> Result<String, String> {
+        let Kind::Key(key) = &self.kind else { return Err("no service-account key to sign with".into()) };
         let claims = Assertion { iss: &self.account, scope: SCOPE, aud: &self.token_uri, iat: now, exp: now + 3600 };
-        jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256), &claims, &self.key)
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256), &claims, key)
             .map_err(|e| format!("cannot sign the token assertion: {e}"))
     }
 
@@ -117,19 +205,26 @@ impl TokenSource {
             access_token: String,
             expires_in: u64,
         }
-        let now = Instant::now();
         let parsed = answer.and_then(|b| {
             serde_json::from_slice::<TokenAnswer>(&b).map_err(|e| format!("token endpoint answer unreadable: {e}"))
         });
+        self.hold(parsed.map(|t| {
+            // Renewed when a fifth of its life is left (at most five minutes before the end).
+            let life = Duration::from_secs(t.expires_in);
+            (t.access_token, life, (life / 5).min(Duration::from_secs(300)))
+        }));
+    }
+
+    /// Holds a token for `life`, to be renewed `early` before its end; or keeps the one held
+    /// and notes why there is no new one.
+    fn hold(&self, token: Result<(String, Duration, Duration), String>) {
+        let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.0 = Some(now);
-        match parsed {
-            Ok(t) => match HeaderValue::from_str(&format!("Bearer {}", t.access_token)) {
+        match token {
+            Ok((token, life, early)) => match HeaderValue::from_str(&format!("Bearer {token}")) {
                 Ok(mut header) => {
                     header.set_sensitive(true);
-                    // Renewed when a fifth of its life is left (at most five minutes before the end).
-                    let life = Duration::from_secs(t.expires_in);
-                    let early = (life / 5).min(Duration::from_secs(300));
                     self.held.store(Some(std::sync::Arc::new(Held {
                         header,
                         refresh_at: now + life - early,
@@ -145,6 +240,26 @@ impl TokenSource {
             }
         }
     }
+}
+
+/// Google's credentials for Vertex's scope: from a credentials file, or ADC.
+fn build_library(
+    json: Option<serde_json::Value>,
+) -> Result<google_cloud_auth::credentials::AccessTokenCredentials, String> {
+    use google_cloud_auth::credentials::{external_account, impersonated, user_account, Builder};
+    let scopes = [SCOPE];
+    let kind = json.as_ref().and_then(|j| j.get("type")).and_then(|t| t.as_str()).unwrap_or_default().to_string();
+    let built = match json {
+        None => Builder::default().with_scopes(scopes).build_access_token_credentials(),
+        Some(j) => match kind.as_str() {
+            "external_account" => {
+                external_account::Builder::new(j).with_scopes(scopes).build_access_token_credentials()
+            }
+            "authorized_user" => user_account::Builder::new(j).with_scopes(scopes).build_access_token_credentials(),
+            _ => impersonated::Builder::new(j).with_scopes(scopes).build_access_token_credentials(),
+        },
+    };
+    built.map_err(|e| format!("Google credentials: {e}"))
 }
 
 pub fn unix_now() -> u64 {

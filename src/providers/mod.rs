@@ -11,9 +11,11 @@ use http::{HeaderName, HeaderValue};
 use pingora::protocols::tls::CaType;
 use pingora::utils::tls::WrappedX509;
 
-use crate::config::{ProbeKind, ProviderConfig, ProviderKind, Secret};
+use crate::config::{EgressConfig, ProbeKind, ProviderConfig, ProviderKind};
 
+mod aws;
 mod betas;
+mod egress;
 mod endpoint;
 mod google;
 mod health;
@@ -21,7 +23,9 @@ mod pool;
 mod sigv4;
 
 pub use crate::config::UpstreamUrl;
+pub use aws::{http_client as aws_http_client, AwsCredentials, AwsSource};
 pub use betas::BetaPolicy;
+pub use egress::Egress;
 pub use endpoint::{Endpoint, EndpointRef, PeerSettings};
 pub use google::{unix_now, TokenSource};
 pub use health::{now_ms, HealthPolicy, PassiveHealth};
@@ -45,7 +49,8 @@ pub enum Auth {
     Header(HeaderName, HeaderValue),
     /// AWS SigV4 over the whole request.
     SigV4(AwsSigner),
-    /// A Google OAuth token, minted from a service account and renewed in the background.
+    /// A Google OAuth token, from a service account or Google's credentials, renewed in the
+    /// background.
     OAuth(Arc<TokenSource>),
 }
 
@@ -72,6 +77,8 @@ pub struct Provider {
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub pool_idle_timeout: Duration,
+    /// The egress proxy this provider's traffic goes through, if any.
+    pub egress: Option<Arc<Egress>>,
     /// This provider's own connection pool: idle connections are bounded per provider, so a
     /// burst to one cannot leave hundreds open, nor crowd out another's.
     pub connector: pingora::connectors::http::Connector,
@@ -100,12 +107,18 @@ impl Provider {
     /// Builds the provider and resolves its credentials. Name resolution is left to
     /// [`Provider::resolve_blocking`] (start-up) and the pool's background discovery.
     /// `default_pool_size` applies when the provider sets no `pool_size`.
-    pub fn from_config(c: &ProviderConfig, default_pool_size: usize) -> Result<Self, String> {
-        let ca = match &c.ca_file {
+    pub fn from_config(c: &ProviderConfig, egress: &EgressConfig, default_pool_size: usize) -> Result<Self, String> {
+        let ca = match c.ca_file.as_ref().or(egress.ca_file.as_ref()) {
             Some(path) => Some(load_ca(path)?),
             None => None,
         };
-        let settings = PeerSettings { connect_timeout: c.connect_timeout, pool_idle_timeout: c.pool_idle_timeout, ca };
+        let egress = Egress::for_provider(egress, c)?;
+        let settings = PeerSettings {
+            connect_timeout: c.connect_timeout,
+            pool_idle_timeout: c.pool_idle_timeout,
+            ca,
+            egress: egress.clone(),
+        };
         let endpoints = c
             .endpoint_list()
             .into_iter()
@@ -126,6 +139,7 @@ impl Provider {
         });
         let schedule = pool::Schedule { probe, probe_interval: c.health.interval, dns_refresh: c.dns_refresh };
         Ok(Provider {
+            egress,
             name: c.name.get_ref().clone(),
             kind: c.kind,
             betas: BetaPolicy::from_config(c.kind, c.betas.as_ref()),
@@ -167,13 +181,25 @@ impl Provider {
         }
     }
 
-    /// Token sources to keep fresh (Vertex service accounts).
+    /// Token sources to keep fresh (Vertex).
     pub fn token_sources(&self) -> Vec<Arc<TokenSource>> {
         let set = self.credentials.load();
         let all = set.as_ref().as_ref().map(Vec::as_slice).unwrap_or_default();
         all.iter()
             .filter_map(|c| match &c.auth {
                 Auth::OAuth(t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// AWS credentials to keep fresh (Bedrock signing with temporary credentials).
+    pub fn aws_credentials(&self) -> Vec<Arc<AwsCredentials>> {
+        let set = self.credentials.load();
+        let all = set.as_ref().as_ref().map(Vec::as_slice).unwrap_or_default();
+        all.iter()
+            .filter_map(|c| match &c.auth {
+                Auth::SigV4(s) if s.credentials.fetched() => Some(s.credentials.clone()),
                 _ => None,
             })
             .collect()
@@ -198,7 +224,19 @@ impl Provider {
         let fresh = match (fresh, running.as_ref()) {
             (Ok(fresh), Ok(old)) => fresh
                 .into_iter()
-                .map(|f| old.iter().find(|o| o.fingerprint == f.fingerprint).cloned().unwrap_or(f))
+                .map(|f| match old.iter().find(|o| o.fingerprint == f.fingerprint) {
+                    Some(kept) => {
+                        // Same source: fetched credentials are fetched again all the same
+                        // (a reload re-reads every credential).
+                        match &kept.auth {
+                            Auth::SigV4(s) => s.credentials.renew_soon(),
+                            Auth::OAuth(t) => t.renew_soon(),
+                            Auth::Header(..) => {}
+                        }
+                        kept.clone()
+                    }
+                    None => f,
+                })
                 .collect(),
             (Ok(fresh), Err(_)) => fresh,
             (Err(e), Ok(_)) => return Err(e),
@@ -208,6 +246,9 @@ impl Provider {
             }
         };
         self.credentials.store(Arc::new(Ok(fresh)));
+        if let Some(e) = &self.egress {
+            e.read_auth().map_err(|e| format!("egress proxy: {e}"))?;
+        }
         Ok(())
     }
 
@@ -223,6 +264,21 @@ impl Provider {
         None
     }
 
+    /// Why a fetched credential (AWS's chain or a role, a Google token) cannot sign now, if
+    /// one cannot. For operators (`/readyz`, `/status`, the log): the detail can name roles,
+    /// accounts and files, so it is not for clients.
+    pub fn credential_problem(&self) -> Option<String> {
+        let set = self.credentials.load();
+        let all = set.as_ref().as_ref().ok()?;
+        all.iter()
+            .find_map(|c| match &c.auth {
+                Auth::SigV4(s) => s.credentials.identity().err(),
+                Auth::OAuth(t) => t.header().err(),
+                Auth::Header(..) => None,
+            })
+            .map(|e| format!("provider {}: {e}", self.name))
+    }
+
     /// Resolves every endpoint once, blocking, then fills the pool: for start-up.
     pub fn resolve_blocking(&self) {
         for e in &self.endpoints {
@@ -233,8 +289,8 @@ impl Provider {
     }
 }
 
-/// Reads a provider's credentials from their references: keys, AWS keys (or the standard AWS
-/// variables), or a Google service account. Each carries the SHA-256 of its secret material, so
+/// Reads a provider's credentials from their references: keys, AWS keys (or where AWS's chain
+/// will find them), a Google service account or credentials file (or ADC). Each carries the SHA-256 of its secret material, so
 /// a reload can tell a rotated secret from the same one.
 pub fn read_credentials(c: &ProviderConfig) -> Result<Vec<Arc<Credential>>, String> {
     let keys = c.credential_list();
@@ -247,14 +303,34 @@ pub fn read_credentials(c: &ProviderConfig) -> Result<Vec<Arc<Credential>>, Stri
         })]
     };
     if c.kind == ProviderKind::Bedrock && keys.is_empty() {
-        let signer = aws_signer(c)?;
+        let region = c.region.as_deref().ok_or("Bedrock needs a region")?;
+        let signer = AwsSigner::new(AwsSource::from_config(region, c.aws.as_ref())?);
         let material = signer.fingerprint_material();
         return Ok(one(Auth::SigV4(signer), &material));
     }
-    if let (ProviderKind::Vertex, Some(sa)) = (c.kind, &c.service_account) {
-        let json = sa.resolve()?;
-        let source = TokenSource::from_key_json(json.expose()).map_err(|e| format!("service_account {sa}: {e}"))?;
-        return Ok(one(Auth::OAuth(Arc::new(source)), json.expose().as_bytes()));
+    if c.kind == ProviderKind::Vertex {
+        if let Some(sa) = &c.service_account {
+            let json = sa.resolve()?;
+            let source = TokenSource::from_key_json(json.expose()).map_err(|e| format!("service_account {sa}: {e}"))?;
+            return Ok(one(Auth::OAuth(Arc::new(source)), json.expose().as_bytes()));
+        }
+        if let Some(file) = &c.google_credentials {
+            let json = file.resolve()?;
+            // A key file is a key file, however it is named: Tollgate mints its tokens itself.
+            let key = serde_json::from_str::<serde_json::Value>(json.expose())
+                .is_ok_and(|v| v.get("type").and_then(|t| t.as_str()) == Some("service_account"));
+            let source = if key {
+                TokenSource::from_key_json(json.expose())
+            } else {
+                TokenSource::from_library(Some(json.expose()))
+            }
+            .map_err(|e| format!("google_credentials {file}: {e}"))?;
+            return Ok(one(Auth::OAuth(Arc::new(source)), json.expose().as_bytes()));
+        }
+        if keys.is_empty() {
+            let source = TokenSource::from_library(None)?;
+            return Ok(one(Auth::OAuth(Arc::new(source)), b"application-default-credentials"));
+        }
     }
     keys.into_iter()
         .enumerate()
@@ -284,30 +360,13 @@ pub fn read_credentials(c: &ProviderConfig) -> Result<Vec<Arc<Credential>>, Stri
 fn settings_of(c: &ProviderConfig) -> String {
     let endpoints: Vec<String> =
         c.endpoint_list().into_iter().map(|(url, weight)| format!("{}*{weight}", url.get_ref())).collect();
-    format!("{:?}|{}|{:?}|{:?}", c.kind, endpoints.join(","), c.region, c.project)
+    // The way out too: a changed proxy applies at the next restart, like changed endpoints.
+    format!("{:?}|{}|{:?}|{:?}|{:?}|{:?}", c.kind, endpoints.join(","), c.region, c.project, c.proxy, c.ca_file)
 }
 
 fn fingerprint(material: &[u8]) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(material).into()
-}
-
-/// SigV4 credentials from the config's references, or from the standard AWS variables.
-fn aws_signer(c: &ProviderConfig) -> Result<AwsSigner, String> {
-    let region = c.region.as_deref().ok_or("Bedrock needs a region")?;
-    let (id, secret, token) = match &c.aws {
-        Some(a) => (
-            a.access_key_id.resolve()?,
-            a.secret_access_key.resolve()?,
-            a.session_token.as_ref().map(|t| t.resolve()).transpose()?,
-        ),
-        None => (
-            Secret::from_env("AWS_ACCESS_KEY_ID")?,
-            Secret::from_env("AWS_SECRET_ACCESS_KEY")?,
-            Secret::from_env("AWS_SESSION_TOKEN").ok(),
-        ),
-    };
-    Ok(AwsSigner::new(region, id, secret, token))
 }
 
 fn load_ca(path: &std::path::Path) -> Result<Arc<CaType>, String> {

@@ -2,43 +2,41 @@
 //! feeds it the request and collects the headers it adds (`x-amz-date`, `authorization`,
 //! `x-amz-security-token`).
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
-use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
 use aws_sigv4::sign::v4;
 
+use super::aws::{AwsCredentials, AwsSource};
+#[cfg(test)]
 use crate::config::Secret;
 
-/// An access key, its secret and an optional session token, for one region.
+/// Signs for one region with the credentials held (fixed, or renewed in the background).
 pub struct AwsSigner {
     pub region: String,
     pub service: &'static str,
-    access_key_id: Secret,
-    secret_access_key: Secret,
-    session_token: Option<Secret>,
+    pub credentials: Arc<AwsCredentials>,
 }
 
 impl std::fmt::Debug for AwsSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AwsSigner").field("region", &self.region).finish_non_exhaustive()
+        f.debug_struct("AwsSigner").field("region", &self.region).field("credentials", &self.credentials).finish()
     }
 }
 
 impl AwsSigner {
-    pub fn new(region: &str, access_key_id: Secret, secret_access_key: Secret, session_token: Option<Secret>) -> Self {
-        AwsSigner { region: region.to_string(), service: "bedrock", access_key_id, secret_access_key, session_token }
+    pub fn new(source: AwsSource) -> Self {
+        AwsSigner {
+            region: source.region.clone(),
+            service: "bedrock",
+            credentials: Arc::new(AwsCredentials::new(source)),
+        }
     }
 
     /// The secret material, for telling a rotated key from the same one (never logged).
     pub fn fingerprint_material(&self) -> Vec<u8> {
-        let mut m = Vec::new();
-        for part in [Some(&self.access_key_id), Some(&self.secret_access_key), self.session_token.as_ref()] {
-            m.extend_from_slice(part.map_or("", |s| s.expose()).as_bytes());
-            m.push(0);
-        }
-        m.extend_from_slice(self.region.as_bytes());
-        m
+        self.credentials.source.fingerprint_material()
     }
 
     /// The headers that sign a request: `url` is the full URL (scheme, host, path, query);
@@ -64,14 +62,7 @@ impl AwsSigner {
         payload_sha256: &str,
         time: SystemTime,
     ) -> Result<Vec<(String, String)>, String> {
-        let credentials = Credentials::new(
-            self.access_key_id.expose(),
-            self.secret_access_key.expose(),
-            self.session_token.as_ref().map(|t| t.expose().to_string()),
-            None,
-            "tollgate-config",
-        );
-        let identity = credentials.into();
+        let identity = self.credentials.identity()?;
         let params = v4::SigningParams::builder()
             .identity(&identity)
             .region(&self.region)
@@ -102,12 +93,13 @@ mod tests {
     /// AWS's published SigV4 test suite (the copy shipped in the aws-sigv4 crate,
     /// `aws-signing-test-suite/v4`): credentials, region, service and time of every case.
     fn signer(token: Option<&str>) -> AwsSigner {
-        let mut s = AwsSigner::new(
+        let source = AwsSource::fixed_for_tests(
             "us-east-1",
             Secret::for_tests("AKIDEXAMPLE"),
             Secret::for_tests("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"),
             token.map(Secret::for_tests),
         );
+        let mut s = AwsSigner::new(source);
         s.service = "service";
         s
     }

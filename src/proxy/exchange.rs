@@ -271,7 +271,7 @@ impl Gateway {
                 unwritten(if timeout {
                     ApiError::gateway_timeout(format!("provider {}: connect timed out", provider.name))
                 } else {
-                    ApiError::bad_gateway(format!("provider {}: cannot connect: {}", provider.name, e.etype().as_str()))
+                    ApiError::bad_gateway(format!("provider {}: cannot connect: {}", provider.name, connect_reason(&e)))
                 })
             })?;
             up.set_write_timeout(Some(provider.idle_timeout));
@@ -382,5 +382,31 @@ async fn write_json(session: &mut Session, request_id: &str, status: u16, body: 
     let _ = h.insert_header(super::REQUEST_ID_HEADER, request_id);
     if session.write_response_header(Box::new(h), false).await.is_ok() {
         let _ = session.write_response_body(Some(body), true).await;
+    }
+}
+
+/// Why a connection failed, in words an operator can act on: Pingora's error type, then the
+/// innermost explanation (rustls's verdict on a certificate, the OS error, the egress proxy's
+/// refusal).
+fn connect_reason(e: &pingora::Error) -> String {
+    let mut detail = e.context.as_ref().map(|c| c.as_str().to_string());
+    let mut cause = e.cause.as_deref();
+    while let Some(c) = cause {
+        match c.downcast_ref::<pingora::Error>() {
+            Some(inner) => {
+                if let Some(ctx) = &inner.context {
+                    detail = Some(ctx.as_str().to_string());
+                }
+                cause = inner.cause.as_deref();
+            }
+            None => {
+                detail = Some(c.to_string());
+                break;
+            }
+        }
+    }
+    match detail {
+        Some(d) if !d.is_empty() => format!("{}: {d}", e.etype().as_str()),
+        _ => e.etype().as_str().to_string(),
     }
 }

@@ -370,7 +370,8 @@ impl Gateway {
                 let _ = req.insert_header(name.clone(), value.clone());
             }
             Auth::OAuth(source) => {
-                let _ = req.insert_header(http::header::AUTHORIZATION, source.header().map_err(ApiError::unavailable)?);
+                let header = source.header().map_err(|e| no_credential(provider, e))?;
+                let _ = req.insert_header(http::header::AUTHORIZATION, header);
             }
             Auth::SigV4(signer) => {
                 let host = endpoint.host_header.to_str().unwrap_or_default();
@@ -384,7 +385,7 @@ impl Gateway {
                         hash,
                         std::time::SystemTime::now(),
                     )
-                    .map_err(ApiError::unavailable)?;
+                    .map_err(|e| no_credential(provider, e))?;
                 for (name, value) in signed {
                     let _ = req.insert_header(name, value);
                 }
@@ -504,4 +505,15 @@ mod tests {
         assert_eq!(merge_betas(None, Some("a")), Some("a".into()));
         assert_eq!(merge_betas(None, None), None);
     }
+}
+
+/// A provider credential that cannot be used now (not fetched yet, expired, refused by STS):
+/// the detail, which can name roles, accounts and files, goes to the log and `/readyz`; the
+/// client learns only that the gateway's credentials are at fault.
+fn no_credential(provider: &Provider, detail: String) -> ApiError {
+    tracing::warn!(provider = %provider.name, error = %detail, "no usable provider credential");
+    ApiError::unavailable(format!(
+        "provider {}: the gateway has no usable credentials for it now (its log and /readyz say why)",
+        provider.name
+    ))
 }
