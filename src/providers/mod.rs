@@ -220,6 +220,15 @@ impl Provider {
     /// starts fresh. When the new set cannot be read, the running one stays, and the reason is
     /// returned to be logged.
     pub fn replace_credentials(&self, fresh: Result<Vec<Arc<Credential>>, String>) -> Result<(), String> {
+        // The proxy credentials are read again whatever becomes of the provider's own.
+        let proxy = match &self.egress {
+            Some(e) => e.read_auth().map_err(|e| format!("egress proxy: {e}")),
+            None => Ok(()),
+        };
+        self.replace_provider_credentials(fresh).and(proxy)
+    }
+
+    fn replace_provider_credentials(&self, fresh: Result<Vec<Arc<Credential>>, String>) -> Result<(), String> {
         let running = self.credentials.load();
         let fresh = match (fresh, running.as_ref()) {
             (Ok(fresh), Ok(old)) => fresh
@@ -246,9 +255,6 @@ impl Provider {
             }
         };
         self.credentials.store(Arc::new(Ok(fresh)));
-        if let Some(e) = &self.egress {
-            e.read_auth().map_err(|e| format!("egress proxy: {e}"))?;
-        }
         Ok(())
     }
 

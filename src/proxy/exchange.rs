@@ -400,7 +400,12 @@ fn connect_reason(e: &pingora::Error) -> String {
                 cause = inner.cause.as_deref();
             }
             None => {
-                detail = Some(c.to_string());
+                // Pingora attaches the local address to a failed TLS handshake as a cause of
+                // its own, with no error inside: the verdict stays in the context above it.
+                let text = c.to_string();
+                if !text.starts_with("local address ") && !text.is_empty() {
+                    detail = Some(text);
+                }
                 break;
             }
         }
