@@ -26,6 +26,9 @@ const MAX_CONNECT_ANSWER: usize = 16 << 10;
 #[derive(Debug)]
 pub struct Egress {
     proxy: ProxyUrl,
+    /// Taken from `HTTPS_PROXY` rather than the config: then, as the variable's name says and
+    /// as Go's and curl's clients do, only `https` endpoints go through it, and loopback never.
+    from_env: bool,
     no_proxy: Vec<NoProxy>,
     /// Where `Proxy-Authorization` comes from: a secret reference (re-read on reload), or the
     /// credentials in `HTTPS_PROXY` itself.
@@ -54,14 +57,15 @@ impl Egress {
     /// `HTTPS_PROXY`. `None` when its traffic goes out directly.
     pub fn for_provider(global: &EgressConfig, p: &ProviderConfig) -> Result<Option<Arc<Egress>>, String> {
         let env = |names: [&str; 2]| names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.trim().is_empty()));
-        let (proxy, auth) = match (&p.proxy, &global.proxy) {
+        let (proxy, auth, from_env) = match (&p.proxy, &global.proxy) {
             (Some(d), _) if d == "direct" => return Ok(None),
             // A provider's own proxy gets only its own credentials, never the global proxy's.
-            (Some(url), _) => (ProxyUrl::parse(url)?, p.proxy_auth.clone()),
-            (None, Some(url)) => (ProxyUrl::parse(url)?, global.proxy_auth.clone()),
+            (Some(url), _) => (ProxyUrl::parse(url)?, p.proxy_auth.clone(), false),
+            (None, Some(url)) => (ProxyUrl::parse(url)?, global.proxy_auth.clone(), false),
             (None, None) => match env(["HTTPS_PROXY", "https_proxy"]) {
                 Some(url) => {
-                    (ProxyUrl::parse_env(&url).map_err(|e| format!("HTTPS_PROXY: {e}"))?, global.proxy_auth.clone())
+                    let proxy = ProxyUrl::parse_env(&url).map_err(|e| format!("HTTPS_PROXY: {e}"))?;
+                    (proxy, global.proxy_auth.clone(), true)
                 }
                 None => return Ok(None),
             },
@@ -75,7 +79,7 @@ impl Egress {
             Some(list) => list.iter().map(|s| NoProxy::parse(s)).collect(),
             None => env(["NO_PROXY", "no_proxy"]).map_or_else(Vec::new, |v| v.split(',').map(NoProxy::parse).collect()),
         };
-        let egress = Egress { proxy, no_proxy, auth, authorization: ArcSwapOption::empty() };
+        let egress = Egress { proxy, from_env, no_proxy, auth, authorization: ArcSwapOption::empty() };
         egress.read_auth()?;
         Ok(Some(Arc::new(egress)))
     }
@@ -84,8 +88,12 @@ impl Egress {
         &self.proxy
     }
 
-    /// Whether connections to `host` go through the proxy (not named by `no_proxy`).
-    pub fn tunnels(&self, host: &str) -> bool {
+    /// Whether connections to `host` go through the proxy: not named by `no_proxy`, and, for
+    /// a proxy from `HTTPS_PROXY`, an `https` endpoint off the loopback.
+    pub fn tunnels(&self, host: &str, tls: bool) -> bool {
+        if self.from_env && (!tls || is_loopback(host)) {
+            return false;
+        }
         !self.no_proxy.iter().any(|n| n.matches(host))
     }
 
@@ -150,6 +158,11 @@ impl NoProxy {
             NoProxy::Net(net, bits) => host.parse::<IpAddr>().is_ok_and(|ip| in_net(ip, *net, *bits)),
         }
     }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.').to_ascii_lowercase();
+    host == "localhost" || host.ends_with(".localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn in_net(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
@@ -270,5 +283,11 @@ mod tests {
         assert!(np("[fd00::]/8", "fd12::1"));
         assert!(np("10.0.0.1:443", "10.0.0.1"));
         assert!(!np("", "example.com"));
+    }
+
+    #[test]
+    fn loopback() {
+        assert!(is_loopback("localhost") && is_loopback("api.localhost") && is_loopback("127.0.0.9"));
+        assert!(is_loopback("[::1]") && !is_loopback("10.0.0.1") && !is_loopback("localhost.corp"));
     }
 }

@@ -55,7 +55,7 @@ impl Endpoint {
     pub fn new(index: usize, url: UpstreamUrl, weight: usize, settings: PeerSettings) -> Result<Self, String> {
         let label = url.host_header();
         let host_header = HeaderValue::from_str(&label).map_err(|e| format!("endpoint host: {e}"))?;
-        let tunnel = settings.egress.as_ref().filter(|g| g.tunnels(&url.host)).map(|g| {
+        let tunnel = settings.egress.as_ref().filter(|g| g.tunnels(&url.host, url.tls)).map(|g| {
             // Connecting includes the CONNECT exchange: give it the TCP connect's time again.
             Arc::new(Tunnel::new(g.clone(), &url.host, url.port, settings.connect_timeout * 2))
         });
