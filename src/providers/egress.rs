@@ -27,7 +27,7 @@ const MAX_CONNECT_ANSWER: usize = 16 << 10;
 pub struct Egress {
     proxy: ProxyUrl,
     /// Taken from `HTTPS_PROXY` rather than the config: then, as the variable's name says and
-    /// as Go's and curl's clients do, only `https` endpoints go through it, and loopback never.
+    /// as Go's HTTP client does, only `https` endpoints go through it, and loopback never.
     from_env: bool,
     no_proxy: Vec<NoProxy>,
     /// Where `Proxy-Authorization` comes from: a secret reference (re-read on reload), or the
