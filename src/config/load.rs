@@ -419,6 +419,32 @@ deployments = [{ provider = "anthropic" }]
     }
 
     #[test]
+    fn aws_settings_are_checked() {
+        let with = |aws: &str| {
+            let bedrock =
+                format!("[[provider]]\nname = \"b\"\nkind = \"bedrock\"\nregion = \"us-east-1\"\naws = {{ {aws} }}\n");
+            load_str(&format!("{MINIMAL}{bedrock}"), "t.toml").map(|_| ()).map_err(|e| e.message)
+        };
+        assert_eq!(with("profile = \"gw\""), Ok(()));
+        assert_eq!(with("role_arn = \"arn:aws:iam::123456789012:role/bedrock\", external_id = \"ext-1\""), Ok(()));
+        assert_eq!(with("role_arn = \"arn:aws-cn:iam::123456789012:role/x\", session_name = \"gw@corp\""), Ok(()));
+        for (bad, says) in [
+            ("access_key_id = \"env:A\"", "go together"),
+            ("session_token = \"env:T\"", "needs access_key_id"),
+            ("access_key_id = \"env:A\", secret_access_key = \"env:S\", profile = \"p\"", "profile"),
+            ("role_arn = \"arn:aws:iam::12345:role/x\"", "not an IAM role ARN"),
+            ("role_arn = \"arn::iam::123456789012:role/x\"", "not an IAM role ARN"),
+            ("role_arn = \"arn:aws:iam::123456789012:user/x\"", "not an IAM role ARN"),
+            ("external_id = \"x1\"", "go with role_arn"),
+            ("role_arn = \"arn:aws:iam::123456789012:role/x\", session_name = \"has space\"", "session_name"),
+            ("role_arn = \"arn:aws:iam::123456789012:role/x\", external_id = \"x\"", "external_id"),
+        ] {
+            let e = with(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn minimal_loads() {
         let c = load_str(MINIMAL, "t.toml").unwrap();
         assert_eq!(c.models[0].deployments[0].provider.get_ref(), "anthropic");
@@ -465,6 +491,7 @@ fn check_aws(a: &super::AwsCredentialsConfig) -> Result<(), String> {
         let parts: Vec<&str> = arn.splitn(6, ':').collect();
         let ok = parts.len() == 6
             && parts[0] == "arn"
+            && !parts[1].is_empty()
             && parts[2] == "iam"
             && parts[4].len() == 12
             && parts[4].bytes().all(|b| b.is_ascii_digit())
@@ -474,6 +501,20 @@ fn check_aws(a: &super::AwsCredentialsConfig) -> Result<(), String> {
         }
     } else if a.external_id.is_some() || a.session_name.is_some() {
         return Err("external_id and session_name go with role_arn".into());
+    }
+    // STS's own patterns: refused here rather than at every renewal.
+    let sts_chars = |s: &str, extra: &[u8]| {
+        s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_+=,.@-".contains(&b) || extra.contains(&b))
+    };
+    if let Some(name) = &a.session_name {
+        if !(2..=64).contains(&name.len()) || !sts_chars(name, b"") {
+            return Err(format!("session_name {name:?}: 2 to 64 of letters, digits and _+=,.@-"));
+        }
+    }
+    if let Some(id) = &a.external_id {
+        if !(2..=1224).contains(&id.len()) || !sts_chars(id, b":/") {
+            return Err("external_id: 2 to 1224 of letters, digits and _+=,.@:/-".into());
+        }
     }
     Ok(())
 }
