@@ -105,6 +105,9 @@ fn static_credentials(id: &Secret, secret: &Secret, token: Option<&Secret>) -> C
 
 struct Held {
     identity: Identity,
+    /// Which key this is (an identifier, not a secret): a fetch that hands back the same key
+    /// renewed nothing.
+    access_key_id: String,
     expires: Option<SystemTime>,
     refresh_at: Option<SystemTime>,
 }
@@ -115,6 +118,8 @@ pub struct AwsCredentials {
     held: ArcSwapOption<Held>,
     /// When the last fetch was tried, and why it failed.
     state: Mutex<(Option<Instant>, Option<String>)>,
+    /// When the fetch under way now started, if one is.
+    fetching_since: Mutex<Option<Instant>>,
     /// Built on the refresh thread at its first fetch (the chain reads files and env then);
     /// dropped by a reload, so the next fetch reads them again.
     provider: Mutex<Option<SharedCredentialsProvider>>,
@@ -128,11 +133,17 @@ impl std::fmt::Debug for AwsCredentials {
 
 impl AwsCredentials {
     pub fn new(source: AwsSource) -> Self {
-        let held = source.fixed().map(|c| Held { identity: c.into(), expires: None, refresh_at: None });
+        let held = source.fixed().map(|c| Held {
+            access_key_id: c.access_key_id().to_string(),
+            identity: c.into(),
+            expires: None,
+            refresh_at: None,
+        });
         AwsCredentials {
             source,
             held: ArcSwapOption::from_pointee(held),
             state: Mutex::new((None, None)),
+            fetching_since: Mutex::new(None),
             provider: Mutex::new(None),
         }
     }
@@ -148,12 +159,20 @@ impl AwsCredentials {
             Some(h) if h.expires.is_none_or(|e| SystemTime::now() < e) => Ok(h.identity.clone()),
             held => {
                 let why = self.state.lock().unwrap_or_else(|p| p.into_inner()).1.clone();
+                let since = *self.fetching_since.lock().unwrap_or_else(|p| p.into_inner());
                 let what = if held.is_some() { "expired" } else { "not fetched yet" };
-                Err(format!(
-                    "AWS credentials from {} {what}: {}",
-                    self.source.describe(),
-                    why.unwrap_or_else(|| "no fetch has finished".into())
-                ))
+                let why = match (since, why) {
+                    (Some(t), Some(last)) => {
+                        format!(
+                            "a fetch has been under way for {} s; the last one failed: {last}",
+                            t.elapsed().as_secs()
+                        )
+                    }
+                    (Some(t), None) => format!("a fetch has been under way for {} s", t.elapsed().as_secs()),
+                    (None, Some(last)) => last,
+                    (None, None) => "no fetch has finished".into(),
+                };
+                Err(format!("AWS credentials from {} {what}: {why}", self.source.describe()))
             }
         }
     }
@@ -186,6 +205,7 @@ impl AwsCredentials {
             held.as_ref().map(|h| {
                 std::sync::Arc::new(Held {
                     identity: h.identity.clone(),
+                    access_key_id: h.access_key_id.clone(),
                     expires: h.expires,
                     refresh_at: Some(SystemTime::UNIX_EPOCH),
                 })
@@ -195,16 +215,46 @@ impl AwsCredentials {
 
     /// Fetches credentials through the chain (and STS), on the refresh thread's runtime.
     pub async fn refresh(&self, http: &SharedHttpClient) {
+        *self.fetching_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         let result = match tokio::time::timeout(FETCH_TIMEOUT, self.fetch(http)).await {
             Ok(r) => r,
             Err(_) => Err(format!("no answer within {FETCH_TIMEOUT:?}")),
         };
+        *self.fetching_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.0 = Some(Instant::now());
         match result {
             Ok(creds) => {
                 let now = SystemTime::now();
                 let expires = creds.expiry();
+                let held = self.held.load_full();
+                // The SDK's instance-metadata provider hands back the last keys it had when the
+                // service fails (and extends their expiry): that renews nothing, and the real
+                // expiry of the held keys stands.
+                let stale = match &held {
+                    Some(h) if h.access_key_id == creds.access_key_id() => {
+                        Some("the credential source handed back the keys already held, not new ones".to_string())
+                    }
+                    _ if expires.is_some_and(|e| e <= now) => {
+                        Some("the credential source handed back keys that have already expired".to_string())
+                    }
+                    _ => None,
+                };
+                if let Some(why) = stale {
+                    tracing::warn!(source = %self.source.describe(), "AWS credentials not renewed: {why}");
+                    if let Some(h) = held {
+                        // Try again later, half-way to the held keys' end, or in a few seconds.
+                        let retry = h.expires.map(|e| now + e.duration_since(now).unwrap_or_default() / 2);
+                        self.held.store(Some(std::sync::Arc::new(Held {
+                            identity: h.identity.clone(),
+                            access_key_id: h.access_key_id.clone(),
+                            expires: h.expires,
+                            refresh_at: retry,
+                        })));
+                    }
+                    state.1 = Some(why);
+                    return;
+                }
                 let refresh_at = expires.map(|e| {
                     let left = e.duration_since(now).unwrap_or_default();
                     // Half-way through what is left, and at the latest RENEW_AHEAD before the end.
@@ -214,7 +264,13 @@ impl AwsCredentials {
                     .and_then(|e| e.duration_since(SystemTime::UNIX_EPOCH).ok())
                     .map_or_else(|| "never".into(), |d| crate::config::rfc3339(d.as_millis() as i64));
                 tracing::info!(source = %self.source.describe(), expires = %until, "AWS credentials fetched");
-                self.held.store(Some(std::sync::Arc::new(Held { identity: creds.into(), expires, refresh_at })));
+                let access_key_id = creds.access_key_id().to_string();
+                self.held.store(Some(std::sync::Arc::new(Held {
+                    identity: creds.into(),
+                    access_key_id,
+                    expires,
+                    refresh_at,
+                })));
                 state.1 = None;
             }
             Err(e) => {

@@ -163,6 +163,11 @@ impl TokenSource {
             Ok(Err(e)) => Err(e),
             Err(_) => Err("Google's credentials library gave no token within 30 s".into()),
         };
+        if answer.is_err() {
+            // The library answers with an error only once it holds no valid token: the one
+            // held here is dead too, and signing with it would earn clients a provider's 401.
+            self.held.store(None);
+        }
         self.hold(answer.map(|token| (token, LIBRARY_TOKEN_HOLD, LIBRARY_TOKEN_HOLD - Duration::from_secs(1))));
     }
 
