@@ -76,6 +76,8 @@ struct Sections<'a> {
     admin: &'a str,
     /// Send the gateway's output (its log) to `gateway.log` in its directory.
     log_to_file: bool,
+    /// Variables taken out of the environment the gateway inherits from the test.
+    env_remove: &'a [String],
 }
 
 /// Writes the harness's tables (with `extra` lines), then `config`, and starts the binary on it.
@@ -99,7 +101,11 @@ fn launch(extra: Sections<'_>, envs: &[(&str, &str)], config: &str) -> Gateway {
     let config_path = dir.path().join("tollgate.toml");
     std::fs::write(&config_path, text).unwrap();
     let log = extra.log_to_file.then(|| std::fs::File::create(dir.path().join("gateway.log")).unwrap());
-    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    for name in extra.env_remove {
+        command.env_remove(name);
+    }
+    let child = command
         .args(["run", "--config"])
         .arg(&config_path)
         .env("TG_TEST_PROVIDER_KEY", PROVIDER_SECRET)
@@ -336,6 +342,144 @@ pub fn start_gateway_sections(
 /// (read it with [`Gateway::log`]).
 pub fn start_gateway_logged(admin_extra: &str, envs: &[(&str, &str)], config: &str) -> Gateway {
     launch(Sections { admin: admin_extra, log_to_file: true, ..Default::default() }, envs, config)
+}
+
+/// Like [`start_gateway_logged`] (no admin extras), with the variables named in `remove` taken
+/// out of the environment the gateway would inherit from the test before `envs` are set: a
+/// hermetic environment for code that reads ambient configuration (AWS's and Google's credential
+/// chains read `AWS_*`, `GOOGLE_*`, `HOME`, proxies...).
+pub fn start_gateway_env(envs: &[(&str, &str)], remove: &[String], config: &str) -> Gateway {
+    launch(Sections { log_to_file: true, env_remove: remove, ..Default::default() }, envs, config)
+}
+
+/// The names of the variables in the test's own environment that `matches` picks (for
+/// [`start_gateway_env`]'s `remove`).
+pub fn inherited_env(matches: impl Fn(&str) -> bool) -> Vec<String> {
+    std::env::vars_os().filter_map(|(name, _)| name.into_string().ok()).filter(|n| matches(n)).collect()
+}
+
+/// One request a [`RecordingProxy`] passed on, with the answer it got.
+#[derive(Debug, Clone)]
+pub struct ProxyExchange {
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    pub headers: http::HeaderMap,
+    pub body: bytes::Bytes,
+    pub status: u16,
+    pub response_headers: http::HeaderMap,
+    pub response: bytes::Bytes,
+}
+
+impl ProxyExchange {
+    pub fn response_text(&self) -> String {
+        String::from_utf8_lossy(&self.response).into_owned()
+    }
+}
+
+/// A loopback HTTP reverse proxy in front of `target` that keeps a copy of every request and
+/// answer (for tests that must see what a client library sent and got: which key signed a call,
+/// which credentials an issuer handed out). It passes requests on as they came, `Host` included
+/// (a SigV4 signature covers it), and adds nothing (no `X-Forwarded-For`, which metadata servers
+/// refuse). It stops when dropped.
+pub struct RecordingProxy {
+    pub addr: std::net::SocketAddr,
+    exchanges: std::sync::Arc<std::sync::Mutex<Vec<ProxyExchange>>>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl RecordingProxy {
+    /// Starts on `127.0.0.1` with a free port, on the current tokio runtime; `target` is
+    /// `http://host:port`.
+    pub async fn start(target: &str) -> Self {
+        use hyper_util::rt::TokioIo;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let exchanges = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let upstream = reqwest::Client::builder().no_proxy().build().unwrap();
+        let (target, log) = (target.trim_end_matches('/').to_string(), exchanges.clone());
+        tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    _ = &mut stopped => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => continue,
+                    },
+                };
+                let (upstream, target, log) = (upstream.clone(), target.clone(), log.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        proxy_one(upstream.clone(), target.clone(), log.clone(), req)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        RecordingProxy { addr, exchanges, _stop: stop }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every exchange so far, in order.
+    pub fn exchanges(&self) -> Vec<ProxyExchange> {
+        self.exchanges.lock().unwrap().clone()
+    }
+}
+
+/// Headers that belong to one connection, not to the request or answer.
+const HOP_BY_HOP: [&str; 7] =
+    ["connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-connection", "content-length"];
+
+async fn proxy_one(
+    upstream: reqwest::Client,
+    target: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<ProxyExchange>>>,
+    req: http::Request<hyper::body::Incoming>,
+) -> Result<http::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
+    use http_body_util::BodyExt;
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let mut headers = parts.headers.clone();
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    let sent = upstream
+        .request(parts.method.clone(), format!("{target}{path}"))
+        .headers(headers)
+        .body(body.clone())
+        .send()
+        .await;
+    let (status, mut response_headers, response) = match sent {
+        Ok(r) => {
+            let (status, headers) = (r.status().as_u16(), r.headers().clone());
+            (status, headers, r.bytes().await.unwrap_or_default())
+        }
+        Err(e) => (502, http::HeaderMap::new(), bytes::Bytes::from(format!("recording proxy: {e}"))),
+    };
+    for name in HOP_BY_HOP {
+        response_headers.remove(name);
+    }
+    log.lock().unwrap().push(ProxyExchange {
+        method: parts.method.to_string(),
+        path,
+        headers: parts.headers,
+        body,
+        status,
+        response_headers: response_headers.clone(),
+        response: response.clone(),
+    });
+    let mut answer = http::Response::new(http_body_util::Full::new(response));
+    *answer.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+    *answer.headers_mut() = response_headers;
+    Ok(answer)
 }
 
 /// The data of every SSE event in `sse`, with the model id made neutral (each provider names its
