@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use crate::auth::{JwtVerifier, KeyStore, SharedKeys};
 use crate::config::{ByReference, Config, Interrupted, Secret, Unpriced};
 use crate::limits::Owners;
-use crate::limits::{Limiter, LocalLimiter, Scope, ScopeKind};
+use crate::limits::{Limits, LocalLimiter, RedisLimiter, RedisSettings, Scope, ScopeKind};
 use crate::metering::PriceTable;
 use crate::metrics::Metrics;
 use crate::providers::Provider;
@@ -78,7 +78,9 @@ pub type SharedState = Arc<ArcSwap<State>>;
 pub struct Runtime {
     pub state: SharedState,
     pub keys: SharedKeys,
-    pub limiter: Arc<LocalLimiter>,
+    pub limiter: Limits,
+    /// Runs the shared limiter's connection, settlements and lease renewals (fleet mode).
+    _limits_rt: Option<tokio::runtime::Runtime>,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     /// The admin API's bearer token; the API is closed without one.
@@ -101,12 +103,13 @@ impl Runtime {
         let state = State::build(&config, None)?;
         let stored = store.keys().map_err(|e| e.to_string())?;
         let keys = KeyStore::build(&config.keys, &stored)?;
-        let limiter = Arc::new(LocalLimiter::new(config.controls.tz()));
+        let (limiter, limits_rt) = build_limits(&config)?;
         limiter.set_max_keys(config.controls.max_principals);
         let rt = Runtime {
             state: Arc::new(ArcSwap::from_pointee(state)),
             keys: Arc::new(ArcSwap::from_pointee(keys)),
             limiter,
+            _limits_rt: limits_rt,
             store,
             metrics,
             admin_token: ArcSwap::from_pointee(admin_token(&config)),
@@ -116,7 +119,29 @@ impl Runtime {
             certs: Mutex::new(Vec::new()),
         };
         rt.seed_budgets(&[], &rt.state.load(), &rt.keys.load())?;
+        rt.mark_seeded()?;
         Ok(rt)
+    }
+
+    /// A shared limiter that lost its counters (Redis restarted empty) refuses admissions until
+    /// every budget is seeded again from the ledger: this does it, once at a time.
+    pub fn reseed_limits(&self) -> Result<(), String> {
+        let Limits::Redis { limiter, .. } = &self.limiter else { return Ok(()) };
+        if limiter.reseeding.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return Ok(());
+        }
+        let _guard = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let result = self.seed_budgets(&[], &self.state.load(), &self.keys.load()).and_then(|()| self.mark_seeded());
+        limiter.reseeding.store(false, std::sync::atomic::Ordering::Release);
+        tracing::warn!(ok = result.is_ok(), "the shared limiter's budgets were seeded again from the ledger");
+        result
+    }
+
+    fn mark_seeded(&self) -> Result<(), String> {
+        match &self.limiter {
+            Limits::Redis { limiter, rt } => limiter.mark_seeded(rt),
+            Limits::Local(_) => Ok(()),
+        }
     }
 
     /// Reads the config file again and applies it. On any error the running config stays.
@@ -182,8 +207,9 @@ impl Runtime {
         self.config.load_full()
     }
 
+    /// A scope's spend and headroom, for the admin listener (see [`Limits::status_blocking`]).
     pub fn limiter_status(&self, scope: &Scope) -> crate::limits::ScopeStatus {
-        self.limiter.status(scope)
+        self.limiter.status_blocking(scope)
     }
 
     /// Every scope with a budget or limits: keys, users and teams.
@@ -295,4 +321,31 @@ fn admin_token(config: &Config) -> AdminToken {
 /// Providers of the running snapshot by name, for a reload to keep.
 pub fn providers_by_name(state: &State) -> HashMap<String, Arc<crate::providers::Provider>> {
     state.providers.iter().map(|p| (p.name.clone(), p.clone())).collect()
+}
+
+/// The limiter `[limits]` asks for: this process's, or the fleet's in Redis (with the runtime
+/// that drives its connection).
+fn build_limits(config: &Config) -> Result<(Limits, Option<tokio::runtime::Runtime>), String> {
+    let tz = config.controls.tz();
+    let l = &config.limits;
+    match l.backend {
+        crate::config::LimitsBackend::Local => Ok((Limits::Local(Arc::new(LocalLimiter::new(tz))), None)),
+        crate::config::LimitsBackend::Redis => {
+            let url = l.url.as_ref().ok_or("limits.url is required for redis")?.resolve()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("tollgate-limits")
+                .enable_all()
+                .build()
+                .map_err(|e| format!("the shared limiter's runtime: {e}"))?;
+            let settings = RedisSettings {
+                url: url.expose().to_string(),
+                prefix: l.prefix.clone(),
+                timeout: l.timeout,
+                lease: l.lease,
+            };
+            let limiter = RedisLimiter::connect(settings, tz, rt.handle())?;
+            Ok((Limits::Redis { limiter, rt: rt.handle().clone() }, Some(rt)))
+        }
+    }
 }

@@ -18,7 +18,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
-use crate::limits::{rfc3339, Limiter, ScopeKind, ScopeStatus};
+use crate::limits::{rfc3339, ScopeKind, ScopeStatus};
 use crate::metering::usd;
 use crate::providers::now_ms;
 use crate::runtime::{AdminToken, Runtime};
@@ -243,7 +243,7 @@ impl Admin {
         }
         // Teams and users come from the config, so these labels stay bounded.
         for scope in self.runtime.scopes().iter().filter(|s| s.kind != ScopeKind::Key) {
-            let st = self.runtime.limiter.status(scope);
+            let st = self.runtime.limiter_status(scope);
             let (kind, id) = (scope.kind.name(), &*scope.id);
             if let Some(limit) = st.limit_nanos {
                 let left = limit.saturating_sub(st.spent_nanos).saturating_sub(st.reserved_nanos);

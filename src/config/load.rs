@@ -6,6 +6,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::Path;
+use std::time::Duration;
 
 use super::Config;
 use super::ProviderKind;
@@ -190,6 +191,17 @@ fn validate(c: &Config) -> Result<(), Invalid> {
             }
             _ => {}
         }
+    }
+    match (&c.limits.backend, &c.limits.url) {
+        (super::LimitsBackend::Redis, None) => return Err((0..0, "limits: backend = \"redis\" needs url".into())),
+        (super::LimitsBackend::Local, Some(_)) => return Err((0..0, "limits: url is for backend = \"redis\"".into())),
+        _ => {}
+    }
+    if c.limits.lease < Duration::from_secs(3) || c.limits.timeout.is_zero() {
+        return Err((0..0, "limits: lease must be at least 3s and timeout more than 0".into()));
+    }
+    if c.limits.prefix.is_empty() || c.limits.prefix.contains(['{', '}']) {
+        return Err((0..0, "limits: prefix must be non-empty, without { or }".into()));
     }
     if let Some(proxy) = &c.egress.proxy {
         super::ProxyUrl::parse(proxy).map_err(|e| (0..0, format!("egress.proxy: {e}")))?;

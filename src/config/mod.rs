@@ -58,6 +58,46 @@ pub struct Config {
     /// How provider traffic leaves the host: a corporate proxy, a private CA.
     #[serde(default)]
     pub egress: EgressConfig,
+    /// Where budgets and rate limits are counted: in this process, or shared by a fleet.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: where budgets, rate limits and concurrency are counted.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// `local` (this process) or `redis` (every gateway sharing `url`).
+    pub backend: LimitsBackend,
+    /// Redis: `redis://[:password@]host:port/db` or `rediss://` (TLS), as a secret reference.
+    pub url: Option<SecretRef>,
+    /// Redis: every key is `{prefix}:…`, in one hash slot.
+    pub prefix: String,
+    /// Redis: the longest an admission waits for Redis before refusing with 503.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Redis: how long a reservation outlives a gateway that died holding it.
+    #[serde(deserialize_with = "duration")]
+    pub lease: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            backend: LimitsBackend::Local,
+            url: None,
+            prefix: "tollgate".into(),
+            timeout: Duration::from_millis(250),
+            lease: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitsBackend {
+    Local,
+    Redis,
 }
 
 /// `[egress]`: the way out for every provider that does not set its own.

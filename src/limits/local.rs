@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use super::{
     rfc3339, Actual, Budget, Demand, Hold, Limiter, Period, RateLimits, Refusal, Reservation, Scope, ScopeKind,
-    ScopeStatus,
+    ScopeStatus, Settle,
 };
 use crate::metering::usd;
 
@@ -237,7 +237,17 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-fn budget_refusal(scope: &Scope, b: Budget, c: &Counters, demand: Demand) -> Option<Refusal> {
+/// The spend of a budgeted scope as admission sees it.
+pub(super) struct Spend {
+    pub spent: u64,
+    pub reserved: u64,
+    pub period_end: i64,
+}
+
+/// Why `demand` does not fit budget `b` (403 when the spend alone leaves no room, 429 while
+/// reservations in flight hold it), or `None` when it fits. Shared by every limiter, so a
+/// refusal reads the same whichever one counts.
+pub(super) fn budget_refusal(scope: &Scope, b: Budget, c: &Spend, demand: Demand) -> Option<Refusal> {
     // The words of a refusal are built only when there is one: this runs on every request.
     let resets = || match b.period {
         Period::None => "it does not reset".to_string(),
@@ -279,16 +289,18 @@ fn budget_refusal(scope: &Scope, b: Budget, c: &Counters, demand: Demand) -> Opt
     None
 }
 
-/// A refusal by a token bucket, with the `anthropic-ratelimit-*` headers of that limit.
-fn bucket_refusal(
+/// A refusal by a token bucket at `level`, with the `anthropic-ratelimit-*` headers of that
+/// limit.
+pub(super) fn bucket_refusal(
     scope: &Scope,
     what: &'static str,
     reason: &'static str,
-    bucket: &Bucket,
+    level: f64,
     per_minute: u64,
     need: f64,
     now_ms: i64,
 ) -> Refusal {
+    let bucket = Bucket { level, at: None };
     let wait = bucket.wait_for(need, per_minute).max(Duration::from_millis(1));
     let full = bucket.wait_for(per_minute as f64, per_minute);
     let remaining = bucket.level.max(0.0).floor() as u64;
@@ -305,7 +317,7 @@ fn bucket_refusal(
     }
 }
 
-fn concurrency_refusal(scope: &Scope, max: u32) -> Refusal {
+pub(super) fn concurrency_refusal(scope: &Scope, max: u32) -> Refusal {
     Refusal {
         status: 429,
         message: format!("concurrency limit of {scope}: {max} requests at a time"),
@@ -330,27 +342,28 @@ fn check(
 ) -> Result<(), Refusal> {
     if let Some(b) = scope.policy.budget {
         c.roll(b.period, tz, now_ms);
-        if let Some(r) = budget_refusal(scope, b, c, demand) {
+        let spend = Spend { spent: c.spent, reserved: c.reserved, period_end: c.period_end };
+        if let Some(r) = budget_refusal(scope, b, &spend, demand) {
             return Err(r);
         }
     }
     let RateLimits { rpm, input_tpm, output_tpm, concurrency } = scope.policy.limits;
     if let Some(rpm) = rpm {
         if c.requests.refill(u64::from(rpm), now) < 1.0 {
-            return Err(bucket_refusal(scope, "requests", "rpm", &c.requests, u64::from(rpm), 1.0, now_ms));
+            return Err(bucket_refusal(scope, "requests", "rpm", c.requests.level, u64::from(rpm), 1.0, now_ms));
         }
     }
     // A request larger than the whole minute's allowance needs a full bucket, not a bigger one.
     if let Some(tpm) = input_tpm {
         let need = demand.input_tokens.min(tpm) as f64;
         if c.input.refill(tpm, now) < need {
-            return Err(bucket_refusal(scope, "input-tokens", "input_tpm", &c.input, tpm, need, now_ms));
+            return Err(bucket_refusal(scope, "input-tokens", "input_tpm", c.input.level, tpm, need, now_ms));
         }
     }
     if let Some(tpm) = output_tpm {
         let need = demand.output_tokens.min(tpm) as f64;
         if c.output.refill(tpm, now) < need {
-            return Err(bucket_refusal(scope, "output-tokens", "output_tpm", &c.output, tpm, need, now_ms));
+            return Err(bucket_refusal(scope, "output-tokens", "output_tpm", c.output.level, tpm, need, now_ms));
         }
     }
     if let Some(max) = concurrency.filter(|_| !held) {
@@ -402,7 +415,7 @@ impl Limiter for LocalLimiter {
         if let Some(h) = held {
             h.take_over();
         }
-        Ok(Reservation::new(self, scopes, demand))
+        Ok(Reservation::new(self, 0, scopes, demand))
     }
 
     fn hold(self: Arc<Self>, scope: &Scope) -> Result<Hold, Refusal> {
@@ -417,17 +430,40 @@ impl Limiter for LocalLimiter {
             }
             c.in_flight += 1;
         }
-        Ok(Hold::new(self, scope.clone()))
+        Ok(Hold::new(self, 0, scope.clone()))
     }
 
-    fn release(&self, scope: &Scope) {
+    fn status(&self, scope: &Scope) -> ScopeStatus {
+        self.status_now(scope)
+    }
+
+    fn seed(&self, scope: &Scope, period_start_ms: i64, spent_nanos: u64) {
+        self.seed_now(scope, period_start_ms, spent_nanos)
+    }
+
+    fn ids_with_prefix(&self, kind: ScopeKind, prefix: &str) -> Vec<String> {
+        self.lock().scopes[kind as usize].keys().filter(|id| id.starts_with(prefix)).cloned().collect()
+    }
+
+    fn tracks(&self, scope: &Scope) -> bool {
+        let Some(b) = scope.policy.budget else { return true };
+        let g = self.lock();
+        let (start, _) = b.period.bounds(g.tz, (self.clock)());
+        g.scopes[scope.kind as usize]
+            .get(&*scope.id)
+            .is_some_and(|c| c.period == Some(b.period) && c.period_start == start)
+    }
+}
+
+impl Settle for LocalLimiter {
+    fn release(&self, _ticket: u64, scope: &Scope) {
         // A held scope has a request in flight, so it cannot have been forgotten.
         if let Some(c) = self.lock().scopes[scope.kind as usize].get_mut(&*scope.id) {
             c.in_flight = c.in_flight.saturating_sub(1);
         }
     }
 
-    fn settle(&self, scopes: &[Scope], demand: Demand, actual: Actual) {
+    fn settle(&self, _ticket: u64, scopes: &[Scope], demand: Demand, actual: Actual) {
         let now_ms = (self.clock)();
         let mut g = self.lock();
         let tz = g.tz;
@@ -450,8 +486,10 @@ impl Limiter for LocalLimiter {
             c.last_ms = now_ms;
         }
     }
+}
 
-    fn status(&self, scope: &Scope) -> ScopeStatus {
+impl LocalLimiter {
+    fn status_now(&self, scope: &Scope) -> ScopeStatus {
         let now = Instant::now();
         let now_ms = (self.clock)();
         let mut g = self.lock();
@@ -482,7 +520,7 @@ impl Limiter for LocalLimiter {
         st
     }
 
-    fn seed(&self, scope: &Scope, period_start_ms: i64, spent_nanos: u64) {
+    fn seed_now(&self, scope: &Scope, period_start_ms: i64, spent_nanos: u64) {
         let Some(b) = scope.policy.budget else { return };
         let mut g = self.lock();
         let tz = g.tz;
@@ -496,19 +534,6 @@ impl Limiter for LocalLimiter {
         c.period_start = start;
         c.period_end = end;
         c.spent = spent_nanos;
-    }
-
-    fn ids_with_prefix(&self, kind: ScopeKind, prefix: &str) -> Vec<String> {
-        self.lock().scopes[kind as usize].keys().filter(|id| id.starts_with(prefix)).cloned().collect()
-    }
-
-    fn tracks(&self, scope: &Scope) -> bool {
-        let Some(b) = scope.policy.budget else { return true };
-        let g = self.lock();
-        let (start, _) = b.period.bounds(g.tz, (self.clock)());
-        g.scopes[scope.kind as usize]
-            .get(&*scope.id)
-            .is_some_and(|c| c.period == Some(b.period) && c.period_start == start)
     }
 }
 

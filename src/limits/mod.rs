@@ -6,6 +6,7 @@
 //! can hold them for a fleet; [`LocalLimiter`] keeps them in this process's memory.
 
 mod local;
+mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ pub use crate::config::{
     rfc3339, Budget, BudgetConfig, Period, RateLimits, DEFAULT_MAX_PRINCIPALS as DEFAULT_MAX_KEYS,
 };
 pub use local::{now_ms, Clock, LocalLimiter};
+pub use redis::{redact as redact_url, RedisLimiter, RedisSettings};
 
 /// Budget and limits of one scope.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -126,8 +128,20 @@ pub struct Refusal {
     pub reason: &'static str,
 }
 
-/// The counters behind admission and settlement.
-pub trait Limiter: Send + Sync {
+/// Gives back what admission took. Every [`Hold`] and [`Reservation`] keeps one, so that it
+/// can settle or release on any path, even from `Drop`: it never waits.
+pub trait Settle: Send + Sync {
+    /// Gives back a slot taken by [`Limiter::hold`] that no reservation took over. `ticket`
+    /// is what the limiter gave the hold (a shared limiter's lease; 0 for the local one).
+    fn release(&self, ticket: u64, scope: &Scope);
+
+    /// Replaces a reservation by what the request used. Called exactly once per reservation.
+    fn settle(&self, ticket: u64, scopes: &[Scope], demand: Demand, actual: Actual);
+}
+
+/// The counters behind admission and settlement, in this process ([`LocalLimiter`]); a shared
+/// backend admits asynchronously instead (see [`Limits`]).
+pub trait Limiter: Settle {
     /// Checks every scope and, when all have room, reserves `demand` on each of them at once.
     fn admit(self: Arc<Self>, scopes: Vec<Scope>, demand: Demand) -> Result<Reservation, Refusal> {
         self.admit_held(scopes, demand, None)
@@ -146,12 +160,6 @@ pub trait Limiter: Send + Sync {
     /// Takes a concurrency slot of `scope` now, before the request's body is read, so that a
     /// scope's concurrency limit also bounds the bodies it has in memory.
     fn hold(self: Arc<Self>, scope: &Scope) -> Result<Hold, Refusal>;
-
-    /// Gives back a slot taken by [`Limiter::hold`] that no reservation took over.
-    fn release(&self, scope: &Scope);
-
-    /// Replaces a reservation by what the request used. Called exactly once per reservation.
-    fn settle(&self, scopes: &[Scope], demand: Demand, actual: Actual);
 
     /// Spend and headroom of one scope, for status reports and gauges.
     fn status(&self, scope: &Scope) -> ScopeStatus;
@@ -188,14 +196,19 @@ pub struct ScopeStatus {
 /// A concurrency slot of one scope taken before admission. Dropped (the request was refused
 /// or failed before admission), it gives the slot back.
 pub struct Hold {
-    limiter: Arc<dyn Limiter>,
+    limiter: Arc<dyn Settle>,
+    ticket: u64,
     scope: Scope,
     taken_over: bool,
 }
 
 impl Hold {
-    pub fn new(limiter: Arc<dyn Limiter>, scope: Scope) -> Self {
-        Hold { limiter, scope, taken_over: false }
+    pub fn new(limiter: Arc<dyn Settle>, ticket: u64, scope: Scope) -> Self {
+        Hold { limiter, ticket, scope, taken_over: false }
+    }
+
+    pub fn ticket(&self) -> u64 {
+        self.ticket
     }
 
     pub fn scope(&self) -> &Scope {
@@ -211,7 +224,7 @@ impl Hold {
 impl Drop for Hold {
     fn drop(&mut self) {
         if !self.taken_over {
-            self.limiter.release(&self.scope);
+            self.limiter.release(self.ticket, &self.scope);
         }
     }
 }
@@ -220,15 +233,16 @@ impl Drop for Hold {
 /// panic, a path that forgot), it releases everything as if the request used nothing, so no
 /// slot or reservation is ever stuck.
 pub struct Reservation {
-    limiter: Arc<dyn Limiter>,
+    limiter: Arc<dyn Settle>,
+    ticket: u64,
     scopes: Vec<Scope>,
     demand: Demand,
     settled: bool,
 }
 
 impl Reservation {
-    pub fn new(limiter: Arc<dyn Limiter>, scopes: Vec<Scope>, demand: Demand) -> Self {
-        Reservation { limiter, scopes, demand, settled: false }
+    pub fn new(limiter: Arc<dyn Settle>, ticket: u64, scopes: Vec<Scope>, demand: Demand) -> Self {
+        Reservation { limiter, ticket, scopes, demand, settled: false }
     }
 
     pub fn demand(&self) -> Demand {
@@ -237,7 +251,7 @@ impl Reservation {
 
     pub fn settle(mut self, actual: Actual) {
         self.settled = true;
-        self.limiter.settle(&self.scopes, self.demand, actual);
+        self.limiter.settle(self.ticket, &self.scopes, self.demand, actual);
     }
 }
 
@@ -245,7 +259,107 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.settled {
             tracing::warn!(worst_nanos = self.demand.worst_nanos, "a reservation was dropped unsettled; released");
-            self.limiter.settle(&self.scopes, self.demand, Actual::default());
+            self.limiter.settle(self.ticket, &self.scopes, self.demand, Actual::default());
+        }
+    }
+}
+
+/// The limiter a gateway runs: its own counters, or the fleet's in Redis. Admission is
+/// asynchronous (a shared limiter answers over the network); settling never waits.
+#[derive(Clone)]
+pub enum Limits {
+    Local(Arc<LocalLimiter>),
+    Redis { limiter: Arc<RedisLimiter>, rt: tokio::runtime::Handle },
+}
+
+impl Limits {
+    pub async fn admit_held(
+        &self,
+        scopes: Vec<Scope>,
+        demand: Demand,
+        held: Option<Hold>,
+    ) -> Result<Reservation, Refusal> {
+        match self {
+            Limits::Local(l) => l.clone().admit_held(scopes, demand, held),
+            Limits::Redis { limiter, .. } => limiter.admit_held(scopes, demand, held).await,
+        }
+    }
+
+    pub async fn hold(&self, scope: &Scope) -> Result<Hold, Refusal> {
+        match self {
+            Limits::Local(l) => l.clone().hold(scope),
+            Limits::Redis { limiter, .. } => limiter.hold(scope).await,
+        }
+    }
+
+    pub async fn status(&self, scope: &Scope) -> ScopeStatus {
+        match self {
+            Limits::Local(l) => l.status(scope),
+            Limits::Redis { limiter, .. } => limiter.status(scope).await,
+        }
+    }
+
+    /// As [`Limits::status`], waiting: for the admin listener, whose threads serve no proxy
+    /// traffic (a shared limiter answers in one round trip).
+    pub fn status_blocking(&self, scope: &Scope) -> ScopeStatus {
+        match self {
+            Limits::Local(l) => l.status(scope),
+            Limits::Redis { limiter, rt } => {
+                let (limiter, scope) = (limiter.clone(), scope.clone());
+                redis::block(rt, async move { limiter.status(&scope).await })
+            }
+        }
+    }
+
+    /// Blocking for a shared limiter: for start-up and reloads, never on a worker.
+    pub fn seed(&self, scope: &Scope, period_start_ms: i64, spent_nanos: u64) {
+        match self {
+            Limits::Local(l) => l.seed(scope, period_start_ms, spent_nanos),
+            Limits::Redis { limiter, rt } => limiter.seed(scope, period_start_ms, spent_nanos, rt),
+        }
+    }
+
+    /// Whether the scope's spend for its current period is known already. A shared limiter
+    /// always takes a seed (it keeps the larger of what it holds and what it is given).
+    pub fn tracks(&self, scope: &Scope) -> bool {
+        match self {
+            Limits::Local(l) => l.tracks(scope),
+            Limits::Redis { .. } => scope.policy.budget.is_none(),
+        }
+    }
+
+    pub fn ids_with_prefix(&self, kind: ScopeKind, prefix: &str) -> Vec<String> {
+        match self {
+            Limits::Local(l) => l.ids_with_prefix(kind, prefix),
+            Limits::Redis { limiter, .. } => limiter.ids_with_prefix(kind, prefix),
+        }
+    }
+
+    pub fn time_zone(&self) -> chrono_tz::Tz {
+        match self {
+            Limits::Local(l) => l.time_zone(),
+            Limits::Redis { limiter, .. } => limiter.time_zone(),
+        }
+    }
+
+    pub fn set_time_zone(&self, tz: chrono_tz::Tz) {
+        match self {
+            Limits::Local(l) => l.set_time_zone(tz),
+            Limits::Redis { limiter, .. } => limiter.set_time_zone(tz),
+        }
+    }
+
+    pub fn set_max_keys(&self, max: usize) {
+        if let Limits::Local(l) = self {
+            l.set_max_keys(max);
+        }
+    }
+
+    /// Key scopes counted by this gateway, and how many it forgot.
+    pub fn key_scopes(&self) -> (usize, u64) {
+        match self {
+            Limits::Local(l) => l.key_scopes(),
+            Limits::Redis { limiter, .. } => (limiter.key_scopes(), 0),
         }
     }
 }

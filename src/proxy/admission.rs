@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::{shorten, ApiError, Gateway, RequestCtx, State};
 use crate::auth::ApiKey;
 use crate::config::{ByReference, Interrupted, Unpriced};
-use crate::limits::{Demand, Hold, Limiter, Policy, Reservation, Scope, ScopeKind};
+use crate::limits::{Demand, Hold, Policy, Reservation, Scope, ScopeKind};
 use crate::metering::{Asked, DEFAULT_CONTEXT_WINDOW, DEFAULT_MAX_OUTPUT};
 use crate::protocol::json_peek::RequestPeek;
 use crate::protocol::references::{self, Reach};
@@ -58,12 +58,7 @@ impl Gateway {
     /// Reserves the request's worst case on every budget and limit that applies to it: its
     /// key, the key's user and team, and the model. `generation` describes a request that
     /// generates (and costs); `None` for one that does not. Returns `None` when nothing applies.
-    pub(super) fn admit(
-        &self,
-        state: &State,
-        ctx: &mut RequestCtx,
-        a: Admission,
-    ) -> Result<Option<Reservation>, ApiError> {
+    pub(super) fn admission(&self, state: &State, ctx: &mut RequestCtx, a: Admission) -> Result<Option<Ask>, ApiError> {
         let Admission { mut scopes, route, requested, generation, held } = a;
         if !route.limits.is_empty() {
             let policy = Policy { budget: None, limits: route.limits };
@@ -135,15 +130,34 @@ impl Gateway {
         if scopes.is_empty() {
             return Ok(None);
         }
-        let limiter: Arc<dyn Limiter> = self.runtime.limiter.clone();
-        match limiter.admit_held(scopes, demand, held) {
+        Ok(Some(Ask { scopes, demand, held }))
+    }
+
+    /// Asks the limiter for what [`Gateway::admission`] worked out: one round trip to a shared
+    /// limiter, none to the local one.
+    pub(super) async fn reserve(&self, ask: Option<Ask>) -> Result<Option<Reservation>, ApiError> {
+        let Some(Ask { scopes, demand, held }) = ask else { return Ok(None) };
+        match self.runtime.limiter.admit_held(scopes, demand, held).await {
             Ok(r) => Ok(Some(r)),
             Err(refusal) => {
                 self.metrics.refused.with_label_values(&[refusal.reason]).inc();
+                if refusal.reason == "limits_reseed" {
+                    // Redis came back empty: seed it again from the ledger, off the workers.
+                    let runtime = self.runtime.clone();
+                    tokio::task::spawn_blocking(move || runtime.reseed_limits());
+                }
                 Err(ApiError::refused(refusal))
             }
         }
     }
+}
+
+/// What a request asks of the limiter: every scope that counts it, its worst case, and the
+/// concurrency slot it took before its body was read.
+pub(super) struct Ask {
+    scopes: Vec<Scope>,
+    demand: Demand,
+    held: Option<Hold>,
 }
 
 /// One deployment a request may reach, priced once for admission: its model id, its price

@@ -38,7 +38,7 @@ pub use headers::REQUEST_ID_HEADER;
 
 use crate::audit::AuditLog;
 use crate::config::Config;
-use crate::limits::{Limiter, ScopeKind};
+use crate::limits::ScopeKind;
 use crate::metering::Outcome;
 use crate::metrics::Metrics;
 use crate::protocol::inbound::{from_bedrock, from_vertex, parse_path, Call};
@@ -147,13 +147,10 @@ impl Gateway {
         let budgeted = scopes.iter().any(|s| s.policy.budget.is_some());
         let key_scope = scopes.first().filter(|s| s.kind == ScopeKind::Key);
         let held = match key_scope.filter(|s| s.policy.limits.concurrency.is_some()) {
-            Some(scope) => {
-                let limiter: Arc<dyn Limiter> = self.runtime.limiter.clone();
-                Some(limiter.hold(scope).map_err(|refusal| {
-                    self.metrics.refused.with_label_values(&[refusal.reason]).inc();
-                    ApiError::refused(refusal)
-                })?)
-            }
+            Some(scope) => Some(self.runtime.limiter.hold(scope).await.map_err(|refusal| {
+                self.metrics.refused.with_label_values(&[refusal.reason]).inc();
+                ApiError::refused(refusal)
+            })?),
             None => None,
         };
 
@@ -226,7 +223,8 @@ impl Gateway {
             Some(Generation { body_len: body.len(), peek: &peek, reach: &reach })
         };
         let admission = Admission { scopes, route: &route, requested: &requested, generation, held };
-        ctx.reservation = self.admit(&state, ctx, admission)?;
+        let ask = self.admission(&state, ctx, admission)?;
+        ctx.reservation = self.reserve(ask).await?;
         // Only session affinity needs the key; most requests never compute it.
         let affinity_key =
             if route.affinity { session_key(session.req_header(), &body, peek.metadata) } else { Vec::new() };

@@ -1,0 +1,522 @@
+//! The limiter of a fleet: budgets, rate limits and concurrency shared by every gateway, in
+//! Redis (or Valkey). Admission is one server-side script that checks every scope of a request
+//! and reserves on all of them or none; settlement is one more, sent in the background (it is
+//! called from `Drop` and never waits). Reservations are leases: each gateway renews its own
+//! while their requests run, and a lease whose gateway died expires and gives its reservation
+//! back.
+//!
+//! Every key shares one hash tag (`{prefix}`), so the limiter lives in a single slot: a
+//! script may touch every scope of a request, on one Redis or a Redis Cluster alike.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use redis::aio::ConnectionManager;
+use tokio::sync::mpsc;
+
+use super::local::{bucket_refusal, budget_refusal, concurrency_refusal, now_ms, Spend};
+use super::{Actual, Demand, Hold, Refusal, Reservation, Scope, ScopeKind, ScopeStatus, Settle};
+
+/// How the shared limiter is reached, and how it behaves.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://[:password@]host:port/db`, or `rediss://` for TLS.
+    pub url: String,
+    /// Every key starts with `{prefix}:`.
+    pub prefix: String,
+    /// The longest admission waits for Redis before refusing (503).
+    pub timeout: Duration,
+    /// How long a reservation outlives the gateway that made it.
+    pub lease: Duration,
+}
+
+/// Work sent to the background: settlements and releases never wait on Redis.
+enum Op {
+    Settle { ticket: u64, scopes: Vec<Scope>, demand: Demand, actual: Actual },
+    Release { ticket: u64 },
+}
+
+pub struct RedisLimiter {
+    conn: ConnectionManager,
+    settings: RedisSettings,
+    tag: String,
+    admit: redis::Script,
+    ops: redis::Script,
+    /// This process's name in lease ids: leases of different gateways never collide.
+    node: String,
+    next_ticket: AtomicU64,
+    /// Leases this gateway holds now: renewed in the background while they run.
+    live: Mutex<HashSet<u64>>,
+    queue: mpsc::UnboundedSender<Op>,
+    tz: Mutex<Tz>,
+    /// Key ids this gateway admitted (JWT principals are known only once they call).
+    seen: Mutex<HashSet<String>>,
+    /// Set while the data Redis lost is being seeded again from the ledger.
+    pub reseeding: AtomicBool,
+}
+
+impl RedisLimiter {
+    /// Connects (on `rt`, which then runs the connection, the settlement queue and the lease
+    /// renewals) and checks that Redis answers.
+    pub fn connect(settings: RedisSettings, tz: Tz, rt: &tokio::runtime::Handle) -> Result<Arc<Self>, String> {
+        let client = redis::Client::open(settings.url.as_str()).map_err(|e| format!("limits.url: {e}"))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout.max(Duration::from_secs(1))))
+            .set_response_timeout(Some(settings.timeout.max(Duration::from_secs(1))));
+        let conn = block(rt, async move { client.get_connection_manager_with_config(config).await })
+            .map_err(|e| format!("Redis at {}: {e}", redact(&settings.url)))?;
+        let (queue, work) = mpsc::unbounded_channel();
+        let node = format!("{:016x}", rand::random::<u64>());
+        let limiter = Arc::new(RedisLimiter {
+            tag: format!("{{{}}}", settings.prefix),
+            conn,
+            settings,
+            admit: redis::Script::new(&format!("{}\n{}", include_str!("redis.lua"), include_str!("redis_admit.lua"))),
+            ops: redis::Script::new(&format!("{}\n{}", include_str!("redis.lua"), include_str!("redis_ops.lua"))),
+            node,
+            next_ticket: AtomicU64::new(1),
+            live: Mutex::new(HashSet::new()),
+            queue,
+            tz: Mutex::new(tz),
+            seen: Mutex::new(HashSet::new()),
+            reseeding: AtomicBool::new(false),
+        });
+        rt.spawn(background(Arc::downgrade(&limiter), work));
+        rt.spawn(renew_leases(Arc::downgrade(&limiter)));
+        Ok(limiter)
+    }
+
+    fn key(&self, kind: ScopeKind, id: &str) -> String {
+        format!("{}:s:{}:{id}", self.tag, kind.name())
+    }
+
+    fn leases(&self) -> String {
+        format!("{}:leases", self.tag)
+    }
+
+    fn lease_id(&self, ticket: u64) -> String {
+        format!("{}-{ticket}", self.node)
+    }
+
+    fn lease_key(&self, ticket: u64) -> String {
+        format!("{}:l:{}", self.tag, self.lease_id(ticket))
+    }
+
+    fn epoch(&self) -> String {
+        format!("{}:epoch", self.tag)
+    }
+
+    pub fn time_zone(&self) -> Tz {
+        *self.tz.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_time_zone(&self, tz: Tz) {
+        *self.tz.lock().unwrap_or_else(|p| p.into_inner()) = tz;
+    }
+
+    /// Key scopes this gateway has admitted.
+    pub fn key_scopes(&self) -> usize {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn ids_with_prefix(&self, kind: ScopeKind, prefix: &str) -> Vec<String> {
+        if kind != ScopeKind::Key {
+            return Vec::new();
+        }
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|id| id.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    /// Reserves `demand` on every scope with a policy, or on none.
+    pub async fn admit_held(
+        self: &Arc<Self>,
+        scopes: Vec<Scope>,
+        demand: Demand,
+        held: Option<Hold>,
+    ) -> Result<Reservation, Refusal> {
+        let counted: Vec<&Scope> = scopes.iter().filter(|s| !s.policy.is_empty()).collect();
+        if counted.is_empty() {
+            // Nothing to count anywhere: no round trip.
+            return Ok(Reservation::new(self.clone(), 0, scopes, demand));
+        }
+        if let Some(key) = scopes.iter().find(|s| s.kind == ScopeKind::Key) {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if !seen.contains(&*key.id) {
+                seen.insert(key.id.to_string());
+            }
+        }
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        let tz = self.time_zone();
+        let held_ticket = held.as_ref().map(|h| h.ticket()).filter(|t| *t != 0);
+        let is_held = |s: &Scope| held.as_ref().is_some_and(|h| h.scope().kind == s.kind && h.scope().id == s.id);
+        let mut inv = self.admit.prepare_invoke();
+        inv.key(self.epoch()).key(self.leases()).key(self.lease_key(ticket));
+        inv.key(held_ticket.map_or_else(|| self.lease_key(ticket), |t| self.lease_key(t)));
+        for s in &counted {
+            inv.key(self.key(s.kind, &s.id));
+        }
+        inv.arg(now)
+            .arg(now + self.settings.lease.as_millis() as i64)
+            .arg(self.lease_id(ticket))
+            .arg(held_ticket.map_or_else(String::new, |t| self.lease_id(t)))
+            .arg(demand.worst_nanos)
+            .arg(demand.input_tokens)
+            .arg(demand.output_tokens)
+            .arg(IDLE_TTL_MS);
+        for s in &counted {
+            let (limit, start, end) = match s.policy.budget {
+                Some(b) => {
+                    let (start, end) = b.period.bounds(tz, now);
+                    (b.limit_nanos as i128, start, end)
+                }
+                None => (-1, 0, 0),
+            };
+            let l = s.policy.limits;
+            let or_none = |v: Option<u64>| v.map_or(-1, |v| v as i128);
+            inv.arg(limit.to_string())
+                .arg(start)
+                .arg(end)
+                .arg(or_none(l.rpm.map(u64::from)).to_string())
+                .arg(or_none(l.input_tpm).to_string())
+                .arg(or_none(l.output_tpm).to_string())
+                .arg(or_none(l.concurrency.map(u64::from)).to_string())
+                .arg(if is_held(s) { "1" } else { "0" });
+        }
+        // The lease is this gateway's from now on, whatever Redis answers: if the answer is
+        // lost, renewing an absent lease does nothing, and releasing one is harmless.
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(ticket);
+        let mut conn = self.conn.clone();
+        let answer = tokio::time::timeout(self.settings.timeout, inv.invoke_async::<Vec<String>>(&mut conn)).await;
+        let answer = match answer {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                self.forget(ticket);
+                return Err(unavailable(&format!("{e}")));
+            }
+            Err(_) => {
+                // The script may still run: release in the background, in order after it.
+                let _ = self.queue.send(Op::Release { ticket });
+                return Err(unavailable(&format!("no answer within {:?}", self.settings.timeout)));
+            }
+        };
+        match answer.first().map(String::as_str) {
+            Some("ok") => {
+                if let Some(h) = held {
+                    h.take_over();
+                }
+                Ok(Reservation::new(self.clone(), ticket, scopes, demand))
+            }
+            Some("reseed") => {
+                self.forget(ticket);
+                Err(Refusal {
+                    status: 503,
+                    message: "the shared limiter lost its counters (a Redis restart); they are being restored from \
+                              the ledger: retry in a few seconds"
+                        .into(),
+                    retry_after: Some(Duration::from_secs(2)),
+                    headers: Vec::new(),
+                    reason: "limits_reseed",
+                })
+            }
+            Some("refuse") => {
+                self.forget(ticket);
+                Err(self.refusal(&counted, &answer, demand, now))
+            }
+            _ => {
+                self.forget(ticket);
+                Err(unavailable(&format!("unexpected answer {answer:?}")))
+            }
+        }
+    }
+
+    /// Takes a concurrency slot of `scope` before the body is read.
+    pub async fn hold(self: &Arc<Self>, scope: &Scope) -> Result<Hold, Refusal> {
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        let max = scope.policy.limits.concurrency.map_or(-1, i64::from);
+        let mut inv = self.ops.prepare_invoke();
+        inv.key(self.leases()).key(self.lease_key(ticket)).key(self.key(scope.kind, &scope.id));
+        inv.arg("hold")
+            .arg(now)
+            .arg(now + self.settings.lease.as_millis() as i64)
+            .arg(self.lease_id(ticket))
+            .arg(max)
+            .arg(IDLE_TTL_MS);
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(ticket);
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.settings.timeout, inv.invoke_async::<i64>(&mut conn)).await {
+            Ok(Ok(1)) => Ok(Hold::new(self.clone(), ticket, scope.clone())),
+            Ok(Ok(_)) => {
+                self.forget(ticket);
+                Err(concurrency_refusal(scope, max as u32))
+            }
+            Ok(Err(e)) => {
+                self.forget(ticket);
+                Err(unavailable(&format!("{e}")))
+            }
+            Err(_) => {
+                let _ = self.queue.send(Op::Release { ticket });
+                Err(unavailable(&format!("no answer within {:?}", self.settings.timeout)))
+            }
+        }
+    }
+
+    /// Spend and headroom of `scope`, as Redis holds them.
+    pub async fn status(&self, scope: &Scope) -> ScopeStatus {
+        let mut conn = self.conn.clone();
+        let fields: Result<Vec<Option<String>>, _> = redis::cmd("HMGET")
+            .arg(self.key(scope.kind, &scope.id))
+            .arg(&["ps", "pe", "spent", "res", "inf", "rq", "rqt", "it", "itt", "ot", "ott"])
+            .query_async(&mut conn)
+            .await;
+        let f = fields.unwrap_or_default();
+        let get = |i: usize| f.get(i).cloned().flatten();
+        let int = |i: usize| get(i).and_then(|v| v.parse::<i64>().ok());
+        let now = now_ms();
+        let mut st = ScopeStatus { in_flight: int(4).unwrap_or(0).max(0) as u32, ..Default::default() };
+        if let Some(b) = scope.policy.budget {
+            let (start, end) = b.period.bounds(self.time_zone(), now);
+            let current = int(0) == Some(start);
+            st.spent_nanos = if current { int(2).unwrap_or(0).max(0) as u64 } else { 0 };
+            st.reserved_nanos = int(3).unwrap_or(0).max(0) as u64;
+            st.limit_nanos = Some(b.limit_nanos);
+            st.period = Some(b.period.as_str());
+            st.period_start_ms = Some(start);
+            st.resets_at_ms = (end != i64::MAX).then_some(end);
+        }
+        let level = |l: usize, t: usize, cap: u64| {
+            let (Some(level), Some(at)) = (get(l).and_then(|v| v.parse::<f64>().ok()), int(t)) else {
+                return cap as f64;
+            };
+            (level + (now - at).max(0) as f64 * cap as f64 / 60_000.0).min(cap as f64)
+        };
+        let l = scope.policy.limits;
+        if let Some(rpm) = l.rpm {
+            st.requests_remaining = Some(level(5, 6, u64::from(rpm)).max(0.0) as u64);
+        }
+        if let Some(tpm) = l.input_tpm {
+            st.input_tokens_remaining = Some(level(7, 8, tpm) as i64);
+        }
+        if let Some(tpm) = l.output_tpm {
+            st.output_tokens_remaining = Some(level(9, 10, tpm) as i64);
+        }
+        st
+    }
+
+    /// Seeds a budgeted scope's spend for the period starting at `period_start_ms`; Redis keeps
+    /// what it holds when that is more. Blocking: for start-up and reloads, off the workers.
+    pub fn seed(&self, scope: &Scope, period_start_ms: i64, spent_nanos: u64, rt: &tokio::runtime::Handle) {
+        let Some(b) = scope.policy.budget else { return };
+        let (start, end) = b.period.bounds(self.time_zone(), now_ms());
+        if start != period_start_ms {
+            return;
+        }
+        let (script, key, mut conn) = (self.ops.clone(), self.key(scope.kind, &scope.id), self.conn.clone());
+        let result = block(rt, async move {
+            script.key(key).arg("seed").arg(start).arg(end).arg(spent_nanos).invoke_async::<i64>(&mut conn).await
+        });
+        if let Err(e) = result {
+            tracing::warn!(%scope, error = %e, "the shared limiter could not be seeded for this scope");
+        }
+    }
+
+    /// Marks Redis as seeded: admission refuses (and asks for a seed) while the mark is absent,
+    /// so a Redis that lost its data never grants a budget a second time.
+    pub fn mark_seeded(&self, rt: &tokio::runtime::Handle) -> Result<(), String> {
+        let mut conn = self.conn.clone();
+        let epoch = self.epoch();
+        let node = self.node.clone();
+        block(rt, async move {
+            redis::cmd("SET").arg(epoch).arg(node).arg("NX").query_async::<Option<String>>(&mut conn).await
+        })
+        .map(|_| ())
+        .map_err(|e| format!("Redis: {e}"))
+    }
+
+    fn forget(&self, ticket: u64) {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&ticket);
+    }
+
+    /// The refusal Redis's answer describes, in the local limiter's words.
+    fn refusal(&self, counted: &[&Scope], answer: &[String], demand: Demand, now: i64) -> Refusal {
+        let index = answer.get(1).and_then(|i| i.parse::<usize>().ok()).unwrap_or(1).max(1);
+        let scope = counted[(index - 1).min(counted.len() - 1)];
+        let num = |i: usize| answer.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let l = scope.policy.limits;
+        match answer.get(2).map(String::as_str) {
+            Some("budget" | "budget_reserved") => {
+                let spend = Spend { spent: num(3) as u64, reserved: num(4) as u64, period_end: num(5) as i64 };
+                let b = scope.policy.budget.expect("a budget refusal is for a budgeted scope");
+                budget_refusal(scope, b, &spend, demand).unwrap_or_else(|| unavailable("budget refusal without cause"))
+            }
+            Some("rpm") => bucket_refusal(scope, "requests", "rpm", num(3), u64::from(l.rpm.unwrap_or(1)), 1.0, now),
+            Some("input_tpm") => {
+                let tpm = l.input_tpm.unwrap_or(1);
+                bucket_refusal(
+                    scope,
+                    "input-tokens",
+                    "input_tpm",
+                    num(3),
+                    tpm,
+                    demand.input_tokens.min(tpm) as f64,
+                    now,
+                )
+            }
+            Some("output_tpm") => {
+                let tpm = l.output_tpm.unwrap_or(1);
+                let need = demand.output_tokens.min(tpm) as f64;
+                bucket_refusal(scope, "output-tokens", "output_tpm", num(3), tpm, need, now)
+            }
+            _ => concurrency_refusal(scope, l.concurrency.unwrap_or(0)),
+        }
+    }
+
+    async fn run(&self, op: Op) -> Result<(), redis::RedisError> {
+        let mut conn = self.conn.clone();
+        match op {
+            Op::Release { ticket } => {
+                let mut inv = self.ops.prepare_invoke();
+                inv.key(self.leases()).key(self.lease_key(ticket)).arg("release").arg(self.lease_id(ticket));
+                inv.invoke_async::<i64>(&mut conn).await?;
+                self.forget(ticket);
+            }
+            Op::Settle { ticket, scopes, demand, actual } => {
+                let counted: Vec<&Scope> = scopes.iter().filter(|s| !s.policy.is_empty()).collect();
+                let mut inv = self.ops.prepare_invoke();
+                inv.key(self.leases()).key(self.lease_key(ticket));
+                for s in &counted {
+                    inv.key(self.key(s.kind, &s.id));
+                }
+                let at = if actual.at_ms == 0 { now_ms() } else { actual.at_ms };
+                inv.arg("settle")
+                    .arg(self.lease_id(ticket))
+                    .arg(actual.cost_nanos)
+                    .arg(at)
+                    .arg(demand.input_tokens)
+                    .arg(actual.input_tokens)
+                    .arg(demand.output_tokens)
+                    .arg(actual.output_tokens);
+                for s in &counted {
+                    let l = s.policy.limits;
+                    inv.arg(if s.policy.budget.is_some() { "1" } else { "0" })
+                        .arg(l.input_tpm.map_or(-1, |v| v as i128).to_string())
+                        .arg(l.output_tpm.map_or(-1, |v| v as i128).to_string());
+                }
+                inv.invoke_async::<i64>(&mut conn).await?;
+                self.forget(ticket);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A scope without a budget is forgotten by Redis after this long unused (its buckets full).
+const IDLE_TTL_MS: i64 = 3_600_000;
+
+impl Settle for RedisLimiter {
+    fn release(&self, ticket: u64, _scope: &Scope) {
+        if ticket != 0 {
+            let _ = self.queue.send(Op::Release { ticket });
+        }
+    }
+
+    fn settle(&self, ticket: u64, scopes: &[Scope], demand: Demand, actual: Actual) {
+        if ticket != 0 {
+            let _ = self.queue.send(Op::Settle { ticket, scopes: scopes.to_vec(), demand, actual });
+        }
+    }
+}
+
+/// Runs settlements and releases in order, retrying each until Redis takes it: a settlement
+/// carries money, and is never dropped while this process lives.
+async fn background(limiter: std::sync::Weak<RedisLimiter>, mut work: mpsc::UnboundedReceiver<Op>) {
+    while let Some(op) = work.recv().await {
+        let Some(l) = limiter.upgrade() else { return };
+        let mut op = Some(op);
+        let mut wait = Duration::from_millis(50);
+        while let Some(o) = op.take() {
+            let retry = clone_op(&o);
+            if let Err(e) = l.run(o).await {
+                tracing::warn!(error = %e, "the shared limiter did not take a settlement; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+                op = Some(retry);
+            }
+        }
+    }
+}
+
+fn clone_op(op: &Op) -> Op {
+    match op {
+        Op::Release { ticket } => Op::Release { ticket: *ticket },
+        Op::Settle { ticket, scopes, demand, actual } => {
+            Op::Settle { ticket: *ticket, scopes: scopes.clone(), demand: *demand, actual: *actual }
+        }
+    }
+}
+
+/// Pushes the expiry of this gateway's leases forward, a third of a lease at a time.
+async fn renew_leases(limiter: std::sync::Weak<RedisLimiter>) {
+    loop {
+        let Some(l) = limiter.upgrade() else { return };
+        let every = l.settings.lease / 3;
+        let ids: Vec<String> =
+            l.live.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|t| l.lease_id(*t)).collect();
+        if !ids.is_empty() {
+            let expiry = now_ms() + l.settings.lease.as_millis() as i64;
+            let mut conn = l.conn.clone();
+            for chunk in ids.chunks(1000) {
+                let mut cmd = redis::cmd("ZADD");
+                cmd.arg(l.leases()).arg("XX").arg("GT");
+                for id in chunk {
+                    cmd.arg(expiry).arg(id);
+                }
+                if let Err(e) = cmd.query_async::<i64>(&mut conn).await {
+                    tracing::warn!(error = %e, "leases not renewed");
+                }
+            }
+        }
+        drop(l);
+        tokio::time::sleep(every).await;
+    }
+}
+
+fn unavailable(why: &str) -> Refusal {
+    tracing::warn!(error = %why, "the shared limiter is unavailable");
+    Refusal {
+        status: 503,
+        message: "the gateway's shared limiter (Redis) is unavailable; retry shortly".into(),
+        retry_after: Some(Duration::from_secs(1)),
+        headers: Vec::new(),
+        reason: "limits_unavailable",
+    }
+}
+
+/// Runs `f` on `rt` and waits for it, from a thread that is not one of its workers.
+pub(super) fn block<T: Send + 'static>(
+    rt: &tokio::runtime::Handle,
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        let _ = tx.send(f.await);
+    });
+    rx.recv().expect("the Redis runtime is running")
+}
+
+/// A Redis URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
