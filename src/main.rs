@@ -333,6 +333,30 @@ fn check(path: &std::path::Path) -> ExitCode {
             let _ = writeln!(out, "warning: provider {}: {e}", p.name);
         }
     }
+    // A shared limiter must answer: a gateway that cannot reach it refuses budgeted requests.
+    if config.limits.backend == tollgate::config::LimitsBackend::Redis {
+        let url = config.limits.url.as_ref().map(|u| u.resolve());
+        let checked = match url {
+            Some(Ok(url)) => {
+                let shown = tollgate::limits::redact_url(url.expose());
+                tollgate::limits::ping_redis(url.expose(), config.limits.timeout.max(std::time::Duration::from_secs(1)))
+                    .map(|rtt| format!("limits: Redis at {shown} answered in {:.1} ms", rtt.as_secs_f64() * 1000.0))
+                    .map_err(|e| format!("limits: Redis at {shown}: {e}"))
+            }
+            Some(Err(e)) => Err(format!("limits.url: {e}")),
+            None => Err("limits.url is not set".into()),
+        };
+        match checked {
+            Ok(line) => {
+                let _ = writeln!(out, "{line}");
+            }
+            Err(e) => {
+                let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
     ExitCode::SUCCESS
 }

@@ -17,7 +17,7 @@ pub use crate::config::{
     rfc3339, Budget, BudgetConfig, Period, RateLimits, DEFAULT_MAX_PRINCIPALS as DEFAULT_MAX_KEYS,
 };
 pub use local::{now_ms, Clock, LocalLimiter};
-pub use redis::{redact as redact_url, RedisLimiter, RedisSettings};
+pub use redis::{ping as ping_redis, redact as redact_url, RedisLimiter, RedisSettings};
 
 /// Budget and limits of one scope.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -520,3 +520,17 @@ pub fn redact(url: &str) -> String {
         _ => url.to_string(),
     }
 }
+
+/// Connects to `url` once and asks `PING`: what `tollgate check` reports. Returns the round
+/// trip's time.
+pub fn ping(url: &str, timeout: Duration) -> Result<Duration, String> {
+    let started = std::time::Instant::now();
+    let client = redis::Client::open(url).map_err(|e| format!("{e}"))?;
+    let mut conn = client.get_connection_with_timeout(timeout).map_err(|e| format!("{e}"))?;
+    conn.set_read_timeout(Some(timeout)).map_err(|e| format!("{e}"))?;
+    let pong: String = redis::cmd("PING").query(&mut conn).map_err(|e| format!("{e}"))?;
+    if pong != "PONG" {
+        return Err(format!("PING answered {pong:?}"));
+    }
+    Ok(started.elapsed())
+}
