@@ -131,6 +131,7 @@ impl Runtime {
             return Ok(());
         }
         let _guard = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        limiter.forget_seeds();
         let result = self.seed_budgets(&[], &self.state.load(), &self.keys.load()).and_then(|()| self.mark_seeded());
         limiter.reseeding.store(false, std::sync::atomic::Ordering::Release);
         tracing::warn!(ok = result.is_ok(), "the shared limiter's budgets were seeded again from the ledger");

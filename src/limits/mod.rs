@@ -319,12 +319,12 @@ impl Limits {
         }
     }
 
-    /// Whether the scope's spend for its current period is known already. A shared limiter
-    /// always takes a seed (it keeps the larger of what it holds and what it is given).
+    /// Whether the scope's spend for its current period is known already (seeded, for a shared
+    /// limiter, by this gateway).
     pub fn tracks(&self, scope: &Scope) -> bool {
         match self {
             Limits::Local(l) => l.tracks(scope),
-            Limits::Redis { .. } => scope.policy.budget.is_none(),
+            Limits::Redis { limiter, .. } => limiter.tracks(scope),
         }
     }
 

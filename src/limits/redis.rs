@@ -56,6 +56,8 @@ pub struct RedisLimiter {
     seen: Mutex<HashSet<String>>,
     /// Set while the data Redis lost is being seeded again from the ledger.
     pub reseeding: AtomicBool,
+    /// The scopes this gateway seeded, with the period (kind and start) it seeded them for.
+    seeded: Mutex<std::collections::HashMap<(ScopeKind, String), (&'static str, i64)>>,
 }
 
 impl RedisLimiter {
@@ -83,6 +85,7 @@ impl RedisLimiter {
             tz: Mutex::new(tz),
             seen: Mutex::new(HashSet::new()),
             reseeding: AtomicBool::new(false),
+            seeded: Mutex::new(std::collections::HashMap::new()),
         });
         rt.spawn(background(Arc::downgrade(&limiter), work));
         rt.spawn(renew_leases(Arc::downgrade(&limiter)));
@@ -164,8 +167,7 @@ impl RedisLimiter {
         for s in &counted {
             inv.key(self.key(s.kind, &s.id));
         }
-        inv.arg(now)
-            .arg(now + self.settings.lease.as_millis() as i64)
+        inv.arg(self.settings.lease.as_millis() as u64)
             .arg(self.lease_id(ticket))
             .arg(held_ticket.map_or_else(String::new, |t| self.lease_id(t)))
             .arg(demand.worst_nanos)
@@ -173,22 +175,23 @@ impl RedisLimiter {
             .arg(demand.output_tokens)
             .arg(IDLE_TTL_MS);
         for s in &counted {
-            let (limit, start, end) = match s.policy.budget {
+            let (limit, kind, start, end) = match s.policy.budget {
                 Some(b) => {
                     let (start, end) = b.period.bounds(tz, now);
-                    (b.limit_nanos as i128, start, end)
+                    (b.limit_nanos.to_string(), b.period.as_str(), start, end)
                 }
-                None => (-1, 0, 0),
+                None => ("-1".to_string(), "", 0, 0),
             };
             let l = s.policy.limits;
-            let or_none = |v: Option<u64>| v.map_or(-1, |v| v as i128);
-            inv.arg(limit.to_string())
+            let or_none = |v: Option<u64>| v.map_or_else(|| "-1".to_string(), |v| v.to_string());
+            inv.arg(limit)
+                .arg(kind)
                 .arg(start)
                 .arg(end)
-                .arg(or_none(l.rpm.map(u64::from)).to_string())
-                .arg(or_none(l.input_tpm).to_string())
-                .arg(or_none(l.output_tpm).to_string())
-                .arg(or_none(l.concurrency.map(u64::from)).to_string())
+                .arg(or_none(l.rpm.map(u64::from)))
+                .arg(or_none(l.input_tpm))
+                .arg(or_none(l.output_tpm))
+                .arg(or_none(l.concurrency.map(u64::from)))
                 .arg(if is_held(s) { "1" } else { "0" });
         }
         // The lease is this gateway's from now on, whatever Redis answers: if the answer is
@@ -199,7 +202,9 @@ impl RedisLimiter {
         let answer = match answer {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => {
-                self.forget(ticket);
+                // The script may have run before the connection failed: release, harmlessly
+                // if it did not.
+                let _ = self.queue.send(Op::Release { ticket });
                 return Err(unavailable(&format!("{e}")));
             }
             Err(_) => {
@@ -211,6 +216,8 @@ impl RedisLimiter {
         match answer.first().map(String::as_str) {
             Some("ok") => {
                 if let Some(h) = held {
+                    // Its lease is gone in Redis: the admission's lease holds the slot now.
+                    self.forget(h.ticket());
                     h.take_over();
                 }
                 Ok(Reservation::new(self.clone(), ticket, scopes, demand))
@@ -241,13 +248,11 @@ impl RedisLimiter {
     /// Takes a concurrency slot of `scope` before the body is read.
     pub async fn hold(self: &Arc<Self>, scope: &Scope) -> Result<Hold, Refusal> {
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
-        let now = now_ms();
         let max = scope.policy.limits.concurrency.map_or(-1, i64::from);
         let mut inv = self.ops.prepare_invoke();
         inv.key(self.leases()).key(self.lease_key(ticket)).key(self.key(scope.kind, &scope.id));
         inv.arg("hold")
-            .arg(now)
-            .arg(now + self.settings.lease.as_millis() as i64)
+            .arg(self.settings.lease.as_millis() as u64)
             .arg(self.lease_id(ticket))
             .arg(max)
             .arg(IDLE_TTL_MS);
@@ -260,7 +265,7 @@ impl RedisLimiter {
                 Err(concurrency_refusal(scope, max as u32))
             }
             Ok(Err(e)) => {
-                self.forget(ticket);
+                let _ = self.queue.send(Op::Release { ticket });
                 Err(unavailable(&format!("{e}")))
             }
             Err(_) => {
@@ -278,7 +283,10 @@ impl RedisLimiter {
             .arg(&["ps", "pe", "spent", "res", "inf", "rq", "rqt", "it", "itt", "ot", "ott"])
             .query_async(&mut conn)
             .await;
-        let f = fields.unwrap_or_default();
+        let f = fields.unwrap_or_else(|e| {
+            tracing::warn!(%scope, error = %e, "the shared limiter did not answer a status read; it shows nothing spent");
+            Vec::new()
+        });
         let get = |i: usize| f.get(i).cloned().flatten();
         let int = |i: usize| get(i).and_then(|v| v.parse::<i64>().ok());
         let now = now_ms();
@@ -321,12 +329,41 @@ impl RedisLimiter {
             return;
         }
         let (script, key, mut conn) = (self.ops.clone(), self.key(scope.kind, &scope.id), self.conn.clone());
+        let kind = b.period.as_str();
         let result = block(rt, async move {
-            script.key(key).arg("seed").arg(start).arg(end).arg(spent_nanos).invoke_async::<i64>(&mut conn).await
+            script
+                .key(key)
+                .arg("seed")
+                .arg(kind)
+                .arg(start)
+                .arg(end)
+                .arg(spent_nanos)
+                .invoke_async::<i64>(&mut conn)
+                .await
         });
-        if let Err(e) = result {
-            tracing::warn!(%scope, error = %e, "the shared limiter could not be seeded for this scope");
+        match result {
+            Ok(_) => {
+                let mut seeded = self.seeded.lock().unwrap_or_else(|p| p.into_inner());
+                seeded.insert((scope.kind, scope.id.to_string()), (kind, start));
+            }
+            Err(e) => tracing::warn!(%scope, error = %e, "the shared limiter could not be seeded for this scope"),
         }
+    }
+
+    /// Whether this gateway seeded the scope for its current period already. Seeding again
+    /// would count twice what Redis holds and the ledger holds both (settlements on their
+    /// way): a scope is seeded at start, when its budget or period changes, and after Redis
+    /// lost its data.
+    pub fn tracks(&self, scope: &Scope) -> bool {
+        let Some(b) = scope.policy.budget else { return true };
+        let (start, _) = b.period.bounds(self.time_zone(), now_ms());
+        let seeded = self.seeded.lock().unwrap_or_else(|p| p.into_inner());
+        seeded.get(&(scope.kind, scope.id.to_string())) == Some(&(b.period.as_str(), start))
+    }
+
+    /// Forgets which scopes were seeded: after Redis lost its data, all are seeded again.
+    pub fn forget_seeds(&self) {
+        self.seeded.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// Marks Redis as seeded: admission refuses (and asks for a seed) while the mark is absent,
@@ -354,7 +391,8 @@ impl RedisLimiter {
         let l = scope.policy.limits;
         match answer.get(2).map(String::as_str) {
             Some("budget" | "budget_reserved") => {
-                let spend = Spend { spent: num(3) as u64, reserved: num(4) as u64, period_end: num(5) as i64 };
+                let int = |i: usize| answer.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                let spend = Spend { spent: int(3), reserved: int(4), period_end: num(5) as i64 };
                 let b = scope.policy.budget.expect("a budget refusal is for a budgeted scope");
                 budget_refusal(scope, b, &spend, demand).unwrap_or_else(|| unavailable("budget refusal without cause"))
             }
@@ -391,25 +429,39 @@ impl RedisLimiter {
             }
             Op::Settle { ticket, scopes, demand, actual } => {
                 let counted: Vec<&Scope> = scopes.iter().filter(|s| !s.policy.is_empty()).collect();
+                let tz = self.time_zone();
+                let now = now_ms();
                 let mut inv = self.ops.prepare_invoke();
-                inv.key(self.leases()).key(self.lease_key(ticket));
+                inv.key(self.leases()).key(self.lease_key(ticket)).key(format!(
+                    "{}:done:{}",
+                    self.tag,
+                    self.lease_id(ticket)
+                ));
                 for s in &counted {
                     inv.key(self.key(s.kind, &s.id));
                 }
-                let at = if actual.at_ms == 0 { now_ms() } else { actual.at_ms };
                 inv.arg("settle")
                     .arg(self.lease_id(ticket))
                     .arg(actual.cost_nanos)
-                    .arg(at)
+                    .arg(actual.at_ms.max(0))
                     .arg(demand.input_tokens)
                     .arg(actual.input_tokens)
                     .arg(demand.output_tokens)
                     .arg(actual.output_tokens);
                 for s in &counted {
                     let l = s.policy.limits;
-                    inv.arg(if s.policy.budget.is_some() { "1" } else { "0" })
-                        .arg(l.input_tpm.map_or(-1, |v| v as i128).to_string())
-                        .arg(l.output_tpm.map_or(-1, |v| v as i128).to_string());
+                    let (kind, start, end) = match s.policy.budget {
+                        Some(b) => {
+                            let (start, end) = b.period.bounds(tz, now);
+                            (b.period.as_str(), start, end)
+                        }
+                        None => ("", 0, 0),
+                    };
+                    inv.arg(kind)
+                        .arg(start)
+                        .arg(end)
+                        .arg(l.input_tpm.map_or_else(|| "-1".to_string(), |v| v.to_string()))
+                        .arg(l.output_tpm.map_or_else(|| "-1".to_string(), |v| v.to_string()));
                 }
                 inv.invoke_async::<i64>(&mut conn).await?;
                 self.forget(ticket);
@@ -445,11 +497,21 @@ async fn background(limiter: std::sync::Weak<RedisLimiter>, mut work: mpsc::Unbo
         let mut wait = Duration::from_millis(50);
         while let Some(o) = op.take() {
             let retry = clone_op(&o);
-            if let Err(e) = l.run(o).await {
-                tracing::warn!(error = %e, "the shared limiter did not take a settlement; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
-                op = Some(retry);
+            match l.run(o).await {
+                Ok(()) => {}
+                // Redis away or slow: the operation is safe to repeat (a settlement runs once
+                // per lease), so it is tried again until Redis takes it.
+                Err(e)
+                    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() =>
+                {
+                    tracing::warn!(error = %e, "the shared limiter did not take a settlement; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                    op = Some(retry);
+                }
+                // A refusal by the script itself would repeat forever and hold up every later
+                // settlement: it is logged, loudly, and dropped (the ledger still has the row).
+                Err(e) => tracing::error!(error = %e, "the shared limiter refused a settlement; dropped"),
             }
         }
     }
@@ -472,15 +534,15 @@ async fn renew_leases(limiter: std::sync::Weak<RedisLimiter>) {
         let ids: Vec<String> =
             l.live.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|t| l.lease_id(*t)).collect();
         if !ids.is_empty() {
-            let expiry = now_ms() + l.settings.lease.as_millis() as i64;
             let mut conn = l.conn.clone();
             for chunk in ids.chunks(1000) {
-                let mut cmd = redis::cmd("ZADD");
-                cmd.arg(l.leases()).arg("XX").arg("GT");
+                // Expiries are Redis's time plus a lease, like the admissions' own.
+                let mut inv = l.ops.prepare_invoke();
+                inv.key(l.leases()).arg("renew").arg(l.settings.lease.as_millis() as u64);
                 for id in chunk {
-                    cmd.arg(expiry).arg(id);
+                    inv.arg(id);
                 }
-                if let Err(e) = cmd.query_async::<i64>(&mut conn).await {
+                if let Err(e) = inv.invoke_async::<i64>(&mut conn).await {
                     tracing::warn!(error = %e, "leases not renewed");
                 }
             }
@@ -515,6 +577,8 @@ pub(super) fn block<T: Send + 'static>(
 
 /// A Redis URL without its password, for messages.
 pub fn redact(url: &str) -> String {
+    // Credentials can sit before the host or in the query (`?password=`): keep neither.
+    let url = url.split('?').next().unwrap_or_default();
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
         _ => url.to_string(),

@@ -2,9 +2,15 @@
 local op = ARGV[1]
 
 if op == 'settle' then
-  -- KEYS: leases, lease, scope...
-  -- ARGV: op, lease id, cost, booked at (ms), input reserved, input used, output reserved,
-  --       output used, then per scope: budgeted (1/0), input tpm, output tpm (-1: none).
+  -- KEYS: leases, lease, done mark, scope...
+  -- ARGV: op, lease id, cost, booked at (ms; 0: now), input reserved, input used, output
+  --       reserved, output used, then per scope: period kind ('' for no budget), period
+  --       start, period end, input tpm, output tpm (-1: none).
+  -- Runs once per lease: a retry after a lost answer finds the mark and does nothing again.
+  if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', 86400000) then
+    return 0
+  end
+  local now = now_ms()
   local record = redis.call('GET', KEYS[2])
   if record then
     -- Still held: give back the reservation and the slot (an expired lease gave them back).
@@ -13,18 +19,20 @@ if op == 'settle' then
     redis.call('ZREM', KEYS[1], ARGV[2])
   end
   local cost, at = ARGV[3], tonumber(ARGV[4])
+  if at == 0 then at = now end
   local in_res, in_used = tonumber(ARGV[5]), tonumber(ARGV[6])
   local out_res, out_used = tonumber(ARGV[7]), tonumber(ARGV[8])
-  for i = 3, #KEYS do
+  for i = 4, #KEYS do
     local key = KEYS[i]
-    local o = 8 + (i - 3) * 3
-    if ARGV[o + 1] == '1' then
-      -- The cost counts in the period that contains its booking time, as in the ledger.
-      local h = redis.call('HMGET', key, 'ps', 'pe')
-      local ps, pe = tonumber(h[1]), tonumber(h[2])
-      if ps and at >= ps and at < pe then redis.call('HINCRBY', key, 'spent', cost) end
+    local o = 8 + (i - 4) * 5
+    if ARGV[o + 1] ~= '' then
+      -- The cost counts in the period that contains its booking time, as in the ledger (a
+      -- period that began since admission is rolled to first).
+      local _, ends = roll(key, ARGV[o + 1], ARGV[o + 2], ARGV[o + 3], now)
+      local ps = tonumber(redis.call('HGET', key, 'ps'))
+      if cost ~= '0' and at >= ps and at < ends then redis.call('HINCRBY', key, 'spent', cost) end
     end
-    local itpm, otpm = tonumber(ARGV[o + 2]), tonumber(ARGV[o + 3])
+    local itpm, otpm = tonumber(ARGV[o + 4]), tonumber(ARGV[o + 5])
     if itpm >= 0 then
       local l = redis.call('HGET', key, 'it')
       if l then redis.call('HSET', key, 'it', math.min(itpm, tonumber(l) + in_res - in_used)) end
@@ -38,16 +46,17 @@ if op == 'settle' then
 end
 
 if op == 'hold' then
-  -- KEYS: leases, lease, scope.  ARGV: op, now, lease expiry, lease id, concurrency, scope TTL.
-  purge(KEYS[1], tonumber(ARGV[2]))
-  local conc = tonumber(ARGV[5])
+  -- KEYS: leases, lease, scope.  ARGV: op, lease ms, lease id, concurrency, scope idle TTL.
+  local now = now_ms()
+  purge(KEYS[1], now)
+  local conc = tonumber(ARGV[4])
   if conc >= 0 and tonumber(redis.call('HGET', KEYS[3], 'inf') or '0') >= conc then
     return 0
   end
   redis.call('HINCRBY', KEYS[3], 'inf', 1)
-  if redis.call('PTTL', KEYS[3]) >= 0 then redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[6])) end
+  keep(KEYS[3], false, 0, tonumber(ARGV[5]))
   redis.call('SET', KEYS[2], cjson.encode({w = '0', s = {{k = KEYS[3], b = 0, c = 1}}}))
-  redis.call('ZADD', KEYS[1], tonumber(ARGV[3]), ARGV[4])
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
   return 1
 end
 
@@ -62,19 +71,28 @@ if op == 'release' then
   return 1
 end
 
-if op == 'seed' then
-  -- KEYS: scope.  ARGV: op, period start, period end, spent.
-  -- The ledger's sum for the period; what Redis holds already is kept when it is more
-  -- (settlements reach Redis before the ledger does).
-  local stored = tonumber(redis.call('HGET', KEYS[1], 'ps'))
-  local ps = tonumber(ARGV[2])
-  if stored == nil or stored < ps then
-    redis.call('HSET', KEYS[1], 'ps', ARGV[2], 'pe', ARGV[3], 'spent', ARGV[4])
-  elseif stored == ps and tonumber(redis.call('HGET', KEYS[1], 'spent') or '0') < tonumber(ARGV[4]) then
-    redis.call('HSET', KEYS[1], 'spent', ARGV[4])
+if op == 'renew' then
+  -- KEYS: leases.  ARGV: op, lease ms, lease id...
+  -- Pushes the expiry of live leases forward; an expired (purged) one is not brought back.
+  local expiry = now_ms() + tonumber(ARGV[2])
+  for i = 3, #ARGV do
+    redis.call('ZADD', KEYS[1], 'XX', 'GT', expiry, ARGV[i])
   end
-  local pe = tonumber(ARGV[3])
-  if pe < 9e15 then redis.call('PEXPIREAT', KEYS[1], pe + 86400000) end
+  return 1
+end
+
+if op == 'seed' then
+  -- KEYS: scope.  ARGV: op, period kind, period start, period end, spent.
+  -- The ledger's sum for the period. For the same period, what Redis holds already is kept
+  -- when it is more (settlements reach Redis before the ledger does); another period, or
+  -- another kind of period (the budget changed), takes the ledger's word.
+  local h = redis.call('HMGET', KEYS[1], 'pk', 'ps', 'spent')
+  if h[1] == ARGV[2] and h[2] == ARGV[3] then
+    if tonumber(h[3] or '0') < tonumber(ARGV[5]) then redis.call('HSET', KEYS[1], 'spent', ARGV[5]) end
+  else
+    redis.call('HSET', KEYS[1], 'pk', ARGV[2], 'ps', ARGV[3], 'pe', ARGV[4], 'spent', ARGV[5])
+  end
+  keep(KEYS[1], true, tonumber(ARGV[4]), 0)
   return 1
 end
 

@@ -67,10 +67,15 @@ impl ApiError {
     }
 
     /// A budget or rate limit said no: 429 `rate_limit_error` with `retry-after` when it frees
-    /// up by itself, 403 `permission_error` when the budget is spent until it resets.
+    /// up by itself, 403 `permission_error` when the budget is spent until it resets, 503
+    /// `api_error` when the limiter itself could not answer (a shared one unreachable).
     pub fn refused(r: crate::limits::Refusal) -> Self {
-        let kind = if r.status == 429 { "rate_limit_error" } else { "permission_error" };
-        let mut e = Self::new(r.status, kind, r.message, Outcome::Rejected);
+        let (kind, outcome) = match r.status {
+            429 => ("rate_limit_error", Outcome::Rejected),
+            503 => ("api_error", Outcome::Failed),
+            _ => ("permission_error", Outcome::Rejected),
+        };
+        let mut e = Self::new(r.status, kind, r.message, outcome);
         e.headers = r.headers;
         if let Some(wait) = r.retry_after {
             // Whole seconds, rounded up: a client retrying early is refused again.
