@@ -238,7 +238,7 @@ impl Runtime {
             }
             let (start, _) = budget.period.bounds(self.limiter.time_zone(), crate::limits::now_ms());
             let spent = self.store.spend_since(scope.kind, &scope.id, start).map_err(|e| e.to_string())?;
-            self.limiter.seed(&scope, start, spent);
+            self.limiter.seed(&scope, start, spent)?;
         }
         // JWT principals are known only once they call: seed everyone the ledger has seen.
         for issuer in &state.jwt.issuers {
@@ -269,7 +269,7 @@ impl Runtime {
                 let scope = Scope { kind: ScopeKind::Key, id: id.as_str().into(), policy };
                 let same = before.get(&(scope.kind, &*scope.id)) == Some(&Some(budget.period));
                 if !(same && self.limiter.tracks(&scope)) {
-                    self.limiter.seed(&scope, start, nanos);
+                    self.limiter.seed(&scope, start, nanos)?;
                 }
             }
         }

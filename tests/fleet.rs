@@ -58,8 +58,13 @@ fn redis_up() {
 }
 
 fn config(mock_url: &str, key: &TestKey, key_extra: &str, prefix: &Prefix) -> String {
+    config_with(mock_url, key, key_extra, prefix, "")
+}
+
+/// As [`config`], with `limits_extra` lines added to `[limits]` (`lease = "3s"`, say).
+fn config_with(mock_url: &str, key: &TestKey, key_extra: &str, prefix: &Prefix, limits_extra: &str) -> String {
     format!(
-        "[limits]\nbackend = \"redis\"\nurl = \"env:TG_TEST_REDIS_URL\"\nprefix = \"{prefix}\"\n\
+        "[limits]\nbackend = \"redis\"\nurl = \"env:TG_TEST_REDIS_URL\"\nprefix = \"{prefix}\"\n{limits_extra}\n\
          [[provider]]\nname = \"mock\"\nkind = \"anthropic\"\nbase_url = \"{mock_url}\"\n\
          credential = \"env:TG_TEST_PROVIDER_KEY\"\nhealth = {{ probe = \"none\", failures = 1000 }}\n\
          [[model]]\nname = \"m\"\nmax_attempts = 1\ndeployments = [{{ provider = \"mock\", model = \"{MODEL_ID}\" }}]\n\
@@ -145,4 +150,703 @@ async fn two_gateways_share_one_budget_exactly() {
         assert!(std::time::Instant::now() < deadline, "Redis holds {held:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers of the tests below.
+
+/// What [`body`] reserves (its image may fill the whole window) and, with [`worst_usage`], costs.
+const WORST: u64 = CONTEXT_WINDOW * PROMPT_RATE + MAX_TOKENS * OUTPUT_RATE;
+
+/// Usage that costs exactly [`WORST`]: the whole window written to the 1-hour cache, every
+/// allowed output token used.
+fn worst_usage() -> String {
+    json!({"input_tokens": 0, "output_tokens": MAX_TOKENS, "cache_creation_1h_input_tokens": CONTEXT_WINDOW})
+        .to_string()
+}
+
+/// [`body`], streamed: its answer's head arrives at once, its end as slowly as
+/// `x-mock-deltas` x `x-mock-delay-ms` say.
+fn streamed_body() -> String {
+    body().replacen('{', "{\"stream\":true,", 1)
+}
+
+/// A budget of `nanos` as the config writes it.
+fn usd(nanos: u64) -> f64 {
+    nanos as f64 / 1e9
+}
+
+impl Prefix {
+    /// A scope's hash as the Redis at `url` holds it.
+    fn scope_at(&self, url: &str, kind: &str, id: &str) -> std::collections::HashMap<String, String> {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        redis::cmd("HGETALL").arg(format!("{{{}}}:s:{kind}:{id}", self.0)).query(&mut c).unwrap()
+    }
+
+    /// One field of a scope's hash as an integer (absent: 0).
+    fn field_at(&self, url: &str, kind: &str, id: &str, field: &str) -> i64 {
+        self.scope_at(url, kind, id).get(field).map_or(0, |v| v.parse::<f64>().unwrap() as i64)
+    }
+
+    /// The lease ids the Redis at `url` lists, with their expiry (Unix ms).
+    fn leases_at(&self, url: &str) -> Vec<(String, i64)> {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        redis::cmd("ZRANGE")
+            .arg(format!("{{{}}}:leases", self.0))
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query(&mut c)
+            .unwrap()
+    }
+}
+
+/// A gateway of the fleet on the Redis at `redis_url`, its log kept (see [`Gateway::log`]).
+fn start_on(config: &str, redis_url: &str) -> Gateway {
+    start_gateway_logged("", &[("TG_TEST_REDIS_URL", redis_url)], config)
+}
+
+/// The gateway's error message in an Anthropic error body (the body itself otherwise).
+fn message(text: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| text.to_string())
+}
+
+/// Sends `body` with `key` and `headers`; the answer's status, headers and text.
+async fn send(
+    gw: &Gateway,
+    key: &TestKey,
+    body: String,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, String) {
+    let mut req = messages_request(gw, key).body(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let h = resp.headers().clone();
+    (status, h, resp.text().await.unwrap_or_default())
+}
+
+/// The ledgers' total: every usage record of these gateways.
+fn ledger(gws: &[&Gateway]) -> u64 {
+    gws.iter().flat_map(|g| g.records()).map(|r| r["cost_nanos"].as_u64().unwrap_or(0)).sum()
+}
+
+/// Waits (up to `within`) until `done` holds, and returns how long it took.
+async fn eventually(within: Duration, what: &str, mut done: impl FnMut() -> bool) -> Duration {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    start.elapsed()
+}
+
+/// Nothing in these gateways' logs says a thread panicked.
+fn no_panics(gws: &[&Gateway]) {
+    for g in gws {
+        let log = g.log();
+        assert!(!log.contains("panicked"), "{log}");
+    }
+}
+
+/// The value of a counter on the gateway's /metrics page (0 when absent).
+async fn metric(gw: &Gateway, series: &str) -> f64 {
+    let text = client().get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// A team budget of six worst cases, spent by two keys of the team, each used on a gateway of
+/// its own: exactly six requests are served fleet-wide, and Redis's team spend is the sum of the
+/// two gateways' ledgers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn team_budget_is_shared_by_keys_on_different_gateways() {
+    redis_up();
+    let prefix = Prefix::new();
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let (ka, kb) = (new_key(), new_key());
+    let team = format!(
+        "team = \"t\"\n[[key]]\nid = \"b\"\nhash = \"{}\"\nteam = \"t\"\n\
+         [[team]]\nid = \"t\"\nbudget = {{ usd = {}, period = \"monthly\" }}\n",
+        kb.hash,
+        usd(6 * WORST)
+    );
+    let cfg = config(&mock.url(), &ka, &team, &prefix);
+    let (a, b) = (start_on(&cfg, REDIS), start_on(&cfg, REDIS));
+    let usage = worst_usage();
+    let worst = [("x-mock-usage", usage.as_str())];
+
+    // One each first: both keys, on both gateways, spend from the team.
+    assert_eq!(send(&a, &ka, body(), &worst).await.0, 200);
+    assert_eq!(send(&b, &kb, body(), &worst).await.0, 200);
+    // Then a burst: key a on gateway a, key b on gateway b.
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            let req = if i % 2 == 0 { messages_request(&a, &ka) } else { messages_request(&b, &kb) };
+            let req = req.body(body()).header("x-mock-usage", usage.clone()).header("x-mock-header-delay-ms", "20");
+            tokio::spawn(async move {
+                let resp = req.send().await.unwrap();
+                (resp.status().as_u16(), message(&resp.text().await.unwrap()))
+            })
+        })
+        .collect();
+    let mut served = 2;
+    for t in tasks {
+        let (status, text) = t.await.unwrap();
+        match status {
+            200 => served += 1,
+            429 => assert!(
+                text.contains("monthly budget of team \"t\"") && text.contains("held by requests in flight"),
+                "{text}"
+            ),
+            403 => assert!(text.contains("monthly budget of team \"t\""), "{text}"),
+            other => panic!("unexpected {other}: {text}"),
+        }
+    }
+    // Refusals by reservations in flight leave room that later requests fill.
+    for i in 0..20 {
+        let (gw, key) = if i % 2 == 0 { (&a, &ka) } else { (&b, &kb) };
+        served += (send(gw, key, body(), &worst).await.0 == 200) as usize;
+    }
+    assert_eq!(served, 6, "a team budget of six worst cases serves six, whichever key and gateway");
+    assert_eq!(mock.received().len(), 6);
+
+    // Redis's team spend is the sum of both ledgers (settlements arrive in the background).
+    let books = || ledger(&[&a, &b]);
+    eventually(Duration::from_secs(5), "both ledgers hold the six", || books() == 6 * WORST).await;
+    let per_gateway: Vec<u64> = [&a, &b].iter().map(|g| ledger(&[g])).collect();
+    assert!(per_gateway.iter().all(|&n| n >= WORST), "both gateways served: {per_gateway:?}");
+    eventually(Duration::from_secs(5), "Redis's team spend equals the ledgers", || {
+        prefix.field_at(REDIS, "team", "t", "spent") == books() as i64
+    })
+    .await;
+    let t = prefix.scope("team", "t");
+    assert_eq!((t["res"].as_str(), t["inf"].as_str()), ("0", "0"), "{t:?}");
+    let (status, _, text) = send(&b, &kb, body(), &[]).await;
+    assert_eq!(status, 403, "{text}");
+    assert!(message(&text).contains("monthly budget of team \"t\"") && text.contains("is spent"), "{text}");
+    no_panics(&[&a, &b]);
+}
+
+/// rpm = 30 on a key, a burst of 60 requests spread over two gateways: the full bucket serves
+/// exactly 30 (the burst ends long before a 31st token drips in, one every 2 s); the other 30
+/// get 429 with the `anthropic-ratelimit-requests-*` headers and retry-after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_wide_rpm_serves_exactly_the_limit_in_a_burst() {
+    redis_up();
+    let prefix = Prefix::new();
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let cfg = config(&mock.url(), &key, "limits = { rpm = 30 }", &prefix);
+    let (a, b) = (start_on(&cfg, REDIS), start_on(&cfg, REDIS));
+    let small = json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            let req = messages_request(if i % 2 == 0 { &a } else { &b }, &key).body(small.clone());
+            tokio::spawn(async move {
+                let resp = req.send().await.unwrap();
+                let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+                (i % 2, status, headers, resp.text().await.unwrap())
+            })
+        })
+        .collect();
+    let mut served = [0usize; 2];
+    let mut refused = Vec::new();
+    for t in tasks {
+        let (gw, status, headers, text) = t.await.unwrap();
+        match status {
+            200 => served[gw] += 1,
+            429 => refused.push((headers, text)),
+            other => panic!("unexpected {other}: {text}"),
+        }
+    }
+    let burst = started.elapsed();
+    println!("rpm burst: {burst:?}, served by gateway a/b: {served:?}");
+    assert!(burst < Duration::from_millis(1900), "the burst took {burst:?}: a 31st token may have dripped in");
+    assert_eq!(served[0] + served[1], 30, "served {served:?}");
+    assert_eq!(refused.len(), 30);
+    assert_eq!(mock.received().len(), 30);
+    for (headers, text) in &refused {
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!((&v["type"], &v["error"]["type"]), (&json!("error"), &json!("rate_limit_error")), "{text}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.starts_with("rate limit of key \"a\": 30 requests per minute; retry in "), "{m}");
+        assert_eq!(headers["anthropic-ratelimit-requests-limit"], "30");
+        assert_eq!(headers["anthropic-ratelimit-requests-remaining"], "0");
+        assert!(headers.contains_key("anthropic-ratelimit-requests-reset"), "{headers:?}");
+        // One request comes back every 2 s; the header rounds up to whole seconds.
+        let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=2).contains(&retry), "retry-after {retry}");
+    }
+    let level: f64 = prefix.scope("key", "a")["rq"].parse().unwrap();
+    assert!(level < 1.0, "the shared bucket is empty: {level}");
+    no_panics(&[&a, &b]);
+}
+
+/// Concurrency = 2 on a key used through two gateways, with answers that take a while: the
+/// provider never has more than two of its requests at once (counted by a proxy in front of
+/// it), the others get 429, and once all are done Redis counts none in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_wide_concurrency_never_exceeds_the_limit() {
+    redis_up();
+    let prefix = Prefix::new();
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let proxy = InFlightProxy::start(&mock.url()).await;
+    let key = new_key();
+    let cfg = config(&proxy.url(), &key, "limits = { concurrency = 2 }", &prefix);
+    let (a, b) = (start_on(&cfg, REDIS), start_on(&cfg, REDIS));
+
+    // A wave of ten at once, each answer 1 s away: two are served, eight refused.
+    let wave: Vec<_> = (0..10)
+        .map(|i| {
+            let req = messages_request(if i % 2 == 0 { &a } else { &b }, &key)
+                .body(body())
+                .header("x-mock-header-delay-ms", "1000");
+            tokio::spawn(async move {
+                let resp = req.send().await.unwrap();
+                let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+                (status, headers, message(&resp.text().await.unwrap()))
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in wave {
+        let (status, headers, text) = t.await.unwrap();
+        if status == 429 {
+            assert!(text.contains("concurrency limit of key \"a\": 2 requests at a time"), "{text}");
+            assert_eq!(headers["anthropic-ratelimit-concurrency-limit"], "2");
+            assert_eq!(headers["anthropic-ratelimit-concurrency-remaining"], "0");
+            assert_eq!(headers["retry-after"], "1");
+        }
+        statuses.push(status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 429, 429, 429, 429, 429, 429, 429, 429]);
+
+    // Then eight clients hammer both gateways for 2.5 s with answers 200 ms long.
+    let until = std::time::Instant::now() + Duration::from_millis(2500);
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            let url = if i % 2 == 0 { a.url("/v1/messages") } else { b.url("/v1/messages") };
+            let key = key.key.clone();
+            tokio::spawn(async move {
+                let c = client();
+                let (mut ok, mut refused) = (0usize, 0usize);
+                while std::time::Instant::now() < until {
+                    let resp = c
+                        .post(&url)
+                        .header("x-api-key", &key)
+                        .header("x-mock-header-delay-ms", "200")
+                        .body(body())
+                        .send()
+                        .await
+                        .unwrap();
+                    match resp.status().as_u16() {
+                        200 => ok += 1,
+                        429 => {
+                            refused += 1;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        other => panic!("unexpected {other}: {}", resp.text().await.unwrap()),
+                    }
+                }
+                (ok, refused)
+            })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for c in clients {
+        let (o, r) = c.await.unwrap();
+        ok += o;
+        refused += r;
+    }
+    println!(
+        "concurrency: hammer phase served {ok}, refused {refused}; provider saw {} requests, at most {} at once",
+        proxy.total(),
+        proxy.max_in_flight()
+    );
+    assert_eq!(proxy.max_in_flight(), 2, "never more than two at the provider, and two reached");
+    assert_eq!(proxy.total(), 2 + ok);
+    assert!(ok >= 10, "the slots were used: {ok}");
+    assert!(refused > 0);
+    eventually(Duration::from_secs(5), "Redis counts none in flight", || {
+        prefix.field_at(REDIS, "key", "a", "inf") == 0 && prefix.leases_at(REDIS).is_empty()
+    })
+    .await;
+    no_panics(&[&a, &b]);
+}
+
+/// A gateway killed with kill -9 while two of its requests hold most of a budget: the other
+/// gateway's requests are refused (429, reserved) until the dead one's leases (3 s) expire,
+/// then admitted; Redis's reservations come back to what the survivor holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateways_reservations_come_back_after_the_lease() {
+    redis_up();
+    let prefix = Prefix::new();
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    // Two worst cases in flight leave less than a third.
+    let key_extra = format!("budget = {{ usd = {}, period = \"daily\" }}", usd(5 * WORST / 2));
+    let cfg = config_with(&mock.url(), &key, &key_extra, &prefix, "lease = \"3s\"");
+    let (victim, survivor) = (start_on(&cfg, REDIS), start_on(&cfg, REDIS));
+
+    // Two requests whose answers never come in time hold two worst cases on the victim.
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let req = messages_request(&victim, &key).body(body()).header("x-mock-header-delay-ms", "60000");
+            tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    eventually(Duration::from_secs(5), "both are reserved and at the provider", || {
+        prefix.field_at(REDIS, "key", "a", "res") == 2 * WORST as i64 && mock.received().len() == 2
+    })
+    .await;
+    let (status, _, text) = send(&survivor, &key, body(), &[]).await;
+    assert_eq!(status, 429, "{text}");
+    assert!(message(&text).contains("is held by requests in flight"), "{text}");
+
+    // Let the victim renew its leases (every second) before it dies.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    victim.signal("KILL");
+    let killed = std::time::Instant::now();
+    for h in held {
+        assert!(h.await.unwrap().is_err(), "the victim's clients lost their connections");
+    }
+    // The survivor asks again and again; each refusal says why.
+    let streamed = [("x-mock-deltas", "10"), ("x-mock-delay-ms", "150")];
+    let (mut refusals, mut last_refusal) = (0, Duration::ZERO);
+    let resp = loop {
+        let mut req = messages_request(&survivor, &key).body(streamed_body());
+        for (k, v) in streamed {
+            req = req.header(k, v);
+        }
+        let resp = req.send().await.unwrap();
+        if resp.status() == 200 {
+            break resp;
+        }
+        let (status, text) = (resp.status().as_u16(), resp.text().await.unwrap());
+        assert_eq!(status, 429, "{text}");
+        assert!(message(&text).contains("is held by requests in flight"), "{text}");
+        refusals += 1;
+        last_refusal = killed.elapsed();
+        assert!(killed.elapsed() < Duration::from_secs(8), "the dead gateway's reservations never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let recovery = killed.elapsed();
+    println!("kill -9: {refusals} refusals, the last at {last_refusal:?}; admitted again {recovery:?} after the kill");
+    // The last renewal was at most a third of a lease before the kill: the leases end between
+    // two and three seconds after it.
+    assert!(recovery >= Duration::from_millis(1900), "admitted after {recovery:?}: before the lease could expire");
+    assert!(recovery <= Duration::from_millis(3600), "admitted only after {recovery:?}");
+    assert!(refusals > 0);
+    // Redis now holds what the survivor holds: one worst case, one request in flight.
+    let s = prefix.scope("key", "a");
+    assert_eq!(s["res"], WORST.to_string(), "{s:?}");
+    assert_eq!(s["inf"], "1", "{s:?}");
+    assert_eq!(prefix.leases_at(REDIS).len(), 1);
+    let id = resp.headers()["x-tollgate-request-id"].to_str().unwrap().to_string();
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("event: message_stop"), "{text}");
+    let spent = survivor.record(&id)["cost_nanos"].as_u64().unwrap();
+    assert!(spent > 0);
+    assert_eq!(ledger(&[&survivor]), spent, "the refusals cost nothing");
+    eventually(Duration::from_secs(5), "the survivor's request settles", || {
+        let s = prefix.scope("key", "a");
+        s["res"] == "0" && s["inf"] == "0" && s["spent"] == spent.to_string()
+    })
+    .await;
+    assert!(prefix.leases_at(REDIS).is_empty());
+    no_panics(&[&victim, &survivor]);
+}
+
+/// A gateway on a private Redis that is stopped: budgeted requests get a 503 in the Anthropic
+/// error shape within about `timeout`, requests of a key without budget or limits are served,
+/// nothing panics. Redis restarted (empty) on the same port: the gateway reconnects by itself,
+/// refuses the first admissions with 503 `limits_reseed` while it seeds the budget again from
+/// its ledger, and then grants only what was left before the outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_refuses_budgeted_requests_and_recovers_from_the_ledger() {
+    let mut private = RedisServer::start();
+    let url = private.url();
+    let prefix = Prefix::new();
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let (key, free) = (new_key(), new_key());
+    let key_extra = format!(
+        "budget = {{ usd = {}, period = \"daily\" }}\n[[key]]\nid = \"free\"\nhash = \"{}\"\n",
+        usd(3 * WORST),
+        free.hash
+    );
+    let cfg = config_with(&mock.url(), &key, &key_extra, &prefix, "timeout = \"300ms\"");
+    let gw = start_on(&cfg, &url);
+    let usage = worst_usage();
+    let worst = [("x-mock-usage", usage.as_str())];
+
+    // Two of three worst cases spent before the outage.
+    for _ in 0..2 {
+        assert_eq!(send(&gw, &key, body(), &worst).await.0, 200);
+    }
+    eventually(Duration::from_secs(5), "Redis holds the spend", || {
+        prefix.field_at(&url, "key", "a", "spent") == 2 * WORST as i64
+    })
+    .await;
+    gw.wait_for_records(2);
+    tokio::time::sleep(Duration::from_millis(200)).await; // the ledger's flush interval is 50 ms
+
+    private.stop();
+    let mut latencies = Vec::new();
+    for _ in 0..6 {
+        let asked = std::time::Instant::now();
+        let (status, headers, text) = send(&gw, &key, body(), &worst).await;
+        latencies.push(asked.elapsed());
+        assert_eq!(status, 503, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!((&v["type"], &v["error"]["type"]), (&json!("error"), &json!("api_error")), "{text}");
+        assert_eq!(v["error"]["message"], "the gateway's shared limiter (Redis) is unavailable; retry shortly");
+        assert_eq!(headers["retry-after"], "1");
+        // A key without budget or limits does not need Redis.
+        assert_eq!(send(&gw, &free, body(), &[]).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("Redis down: budgeted requests refused in {latencies:?} (timeout 300 ms)");
+    for l in &latencies {
+        assert!(*l < Duration::from_millis(800), "a refusal took {l:?}: longer than about the timeout");
+    }
+    assert_eq!(metric(&gw, "tollgate_refused_total{reason=\"limits_unavailable\"}").await, 6.0);
+
+    // Redis comes back empty on the same port; the gateway is not restarted.
+    private.restart();
+    let restarted = std::time::Instant::now();
+    let mut seen = Vec::new();
+    let mut reconnected = None;
+    loop {
+        let (status, headers, text) = send(&gw, &key, body(), &worst).await;
+        let m = message(&text);
+        if status == 503 {
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!((&v["type"], &v["error"]["type"]), (&json!("error"), &json!("api_error")), "{text}");
+            assert!(headers.contains_key("retry-after"), "{headers:?}");
+        }
+        let reason = match status {
+            200 => "ok",
+            503 if m.contains("unavailable") => "unavailable",
+            503 if m.contains("lost its counters") => "reseed",
+            _ => panic!("unexpected {status}: {text}"),
+        };
+        if reason != "unavailable" && reconnected.is_none() {
+            reconnected = Some(restarted.elapsed());
+        }
+        if seen.last().map(|(r, _)| *r) != Some(reason) {
+            seen.push((reason, restarted.elapsed()));
+        }
+        if status == 200 {
+            break;
+        }
+        assert!(restarted.elapsed() < Duration::from_secs(15), "no recovery: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let recovered = restarted.elapsed();
+    println!("Redis back: reconnected after {reconnected:?}, admitting after {recovered:?}; answers {seen:?}");
+    assert!(seen.iter().any(|(r, _)| *r == "reseed"), "the first admissions are refused while reseeding: {seen:?}");
+    assert!(metric(&gw, "tollgate_refused_total{reason=\"limits_reseed\"}").await >= 1.0);
+    // The spend before the outage still counts: the one worst case left was granted, and no more.
+    eventually(Duration::from_secs(5), "the third settles", || {
+        prefix.field_at(&url, "key", "a", "spent") == 3 * WORST as i64
+    })
+    .await;
+    let (status, _, text) = send(&gw, &key, body(), &worst).await;
+    assert_eq!(status, 403, "{text}");
+    assert!(message(&text).contains("is spent"), "{text}");
+    assert_eq!(mock.received().len(), 3 + 6, "three budgeted requests and the six free ones");
+    let budgeted =
+        || gw.records().iter().filter(|r| r["key_id"] == "a").map(|r| r["cost_nanos"].as_u64().unwrap()).sum::<u64>();
+    eventually(Duration::from_secs(5), "the ledger agrees: three worst cases", || budgeted() == 3 * WORST).await;
+    no_panics(&[&gw]);
+}
+
+/// A request longer than the lease keeps its reservation: renewed, it still refuses a request
+/// that would need the rest of the budget at 5 s (lease 3 s), and settles correctly at its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_request_keeps_its_reservation_past_the_lease() {
+    redis_up();
+    let prefix = Prefix::new();
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let key_extra = format!("budget = {{ usd = {}, period = \"daily\" }}", usd(3 * WORST / 2));
+    let cfg = config_with(&mock.url(), &key, &key_extra, &prefix, "lease = \"3s\"");
+    let (a, b) = (start_on(&cfg, REDIS), start_on(&cfg, REDIS));
+
+    // About 8 s of stream; default usage, far below the reservation.
+    let resp = messages_request(&a, &key)
+        .body(streamed_body())
+        .header("x-mock-deltas", "8")
+        .header("x-mock-delay-ms", "800")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let admitted = std::time::Instant::now();
+    let long = tokio::spawn(async move { resp.text().await.unwrap() });
+
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (status, _, text) = send(&b, &key, body(), &[]).await;
+    assert_eq!(status, 429, "at {:?}: {text}", admitted.elapsed());
+    assert!(message(&text).contains("is held by requests in flight"), "{text}");
+    assert_eq!(prefix.field_at(REDIS, "key", "a", "res"), WORST as i64);
+    let leases = prefix.leases_at(REDIS);
+    let now = tollgate::limits::now_ms();
+    assert_eq!(leases.len(), 1);
+    assert!(leases[0].1 > now + 1000, "renewed: it expires {} ms from now", leases[0].1 - now);
+
+    let text = long.await.unwrap();
+    let took = admitted.elapsed();
+    println!("long request: {took:?} with a 3 s lease");
+    assert!(took > Duration::from_secs(7), "{took:?}");
+    assert!(text.contains("event: message_stop"), "{text}");
+    a.wait_for_records(1);
+    let cost = ledger(&[&a]);
+    assert!(cost > 0 && cost < WORST / 2);
+    eventually(Duration::from_secs(5), "the long request settles", || {
+        let s = prefix.scope("key", "a");
+        s["res"] == "0" && s["inf"] == "0" && s["spent"] == cost.to_string()
+    })
+    .await;
+    // What it did not use is free again.
+    assert_eq!(send(&b, &key, body(), &[]).await.0, 200);
+    no_panics(&[&a, &b]);
+}
+
+/// Redis stalls for 2 s (CLIENT PAUSE on a private instance, which keeps its data) while four
+/// requests are in flight: they complete, a request arriving meanwhile gets 503 within the
+/// timeout, and when Redis answers again the settlements arrive: Redis's spend equals the
+/// ledgers' and nothing is left reserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlements_arrive_after_a_brief_redis_stall() {
+    let private = RedisServer::start();
+    let url = private.url();
+    let prefix = Prefix::new();
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let key_extra = format!("budget = {{ usd = {}, period = \"daily\" }}", usd(100 * WORST));
+    let cfg = config(&mock.url(), &key, &key_extra, &prefix);
+    let (a, b) = (start_on(&cfg, &url), start_on(&cfg, &url));
+
+    let mut streams = Vec::new();
+    for i in 0..4 {
+        let resp = messages_request(if i % 2 == 0 { &a } else { &b }, &key)
+            .body(streamed_body())
+            .header("x-mock-usage", worst_usage())
+            .header("x-mock-deltas", "2")
+            .header("x-mock-delay-ms", "100")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        streams.push(tokio::spawn(async move { resp.text().await.unwrap() }));
+    }
+    assert_eq!(prefix.field_at(&url, "key", "a", "res"), 4 * WORST as i64);
+    let mut c = private.connection();
+    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(2000).arg("ALL").query(&mut c).unwrap();
+    let paused = std::time::Instant::now();
+
+    // A new admission meanwhile gets no answer in time.
+    let (status, _, text) = send(&a, &key, body(), &[]).await;
+    let refused_in = paused.elapsed();
+    assert_eq!(status, 503, "{text}");
+    assert!(message(&text).contains("unavailable"), "{text}");
+    assert!(refused_in < Duration::from_millis(800), "{refused_in:?}");
+    for s in streams {
+        assert!(s.await.unwrap().contains("event: message_stop"));
+    }
+    let done = paused.elapsed();
+    assert!(done < Duration::from_millis(2000), "the streams ended while Redis was stalled ({done:?})");
+
+    a.wait_for_records(3);
+    b.wait_for_records(2);
+    let books = ledger(&[&a, &b]);
+    assert_eq!(books, 4 * WORST);
+    eventually(Duration::from_secs(15), "the settlements arrive", || {
+        let s = prefix.scope_at(&url, "key", "a");
+        s.get("res").map(String::as_str) == Some("0")
+            && s.get("spent").map(|v| v.parse::<u64>().unwrap()) >= Some(books)
+    })
+    .await;
+    let settled = paused.elapsed();
+    // Settlements retried meanwhile must not be counted twice: give late ones time to land.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = prefix.scope_at(&url, "key", "a");
+    println!("stall: streams done {done:?} and settled {settled:?} after the pause began; Redis holds {s:?}, the ledgers {books}");
+    let retried =
+        [&a, &b].iter().map(|g| g.log().matches("did not take a settlement; retrying").count()).sum::<usize>();
+    println!("stall: settlement attempts that got no answer and were sent again: {retried}");
+    assert_eq!(
+        s["spent"],
+        books.to_string(),
+        "Redis's spend equals the ledgers' (4 worst cases = {books}); {retried} settlements were retried: {s:?}"
+    );
+    assert_eq!((s["res"].as_str(), s["inf"].as_str()), ("0", "0"), "{s:?}");
+    assert!(prefix.leases_at(&url).is_empty());
+    no_panics(&[&a, &b]);
+}
+
+/// Not a check: what a budgeted request costs in time with Redis on loopback (one admission
+/// round trip; the settlement is off the path), next to a key that needs no round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_latency_on_loopback() {
+    redis_up();
+    let prefix = Prefix::new();
+    let mock = MockProvider::start(Behavior { record: false, ..Behavior::default() }).await.unwrap();
+    let (key, free) = (new_key(), new_key());
+    let key_extra =
+        format!("budget = {{ usd = 1000000, period = \"daily\" }}\n[[key]]\nid = \"free\"\nhash = \"{}\"\n", free.hash);
+    let gw = start_on(&config(&mock.url(), &key, &key_extra, &prefix), REDIS);
+    let small = json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let c = client();
+    let run = |k: &TestKey| {
+        let (c, url, k, small) = (c.clone(), gw.url("/v1/messages"), k.key.clone(), small.clone());
+        async move {
+            let mut times = Vec::with_capacity(500);
+            for i in 0..550 {
+                let t = std::time::Instant::now();
+                let resp = c.post(&url).header("x-api-key", &k).body(small.clone()).send().await.unwrap();
+                assert_eq!(resp.status(), 200);
+                let _ = resp.bytes().await.unwrap();
+                if i >= 50 {
+                    times.push(t.elapsed());
+                }
+            }
+            times
+        }
+    };
+    let budgeted = run(&key).await;
+    let unbudgeted = run(&free).await;
+    // Settled requests leave nothing behind in Redis: their leases are deleted (a settlement
+    // retried after a lost answer finds none and books nothing twice).
+    let mut c = redis::Client::open(REDIS).unwrap().get_connection().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{{{}}}:*", prefix.0)).query(&mut c).unwrap();
+        let leases = keys.iter().filter(|k| k.contains("}:l:")).count();
+        if leases == 0 {
+            // The epoch mark and the key's scope; the lease set is gone once empty.
+            assert!(keys.len() <= 3, "keys left after 550 settled requests: {keys:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{leases} leases left after settlement");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (p50, p99) = (percentile(&budgeted, 50.0), percentile(&budgeted, 99.0));
+    let (f50, f99) = (percentile(&unbudgeted, 50.0), percentile(&unbudgeted, 99.0));
+    println!(
+        "request latency over 500 sequential requests: budgeted (Redis admission) p50 {p50:?} p99 {p99:?}; \
+         no budget (no round trip) p50 {f50:?} p99 {f99:?}; admission adds about {:?} at p50",
+        p50.saturating_sub(f50)
+    );
 }

@@ -311,10 +311,14 @@ impl Limits {
         }
     }
 
-    /// Blocking for a shared limiter: for start-up and reloads, never on a worker.
-    pub fn seed(&self, scope: &Scope, period_start_ms: i64, spent_nanos: u64) {
+    /// Blocking for a shared limiter: for start-up and reloads, never on a worker. A shared
+    /// limiter that cannot take the seed says so: Redis must not be marked seeded then.
+    pub fn seed(&self, scope: &Scope, period_start_ms: i64, spent_nanos: u64) -> Result<(), String> {
         match self {
-            Limits::Local(l) => l.seed(scope, period_start_ms, spent_nanos),
+            Limits::Local(l) => {
+                l.seed(scope, period_start_ms, spent_nanos);
+                Ok(())
+            }
             Limits::Redis { limiter, rt } => limiter.seed(scope, period_start_ms, spent_nanos, rt),
         }
     }

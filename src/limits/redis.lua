@@ -12,7 +12,9 @@
 --                     ot, ott  output tokens per minute, likewise
 -- A lease is a string (JSON: the worst case, as a string, and per scope whether it reserved
 -- budget and a slot), listed in the `leases` sorted set by expiry. A gateway renews its leases
--- while their requests run; a lease that expires (its gateway died) gives its reservation back.
+-- while their requests run; a lease that expires (its gateway died) gives its reservation back
+-- and becomes `expired`. Settling deletes the lease: a settlement retried after a lost answer
+-- finds nothing and books nothing twice.
 --
 -- Time is Redis's own (TIME), never a gateway's: one gateway's clock running ahead must not
 -- expire the others' leases.
@@ -37,6 +39,7 @@ local function take(key, field, by)
 end
 
 local function give_back(record)
+  if record == 'expired' then return end
   local r = cjson.decode(record)
   for _, s in ipairs(r.s) do
     if s.b == 1 then take(s.k, 'res', r.w) end
@@ -44,15 +47,16 @@ local function give_back(record)
   end
 end
 
--- Releases what expired leases still hold (a bounded number per call). A record that cannot
--- be read is dropped rather than left to fail every later call.
+-- Releases what expired leases still hold (a bounded number per call). Each leaves a marker
+-- for a day, so that a settlement arriving late still books its spend, once. A record that
+-- cannot be read is dropped rather than left to fail every later call.
 local function purge(leases, now)
   local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 64)
   for _, id in ipairs(expired) do
     local key = lease_key(leases, id)
     local record = redis.call('GET', key)
     if record then pcall(give_back, record) end
-    redis.call('DEL', key)
+    redis.call('SET', key, 'expired', 'PX', 86400000)
     redis.call('ZREM', leases, id)
   end
 end

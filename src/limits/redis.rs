@@ -322,11 +322,17 @@ impl RedisLimiter {
 
     /// Seeds a budgeted scope's spend for the period starting at `period_start_ms`; Redis keeps
     /// what it holds when that is more. Blocking: for start-up and reloads, off the workers.
-    pub fn seed(&self, scope: &Scope, period_start_ms: i64, spent_nanos: u64, rt: &tokio::runtime::Handle) {
-        let Some(b) = scope.policy.budget else { return };
+    pub fn seed(
+        &self,
+        scope: &Scope,
+        period_start_ms: i64,
+        spent_nanos: u64,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<(), String> {
+        let Some(b) = scope.policy.budget else { return Ok(()) };
         let (start, end) = b.period.bounds(self.time_zone(), now_ms());
         if start != period_start_ms {
-            return;
+            return Ok(());
         }
         let (script, key, mut conn) = (self.ops.clone(), self.key(scope.kind, &scope.id), self.conn.clone());
         let kind = b.period.as_str();
@@ -341,13 +347,10 @@ impl RedisLimiter {
                 .invoke_async::<i64>(&mut conn)
                 .await
         });
-        match result {
-            Ok(_) => {
-                let mut seeded = self.seeded.lock().unwrap_or_else(|p| p.into_inner());
-                seeded.insert((scope.kind, scope.id.to_string()), (kind, start));
-            }
-            Err(e) => tracing::warn!(%scope, error = %e, "the shared limiter could not be seeded for this scope"),
-        }
+        result.map_err(|e| format!("the shared limiter could not be seeded for {scope}: {e}"))?;
+        let mut seeded = self.seeded.lock().unwrap_or_else(|p| p.into_inner());
+        seeded.insert((scope.kind, scope.id.to_string()), (kind, start));
+        Ok(())
     }
 
     /// Whether this gateway seeded the scope for its current period already. Seeding again
@@ -432,11 +435,7 @@ impl RedisLimiter {
                 let tz = self.time_zone();
                 let now = now_ms();
                 let mut inv = self.ops.prepare_invoke();
-                inv.key(self.leases()).key(self.lease_key(ticket)).key(format!(
-                    "{}:done:{}",
-                    self.tag,
-                    self.lease_id(ticket)
-                ));
+                inv.key(self.leases()).key(self.lease_key(ticket));
                 for s in &counted {
                     inv.key(self.key(s.kind, &s.id));
                 }

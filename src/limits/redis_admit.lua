@@ -14,7 +14,8 @@ local worst, input, output = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV
 local idle = tonumber(ARGV[7])
 -- The slot taken before the body was read is transferred only if its lease is still there
 -- (one that expired gave its slot back: the scope is counted afresh).
-local held_alive = ARGV[3] ~= '' and redis.call('EXISTS', KEYS[4]) == 1
+local held_record = ARGV[3] ~= '' and redis.call('GET', KEYS[4])
+local held_alive = held_record and held_record ~= 'expired'
 local n = #KEYS - 4
 local plans = {}
 for i = 1, n do

@@ -2,29 +2,27 @@
 local op = ARGV[1]
 
 if op == 'settle' then
-  -- KEYS: leases, lease, done mark, scope...
+  -- KEYS: leases, lease, scope...
   -- ARGV: op, lease id, cost, booked at (ms; 0: now), input reserved, input used, output
   --       reserved, output used, then per scope: period kind ('' for no budget), period
   --       start, period end, input tpm, output tpm (-1: none).
-  -- Runs once per lease: a retry after a lost answer finds the mark and does nothing again.
-  if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', 86400000) then
+  -- Runs once per lease: a retry after a lost answer finds no lease and books nothing.
+  local record = redis.call('GET', KEYS[2])
+  if not record then
     return 0
   end
   local now = now_ms()
-  local record = redis.call('GET', KEYS[2])
-  if record then
-    -- Still held: give back the reservation and the slot (an expired lease gave them back).
-    give_back(record)
-    redis.call('DEL', KEYS[2])
-    redis.call('ZREM', KEYS[1], ARGV[2])
-  end
+  -- Give back the reservation and the slot (an expired lease gave them back already).
+  give_back(record)
+  redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[1], ARGV[2])
   local cost, at = ARGV[3], tonumber(ARGV[4])
   if at == 0 then at = now end
   local in_res, in_used = tonumber(ARGV[5]), tonumber(ARGV[6])
   local out_res, out_used = tonumber(ARGV[7]), tonumber(ARGV[8])
-  for i = 4, #KEYS do
+  for i = 3, #KEYS do
     local key = KEYS[i]
-    local o = 8 + (i - 4) * 5
+    local o = 8 + (i - 3) * 5
     if ARGV[o + 1] ~= '' then
       -- The cost counts in the period that contains its booking time, as in the ledger (a
       -- period that began since admission is rolled to first).

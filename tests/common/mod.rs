@@ -600,3 +600,192 @@ pub fn ec_jwk(kp: &rcgen::KeyPair, kid: &str) -> Value {
     serde_json::json!({"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256",
         "x": b64url(&raw[1..33]), "y": b64url(&raw[33..])})
 }
+
+/// A private `redis-server` of a test's own on a loopback port, keeping nothing on disk: a test
+/// that must stop, pause or restart Redis uses one, never the machine's shared instance. Killed
+/// when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: TempDir,
+}
+
+impl RedisServer {
+    /// Starts on a free port and waits until it answers PING.
+    pub fn start() -> Self {
+        let mut s = RedisServer { port: free_port(), child: None, dir: tempfile::tempdir().unwrap() };
+        s.restart();
+        s
+    }
+
+    /// `redis://127.0.0.1:PORT/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// A connection to this instance.
+    pub fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
+    }
+
+    /// Kills the server (SIGKILL: it saves nothing) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (empty, as a restarted Redis without
+    /// persistence is), and waits until it answers PING.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts (is it installed?)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let pong = redis::Client::open(self.url())
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
+            if pong.is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start on port {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A loopback HTTP reverse proxy in front of `target` that counts the requests it has in
+/// flight (from the request's arrival until the upstream answer has been read whole), and the
+/// most it ever had at once: put between gateways and a mock provider, it measures how many
+/// requests a concurrency limit really lets through.
+pub struct InFlightProxy {
+    pub addr: std::net::SocketAddr,
+    now: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    max: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    total: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl InFlightProxy {
+    /// Starts on `127.0.0.1` with a free port, on the current tokio runtime; `target` is
+    /// `http://host:port`.
+    pub async fn start(target: &str) -> Self {
+        use hyper_util::rt::TokioIo;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (now, max, total) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let upstream = reqwest::Client::builder().no_proxy().build().unwrap();
+        let target = target.trim_end_matches('/').to_string();
+        let counters = (now.clone(), max.clone(), total.clone());
+        tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    _ = &mut stopped => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => continue,
+                    },
+                };
+                let (upstream, target, counters) = (upstream.clone(), target.clone(), counters.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (upstream, target, (now, max, total)) =
+                            (upstream.clone(), target.clone(), counters.clone());
+                        async move {
+                            use http_body_util::BodyExt;
+                            let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                            max.fetch_max(n, Ordering::SeqCst);
+                            total.fetch_add(1, Ordering::SeqCst);
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+                            let mut headers = parts.headers.clone();
+                            for name in HOP_BY_HOP {
+                                headers.remove(name);
+                            }
+                            let sent = upstream
+                                .request(parts.method, format!("{target}{path}"))
+                                .headers(headers)
+                                .body(body)
+                                .send()
+                                .await;
+                            let (status, mut response_headers, response) = match sent {
+                                Ok(r) => {
+                                    let (status, headers) = (r.status().as_u16(), r.headers().clone());
+                                    (status, headers, r.bytes().await.unwrap_or_default())
+                                }
+                                Err(e) => {
+                                    (502, http::HeaderMap::new(), bytes::Bytes::from(format!("in-flight proxy: {e}")))
+                                }
+                            };
+                            now.fetch_sub(1, Ordering::SeqCst);
+                            for name in HOP_BY_HOP {
+                                response_headers.remove(name);
+                            }
+                            let mut answer = http::Response::new(http_body_util::Full::new(response));
+                            *answer.status_mut() =
+                                http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+                            *answer.headers_mut() = response_headers;
+                            Ok::<_, std::convert::Infallible>(answer)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        InFlightProxy { addr, now, max, total, _stop: stop }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.now.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The most requests ever in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.max.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Requests passed on so far.
+    pub fn total(&self) -> usize {
+        self.total.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The `p`-th percentile (0..=100) of `samples`, nearest rank.
+pub fn percentile(samples: &[Duration], p: f64) -> Duration {
+    let mut s = samples.to_vec();
+    s.sort();
+    if s.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    s[rank.clamp(1, s.len()) - 1]
+}
