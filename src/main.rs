@@ -33,6 +33,12 @@ enum Command {
         /// The config file (same as --config).
         file: Option<PathBuf>,
     },
+    /// Bring the ledger database (`[store] backend = "postgres"`) to this build's schema.
+    /// Gateways do it themselves at start; this does it ahead of a rollout.
+    Migrate {
+        /// The config file (same as --config).
+        file: Option<PathBuf>,
+    },
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
@@ -209,6 +215,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { file } => check(file.as_deref().unwrap_or(&cli.config)),
+        Command::Migrate { file } => migrate(file.as_deref().unwrap_or(&cli.config)),
         Command::Keys { command: KeysCommand::New } => new_key(),
         Command::Keys { command } => {
             use tollgate::cli::Call;
@@ -333,6 +340,29 @@ fn check(path: &std::path::Path) -> ExitCode {
             let _ = writeln!(out, "warning: provider {}: {e}", p.name);
         }
     }
+    // The fleet's ledger database must answer (its schema is left as it is: `tollgate migrate`).
+    if config.store.backend == tollgate::config::StoreBackend::Postgres {
+        let checked = match config.store.url.as_ref().map(|u| u.resolve()) {
+            Some(Ok(url)) => tollgate::store::PostgresStore::ping(url.expose())
+                .map(|(rtt, version)| {
+                    let schema = version.map_or_else(|| "no schema yet".to_string(), |v| format!("schema version {v}"));
+                    format!("store: PostgreSQL answered in {:.1} ms ({schema})", rtt.as_secs_f64() * 1000.0)
+                })
+                .map_err(|e| format!("store: {e}")),
+            Some(Err(e)) => Err(format!("store.url: {e}")),
+            None => Err("store.url is not set".into()),
+        };
+        match checked {
+            Ok(line) => {
+                let _ = writeln!(out, "{line}");
+            }
+            Err(e) => {
+                let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     // A shared limiter must answer: a gateway that cannot reach it refuses budgeted requests.
     if config.limits.backend == tollgate::config::LimitsBackend::Redis {
         let url = config.limits.url.as_ref().map(|u| u.resolve());
@@ -359,6 +389,41 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
     let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
     ExitCode::SUCCESS
+}
+
+fn migrate(path: &std::path::Path) -> ExitCode {
+    let config = match tollgate::config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if config.store.backend != tollgate::config::StoreBackend::Postgres {
+        println!("the store is SQLite: it migrates itself when the gateway opens it");
+        return ExitCode::SUCCESS;
+    }
+    let url = match config.store.url.as_ref().map(|u| u.resolve()) {
+        Some(Ok(u)) => u,
+        Some(Err(e)) => {
+            eprintln!("error: store.url: {e}");
+            return ExitCode::FAILURE;
+        }
+        None => {
+            eprintln!("error: store.url is not set");
+            return ExitCode::FAILURE;
+        }
+    };
+    match tollgate::store::PostgresStore::migrate_only(url.expose()) {
+        Ok(version) => {
+            println!("the ledger database is at schema version {version}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging() {

@@ -20,7 +20,7 @@ use crate::connections::{Guarded, HeadLimits, ListenerSlots};
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::runtime::Runtime;
-use crate::store::{SqliteStore, Store};
+use crate::store::{PostgresStore, SqliteStore, Store};
 
 /// Read buffer per client connection.
 const LISTENER_READ_BUFFER: usize = 8 << 10;
@@ -33,10 +33,7 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
     // the rest of Tollgate uses. (An error only says one is installed already.)
     let _ = rustls::crypto::ring::default_provider().install_default();
     let metrics = Arc::new(Metrics::new());
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&config.store.path, config.store.flush_interval)
-            .with_context(|| format!("store {}", config.store.path.display()))?,
-    );
+    let store = open_store(&config.store)?;
     let runtime =
         Arc::new(Runtime::new(config, config_path, store.clone(), metrics.clone()).map_err(anyhow::Error::msg)?);
     // The config as it was at start; listeners and threads stay as they are until a restart.
@@ -47,6 +44,7 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
     }
     let (audit, audit_writer) = crate::audit::start(&config.audit, metrics.audit_dropped.clone())?;
     watch_hangup(runtime.clone())?;
+    watch_keys(runtime.clone(), config.store.key_poll)?;
     crate::refresh::start(runtime.clone())?;
     // After the first fetch of credentials that come from a cloud.
     for p in &providers {
@@ -196,4 +194,44 @@ fn watch_drain(
             }
         })
         .expect("can spawn a thread");
+}
+
+/// The store `[store]` names: this gateway's SQLite file, or the fleet's PostgreSQL.
+pub fn open_store(c: &crate::config::StoreConfig) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match c.backend {
+        crate::config::StoreBackend::Sqlite => Arc::new(
+            SqliteStore::open(&c.path, c.flush_interval).with_context(|| format!("store {}", c.path.display()))?,
+        ),
+        crate::config::StoreBackend::Postgres => {
+            let url =
+                c.url.as_ref().context("store.url is required for postgres")?.resolve().map_err(anyhow::Error::msg)?;
+            Arc::new(
+                PostgresStore::open(url.expose(), c.spool.clone(), c.flush_interval)
+                    .context("the ledger database (store.url)")?,
+            )
+        }
+    })
+}
+
+/// Applies to this gateway the keys other gateways of the fleet created, changed or deleted:
+/// the store's version of its keys is polled every `every`.
+fn watch_keys(runtime: Arc<Runtime>, every: Duration) -> anyhow::Result<()> {
+    if runtime.store.keys_version().ok().flatten().is_none() {
+        return Ok(());
+    }
+    std::thread::Builder::new().name("tollgate-keys".into()).spawn(move || {
+        let mut seen = runtime.store.keys_version().ok().flatten();
+        loop {
+            std::thread::sleep(every);
+            match runtime.store.keys_version() {
+                Ok(v) if v != seen => match runtime.refresh_keys() {
+                    Ok(()) => seen = v,
+                    Err(e) => tracing::warn!(error = %e, "keys changed in the store but were not applied"),
+                },
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the store's keys"),
+            }
+        }
+    })?;
+    Ok(())
 }

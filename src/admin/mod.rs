@@ -295,6 +295,7 @@ impl ServeHttp for Admin {
                     .providers
                     .iter()
                     .filter_map(|p| p.unready_reason().or_else(|| p.credential_problem()))
+                    .chain(self.runtime.store.problem())
                     .collect();
                 if problems.is_empty() {
                     ok(200, json!({"status": "ready"}))

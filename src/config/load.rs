@@ -192,6 +192,16 @@ fn validate(c: &Config) -> Result<(), Invalid> {
             _ => {}
         }
     }
+    match (&c.store.backend, &c.store.url) {
+        (super::StoreBackend::Postgres, None) => return Err((0..0, "store: backend = \"postgres\" needs url".into())),
+        (super::StoreBackend::Sqlite, Some(_)) => {
+            return Err((0..0, "store: url is for backend = \"postgres\"".into()))
+        }
+        _ => {}
+    }
+    if c.store.key_poll < Duration::from_millis(100) {
+        return Err((0..0, "store: key_poll must be at least 100ms".into()));
+    }
     match (&c.limits.backend, &c.limits.url) {
         (super::LimitsBackend::Redis, None) => return Err((0..0, "limits: backend = \"redis\" needs url".into())),
         (super::LimitsBackend::Local, Some(_)) => return Err((0..0, "limits: url is for backend = \"redis\"".into())),

@@ -269,8 +269,18 @@ fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
+    /// `sqlite` (a file of this gateway's own) or `postgres` (shared by a fleet).
+    pub backend: StoreBackend,
     /// The SQLite file. Relative paths are taken from the working directory.
     pub path: PathBuf,
+    /// PostgreSQL: `postgres://user:password@host:port/database`, as a secret reference.
+    pub url: Option<SecretRef>,
+    /// PostgreSQL: where ledger rows wait, durably, while the database cannot be reached.
+    pub spool: PathBuf,
+    /// PostgreSQL: how often keys created, changed or deleted through any gateway are looked
+    /// for: the most a change takes to apply everywhere.
+    #[serde(deserialize_with = "duration")]
+    pub key_poll: Duration,
     /// Ledger rows are committed at least this often: the most a crash can lose.
     #[serde(deserialize_with = "duration")]
     pub flush_interval: Duration,
@@ -278,8 +288,22 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { path: PathBuf::from("tollgate.db"), flush_interval: Duration::from_millis(200) }
+        StoreConfig {
+            backend: StoreBackend::Sqlite,
+            path: PathBuf::from("tollgate.db"),
+            url: None,
+            spool: PathBuf::from("tollgate-spool.jsonl"),
+            key_poll: Duration::from_secs(2),
+            flush_interval: Duration::from_millis(200),
+        }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    Sqlite,
+    Postgres,
 }
 
 /// What happens to a model without a price for a key with a budget.

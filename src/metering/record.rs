@@ -40,6 +40,13 @@ pub enum Estimate {
 }
 
 impl Estimate {
+    /// The rule named by [`Estimate::as_str`].
+    pub fn parse(s: &str) -> Option<Estimate> {
+        [Estimate::StreamedContent, Estimate::Reservation, Estimate::MissingUsage, Estimate::CacheTtlFromRequest]
+            .into_iter()
+            .find(|e| e.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Estimate::StreamedContent => "streamed_content",

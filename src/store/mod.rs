@@ -4,12 +4,14 @@
 //! queue in batches. [`Store`] is the seam a shared backend (PostgreSQL for a fleet) implements;
 //! [`SqliteStore`] is the embedded default, a single file with nothing to install.
 
+mod postgres;
 mod sqlite;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use crate::config::KeyHash;
@@ -147,6 +149,15 @@ pub struct UsageLine {
     pub estimated: u64,
 }
 
+/// `YYYY-MM-DD` of an instant in `tz`.
+fn local_day(ms: i64, tz: chrono_tz::Tz) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .with_timezone(&tz)
+        .format("%Y-%m-%d")
+        .to_string()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store: {0}")]
@@ -179,6 +190,18 @@ pub trait Store: Send + Sync {
     /// Replaces the key with the same id; false when there is none.
     fn update_key(&self, key: &StoredKey) -> StoreResult<bool>;
     fn delete_key(&self, id: &str) -> StoreResult<bool>;
+
+    /// What changes when a key is created, changed or deleted by anyone (a gateway of the same
+    /// fleet included): polled to apply those changes here. `None` for a store of this gateway
+    /// alone, which learns of its changes as it makes them.
+    fn keys_version(&self) -> StoreResult<Option<String>> {
+        Ok(None)
+    }
+
+    /// Why the store cannot keep up now (a database out of reach), for `/readyz`.
+    fn problem(&self) -> Option<String> {
+        None
+    }
 
     /// Commits the queue and stops the writer; rows recorded afterwards are written at once.
     fn close(&self);

@@ -12,11 +12,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 
-use super::{Group, LedgerRow, Store, StoreError, StoreResult, StoredKey, UsageLine, UsageQuery};
+use super::{local_day, Group, LedgerRow, Store, StoreError, StoreResult, StoredKey, UsageLine, UsageQuery};
 use crate::limits::ScopeKind;
 
 const SCHEMA: &str = "
@@ -442,11 +441,6 @@ impl Store for SqliteStore {
             tracing::error!(error = %e, "cannot write the ledger on the way out");
         }
     }
-}
-
-/// `YYYY-MM-DD` of an instant in `tz`.
-fn local_day(ms: i64, tz: Tz) -> String {
-    DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default().with_timezone(&tz).format("%Y-%m-%d").to_string()
 }
 
 #[cfg(test)]

@@ -1,0 +1,869 @@
+//! The ledger and keys of a fleet, in PostgreSQL. Every gateway writes its ledger rows to the
+//! same tables and reads every key from them, so reports and keys are the fleet's whichever
+//! gateway is asked.
+//!
+//! As with SQLite, the request path only queues a row: a writer task commits the queue in
+//! batches (multi-row inserts, idempotent by request id). While the database cannot be
+//! reached, rows go to a spool file on local disk (appended and synced), replayed in order
+//! when it is back. The schema is migrated at start (and by `tollgate migrate`) under an
+//! advisory lock, so gateways starting together apply each migration once.
+//!
+//! The connection lives on a runtime of its own; the store's methods are synchronous (the
+//! [`Store`] trait is) and wait on it through a channel, so they may be called from any
+//! thread, an admin worker included, without nesting runtimes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls};
+
+use super::{Group, LedgerRow, Store, StoreError, StoreResult, StoredKey, UsageLine, UsageQuery};
+use crate::limits::ScopeKind;
+
+/// Each migration once, in order; the version table says which ran.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE tollgate_keys (
+        id TEXT PRIMARY KEY,
+        hash BYTEA NOT NULL UNIQUE,
+        user_id TEXT,
+        team TEXT,
+        models TEXT,
+        budget TEXT,
+        limits TEXT,
+        expires_ms BIGINT,
+        disabled BOOLEAN NOT NULL DEFAULT FALSE,
+        metadata TEXT,
+        created_ms BIGINT NOT NULL,
+        updated_ms BIGINT NOT NULL
+    );
+    CREATE TABLE tollgate_ledger (
+        request_id TEXT PRIMARY KEY,
+        ts_ms BIGINT NOT NULL,
+        key_id TEXT,
+        user_id TEXT,
+        team TEXT,
+        model TEXT,
+        provider TEXT,
+        provider_model TEXT,
+        status INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        stream BOOLEAN NOT NULL,
+        input_tokens BIGINT NOT NULL,
+        output_tokens BIGINT NOT NULL,
+        cache_read_tokens BIGINT NOT NULL,
+        cache_write_5m_tokens BIGINT NOT NULL,
+        cache_write_1h_tokens BIGINT NOT NULL,
+        cost_nanos BIGINT NOT NULL,
+        priced BOOLEAN NOT NULL,
+        estimated TEXT
+    );
+    CREATE INDEX tollgate_ledger_ts ON tollgate_ledger (ts_ms);
+    CREATE INDEX tollgate_ledger_key ON tollgate_ledger (key_id, ts_ms);
+    CREATE INDEX tollgate_ledger_user ON tollgate_ledger (user_id, ts_ms);
+    CREATE INDEX tollgate_ledger_team ON tollgate_ledger (team, ts_ms);",
+)];
+
+/// Any number above the highest migration's: a lock id of Tollgate's own.
+const MIGRATION_LOCK: i64 = 0x7011_6a7e;
+
+/// Rows per insert statement (19 parameters each, under PostgreSQL's 65,535).
+const BATCH: usize = 1000;
+
+/// Days are cut from 15-minute buckets (every time zone's offset is a multiple of them).
+const BUCKET_MS: i64 = 15 * 60 * 1000;
+
+/// What `tollgate check` and `/readyz` say about the database.
+#[derive(Debug, Default)]
+struct Health {
+    /// Why the last write failed, while it keeps failing.
+    failing: Mutex<Option<String>>,
+    /// Rows in the spool file now.
+    spooled: AtomicUsize,
+}
+
+struct Shared {
+    url: String,
+    client: tokio::sync::Mutex<Option<Arc<Client>>>,
+    queue: Mutex<Vec<LedgerRow>>,
+    spool: PathBuf,
+    health: Health,
+    /// One writer pass at a time (the writer task, or a `flush`).
+    pass: tokio::sync::Mutex<()>,
+    stopping: AtomicBool,
+}
+
+pub struct PostgresStore {
+    shared: Arc<Shared>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl PostgresStore {
+    /// Connects, brings the schema up to date, replays any spool left by a previous run, and
+    /// starts the writer.
+    pub fn open(url: &str, spool: PathBuf, flush_interval: Duration) -> StoreResult<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tollgate-ledger")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Other(format!("the ledger's runtime: {e}")))?;
+        if let Some(dir) = spool.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Other(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let spooled = count_lines(&spool)?;
+        let shared = Arc::new(Shared {
+            url: url.to_string(),
+            client: tokio::sync::Mutex::new(None),
+            queue: Mutex::new(Vec::with_capacity(1024)),
+            spool,
+            health: Health { failing: Mutex::new(None), spooled: AtomicUsize::new(spooled) },
+            pass: tokio::sync::Mutex::new(()),
+            stopping: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        block(rt.handle(), async move {
+            let client = s.client().await?;
+            migrate(&client).await
+        })?;
+        let s = shared.clone();
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(flush_interval).await;
+                s.pass().await;
+                if s.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+            }
+        });
+        Ok(PostgresStore { shared, rt })
+    }
+
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Arc<Shared>) -> std::pin::Pin<Box<dyn std::future::Future<Output = StoreResult<T>> + Send>>,
+    ) -> StoreResult<T> {
+        let fut = f(self.shared.clone());
+        block(self.rt.handle(), fut)
+    }
+
+    /// Applies the migrations this build knows (what `tollgate migrate` does), and says which
+    /// version the database is at.
+    pub fn migrate_only(url: &str) -> StoreResult<i32> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        rt.block_on(async {
+            let (client, conn) = connect(url).await?;
+            tokio::spawn(conn);
+            migrate(&client).await?;
+            let v: i32 = client.query_one("SELECT MAX(version) FROM tollgate_schema", &[]).await.map_err(pg)?.get(0);
+            Ok(v)
+        })
+    }
+}
+
+impl PostgresStore {
+    /// Connects once and reads the schema version (`None` before the first migration): what
+    /// `tollgate check` reports, with the time it took.
+    pub fn ping(url: &str) -> StoreResult<(Duration, Option<i32>)> {
+        let started = std::time::Instant::now();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        rt.block_on(async {
+            let (client, conn) = connect(url).await?;
+            tokio::spawn(conn);
+            let exists: bool =
+                client.query_one("SELECT to_regclass('tollgate_schema') IS NOT NULL", &[]).await.map_err(pg)?.get(0);
+            let version = if exists {
+                client.query_one("SELECT MAX(version) FROM tollgate_schema", &[]).await.map_err(pg)?.get(0)
+            } else {
+                None
+            };
+            Ok((started.elapsed(), version))
+        })
+    }
+}
+
+impl Shared {
+    /// The connection, made again when the last one closed.
+    async fn client(&self) -> StoreResult<Arc<Client>> {
+        let mut held = self.client.lock().await;
+        if let Some(c) = held.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let (client, conn) = connect(&self.url).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::warn!(error = %e, "the ledger database connection closed");
+            }
+        });
+        let client = Arc::new(client);
+        *held = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Writes what waits: the spool first (older rows), then the queue. What cannot be written
+    /// goes to (or stays in) the spool, in order.
+    async fn pass(&self) {
+        let _pass = self.pass.lock().await;
+        let rows = std::mem::take(&mut *lock(&self.queue));
+        let result = async {
+            if self.health.spooled.load(Ordering::Acquire) > 0 {
+                self.replay_spool().await?;
+            }
+            if !rows.is_empty() {
+                let client = self.client().await?;
+                insert_rows(&client, &rows).await?;
+            }
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                if lock(&self.health.failing).take().is_some() {
+                    tracing::info!("the ledger database is reachable again; the spool is written");
+                }
+            }
+            Err(e) => {
+                let first = lock(&self.health.failing).replace(e.to_string()).is_none();
+                if first {
+                    tracing::error!(error = %e, "cannot write the ledger database; rows go to the spool");
+                }
+                // Rows not written this pass keep their order behind the spool's.
+                if let Err(spool_err) = self.append_spool(&rows) {
+                    tracing::error!(error = %spool_err, "cannot write the spool either; rows stay queued");
+                    let mut q = lock(&self.queue);
+                    let newer = std::mem::replace(&mut *q, rows);
+                    q.extend(newer);
+                }
+            }
+        }
+    }
+
+    fn append_spool(&self, rows: &[LedgerRow]) -> std::io::Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.spool)?;
+        let mut buf = Vec::new();
+        for r in rows {
+            serde_json::to_writer(&mut buf, &Spooled::from(r))?;
+            buf.push(b'\n');
+        }
+        f.write_all(&buf)?;
+        // Durable before the rows leave memory.
+        f.sync_data()?;
+        self.health.spooled.fetch_add(rows.len(), Ordering::AcqRel);
+        Ok(())
+    }
+
+    async fn replay_spool(&self) -> StoreResult<()> {
+        let file = std::fs::File::open(&self.spool).map_err(|e| StoreError::Other(format!("spool: {e}")))?;
+        let mut rows = Vec::new();
+        for line in std::io::BufReader::new(file).lines() {
+            let line = line.map_err(|e| StoreError::Other(format!("spool: {e}")))?;
+            match serde_json::from_str::<Spooled>(&line) {
+                Ok(s) => rows.push(s.into_row()),
+                // A line cut short by a crash mid-append: nothing else can be made of it.
+                Err(e) => tracing::error!(error = %e, "an unreadable line in the ledger spool is skipped"),
+            }
+        }
+        let client = self.client().await?;
+        insert_rows(&client, &rows).await?;
+        std::fs::remove_file(&self.spool).map_err(|e| StoreError::Other(format!("spool: {e}")))?;
+        self.health.spooled.store(0, Ordering::Release);
+        tracing::info!(rows = rows.len(), "the ledger spool was replayed");
+        Ok(())
+    }
+}
+
+async fn connect(
+    url: &str,
+) -> StoreResult<(Client, tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>)> {
+    let mut config: tokio_postgres::Config = url.parse().map_err(|e| StoreError::Other(format!("store.url: {e}")))?;
+    config.connect_timeout(Duration::from_secs(5));
+    config.application_name("tollgate");
+    config.connect(NoTls).await.map_err(pg)
+}
+
+async fn migrate(client: &Client) -> StoreResult<()> {
+    client.batch_execute("BEGIN").await.map_err(pg)?;
+    let result = async {
+        client.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(pg)?;
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS tollgate_schema (version INTEGER PRIMARY KEY, applied_ms BIGINT NOT NULL)",
+            )
+            .await
+            .map_err(pg)?;
+        let current: Option<i32> =
+            client.query_one("SELECT MAX(version) FROM tollgate_schema", &[]).await.map_err(pg)?.get(0);
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| Some(*v) > current) {
+            client.batch_execute(sql).await.map_err(pg)?;
+            client
+                .execute(
+                    "INSERT INTO tollgate_schema (version, applied_ms) VALUES ($1, $2)",
+                    &[version, &crate::limits::now_ms()],
+                )
+                .await
+                .map_err(pg)?;
+            tracing::info!(version, "ledger database migrated");
+        }
+        Ok(())
+    }
+    .await;
+    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    client.batch_execute(end).await.map_err(pg)?;
+    result
+}
+
+fn pg(e: tokio_postgres::Error) -> StoreError {
+    // The driver's words, and the server's when it sent some (never the URL: it is not in them).
+    match e.as_db_error() {
+        Some(db) => StoreError::Other(format!("PostgreSQL: {}: {}", db.code().code(), db.message())),
+        None => StoreError::Other(format!("PostgreSQL: {e}")),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+const LEDGER_COLUMNS: &str = "request_id, ts_ms, key_id, user_id, team, model, provider, provider_model, status, \
+     outcome, stream, input_tokens, output_tokens, cache_read_tokens, cache_write_5m_tokens, cache_write_1h_tokens, \
+     cost_nanos, priced, estimated";
+
+/// Inserts rows in statements of [`BATCH`], in one transaction; a row already there (a
+/// replayed spool, a retried batch) is left as it is.
+async fn insert_rows(client: &Client, rows: &[LedgerRow]) -> StoreResult<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    client.batch_execute("BEGIN").await.map_err(pg)?;
+    let result = async {
+        for chunk in rows.chunks(BATCH) {
+            let values: Vec<_> = chunk.iter().map(Values::from).collect();
+            let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(chunk.len() * 19);
+            let mut tuples = Vec::with_capacity(chunk.len());
+            for (i, v) in values.iter().enumerate() {
+                let n = i * 19;
+                tuples.push(format!("({})", (1..=19).map(|k| format!("${}", n + k)).collect::<Vec<_>>().join(", ")));
+                params.extend(v.params());
+            }
+            let sql = format!(
+                "INSERT INTO tollgate_ledger ({LEDGER_COLUMNS}) VALUES {} ON CONFLICT (request_id) DO NOTHING",
+                tuples.join(", ")
+            );
+            client.execute(sql.as_str(), &params).await.map_err(pg)?;
+        }
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return result;
+    }
+    client.batch_execute("COMMIT").await.map_err(pg)
+}
+
+/// A row's values as PostgreSQL takes them.
+struct Values<'a> {
+    r: &'a LedgerRow,
+    ints: [i64; 7],
+    status: i32,
+}
+
+impl<'a> From<&'a LedgerRow> for Values<'a> {
+    fn from(r: &'a LedgerRow) -> Self {
+        Values {
+            r,
+            ints: [
+                r.time_ms,
+                int(r.input_tokens),
+                int(r.output_tokens),
+                int(r.cache_read_tokens),
+                int(r.cache_write_5m_tokens),
+                int(r.cache_write_1h_tokens),
+                int(r.cost_nanos),
+            ],
+            status: i32::from(r.status),
+        }
+    }
+}
+
+impl Values<'_> {
+    fn params(&self) -> [&(dyn ToSql + Sync); 19] {
+        let r = self.r;
+        [
+            &r.request_id,
+            &self.ints[0],
+            &r.key_id,
+            &r.user,
+            &r.team,
+            &r.model,
+            &r.provider,
+            &r.provider_model,
+            &self.status,
+            &r.outcome,
+            &r.stream,
+            &self.ints[1],
+            &self.ints[2],
+            &self.ints[3],
+            &self.ints[4],
+            &self.ints[5],
+            &self.ints[6],
+            &r.priced,
+            &r.estimated,
+        ]
+    }
+}
+
+/// A ledger row as the spool file holds it.
+#[derive(Serialize, Deserialize)]
+struct Spooled {
+    request_id: String,
+    time_ms: i64,
+    key_id: Option<String>,
+    user: Option<String>,
+    team: Option<String>,
+    model: Option<String>,
+    provider: Option<String>,
+    provider_model: Option<String>,
+    status: u16,
+    outcome: String,
+    stream: bool,
+    input_tokens: u64,
+    output_tokens: u64,
+    cache_read_tokens: u64,
+    cache_write_5m_tokens: u64,
+    cache_write_1h_tokens: u64,
+    cost_nanos: u64,
+    priced: bool,
+    estimated: Option<String>,
+}
+
+impl From<&LedgerRow> for Spooled {
+    fn from(r: &LedgerRow) -> Self {
+        Spooled {
+            request_id: r.request_id.clone(),
+            time_ms: r.time_ms,
+            key_id: r.key_id.clone(),
+            user: r.user.clone(),
+            team: r.team.clone(),
+            model: r.model.clone(),
+            provider: r.provider.clone(),
+            provider_model: r.provider_model.clone(),
+            status: r.status,
+            outcome: r.outcome.clone(),
+            stream: r.stream,
+            input_tokens: r.input_tokens,
+            output_tokens: r.output_tokens,
+            cache_read_tokens: r.cache_read_tokens,
+            cache_write_5m_tokens: r.cache_write_5m_tokens,
+            cache_write_1h_tokens: r.cache_write_1h_tokens,
+            cost_nanos: r.cost_nanos,
+            priced: r.priced,
+            estimated: r.estimated.map(str::to_string),
+        }
+    }
+}
+
+impl Spooled {
+    fn into_row(self) -> LedgerRow {
+        LedgerRow {
+            request_id: self.request_id,
+            time_ms: self.time_ms,
+            key_id: self.key_id,
+            user: self.user,
+            team: self.team,
+            model: self.model,
+            provider: self.provider,
+            provider_model: self.provider_model,
+            status: self.status,
+            outcome: self.outcome,
+            stream: self.stream,
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            cache_read_tokens: self.cache_read_tokens,
+            cache_write_5m_tokens: self.cache_write_5m_tokens,
+            cache_write_1h_tokens: self.cache_write_1h_tokens,
+            cost_nanos: self.cost_nanos,
+            priced: self.priced,
+            estimated: self.estimated.as_deref().and_then(crate::metering::Estimate::parse).map(|e| e.as_str()),
+        }
+    }
+}
+
+fn count_lines(path: &std::path::Path) -> StoreResult<usize> {
+    match std::fs::File::open(path) {
+        Ok(f) => Ok(std::io::BufReader::new(f).lines().count()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(StoreError::Other(format!("spool {}: {e}", path.display()))),
+    }
+}
+
+fn column(kind: ScopeKind) -> &'static str {
+    match kind {
+        ScopeKind::Key => "key_id",
+        ScopeKind::User => "user_id",
+        ScopeKind::Team => "team",
+        ScopeKind::Model => "model",
+    }
+}
+
+const KEY_COLUMNS: &str =
+    "id, hash, user_id, team, models, budget, limits, expires_ms, disabled, metadata, created_ms, updated_ms";
+
+/// A JSON column of a stored key, read back into its type.
+fn json_column<T: serde::de::DeserializeOwned>(row: &tokio_postgres::Row, i: usize) -> StoreResult<Option<T>> {
+    row.get::<_, Option<String>>(i)
+        .map(|s| serde_json::from_str(&s).map_err(|e| StoreError::Other(format!("a stored key, column {i}: {e}"))))
+        .transpose()
+}
+
+fn key_from_row(row: &tokio_postgres::Row) -> StoreResult<StoredKey> {
+    let hash: Vec<u8> = row.get(1);
+    Ok(StoredKey {
+        id: row.get(0),
+        hash: hash.try_into().map_err(|_| StoreError::Other("a stored key's hash is not 32 bytes".into()))?,
+        user: row.get(2),
+        team: row.get(3),
+        models: json_column(row, 4)?,
+        budget: json_column(row, 5)?,
+        limits: json_column(row, 6)?.unwrap_or_default(),
+        expires_ms: row.get(7),
+        disabled: row.get(8),
+        metadata: json_column(row, 9)?.unwrap_or_default(),
+        created_ms: row.get(10),
+        updated_ms: row.get(11),
+    })
+}
+
+/// A key's columns, owned, for a statement.
+struct KeyValues {
+    id: String,
+    hash: Vec<u8>,
+    user: Option<String>,
+    team: Option<String>,
+    models: Option<String>,
+    budget: Option<String>,
+    limits: Option<String>,
+    expires_ms: Option<i64>,
+    disabled: bool,
+    metadata: String,
+    created_ms: i64,
+    updated_ms: i64,
+}
+
+impl KeyValues {
+    fn of(k: &StoredKey) -> Self {
+        KeyValues {
+            id: k.id.clone(),
+            hash: k.hash.to_vec(),
+            user: k.user.clone(),
+            team: k.team.clone(),
+            models: k.models.as_ref().map(|m| serde_json::json!(m).to_string()),
+            budget: k.budget.map(|b| serde_json::json!(b).to_string()),
+            limits: (!k.limits.is_empty()).then(|| serde_json::json!(k.limits).to_string()),
+            expires_ms: k.expires_ms,
+            disabled: k.disabled,
+            metadata: serde_json::Value::Object(k.metadata.clone()).to_string(),
+            created_ms: k.created_ms,
+            updated_ms: k.updated_ms,
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 12] {
+        [
+            &self.id,
+            &self.hash,
+            &self.user,
+            &self.team,
+            &self.models,
+            &self.budget,
+            &self.limits,
+            &self.expires_ms,
+            &self.disabled,
+            &self.metadata,
+            &self.created_ms,
+            &self.updated_ms,
+        ]
+    }
+}
+
+impl Store for PostgresStore {
+    fn record(&self, row: LedgerRow) {
+        lock(&self.shared.queue).push(row);
+    }
+
+    fn pending(&self) -> usize {
+        lock(&self.shared.queue).len() + self.shared.health.spooled.load(Ordering::Acquire)
+    }
+
+    fn flush(&self) -> StoreResult<()> {
+        // Written, or durably spooled: either way nothing queued is lost.
+        self.run(|s| {
+            Box::pin(async move {
+                s.pass().await;
+                Ok(())
+            })
+        })
+    }
+
+    fn spend_since(&self, kind: ScopeKind, id: &str, since_ms: i64) -> StoreResult<u64> {
+        let (sql, id) = (
+            format!(
+                "SELECT COALESCE(SUM(cost_nanos), 0)::BIGINT FROM tollgate_ledger WHERE {} = $1 AND ts_ms >= $2",
+                column(kind)
+            ),
+            id.to_string(),
+        );
+        self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let v: i64 = client.query_one(sql.as_str(), &[&id, &since_ms]).await.map_err(pg)?.get(0);
+                Ok(v.max(0) as u64)
+            })
+        })
+    }
+
+    fn spend_by_key_prefix(&self, prefix: &str, since_ms: i64) -> StoreResult<Vec<(String, u64)>> {
+        // A range, not LIKE: a prefix holds no pattern characters to escape that way.
+        let (low, high) = (prefix.to_string(), format!("{prefix}\u{10FFFF}"));
+        self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let rows = client
+                    .query(
+                        "SELECT key_id, SUM(cost_nanos)::BIGINT FROM tollgate_ledger \
+                         WHERE key_id >= $1 AND key_id < $2 AND ts_ms >= $3 GROUP BY key_id",
+                        &[&low, &high, &since_ms],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).max(0) as u64)).collect())
+            })
+        })
+    }
+
+    fn usage(&self, q: &UsageQuery, tz: Tz) -> StoreResult<Vec<UsageLine>> {
+        let scopes: Vec<Group> = q.group_by.iter().copied().filter(|g| *g != Group::Day).collect();
+        let by_day = q.group_by.contains(&Group::Day);
+        let mut select: Vec<String> = scopes
+            .iter()
+            .map(|g| match g {
+                Group::Key => "key_id",
+                Group::User => "user_id",
+                Group::Team => "team",
+                Group::Model => "model",
+                Group::Day => unreachable!("filtered out above"),
+            })
+            .map(str::to_string)
+            .collect();
+        if by_day {
+            select.push(format!("(ts_ms / {BUCKET_MS})"));
+        }
+        let mut wheres = vec!["TRUE".to_string()];
+        let mut ints: Vec<i64> = Vec::new();
+        let mut texts: Vec<String> = Vec::new();
+        let mut order: Vec<bool> = Vec::new(); // true: an int parameter
+        if let Some(from) = q.from_ms {
+            ints.push(from);
+            order.push(true);
+            wheres.push(format!("ts_ms >= ${}", order.len()));
+        }
+        if let Some(to) = q.to_ms {
+            ints.push(to);
+            order.push(true);
+            wheres.push(format!("ts_ms < ${}", order.len()));
+        }
+        for (kind, value) in &q.filters {
+            texts.push(value.clone());
+            order.push(false);
+            wheres.push(format!("{} = ${}", column(*kind), order.len()));
+        }
+        let group_clause = if select.is_empty() { String::new() } else { format!("GROUP BY {}", select.join(", ")) };
+        let sums = "COUNT(*)::BIGINT, SUM(input_tokens)::BIGINT, SUM(output_tokens)::BIGINT, \
+                    SUM(cache_read_tokens)::BIGINT, SUM(cache_write_5m_tokens)::BIGINT, \
+                    SUM(cache_write_1h_tokens)::BIGINT, SUM(cost_nanos)::BIGINT, COUNT(estimated)::BIGINT";
+        let cols = if select.is_empty() { sums.to_string() } else { format!("{}, {sums}", select.join(", ")) };
+        let sql = format!("SELECT {cols} FROM tollgate_ledger WHERE {} {group_clause}", wheres.join(" AND "));
+        let n_scopes = scopes.len();
+        let rows = self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let (mut i_iter, mut t_iter) = (ints.iter(), texts.iter());
+                let params: Vec<&(dyn ToSql + Sync)> = order
+                    .iter()
+                    .map(|is_int| -> &(dyn ToSql + Sync) {
+                        if *is_int {
+                            i_iter.next().expect("one per int")
+                        } else {
+                            t_iter.next().expect("one per text")
+                        }
+                    })
+                    .collect();
+                let rows = client.query(sql.as_str(), &params).await.map_err(pg)?;
+                let mut out = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let group: Vec<Option<String>> = (0..n_scopes).map(|i| row.get(i)).collect();
+                    let bucket: Option<i64> = by_day.then(|| row.get(n_scopes));
+                    let n = n_scopes + usize::from(by_day);
+                    let sums: Vec<i64> = (0..8).map(|i| row.get::<_, Option<i64>>(n + i).unwrap_or(0)).collect();
+                    out.push((group, bucket, sums));
+                }
+                Ok(out)
+            })
+        })?;
+        let mut lines: HashMap<Vec<Option<String>>, UsageLine> = HashMap::new();
+        for (mut key, bucket, sums) in rows {
+            if sums[0] == 0 {
+                continue;
+            }
+            if let Some(b) = bucket {
+                key.push(Some(super::local_day(b * BUCKET_MS, tz)));
+            }
+            let get = |i: usize| sums[i].max(0) as u64;
+            let line = lines.entry(key).or_default();
+            line.requests += get(0);
+            line.input_tokens += get(1);
+            line.output_tokens += get(2);
+            line.cache_read_tokens += get(3);
+            line.cache_write_5m_tokens += get(4);
+            line.cache_write_1h_tokens += get(5);
+            line.cost_nanos += get(6);
+            line.estimated += get(7);
+        }
+        let mut names: Vec<&'static str> = scopes.iter().map(|g| g.name()).collect();
+        if by_day {
+            names.push("day");
+        }
+        let mut out: Vec<UsageLine> = lines
+            .into_iter()
+            .map(|(key, mut line)| {
+                line.group = names.iter().copied().zip(key).collect::<BTreeMap<_, _>>();
+                line
+            })
+            .collect();
+        out.sort_by(|a, b| b.cost_nanos.cmp(&a.cost_nanos).then_with(|| a.group.cmp(&b.group)));
+        Ok(out)
+    }
+
+    fn keys(&self) -> StoreResult<Vec<StoredKey>> {
+        self.run(|s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let rows = client
+                    .query(format!("SELECT {KEY_COLUMNS} FROM tollgate_keys ORDER BY id").as_str(), &[])
+                    .await
+                    .map_err(pg)?;
+                rows.iter().map(key_from_row).collect()
+            })
+        })
+    }
+
+    fn insert_key(&self, key: &StoredKey) -> StoreResult<()> {
+        let v = KeyValues::of(key);
+        self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let sql = format!(
+                    "INSERT INTO tollgate_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                     ON CONFLICT (id) DO NOTHING"
+                );
+                let n = client.execute(sql.as_str(), &v.params()).await.map_err(pg)?;
+                if n == 0 {
+                    return Err(StoreError::Duplicate(v.id.clone()));
+                }
+                Ok(())
+            })
+        })
+    }
+
+    fn update_key(&self, key: &StoredKey) -> StoreResult<bool> {
+        let v = KeyValues::of(key);
+        self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let n = client
+                    .execute(
+                        "UPDATE tollgate_keys SET hash = $2, user_id = $3, team = $4, models = $5, budget = $6, \
+                         limits = $7, expires_ms = $8, disabled = $9, metadata = $10, created_ms = $11, \
+                         updated_ms = $12 WHERE id = $1",
+                        &v.params(),
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(n > 0)
+            })
+        })
+    }
+
+    fn delete_key(&self, id: &str) -> StoreResult<bool> {
+        let id = id.to_string();
+        self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let n = client.execute("DELETE FROM tollgate_keys WHERE id = $1", &[&id]).await.map_err(pg)?;
+                Ok(n > 0)
+            })
+        })
+    }
+
+    fn keys_version(&self) -> StoreResult<Option<String>> {
+        self.run(|s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let row = client
+                    .query_one("SELECT COUNT(*)::BIGINT, COALESCE(MAX(updated_ms), 0)::BIGINT FROM tollgate_keys", &[])
+                    .await
+                    .map_err(pg)?;
+                Ok(Some(format!("{}:{}", row.get::<_, i64>(0), row.get::<_, i64>(1))))
+            })
+        })
+    }
+
+    fn problem(&self) -> Option<String> {
+        let failing = lock(&self.shared.health.failing).clone()?;
+        Some(format!(
+            "the ledger database cannot be written ({failing}); {} rows wait in the spool {}",
+            self.shared.health.spooled.load(Ordering::Acquire),
+            self.shared.spool.display()
+        ))
+    }
+
+    fn close(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        if let Err(e) = self.flush() {
+            tracing::error!(error = %e, "the ledger's last rows could not be written");
+        }
+    }
+}
+
+/// Runs `f` on `rt` and waits for it, from any thread but one of `rt`'s own.
+fn block<T: Send + 'static>(
+    rt: &tokio::runtime::Handle,
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        let _ = tx.send(f.await);
+    });
+    rx.recv().expect("the ledger's runtime is running")
+}
