@@ -348,7 +348,7 @@ fn check(path: &std::path::Path) -> ExitCode {
                     let schema = version.map_or_else(|| "no schema yet".to_string(), |v| format!("schema version {v}"));
                     format!("store: PostgreSQL answered in {:.1} ms ({schema})", rtt.as_secs_f64() * 1000.0)
                 })
-                .map_err(|e| format!("store: {e}")),
+                .map_err(|e| e.to_string()),
             Some(Err(e)) => Err(format!("store.url: {e}")),
             None => Err("store.url is not set".into()),
         };

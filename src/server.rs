@@ -216,7 +216,9 @@ pub fn open_store(c: &crate::config::StoreConfig) -> anyhow::Result<Arc<dyn Stor
 /// Applies to this gateway the keys other gateways of the fleet created, changed or deleted:
 /// the store's version of its keys is polled every `every`.
 fn watch_keys(runtime: Arc<Runtime>, every: Duration) -> anyhow::Result<()> {
-    if runtime.store.keys_version().ok().flatten().is_none() {
+    // A store of this gateway alone has no version to poll; a shared one is polled even if it
+    // cannot answer now.
+    if matches!(runtime.store.keys_version(), Ok(None)) {
         return Ok(());
     }
     std::thread::Builder::new().name("tollgate-keys".into()).spawn(move || {

@@ -26,6 +26,7 @@ use crate::runtime::{AdminToken, Runtime};
 /// Admin request bodies are small JSON documents.
 const MAX_BODY: usize = 64 << 10;
 
+#[derive(Clone)]
 pub struct Admin {
     runtime: Arc<Runtime>,
 }
@@ -159,9 +160,35 @@ impl Admin {
         };
         let segments: Vec<String> =
             path.trim_start_matches("/admin/").split('/').filter(|s| !s.is_empty()).map(percent_decode).collect();
+        if method == Method::POST && segments == ["reload"] {
+            let rt = self.runtime.clone();
+            return match tokio::task::spawn_blocking(move || rt.reload()).await {
+                Ok(Ok(())) => ok(200, json!({"reloaded": true})),
+                Ok(Err(e)) => {
+                    error(400, "invalid_request_error", format!("reload refused, the running config stays: {e}"))
+                }
+                Err(e) => error(500, "api_error", e.to_string()),
+            };
+        }
+        // The store and a shared limiter answer over the network: the call waits on a thread
+        // of its own, so a slow report never holds up `/healthz` and `/readyz` on this listener.
+        let (admin, path) = (self.clone(), path.to_string());
+        tokio::task::spawn_blocking(move || admin.dispatch(&method, &segments, &params, &body, &path))
+            .await
+            .unwrap_or_else(|e| error(500, "api_error", format!("the admin call failed: {e}")))
+    }
+
+    fn dispatch(
+        &self,
+        method: &Method,
+        segments: &[String],
+        params: &HashMap<String, String>,
+        body: &[u8],
+        path: &str,
+    ) -> Reply {
         let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
-        let body_or_empty = if body.is_empty() { &b"{}"[..] } else { &body[..] };
-        match (&method, segs.as_slice()) {
+        let body_or_empty = if body.is_empty() { &b"{}"[..] } else { body };
+        match (method, segs.as_slice()) {
             (&Method::GET, ["keys"]) => self.list_keys(),
             (&Method::POST, ["keys"]) => self.create_key(body_or_empty),
             (&Method::GET, ["keys", id]) => self.show_key(id),
@@ -170,18 +197,8 @@ impl Admin {
             (&Method::POST, ["keys", id, "rotate"]) => self.rotate_key(id),
             (&Method::POST, ["keys", id, "disable"]) => self.set_disabled(id, true),
             (&Method::POST, ["keys", id, "enable"]) => self.set_disabled(id, false),
-            (&Method::GET, ["usage"]) => self.usage(&params),
+            (&Method::GET, ["usage"]) => self.usage(params),
             (&Method::GET, ["budgets"]) => self.budgets(),
-            (&Method::POST, ["reload"]) => {
-                let rt = self.runtime.clone();
-                match tokio::task::spawn_blocking(move || rt.reload()).await {
-                    Ok(Ok(())) => ok(200, json!({"reloaded": true})),
-                    Ok(Err(e)) => {
-                        error(400, "invalid_request_error", format!("reload refused, the running config stays: {e}"))
-                    }
-                    Err(e) => error(500, "api_error", e.to_string()),
-                }
-            }
             (_, ["keys"] | ["keys", _] | ["keys", _, _] | ["usage"] | ["budgets"] | ["reload"]) => {
                 error(405, "invalid_request_error", format!("{method} is not allowed on {path}"))
             }
@@ -278,7 +295,9 @@ impl ServeHttp for Admin {
         }
         match path.as_str() {
             "/metrics" => {
-                self.update_gauges();
+                // Budget gauges read a shared limiter over the network: off this thread.
+                let admin = self.clone();
+                let _ = tokio::task::spawn_blocking(move || admin.update_gauges()).await;
                 let body = self.runtime.metrics.render();
                 Response::builder()
                     .status(StatusCode::OK)

@@ -50,6 +50,10 @@ pub struct Gateway {
     pub dir: TempDir,
     pub audit_path: PathBuf,
     pub config_path: PathBuf,
+    /// How the process was started, for [`Gateway::restart`].
+    envs: Vec<(String, String)>,
+    env_remove: Vec<String>,
+    log_to_file: bool,
 }
 
 /// Starts the gateway with `config` (providers, models, keys...) after the harness's own
@@ -74,6 +78,9 @@ struct Sections<'a> {
     server: &'a str,
     listener: &'a str,
     admin: &'a str,
+    /// Lines added to `[store]` (which always sets `path`, and `flush_interval = "50ms"` and a
+    /// `spool` in the gateway's directory unless these lines set them).
+    store: &'a str,
     /// Send the gateway's output (its log) to `gateway.log` in its directory.
     log_to_file: bool,
     /// Variables taken out of the environment the gateway inherits from the test.
@@ -86,12 +93,20 @@ fn launch(extra: Sections<'_>, envs: &[(&str, &str)], config: &str) -> Gateway {
     let port = free_port();
     let admin_port = other_port(port);
     let audit_path = dir.path().join("audit.jsonl");
+    let mut store = String::new();
+    if !extra.store.contains("flush_interval") {
+        store.push_str("flush_interval = \"50ms\"\n");
+    }
+    if !extra.store.contains("spool") {
+        store.push_str(&format!("spool = \"{}/spool.jsonl\"\n", dir.path().display()));
+    }
+    store.push_str(extra.store);
     let text = format!(
         "[server]\nthreads = 2\ngrace_period = \"5s\"\nupgrade_socket = \"{d}/upgrade.sock\"\npid_file = \"{d}/pid\"\n{server}\n\
          [[listener]]\naddress = \"127.0.0.1:{port}\"\n{listener}\n\
          [admin]\naddress = \"127.0.0.1:{admin_port}\"\n{admin}\n\
          [audit]\npath = \"{audit}\"\nflush_interval = \"20ms\"\n\n\
-         [store]\npath = \"{d}/tollgate.db\"\nflush_interval = \"50ms\"\n\n{config}",
+         [store]\npath = \"{d}/tollgate.db\"\n{store}\n\n{config}",
         d = dir.path().display(),
         audit = audit_path.display(),
         server = extra.server,
@@ -100,29 +115,18 @@ fn launch(extra: Sections<'_>, envs: &[(&str, &str)], config: &str) -> Gateway {
     );
     let config_path = dir.path().join("tollgate.toml");
     std::fs::write(&config_path, text).unwrap();
-    let log = extra.log_to_file.then(|| std::fs::File::create(dir.path().join("gateway.log")).unwrap());
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-    for name in extra.env_remove {
-        command.env_remove(name);
-    }
-    let child = command
-        .args(["run", "--config"])
-        .arg(&config_path)
-        .env("TG_TEST_PROVIDER_KEY", PROVIDER_SECRET)
-        .env("TOLLGATE_LOG", "warn")
-        .envs(envs.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(match &log {
-            Some(f) => Stdio::from(f.try_clone().unwrap()),
-            None => Stdio::inherit(),
-        })
-        .stderr(match &log {
-            Some(f) => Stdio::from(f.try_clone().unwrap()),
-            None => Stdio::inherit(),
-        })
-        .spawn()
-        .expect("the tollgate binary starts");
-    let gw = Gateway { child: Some(child), port, admin_port, dir, audit_path, config_path };
+    let mut gw = Gateway {
+        child: None,
+        port,
+        admin_port,
+        dir,
+        audit_path,
+        config_path,
+        envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        env_remove: extra.env_remove.to_vec(),
+        log_to_file: extra.log_to_file,
+    };
+    gw.spawn();
     gw.wait_listening();
     gw
 }
@@ -143,10 +147,76 @@ impl Gateway {
         format!("http://127.0.0.1:{}{}", self.admin_port, path)
     }
 
-    fn wait_listening(&self) {
+    /// Starts the binary on this gateway's config, its log appended to `gateway.log` when it
+    /// is kept.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "the gateway is running");
+        let log = self.log_to_file.then(|| {
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("gateway.log")).unwrap()
+        });
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        for name in &self.env_remove {
+            command.env_remove(name);
+        }
+        let child = command
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .env("TG_TEST_PROVIDER_KEY", PROVIDER_SECRET)
+            .env("TOLLGATE_LOG", "warn")
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(match &log {
+                Some(f) => Stdio::from(f.try_clone().unwrap()),
+                None => Stdio::inherit(),
+            })
+            .stderr(match &log {
+                Some(f) => Stdio::from(f.try_clone().unwrap()),
+                None => Stdio::inherit(),
+            })
+            .spawn()
+            .expect("the tollgate binary starts");
+        self.child = Some(child);
+    }
+
+    /// Starts the gateway again after [`Gateway::stop`]: same config, ports, store and
+    /// environment; waits until it listens.
+    pub fn restart(&mut self) {
+        self.spawn();
+        self.wait_listening();
+    }
+
+    /// Starts the gateway again after [`Gateway::stop`] and waits (up to 20 s) for the process
+    /// to exit by itself: for a start that must fail. Its exit status.
+    pub fn restart_expecting_exit(&mut self) -> std::process::ExitStatus {
+        self.spawn();
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the gateway did not exit\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Where a gateway on PostgreSQL started by [`start_gateway_store`] spools ledger rows.
+    pub fn spool_path(&self) -> PathBuf {
+        self.dir.path().join("spool.jsonl")
+    }
+
+    fn wait_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         for port in [self.port, self.admin_port] {
             while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                // A gateway that exited at start will not listen: say so at once, with its log.
+                if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                    panic!("the gateway exited ({status}) before listening on {port}\n{}", self.log());
+                }
                 assert!(Instant::now() < deadline, "gateway did not start listening on {port}\n{}", self.log());
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -200,6 +270,22 @@ impl Gateway {
         assert!(ok, "kill -{sig} {pid}");
     }
 
+    /// Waits up to `within` for the process to exit by itself: its status, or `None` while it
+    /// runs (it is killed when the `Gateway` is dropped).
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM (unless already sent), and wait for the process to exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
@@ -209,7 +295,12 @@ impl Gateway {
             if let Some(status) = child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "gateway did not stop after SIGTERM");
+            if Instant::now() > deadline {
+                // Not left running after the test.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("gateway did not stop within 20 s of SIGTERM (killed)");
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -350,6 +441,13 @@ pub fn start_gateway_logged(admin_extra: &str, envs: &[(&str, &str)], config: &s
 /// chains read `AWS_*`, `GOOGLE_*`, `HOME`, proxies...).
 pub fn start_gateway_env(envs: &[(&str, &str)], remove: &[String], config: &str) -> Gateway {
     launch(Sections { log_to_file: true, env_remove: remove, ..Default::default() }, envs, config)
+}
+
+/// Like [`start_gateway_logged`], with `store_extra` lines added to `[store]` (`backend =
+/// "postgres"`, `url = "env:..."`, `key_poll = "500ms"`...); the spool is `spool.jsonl` in the
+/// gateway's directory ([`Gateway::spool_path`]) unless those lines name one.
+pub fn start_gateway_store(store_extra: &str, admin_extra: &str, envs: &[(&str, &str)], config: &str) -> Gateway {
+    launch(Sections { store: store_extra, admin: admin_extra, log_to_file: true, ..Default::default() }, envs, config)
 }
 
 /// The names of the variables in the test's own environment that `matches` picks (for
@@ -788,4 +886,149 @@ pub fn percentile(samples: &[Duration], p: f64) -> Duration {
     }
     let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
     s[rank.clamp(1, s.len()) - 1]
+}
+
+/// A loopback TCP proxy in front of `target` (a database, say) that a test can cut and restore:
+/// what a network between a gateway and a server it depends on does. Up, it passes bytes both
+/// ways; [`TcpProxy::cut`] closes every connection it carries and closes each new one as soon as
+/// it is accepted (nothing reaches the target); [`TcpProxy::silence`] keeps connections open
+/// but passes nothing on (a network that drops packets: the peer hears nothing, not even a
+/// reset). [`TcpProxy::restore`] brings it back up. Plain threads: it does not depend on the
+/// test's runtime. It stops when dropped.
+pub struct TcpProxy {
+    pub port: u16,
+    inner: std::sync::Arc<TcpProxyInner>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum TcpProxyMode {
+    Up,
+    Cut,
+    Silent,
+    Stopped,
+}
+
+struct TcpProxyInner {
+    target: std::net::SocketAddr,
+    mode: std::sync::Mutex<TcpProxyMode>,
+    /// Both ends of every connection carried, to close them on a cut.
+    open: std::sync::Mutex<Vec<std::net::TcpStream>>,
+    accepted: std::sync::atomic::AtomicUsize,
+}
+
+impl TcpProxy {
+    pub fn start(target: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let inner = Arc::new(TcpProxyInner {
+            target,
+            mode: std::sync::Mutex::new(TcpProxyMode::Up),
+            open: std::sync::Mutex::new(Vec::new()),
+            accepted: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let shared = inner.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { continue };
+                shared.accepted.fetch_add(1, Ordering::SeqCst);
+                match shared.mode() {
+                    TcpProxyMode::Stopped => return,
+                    // Closed at once: the client's handshake finds the connection gone.
+                    TcpProxyMode::Cut => {
+                        let _ = client.shutdown(std::net::Shutdown::Both);
+                        continue;
+                    }
+                    TcpProxyMode::Up | TcpProxyMode::Silent => {}
+                }
+                let Ok(server) = std::net::TcpStream::connect_timeout(&shared.target, Duration::from_secs(5)) else {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                };
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                {
+                    let mut open = shared.open.lock().unwrap();
+                    open.push(client.try_clone().unwrap());
+                    open.push(server.try_clone().unwrap());
+                }
+                for (from, to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                    let shared = shared.clone();
+                    std::thread::spawn(move || shared.pump(from, to));
+                }
+            }
+        });
+        TcpProxy { port, inner }
+    }
+
+    /// Closes every connection carried and every new one, until [`TcpProxy::restore`].
+    pub fn cut(&self) {
+        self.inner.set(TcpProxyMode::Cut);
+    }
+
+    /// Passes nothing on, either way, and closes nothing, until [`TcpProxy::restore`].
+    pub fn silence(&self) {
+        self.inner.set(TcpProxyMode::Silent);
+    }
+
+    pub fn restore(&self) {
+        self.inner.set(TcpProxyMode::Up);
+    }
+
+    /// Connections accepted so far (those closed at once by a cut included).
+    pub fn accepted(&self) -> usize {
+        self.inner.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl TcpProxyInner {
+    fn mode(&self) -> TcpProxyMode {
+        *self.mode.lock().unwrap()
+    }
+
+    fn set(&self, mode: TcpProxyMode) {
+        *self.mode.lock().unwrap() = mode;
+        if matches!(mode, TcpProxyMode::Cut | TcpProxyMode::Stopped) {
+            for s in self.open.lock().unwrap().drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    /// Copies `from` to `to` until either closes; while silent, what was read waits.
+    fn pump(&self, mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
+        use std::io::{Read, Write};
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            loop {
+                match self.mode() {
+                    TcpProxyMode::Up => break,
+                    TcpProxyMode::Silent => std::thread::sleep(Duration::from_millis(5)),
+                    TcpProxyMode::Cut | TcpProxyMode::Stopped => {
+                        let _ = (from.shutdown(std::net::Shutdown::Both), to.shutdown(std::net::Shutdown::Both));
+                        return;
+                    }
+                }
+            }
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = (from.shutdown(std::net::Shutdown::Both), to.shutdown(std::net::Shutdown::Both));
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.inner.set(TcpProxyMode::Stopped);
+        // Wakes the accepting thread so it sees the mode and ends.
+        let _ = std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], self.port)),
+            Duration::from_millis(200),
+        );
+    }
 }
