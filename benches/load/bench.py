@@ -170,8 +170,15 @@ def stop(proc):
             pass
 
 
-def tollgate_config(upstream_port, key_hash):
+def tollgate_config(upstream_port, key_hash, fleet=False):
+    # Fleet mode counts the same budgets and limits in Redis (the machine's own, a prefix of
+    # this run's: admission and settlement each cost one round trip) and writes the ledger to
+    # PostgreSQL (a database of the benchmark's own).
+    fleet_tables = (f'[limits]\nbackend = "redis"\nurl = "env:BENCH_REDIS_URL"\nprefix = "tollgate-bench-{os.getpid()}"\n'
+                    f'[store]\nbackend = "postgres"\nurl = "env:BENCH_PG_URL"\nspool = "{WORK}/spool.jsonl"'
+                    if fleet else f'[store]\npath = "{WORK}/tollgate.db"')
     (WORK / "tollgate.toml").write_text(f"""
+{fleet_tables}
 [server]
 threads = 1
 grace_period = "1s"
@@ -183,8 +190,6 @@ address = "127.0.0.1:{PORTS['tollgate']}"
 address = "127.0.0.1:{PORTS['tollgate_admin']}"
 [audit]
 path = "{WORK}/tollgate-audit.jsonl"
-[store]
-path = "{WORK}/tollgate.db"
 [[provider]]
 name = "mock"
 kind = "anthropic"
@@ -247,6 +252,18 @@ def targets(key):
                   env={"BENCH_PROVIDER_KEY": PROVIDER_KEY, "TOLLGATE_LOG": "warn"}, logname="tollgate")
         return p, lambda: wait_http(f"http://127.0.0.1:{PORTS['tollgate_admin']}/readyz")
 
+    def tollgate_fleet(up):
+        cfg = tollgate_config(up, hashlib.sha256(key.encode()).hexdigest(), fleet=True)
+        pg = os.environ.get("BENCH_PG_URL", "postgres://postgres@127.0.0.1:5432/tollgate_bench")
+        if "BENCH_PG_URL" not in os.environ and shutil.which("psql"):
+            subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc",
+                            "CREATE DATABASE tollgate_bench"], capture_output=True)
+        p = start([str(REL / "tollgate"), "run", "--config", str(cfg)], PIN["gateway"],
+                  env={"BENCH_PROVIDER_KEY": PROVIDER_KEY, "TOLLGATE_LOG": "warn", "BENCH_PG_URL": pg,
+                       "BENCH_REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/")},
+                  logname="tollgate-fleet")
+        return p, lambda: wait_http(f"http://127.0.0.1:{PORTS['tollgate_admin']}/readyz")
+
     def litellm(up):
         cfg = litellm_config(up)
         p = start([str(VENV / "bin" / "litellm"), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(PORTS["litellm"]),
@@ -258,6 +275,7 @@ def targets(key):
         Target("direct", None, [], None),
         Target("bare-pingora", PORTS["bare"], [], bare),
         Target("tollgate", PORTS["tollgate"], [f"x-api-key: {key}"], tollgate),
+        Target("tollgate-fleet", PORTS["tollgate"], [f"x-api-key: {key}"], tollgate_fleet),
         Target("litellm", PORTS["litellm"], [f"Authorization: Bearer {LITELLM_KEY}"], litellm),
     ]
 
