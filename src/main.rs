@@ -340,9 +340,11 @@ fn check(path: &std::path::Path) -> ExitCode {
             let _ = writeln!(out, "warning: provider {}: {e}", p.name);
         }
     }
-    // The fleet's ledger database must answer (its schema is left as it is: `tollgate migrate`).
+    // The fleet's backends must answer (the database's schema is left as it is: `tollgate
+    // migrate`); a gateway that cannot reach its shared limiter refuses budgeted requests.
+    let mut backends = Vec::new();
     if config.store.backend == tollgate::config::StoreBackend::Postgres {
-        let checked = match config.store.url.as_ref().map(|u| u.resolve()) {
+        backends.push(match config.store.url.as_ref().map(|u| u.resolve()) {
             Some(Ok(url)) => tollgate::store::PostgresStore::ping(url.expose())
                 .map(|(rtt, version)| {
                     let schema = version.map_or_else(|| "no schema yet".to_string(), |v| format!("schema version {v}"));
@@ -351,22 +353,10 @@ fn check(path: &std::path::Path) -> ExitCode {
                 .map_err(|e| e.to_string()),
             Some(Err(e)) => Err(format!("store.url: {e}")),
             None => Err("store.url is not set".into()),
-        };
-        match checked {
-            Ok(line) => {
-                let _ = writeln!(out, "{line}");
-            }
-            Err(e) => {
-                let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
+        });
     }
-    // A shared limiter must answer: a gateway that cannot reach it refuses budgeted requests.
     if config.limits.backend == tollgate::config::LimitsBackend::Redis {
-        let url = config.limits.url.as_ref().map(|u| u.resolve());
-        let checked = match url {
+        backends.push(match config.limits.url.as_ref().map(|u| u.resolve()) {
             Some(Ok(url)) => {
                 let shown = tollgate::limits::redact_url(url.expose());
                 tollgate::limits::ping_redis(url.expose(), config.limits.timeout.max(std::time::Duration::from_secs(1)))
@@ -375,7 +365,9 @@ fn check(path: &std::path::Path) -> ExitCode {
             }
             Some(Err(e)) => Err(format!("limits.url: {e}")),
             None => Err("limits.url is not set".into()),
-        };
+        });
+    }
+    for checked in backends {
         match checked {
             Ok(line) => {
                 let _ = writeln!(out, "{line}");

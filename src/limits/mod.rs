@@ -306,7 +306,7 @@ impl Limits {
             Limits::Local(l) => l.status(scope),
             Limits::Redis { limiter, rt } => {
                 let (limiter, scope) = (limiter.clone(), scope.clone());
-                redis::block(rt, async move { limiter.status(&scope).await })
+                crate::blocking::block_on(rt, async move { limiter.status(&scope).await })
             }
         }
     }

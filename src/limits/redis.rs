@@ -68,8 +68,9 @@ impl RedisLimiter {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout.max(Duration::from_secs(1))))
             .set_response_timeout(Some(settings.timeout.max(Duration::from_secs(1))));
-        let conn = block(rt, async move { client.get_connection_manager_with_config(config).await })
-            .map_err(|e| format!("Redis at {}: {e}", redact(&settings.url)))?;
+        let conn =
+            crate::blocking::block_on(rt, async move { client.get_connection_manager_with_config(config).await })
+                .map_err(|e| format!("Redis at {}: {e}", redact(&settings.url)))?;
         let (queue, work) = mpsc::unbounded_channel();
         let node = format!("{:016x}", rand::random::<u64>());
         let limiter = Arc::new(RedisLimiter {
@@ -336,7 +337,7 @@ impl RedisLimiter {
         }
         let (script, key, mut conn) = (self.ops.clone(), self.key(scope.kind, &scope.id), self.conn.clone());
         let kind = b.period.as_str();
-        let result = block(rt, async move {
+        let result = crate::blocking::block_on(rt, async move {
             script
                 .key(key)
                 .arg("seed")
@@ -375,7 +376,7 @@ impl RedisLimiter {
         let mut conn = self.conn.clone();
         let epoch = self.epoch();
         let node = self.node.clone();
-        block(rt, async move {
+        crate::blocking::block_on(rt, async move {
             redis::cmd("SET").arg(epoch).arg(node).arg("NX").query_async::<Option<String>>(&mut conn).await
         })
         .map(|_| ())
@@ -560,18 +561,6 @@ fn unavailable(why: &str) -> Refusal {
         headers: Vec::new(),
         reason: "limits_unavailable",
     }
-}
-
-/// Runs `f` on `rt` and waits for it, from a thread that is not one of its workers.
-pub(super) fn block<T: Send + 'static>(
-    rt: &tokio::runtime::Handle,
-    f: impl std::future::Future<Output = T> + Send + 'static,
-) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    rt.spawn(async move {
-        let _ = tx.send(f.await);
-    });
-    rx.recv().expect("the Redis runtime is running")
 }
 
 /// A Redis URL without its password, for messages.

@@ -149,6 +149,28 @@ pub struct UsageLine {
     pub estimated: u64,
 }
 
+/// A usage report's lines, keyed by their groups' values in `scopes` order (then the day):
+/// named, and ordered most expensive first. Shared by every store, so reports read the same.
+fn report(
+    scopes: &[Group],
+    by_day: bool,
+    lines: std::collections::HashMap<Vec<Option<String>>, UsageLine>,
+) -> Vec<UsageLine> {
+    let mut names: Vec<&'static str> = scopes.iter().map(|g| g.name()).collect();
+    if by_day {
+        names.push("day");
+    }
+    let mut out: Vec<UsageLine> = lines
+        .into_iter()
+        .map(|(key, mut line)| {
+            line.group = names.iter().copied().zip(key).collect::<BTreeMap<_, _>>();
+            line
+        })
+        .collect();
+    out.sort_by(|a, b| b.cost_nanos.cmp(&a.cost_nanos).then_with(|| a.group.cmp(&b.group)));
+    out
+}
+
 /// `YYYY-MM-DD` of an instant in `tz`.
 fn local_day(ms: i64, tz: chrono_tz::Tz) -> String {
     chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)

@@ -12,7 +12,7 @@
 //! [`Store`] trait is) and wait on it through a channel, so they may be called from any
 //! thread, an admin worker included, without nesting runtimes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -155,7 +155,7 @@ impl PostgresStore {
             stopping: AtomicBool::new(false),
         });
         let s = shared.clone();
-        block(rt.handle(), async move {
+        crate::blocking::block_on(rt.handle(), async move {
             let client = s.client().await?;
             migrate(&client).await
         })?;
@@ -180,7 +180,7 @@ impl PostgresStore {
     ) -> StoreResult<T> {
         let shared = self.shared.clone();
         let fut = f(self.shared.clone());
-        block(self.rt.handle(), async move {
+        crate::blocking::block_on(self.rt.handle(), async move {
             match tokio::time::timeout(QUERY_TIMEOUT, fut).await {
                 Ok(r) => r,
                 Err(_) => {
@@ -888,19 +888,7 @@ impl Store for PostgresStore {
             line.cost_nanos += get(6);
             line.estimated += get(7);
         }
-        let mut names: Vec<&'static str> = scopes.iter().map(|g| g.name()).collect();
-        if by_day {
-            names.push("day");
-        }
-        let mut out: Vec<UsageLine> = lines
-            .into_iter()
-            .map(|(key, mut line)| {
-                line.group = names.iter().copied().zip(key).collect::<BTreeMap<_, _>>();
-                line
-            })
-            .collect();
-        out.sort_by(|a, b| b.cost_nanos.cmp(&a.cost_nanos).then_with(|| a.group.cmp(&b.group)));
-        Ok(out)
+        Ok(super::report(&scopes, by_day, lines))
     }
 
     fn keys(&self) -> StoreResult<Vec<StoredKey>> {
@@ -989,7 +977,7 @@ impl Store for PostgresStore {
     fn close(&self) {
         self.shared.stopping.store(true, Ordering::Release);
         let s = self.shared.clone();
-        block(self.rt.handle(), async move {
+        crate::blocking::block_on(self.rt.handle(), async move {
             // A pass in flight holds rows it took from the queue: it ends (written, or spooled
             // within WRITE_TIMEOUT) before the process may.
             drop(s.pass.lock().await);
@@ -1008,16 +996,4 @@ impl Store for PostgresStore {
             }
         });
     }
-}
-
-/// Runs `f` on `rt` and waits for it, from any thread but one of `rt`'s own.
-fn block<T: Send + 'static>(
-    rt: &tokio::runtime::Handle,
-    f: impl std::future::Future<Output = T> + Send + 'static,
-) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    rt.spawn(async move {
-        let _ = tx.send(f.await);
-    });
-    rx.recv().expect("the ledger's runtime is running")
 }

@@ -5,7 +5,7 @@
 //! (`kill -9`); a power cut may lose the last transactions before a checkpoint. A crash
 //! therefore loses at most the rows of the last `flush_interval`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -378,19 +378,7 @@ impl Store for SqliteStore {
             line.cost_nanos += get(6)?;
             line.estimated += get(7)?;
         }
-        let mut names: Vec<&'static str> = scopes.iter().map(|g| g.name()).collect();
-        if by_day {
-            names.push("day");
-        }
-        let mut out: Vec<UsageLine> = lines
-            .into_iter()
-            .map(|(key, mut line)| {
-                line.group = names.iter().copied().zip(key).collect::<BTreeMap<_, _>>();
-                line
-            })
-            .collect();
-        out.sort_by(|a, b| b.cost_nanos.cmp(&a.cost_nanos).then_with(|| a.group.cmp(&b.group)));
-        Ok(out)
+        Ok(super::report(&scopes, by_day, lines))
     }
 
     fn keys(&self) -> StoreResult<Vec<StoredKey>> {
