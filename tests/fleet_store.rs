@@ -1232,3 +1232,140 @@ async fn usage_reports_over_ten_million_rows() {
         .collect();
     println!("scale: plan of the month by team:\n{}", plan.join("\n"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The whole fleet: budgets in Redis, the ledger in PostgreSQL.
+
+/// Two gateways sharing Redis and PostgreSQL; key `a` with a budget of exactly ten worst cases
+/// and keys `b`, `c` of team `t2` whose budget holds six; 400 concurrent requests spread over
+/// both gateways, each really costing its worst case: exactly ten (and six) are served, the
+/// ledger's sum equals the spend Redis holds, and neither exceeds the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_on_redis_and_postgres_spend_a_budget_exactly() {
+    const CONTEXT_WINDOW: u64 = 200_000;
+    const PROMPT_RATE: u64 = 6000; // $6 per million 1-hour cache writes, in nano-dollars per token
+    const OUTPUT_RATE: u64 = 15_000;
+    const MAX_TOKENS: u64 = 100;
+    let worst = CONTEXT_WINDOW * PROMPT_RATE + MAX_TOKENS * OUTPUT_RATE;
+    let db = Db::create().await;
+    let prefix = format!("tg-test-{:016x}", rand::random::<u64>());
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let (a, b, c) = (new_key(), new_key(), new_key());
+    let usd = |n: u64| (n * worst) as f64 / 1e9;
+    let cfg = format!(
+        "[limits]\nbackend = \"redis\"\nurl = \"env:TG_TEST_REDIS_URL\"\nprefix = \"{prefix}\"\n\
+         [[provider]]\nname = \"mock\"\nkind = \"anthropic\"\nbase_url = \"{}\"\n\
+         credential = \"env:TG_TEST_PROVIDER_KEY\"\nhealth = {{ probe = \"none\", failures = 1000 }}\n\
+         [[model]]\nname = \"m\"\nmax_attempts = 1\ndeployments = [{{ provider = \"mock\", model = \"{MODEL_ID}\" }}]\n\
+         [[key]]\nid = \"a\"\nhash = \"{}\"\nbudget = {{ usd = {}, period = \"daily\" }}\n\
+         [[key]]\nid = \"b\"\nhash = \"{}\"\nteam = \"t2\"\n\
+         [[key]]\nid = \"c\"\nhash = \"{}\"\nteam = \"t2\"\n\
+         [[team]]\nid = \"t2\"\nbudget = {{ usd = {}, period = \"daily\" }}\n",
+        mock.url(),
+        a.hash,
+        usd(10),
+        b.hash,
+        c.hash,
+        usd(6),
+    );
+    let start_one = || {
+        start_gateway_store(
+            &store_lines("500ms", ""),
+            &format!("token = \"env:{TOKEN_ENV}\""),
+            &[(PG_ENV, db.url().as_str()), (TOKEN_ENV, TOKEN), ("TG_TEST_REDIS_URL", "redis://127.0.0.1:6379/")],
+            &cfg,
+        )
+    };
+    let (g1, g2) = (start_one(), start_one());
+    let usage =
+        json!({"input_tokens": 0, "output_tokens": MAX_TOKENS, "cache_creation_1h_input_tokens": CONTEXT_WINDOW})
+            .to_string();
+    let body = json!({
+        "model": "m",
+        "max_tokens": MAX_TOKENS,
+        "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/big.png"}},
+            {"type": "text", "text": "what is in it?"},
+        ]}],
+    })
+    .to_string();
+    // 400 at once: 200 on key a, 200 on keys b and c of team t2, alternating gateways.
+    let tasks: Vec<_> = (0..400)
+        .map(|i| {
+            let gw = if i % 2 == 0 { &g1 } else { &g2 };
+            let secret = match i % 4 {
+                0 | 1 => &a.key,
+                2 => &b.key,
+                _ => &c.key,
+            };
+            let req = client()
+                .post(gw.url("/v1/messages"))
+                .header("x-api-key", secret.as_str())
+                .header("anthropic-version", "2023-06-01")
+                .header("content-type", "application/json")
+                .header("x-mock-usage", usage.clone())
+                .header("x-mock-header-delay-ms", "30")
+                .body(body.clone());
+            let who = if i % 4 < 2 { "a" } else { "t2" };
+            tokio::spawn(async move { (who, req.send().await.unwrap().status().as_u16()) })
+        })
+        .collect();
+    let mut served = BTreeMap::<&str, u64>::new();
+    for t in tasks {
+        let (who, status) = t.await.unwrap();
+        assert!(matches!(status, 200 | 403 | 429), "status {status}");
+        *served.entry(who).or_default() += u64::from(status == 200);
+    }
+    // Requests refused while others held the budget (429) leave room that later ones take.
+    for (who, secret) in [("a", &a.key), ("t2", &b.key), ("t2", &c.key)] {
+        for gw in [&g1, &g2].iter().cycle().take(16) {
+            let resp = client()
+                .post(gw.url("/v1/messages"))
+                .header("x-api-key", secret.as_str())
+                .header("anthropic-version", "2023-06-01")
+                .header("content-type", "application/json")
+                .header("x-mock-usage", usage.clone())
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            *served.entry(who).or_default() += u64::from(resp.status() == 200);
+        }
+    }
+    assert_eq!(served.get("a"), Some(&10), "key a's budget holds ten worst cases: {served:?}");
+    assert_eq!(served.get("t2"), Some(&6), "team t2's budget holds six, across keys and gateways: {served:?}");
+    // Every request has its row, refused ones (at no cost) included: 400 + 3 × 16.
+    db.wait_rows(448, Duration::from_secs(10)).await;
+    // The ledger (PostgreSQL) and the budgets (Redis) agree, to the nano-dollar.
+    let by_key: BTreeMap<String, i64> = db
+        .client
+        .query("SELECT key_id, SUM(cost_nanos)::BIGINT FROM tollgate_ledger WHERE status = 200 GROUP BY key_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+        .collect();
+    let team_spent = by_key.get("b").copied().unwrap_or(0) + by_key.get("c").copied().unwrap_or(0);
+    assert_eq!(by_key.get("a").copied(), Some((10 * worst) as i64), "{by_key:?}");
+    assert_eq!(team_spent, (6 * worst) as i64, "{by_key:?}");
+    let mut redis = redis::Client::open("redis://127.0.0.1:6379/").unwrap().get_connection().unwrap();
+    let spent = |kind: &str, id: &str, redis: &mut redis::Connection| -> Option<i64> {
+        redis::cmd("HGET").arg(format!("{{{prefix}}}:s:{kind}:{id}")).arg("spent").query(redis).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while spent("team", "t2", &mut redis) != Some(team_spent)
+        || spent("key", "a", &mut redis) != Some((10 * worst) as i64)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "Redis holds key a {:?}, team t2 {:?}",
+            spent("key", "a", &mut redis),
+            spent("team", "t2", &mut redis)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{{{prefix}}}:*")).query(&mut redis).unwrap();
+    let _: i64 = redis::cmd("DEL").arg(keys).query(&mut redis).unwrap();
+    no_panics(&g1);
+    no_panics(&g2);
+}
