@@ -41,6 +41,10 @@ pub struct TokenSource {
     kind: Kind,
     held: ArcSwapOption<Held>,
     state: Mutex<(Option<Instant>, Option<String>)>,
+    /// When a call to Google's library still under way began. The library answers at once
+    /// while it holds a valid token; a call that waits means the token expired and its renewal
+    /// is being tried.
+    asking_since: Mutex<Option<Instant>>,
 }
 
 enum Kind {
@@ -51,9 +55,13 @@ enum Kind {
     Library(Option<serde_json::Value>, Mutex<Option<google_cloud_auth::credentials::AccessTokenCredentials>>),
 }
 
+/// A call to Google's library that has not answered after this long means its token expired
+/// (it answers at once while it holds a valid one): the token held here is not used meanwhile.
+const LIBRARY_WAIT: Duration = Duration::from_millis(200);
+
 /// How long a token from Google's library is used without hearing from it again. The library
 /// renews tokens itself (four minutes before they expire) and does not say when they expire,
-/// so it is asked again every second and its answer held this long: long enough to ride out a
+/// so it is asked again every quarter of a second or so, and its answer held this long: long enough to ride out a
 /// slow answer, well inside the four minutes.
 const LIBRARY_TOKEN_HOLD: Duration = Duration::from_secs(60);
 
@@ -93,6 +101,7 @@ impl TokenSource {
             kind: Kind::Key(encoding),
             held: ArcSwapOption::empty(),
             state: Mutex::new((None, None)),
+            asking_since: Mutex::new(None),
         })
     }
 
@@ -121,6 +130,7 @@ impl TokenSource {
             kind: Kind::Library(value, Mutex::new(None)),
             held: ArcSwapOption::empty(),
             state: Mutex::new((None, None)),
+            asking_since: Mutex::new(None),
         })
     }
 
@@ -141,6 +151,7 @@ impl TokenSource {
     /// thread.
     pub async fn refresh_from_library(&self) {
         let Kind::Library(json, built) = &self.kind else { return };
+        *self.asking_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         let held = built.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let token = async {
             let creds = match held {
@@ -163,12 +174,13 @@ impl TokenSource {
             Ok(Err(e)) => Err(e),
             Err(_) => Err("Google's credentials library gave no token within 30 s".into()),
         };
+        *self.asking_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if answer.is_err() {
             // The library answers with an error only once it holds no valid token: the one
             // held here is dead too, and signing with it would earn clients a provider's 401.
             self.held.store(None);
         }
-        self.hold(answer.map(|token| (token, LIBRARY_TOKEN_HOLD, LIBRARY_TOKEN_HOLD - Duration::from_secs(1))));
+        self.hold(answer.map(|token| (token, LIBRARY_TOKEN_HOLD, LIBRARY_TOKEN_HOLD - LIBRARY_WAIT)));
     }
 
     /// The signed assertion for the token endpoint, valid one hour from `now` (Unix seconds).
@@ -181,6 +193,15 @@ impl TokenSource {
 
     /// `Authorization: Bearer …` with the token held, or why there is none.
     pub fn header(&self) -> Result<HeaderValue, String> {
+        if let Some(since) = *self.asking_since.lock().unwrap_or_else(|p| p.into_inner()) {
+            if since.elapsed() > LIBRARY_WAIT {
+                return Err(format!(
+                    "no OAuth token for {}: Google's credentials library is renewing an expired token ({} ms so far)",
+                    self.account,
+                    since.elapsed().as_millis()
+                ));
+            }
+        }
         match self.held.load_full() {
             Some(h) if Instant::now() < h.expires_at => Ok(h.header.clone()),
             _ => {
