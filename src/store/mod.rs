@@ -101,6 +101,17 @@ pub enum Group {
 }
 
 impl Group {
+    /// The scope a grouping column holds; `None` for the day, which is computed.
+    pub fn scope(self) -> Option<ScopeKind> {
+        match self {
+            Group::Key => Some(ScopeKind::Key),
+            Group::User => Some(ScopeKind::User),
+            Group::Team => Some(ScopeKind::Team),
+            Group::Model => Some(ScopeKind::Model),
+            Group::Day => None,
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Group> {
         Some(match s {
             "key" => Group::Key,

@@ -194,13 +194,7 @@ impl PostgresStore {
     /// Applies the migrations this build knows (what `tollgate migrate` does), and says which
     /// version the database is at.
     pub fn migrate_only(url: &str) -> StoreResult<i32> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Other(e.to_string()))?;
-        rt.block_on(async {
-            let (client, conn) = connect(url).await?;
-            tokio::spawn(conn);
+        once(url, |client| async move {
             migrate(&client).await?;
             let v: i32 = client.query_one("SELECT MAX(version) FROM tollgate_schema", &[]).await.map_err(pg)?.get(0);
             Ok(v)
@@ -213,13 +207,7 @@ impl PostgresStore {
     /// `tollgate check` reports, with the time it took.
     pub fn ping(url: &str) -> StoreResult<(Duration, Option<i32>)> {
         let started = std::time::Instant::now();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Other(e.to_string()))?;
-        rt.block_on(async {
-            let (client, conn) = connect(url).await?;
-            tokio::spawn(conn);
+        once(url, |client| async move {
             let exists: bool =
                 client.query_one("SELECT to_regclass('tollgate_schema') IS NOT NULL", &[]).await.map_err(pg)?.get(0);
             let version = if exists {
@@ -371,6 +359,23 @@ impl Shared {
         tracing::info!(rows = rows.len(), "the ledger spool was replayed");
         Ok(())
     }
+}
+
+/// One connection for one job, on a runtime of its own (the command line's `migrate` and
+/// `check`, which run no other).
+fn once<T, F: std::future::Future<Output = StoreResult<T>>>(
+    url: &str,
+    job: impl FnOnce(Client) -> F,
+) -> StoreResult<T> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StoreError::Other(e.to_string()))?;
+    rt.block_on(async {
+        let (client, conn) = connect(url).await?;
+        tokio::spawn(conn);
+        job(client).await
+    })
 }
 
 async fn connect(
@@ -803,17 +808,8 @@ impl Store for PostgresStore {
     fn usage(&self, q: &UsageQuery, tz: Tz) -> StoreResult<Vec<UsageLine>> {
         let scopes: Vec<Group> = q.group_by.iter().copied().filter(|g| *g != Group::Day).collect();
         let by_day = q.group_by.contains(&Group::Day);
-        let mut select: Vec<String> = scopes
-            .iter()
-            .map(|g| match g {
-                Group::Key => "key_id",
-                Group::User => "user_id",
-                Group::Team => "team",
-                Group::Model => "model",
-                Group::Day => unreachable!("filtered out above"),
-            })
-            .map(str::to_string)
-            .collect();
+        let mut select: Vec<String> =
+            scopes.iter().filter_map(|g| g.scope()).map(|kind| column(kind).to_string()).collect();
         if by_day {
             select.push(format!("(ts_ms / {BUCKET_MS})"));
         }

@@ -311,17 +311,8 @@ impl Store for SqliteStore {
     fn usage(&self, q: &UsageQuery, tz: Tz) -> StoreResult<Vec<UsageLine>> {
         let scopes: Vec<Group> = q.group_by.iter().copied().filter(|g| *g != Group::Day).collect();
         let by_day = q.group_by.contains(&Group::Day);
-        let mut select: Vec<String> = scopes
-            .iter()
-            .map(|g| match g {
-                Group::Key => "key_id",
-                Group::User => "user",
-                Group::Team => "team",
-                Group::Model => "model",
-                Group::Day => unreachable!("filtered out above"),
-            })
-            .map(str::to_string)
-            .collect();
+        let mut select: Vec<String> =
+            scopes.iter().filter_map(|g| g.scope()).map(|kind| column(kind).to_string()).collect();
         if by_day {
             select.push(format!("ts_ms / {BUCKET_MS}"));
         }
