@@ -43,6 +43,9 @@ pub struct RedisLimiter {
     conn: ConnectionManager,
     settings: RedisSettings,
     tag: String,
+    /// `{prefix}:leases` and `{prefix}:epoch`, made once: every admission names them.
+    leases: String,
+    epoch: String,
     admit: redis::Script,
     ops: redis::Script,
     /// This process's name in lease ids: leases of different gateways never collide.
@@ -75,6 +78,8 @@ impl RedisLimiter {
         let node = format!("{:016x}", rand::random::<u64>());
         let limiter = Arc::new(RedisLimiter {
             tag: format!("{{{}}}", settings.prefix),
+            leases: format!("{{{}}}:leases", settings.prefix),
+            epoch: format!("{{{}}}:epoch", settings.prefix),
             conn,
             settings,
             admit: redis::Script::new(&format!("{}\n{}", include_str!("redis.lua"), include_str!("redis_admit.lua"))),
@@ -97,20 +102,12 @@ impl RedisLimiter {
         format!("{}:s:{}:{id}", self.tag, kind.name())
     }
 
-    fn leases(&self) -> String {
-        format!("{}:leases", self.tag)
-    }
-
     fn lease_id(&self, ticket: u64) -> String {
         format!("{}-{ticket}", self.node)
     }
 
     fn lease_key(&self, ticket: u64) -> String {
         format!("{}:l:{}", self.tag, self.lease_id(ticket))
-    }
-
-    fn epoch(&self) -> String {
-        format!("{}:epoch", self.tag)
     }
 
     pub fn time_zone(&self) -> Tz {
@@ -163,8 +160,12 @@ impl RedisLimiter {
         let held_ticket = held.as_ref().map(|h| h.ticket()).filter(|t| *t != 0);
         let is_held = |s: &Scope| held.as_ref().is_some_and(|h| h.scope().kind == s.kind && h.scope().id == s.id);
         let mut inv = self.admit.prepare_invoke();
-        inv.key(self.epoch()).key(self.leases()).key(self.lease_key(ticket));
-        inv.key(held_ticket.map_or_else(|| self.lease_key(ticket), |t| self.lease_key(t)));
+        let lease_key = self.lease_key(ticket);
+        inv.key(&self.epoch).key(&self.leases).key(&lease_key);
+        match held_ticket {
+            Some(t) => inv.key(self.lease_key(t)),
+            None => inv.key(&lease_key),
+        };
         for s in &counted {
             inv.key(self.key(s.kind, &s.id));
         }
@@ -251,7 +252,7 @@ impl RedisLimiter {
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let max = scope.policy.limits.concurrency.map_or(-1, i64::from);
         let mut inv = self.ops.prepare_invoke();
-        inv.key(self.leases()).key(self.lease_key(ticket)).key(self.key(scope.kind, &scope.id));
+        inv.key(&self.leases).key(self.lease_key(ticket)).key(self.key(scope.kind, &scope.id));
         inv.arg("hold")
             .arg(self.settings.lease.as_millis() as u64)
             .arg(self.lease_id(ticket))
@@ -374,7 +375,7 @@ impl RedisLimiter {
     /// so a Redis that lost its data never grants a budget a second time.
     pub fn mark_seeded(&self, rt: &tokio::runtime::Handle) -> Result<(), String> {
         let mut conn = self.conn.clone();
-        let epoch = self.epoch();
+        let epoch = self.epoch.clone();
         let node = self.node.clone();
         crate::blocking::block_on(rt, async move {
             redis::cmd("SET").arg(epoch).arg(node).arg("NX").query_async::<Option<String>>(&mut conn).await
@@ -427,7 +428,7 @@ impl RedisLimiter {
         match op {
             Op::Release { ticket } => {
                 let mut inv = self.ops.prepare_invoke();
-                inv.key(self.leases()).key(self.lease_key(ticket)).arg("release").arg(self.lease_id(ticket));
+                inv.key(&self.leases).key(self.lease_key(ticket)).arg("release").arg(self.lease_id(ticket));
                 inv.invoke_async::<i64>(&mut conn).await?;
                 self.forget(ticket);
             }
@@ -436,7 +437,7 @@ impl RedisLimiter {
                 let tz = self.time_zone();
                 let now = now_ms();
                 let mut inv = self.ops.prepare_invoke();
-                inv.key(self.leases()).key(self.lease_key(ticket));
+                inv.key(&self.leases).key(self.lease_key(ticket));
                 for s in &counted {
                     inv.key(self.key(s.kind, &s.id));
                 }
@@ -538,7 +539,7 @@ async fn renew_leases(limiter: std::sync::Weak<RedisLimiter>) {
             for chunk in ids.chunks(1000) {
                 // Expiries are Redis's time plus a lease, like the admissions' own.
                 let mut inv = l.ops.prepare_invoke();
-                inv.key(l.leases()).arg("renew").arg(l.settings.lease.as_millis() as u64);
+                inv.key(&l.leases).arg("renew").arg(l.settings.lease.as_millis() as u64);
                 for id in chunk {
                     inv.arg(id);
                 }
