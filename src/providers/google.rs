@@ -6,6 +6,7 @@
 //! `google-cloud-auth`, which renews them itself. Fetching happens on the refresh thread; the
 //! request path only reads the token held.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -44,7 +45,8 @@ pub struct TokenSource {
     /// When a call to Google's library still under way began. The library answers at once
     /// while it holds a valid token; a call that waits means the token expired and its renewal
     /// is being tried.
-    asking_since: Mutex<Option<Instant>>,
+    /// On the request path: an atomic (`now_ms() + 1`, 0 for none), not a lock.
+    asking_since: AtomicU64,
 }
 
 enum Kind {
@@ -101,7 +103,7 @@ impl TokenSource {
             kind: Kind::Key(encoding),
             held: ArcSwapOption::empty(),
             state: Mutex::new((None, None)),
-            asking_since: Mutex::new(None),
+            asking_since: AtomicU64::new(0),
         })
     }
 
@@ -130,7 +132,7 @@ impl TokenSource {
             kind: Kind::Library(value, Mutex::new(None)),
             held: ArcSwapOption::empty(),
             state: Mutex::new((None, None)),
-            asking_since: Mutex::new(None),
+            asking_since: AtomicU64::new(0),
         })
     }
 
@@ -151,7 +153,7 @@ impl TokenSource {
     /// thread.
     pub async fn refresh_from_library(&self) {
         let Kind::Library(json, built) = &self.kind else { return };
-        *self.asking_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        self.asking_since.store(super::now_ms() + 1, Ordering::Release);
         let held = built.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let token = async {
             let creds = match held {
@@ -174,7 +176,7 @@ impl TokenSource {
             Ok(Err(e)) => Err(e),
             Err(_) => Err("Google's credentials library gave no token within 30 s".into()),
         };
-        *self.asking_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.asking_since.store(0, Ordering::Release);
         if answer.is_err() {
             // The library answers with an error only once it holds no valid token: the one
             // held here is dead too, and signing with it would earn clients a provider's 401.
@@ -193,12 +195,13 @@ impl TokenSource {
 
     /// `Authorization: Bearer …` with the token held, or why there is none.
     pub fn header(&self) -> Result<HeaderValue, String> {
-        if let Some(since) = *self.asking_since.lock().unwrap_or_else(|p| p.into_inner()) {
-            if since.elapsed() > LIBRARY_WAIT {
+        let since = self.asking_since.load(Ordering::Acquire);
+        if since != 0 {
+            let waited = (super::now_ms() + 1).saturating_sub(since);
+            if waited > LIBRARY_WAIT.as_millis() as u64 {
                 return Err(format!(
-                    "no OAuth token for {}: Google's credentials library is renewing an expired token ({} ms so far)",
-                    self.account,
-                    since.elapsed().as_millis()
+                    "no OAuth token for {}: Google's credentials library is renewing an expired token ({waited} ms so far)",
+                    self.account
                 ));
             }
         }
