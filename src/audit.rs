@@ -47,7 +47,7 @@ impl AuditLog {
         drop(batch);
         self.dropped.inc();
         // One log line per thousand drops is enough to be seen without flooding.
-        if DROPPED_LOGGED.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+        if DROPPED_LOGGED.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
             tracing::error!(total = self.dropped.get(), "audit queue full: usage records dropped");
         }
     }

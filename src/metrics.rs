@@ -33,7 +33,49 @@ pub struct Metrics {
     pub betas_dropped: IntCounterVec,
     pub client_refused: IntCounterVec,
     pub open_connections: IntGaugeVec,
+    /// Round trips to the fleet's shared backends (Redis, PostgreSQL).
+    pub backend: Backend,
+    /// 1 while the shared limiter is unreachable and this gateway counts on its own share.
+    pub limits_local: IntGauge,
+    /// Ledger rows in the local spool, waiting for the database.
+    pub ledger_spooled: IntGauge,
 }
+
+/// Latency and failures of the calls a gateway makes to a shared backend, by backend and
+/// operation. Cloned into the limiter and the store, which record their own calls.
+#[derive(Clone)]
+pub struct Backend {
+    seconds: HistogramVec,
+    errors: IntCounterVec,
+}
+
+impl Backend {
+    fn new() -> Self {
+        Backend {
+            seconds: HistogramVec::new(
+                HistogramOpts::new("tollgate_backend_seconds", "Round trips to Redis and PostgreSQL, by operation")
+                    .buckets(BACKEND_BUCKETS.to_vec()),
+                &["backend", "op"],
+            )
+            .unwrap(),
+            errors: IntCounterVec::new(
+                Opts::new("tollgate_backend_errors_total", "Failed or timed-out calls to Redis and PostgreSQL"),
+                &["backend", "op"],
+            )
+            .unwrap(),
+        }
+    }
+
+    pub fn observe(&self, backend: &str, op: &str, took: std::time::Duration) {
+        self.seconds.with_label_values(&[backend, op]).observe(took.as_secs_f64());
+    }
+
+    pub fn error(&self, backend: &str, op: &str) {
+        self.errors.with_label_values(&[backend, op]).inc();
+    }
+}
+
+const BACKEND_BUCKETS: &[f64] = &[0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
@@ -165,6 +207,15 @@ impl Metrics {
             "Idle keys and JWT principals forgotten to stay under controls.max_principals, since start",
         )
         .unwrap();
+        let backend = Backend::new();
+        let limits_local = IntGauge::new(
+            "tollgate_limits_local_fallback",
+            "1 while the shared limiter does not answer and this gateway counts on its share of the fleet's limits",
+        )
+        .unwrap();
+        let ledger_spooled =
+            IntGauge::new("tollgate_ledger_spooled_rows", "Ledger rows in the local spool, waiting for the database")
+                .unwrap();
         let audit_dropped =
             IntCounter::new("tollgate_audit_dropped_total", "Usage records dropped because the audit queue was full")
                 .unwrap();
@@ -193,6 +244,10 @@ impl Metrics {
             Box::new(betas_dropped.clone()),
             Box::new(client_refused.clone()),
             Box::new(open_connections.clone()),
+            Box::new(backend.seconds.clone()),
+            Box::new(backend.errors.clone()),
+            Box::new(limits_local.clone()),
+            Box::new(ledger_spooled.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -222,6 +277,9 @@ impl Metrics {
             betas_dropped,
             client_refused,
             open_connections,
+            backend,
+            limits_local,
+            ledger_spooled,
         }
     }
 

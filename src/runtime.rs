@@ -103,7 +103,7 @@ impl Runtime {
         let state = State::build(&config, None)?;
         let stored = store.keys().map_err(|e| e.to_string())?;
         let keys = KeyStore::build(&config.keys, &stored)?;
-        let (limiter, limits_rt) = build_limits(&config)?;
+        let (limiter, limits_rt) = build_limits(&config, &metrics)?;
         limiter.set_max_keys(config.controls.max_principals);
         let rt = Runtime {
             state: Arc::new(ArcSwap::from_pointee(state)),
@@ -326,7 +326,7 @@ pub fn providers_by_name(state: &State) -> HashMap<String, Arc<crate::providers:
 
 /// The limiter `[limits]` asks for: this process's, or the fleet's in Redis (with the runtime
 /// that drives its connection).
-fn build_limits(config: &Config) -> Result<(Limits, Option<tokio::runtime::Runtime>), String> {
+fn build_limits(config: &Config, metrics: &Metrics) -> Result<(Limits, Option<tokio::runtime::Runtime>), String> {
     let tz = config.controls.tz();
     let l = &config.limits;
     match l.backend {
@@ -344,8 +344,9 @@ fn build_limits(config: &Config) -> Result<(Limits, Option<tokio::runtime::Runti
                 prefix: l.prefix.clone(),
                 timeout: l.timeout,
                 lease: l.lease,
+                local_fallback: l.on_unavailable == crate::config::OnUnavailable::Local,
             };
-            let limiter = RedisLimiter::connect(settings, tz, rt.handle())?;
+            let limiter = RedisLimiter::connect(settings, tz, rt.handle(), metrics.backend.clone())?;
             Ok((Limits::Redis { limiter, rt: rt.handle().clone() }, Some(rt)))
         }
     }

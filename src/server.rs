@@ -33,7 +33,7 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
     // the rest of Tollgate uses. (An error only says one is installed already.)
     let _ = rustls::crypto::ring::default_provider().install_default();
     let metrics = Arc::new(Metrics::new());
-    let store = open_store(&config.store)?;
+    let store = open_store(&config.store, &metrics)?;
     let runtime =
         Arc::new(Runtime::new(config, config_path, store.clone(), metrics.clone()).map_err(anyhow::Error::msg)?);
     // The config as it was at start; listeners and threads stay as they are until a restart.
@@ -197,7 +197,7 @@ fn watch_drain(
 }
 
 /// The store `[store]` names: this gateway's SQLite file, or the fleet's PostgreSQL.
-pub fn open_store(c: &crate::config::StoreConfig) -> anyhow::Result<Arc<dyn Store>> {
+pub fn open_store(c: &crate::config::StoreConfig, metrics: &Metrics) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match c.backend {
         crate::config::StoreBackend::Sqlite => Arc::new(
             SqliteStore::open(&c.path, c.flush_interval).with_context(|| format!("store {}", c.path.display()))?,
@@ -206,7 +206,7 @@ pub fn open_store(c: &crate::config::StoreConfig) -> anyhow::Result<Arc<dyn Stor
             let url =
                 c.url.as_ref().context("store.url is required for postgres")?.resolve().map_err(anyhow::Error::msg)?;
             Arc::new(
-                PostgresStore::open(url.expose(), c.spool.clone(), c.flush_interval)
+                PostgresStore::open(url.expose(), c.spool.clone(), c.flush_interval, metrics.backend.clone())
                     .context("the ledger database (store.url)")?,
             )
         }

@@ -671,6 +671,118 @@ async fn redis_outage_refuses_budgeted_requests_and_recovers_from_the_ledger() {
     no_panics(&[&gw]);
 }
 
+/// Redis frozen (SIGSTOP: connections open, nothing answered) under two gateways that count on
+/// their share while it is away (`on_unavailable = "local"`). Before: 3 of a key's 10 worst cases
+/// spent (2 seen last by gateway A, 3 by B). During: A serves (10 - 2) / 2 = 4, B (10 - 3) / 2 =
+/// 3.5, so 3: the fleet spends exactly its budget; a key's rpm of 10 gives each gateway 5.
+/// After: both credit Redis with what they spent, and Redis holds the fleet's whole spend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_leaves_each_gateway_its_share_and_gets_the_spend_back() {
+    let private = RedisServer::start();
+    let url = private.url();
+    let prefix = Prefix::new();
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let (key, limited) = (new_key(), new_key());
+    let key_extra = format!(
+        "budget = {{ usd = {}, period = \"daily\" }}\n[[key]]\nid = \"r\"\nhash = \"{}\"\nlimits = {{ rpm = 10 }}\n",
+        usd(10 * WORST),
+        limited.hash
+    );
+    let limits = "timeout = \"300ms\"\nlease = \"3s\"\non_unavailable = \"local\"";
+    let cfg = config_with(&mock.url(), &key, &key_extra, &prefix, limits);
+    let (a, b) = (start_on(&cfg, &url), start_on(&cfg, &url));
+    let usage = worst_usage();
+    let worst = [("x-mock-usage", usage.as_str())];
+    let small = json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+
+    for (gw, spent) in [(&a, 1), (&a, 2), (&b, 3)] {
+        assert_eq!(send(gw, &key, body(), &worst).await.0, 200);
+        eventually(Duration::from_secs(5), "Redis holds the spend", || {
+            prefix.field_at(&url, "key", "a", "spent") == spent * WORST as i64
+        })
+        .await;
+    }
+    // Both gateways know the fleet is two (a heartbeat a lease / 3 = 1 s).
+    let nodes = || -> i64 {
+        let mut c = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+        redis::cmd("ZCARD").arg(format!("{{{}}}:nodes", prefix.0)).query(&mut c).unwrap()
+    };
+    eventually(Duration::from_secs(5), "two heartbeats", || nodes() == 2).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    private.freeze();
+    let mut served = Vec::new();
+    for gw in [&a, &b] {
+        let (mut ok, mut first) = (0, None);
+        for i in 0..8 {
+            let asked = std::time::Instant::now();
+            let (status, headers, text) = send(gw, &key, body(), &worst).await;
+            first.get_or_insert(asked.elapsed());
+            match status {
+                200 => ok += 1,
+                503 => {
+                    assert!(message(&text).contains("this gateway's share of the budget is used"), "{text}");
+                    assert_eq!(headers["retry-after"], "5");
+                }
+                _ => panic!("request {i}: {status} {text}"),
+            }
+            if i > 0 {
+                assert!(asked.elapsed() < Duration::from_millis(250), "counted locally, no wait for Redis");
+            }
+        }
+        let mut rpm_ok = 0;
+        for _ in 0..8 {
+            let (status, _, text) = send(gw, &limited, small.clone(), &[]).await;
+            assert!(status == 200 || status == 429, "{status} {text}");
+            rpm_ok += usize::from(status == 200);
+        }
+        println!("Redis frozen: budgeted {ok} of 8 served (first answer after {first:?}), rpm-limited {rpm_ok} of 8");
+        served.push((ok, rpm_ok));
+        assert_eq!(metric(gw, "tollgate_limits_local_fallback").await, 1.0);
+    }
+    assert_eq!(served, vec![(4, 5), (3, 5)], "A: (10 - 2) / 2 = 4 worst cases, B: (10 - 3) / 2; rpm 10 / 2 each");
+    assert_eq!(metric(&a, "tollgate_refused_total{reason=\"budget_share\"}").await, 4.0);
+
+    private.thaw();
+    let thawed = std::time::Instant::now();
+    for gw in [&a, &b] {
+        let mut back = false;
+        for _ in 0..100 {
+            if metric(gw, "tollgate_limits_local_fallback").await == 0.0 {
+                back = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(back, "the gateway still counts locally 5 s after Redis answers");
+    }
+    let took = eventually(Duration::from_secs(10), "the shares' spend is credited to Redis", || {
+        prefix.field_at(&url, "key", "a", "spent") == 10 * WORST as i64
+    })
+    .await;
+    println!("Redis thawed: both gateways back on Redis, and the spend credited, {:?} after", thawed.elapsed());
+    let _ = took;
+    eventually(Duration::from_secs(5), "nothing reserved or in flight", || {
+        prefix.field_at(&url, "key", "a", "res") == 0 && prefix.field_at(&url, "key", "a", "inf") == 0
+    })
+    .await;
+    // The budget is spent fleet-wide: refused on either gateway, as spent.
+    for gw in [&a, &b] {
+        let (status, _, text) = send(gw, &key, body(), &worst).await;
+        assert_eq!(status, 403, "{text}");
+    }
+    let budgeted = || {
+        [&a, &b]
+            .iter()
+            .flat_map(|g| g.records())
+            .filter(|r| r["key_id"] == "a")
+            .map(|r| r["cost_nanos"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    eventually(Duration::from_secs(5), "the ledgers agree: ten worst cases", || budgeted() == 10 * WORST).await;
+    no_panics(&[&a, &b]);
+}
+
 /// A request longer than the lease keeps its reservation: renewed, it still refuses a request
 /// that would need the rest of the budget at 5 s (lease 3 s), and settles correctly at its end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

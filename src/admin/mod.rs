@@ -280,6 +280,8 @@ impl Admin {
             }
         }
         m.ledger_queue.set(self.runtime.store.pending() as i64);
+        m.ledger_spooled.set(self.runtime.store.spooled() as i64);
+        m.limits_local.set(i64::from(self.runtime.limiter.counting_locally()));
         let (keys, forgotten) = self.runtime.limiter.key_scopes();
         m.key_scopes.set(keys as i64);
         m.key_scopes_forgotten.set(forgotten as i64);

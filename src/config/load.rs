@@ -414,6 +414,50 @@ fn check_jwks_url(url: &str, allow_http: bool) -> Result<(), String> {
     }
 }
 
+/// Keys come as a pair (with an optional session token), or not at all; a profile names where
+/// the chain looks, so it cannot go with keys.
+fn check_aws(a: &super::AwsCredentialsConfig) -> Result<(), String> {
+    match (&a.access_key_id, &a.secret_access_key) {
+        (Some(_), None) | (None, Some(_)) => return Err("access_key_id and secret_access_key go together".into()),
+        (None, None) if a.session_token.is_some() => return Err("session_token needs access_key_id".into()),
+        (Some(_), Some(_)) if a.profile.is_some() => {
+            return Err("profile chooses where the chain looks for keys: not with keys of its own".into())
+        }
+        _ => {}
+    }
+    if let Some(arn) = &a.role_arn {
+        // arn:PARTITION:iam::ACCOUNT:role/NAME
+        let parts: Vec<&str> = arn.splitn(6, ':').collect();
+        let ok = parts.len() == 6
+            && parts[0] == "arn"
+            && !parts[1].is_empty()
+            && parts[2] == "iam"
+            && parts[4].len() == 12
+            && parts[4].bytes().all(|b| b.is_ascii_digit())
+            && parts[5].starts_with("role/");
+        if !ok {
+            return Err(format!("role_arn {arn:?} is not an IAM role ARN (arn:aws:iam::123456789012:role/NAME)"));
+        }
+    } else if a.external_id.is_some() || a.session_name.is_some() {
+        return Err("external_id and session_name go with role_arn".into());
+    }
+    // STS's own patterns: refused here rather than at every renewal.
+    let sts_chars = |s: &str, extra: &[u8]| {
+        s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_+=,.@-".contains(&b) || extra.contains(&b))
+    };
+    if let Some(name) = &a.session_name {
+        if !(2..=64).contains(&name.len()) || !sts_chars(name, b"") {
+            return Err(format!("session_name {name:?}: 2 to 64 of letters, digits and _+=,.@-"));
+        }
+    }
+    if let Some(id) = &a.external_id {
+        if !(2..=1224).contains(&id.len()) || !sts_chars(id, b":/") {
+            return Err("external_id: 2 to 1224 of letters, digits and _+=,.@:/-".into());
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,48 +539,4 @@ deployments = [{ provider = "anthropic" }]
         assert!(e.message.contains("must be a reference"), "{e}");
         assert!(!e.to_string().contains("sk-ant-secret"));
     }
-}
-
-/// Keys come as a pair (with an optional session token), or not at all; a profile names where
-/// the chain looks, so it cannot go with keys.
-fn check_aws(a: &super::AwsCredentialsConfig) -> Result<(), String> {
-    match (&a.access_key_id, &a.secret_access_key) {
-        (Some(_), None) | (None, Some(_)) => return Err("access_key_id and secret_access_key go together".into()),
-        (None, None) if a.session_token.is_some() => return Err("session_token needs access_key_id".into()),
-        (Some(_), Some(_)) if a.profile.is_some() => {
-            return Err("profile chooses where the chain looks for keys: not with keys of its own".into())
-        }
-        _ => {}
-    }
-    if let Some(arn) = &a.role_arn {
-        // arn:PARTITION:iam::ACCOUNT:role/NAME
-        let parts: Vec<&str> = arn.splitn(6, ':').collect();
-        let ok = parts.len() == 6
-            && parts[0] == "arn"
-            && !parts[1].is_empty()
-            && parts[2] == "iam"
-            && parts[4].len() == 12
-            && parts[4].bytes().all(|b| b.is_ascii_digit())
-            && parts[5].starts_with("role/");
-        if !ok {
-            return Err(format!("role_arn {arn:?} is not an IAM role ARN (arn:aws:iam::123456789012:role/NAME)"));
-        }
-    } else if a.external_id.is_some() || a.session_name.is_some() {
-        return Err("external_id and session_name go with role_arn".into());
-    }
-    // STS's own patterns: refused here rather than at every renewal.
-    let sts_chars = |s: &str, extra: &[u8]| {
-        s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_+=,.@-".contains(&b) || extra.contains(&b))
-    };
-    if let Some(name) = &a.session_name {
-        if !(2..=64).contains(&name.len()) || !sts_chars(name, b"") {
-            return Err(format!("session_name {name:?}: 2 to 64 of letters, digits and _+=,.@-"));
-        }
-    }
-    if let Some(id) = &a.external_id {
-        if !(2..=1224).contains(&id.len()) || !sts_chars(id, b":/") {
-            return Err("external_id: 2 to 1224 of letters, digits and _+=,.@:/-".into());
-        }
-    }
-    Ok(())
 }

@@ -79,6 +79,17 @@ pub struct LimitsConfig {
     /// Redis: how long a reservation outlives a gateway that died holding it.
     #[serde(deserialize_with = "duration")]
     pub lease: Duration,
+    /// Redis: what admission does while Redis does not answer: `refuse` budgeted and limited
+    /// requests with a 503, or count them in this `local` process on its share of the fleet's
+    /// remaining budget and limits until Redis answers again.
+    pub on_unavailable: OnUnavailable,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnavailable {
+    Refuse,
+    Local,
 }
 
 impl Default for LimitsConfig {
@@ -89,6 +100,7 @@ impl Default for LimitsConfig {
             prefix: "tollgate".into(),
             timeout: Duration::from_millis(250),
             lease: Duration::from_secs(60),
+            on_unavailable: OnUnavailable::Refuse,
         }
     }
 }

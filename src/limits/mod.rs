@@ -5,6 +5,7 @@
 //! request really used, on every path. The counters live behind [`Limiter`] so a shared backend
 //! can hold them for a fleet; [`LocalLimiter`] keeps them in this process's memory.
 
+mod fallback;
 mod local;
 mod redis;
 
@@ -215,6 +216,12 @@ impl Hold {
         &self.scope
     }
 
+    /// The same slot, given back through `limiter` (a limiter that wraps the one that took it).
+    fn rebind(mut self, limiter: Arc<dyn Settle>) -> Self {
+        self.limiter = limiter;
+        self
+    }
+
     /// A reservation now owns the slot (its settlement gives it back).
     pub fn take_over(mut self) {
         self.taken_over = true;
@@ -247,6 +254,12 @@ impl Reservation {
 
     pub fn demand(&self) -> Demand {
         self.demand
+    }
+
+    /// The same reservation, settled through `limiter` (a limiter that wraps the one that made it).
+    fn rebind(mut self, limiter: Arc<dyn Settle>) -> Self {
+        self.limiter = limiter;
+        self
     }
 
     pub fn settle(mut self, actual: Actual) {
@@ -356,6 +369,14 @@ impl Limits {
     pub fn set_max_keys(&self, max: usize) {
         if let Limits::Local(l) = self {
             l.set_max_keys(max);
+        }
+    }
+
+    /// Whether a shared limiter that does not answer has this gateway counting on its share.
+    pub fn counting_locally(&self) -> bool {
+        match self {
+            Limits::Local(_) => false,
+            Limits::Redis { limiter, .. } => limiter.counting_locally(),
         }
     }
 

@@ -8,15 +8,16 @@
 //! Every key shares one hash tag (`{prefix}`), so the limiter lives in a single slot: a
 //! script may touch every scope of a request, on one Redis or a Redis Cluster alike.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono_tz::Tz;
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
+use super::fallback::Fallback;
 use super::local::{bucket_refusal, budget_refusal, concurrency_refusal, now_ms, Spend};
 use super::{Actual, Demand, Hold, Refusal, Reservation, Scope, ScopeKind, ScopeStatus, Settle};
 
@@ -31,13 +32,44 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// How long a reservation outlives the gateway that made it.
     pub lease: Duration,
+    /// While Redis does not answer: count on this gateway's share (true) or refuse (false).
+    pub local_fallback: bool,
 }
 
 /// Work sent to the background: settlements and releases never wait on Redis.
 enum Op {
-    Settle { ticket: u64, scopes: Vec<Scope>, demand: Demand, actual: Actual },
-    Release { ticket: u64 },
+    Settle {
+        ticket: u64,
+        scopes: Vec<Scope>,
+        demand: Demand,
+        actual: Actual,
+    },
+    Release {
+        ticket: u64,
+    },
+    /// What a request admitted on this gateway's share cost, booked into Redis's data of
+    /// `epoch` once Redis answers (see fallback.rs).
+    Credit {
+        id: u64,
+        epoch: Arc<str>,
+        scopes: Vec<Scope>,
+        cost_nanos: u64,
+        at_ms: i64,
+    },
 }
+
+/// A budget period a scope was seeded for: its kind and start (Unix ms).
+type SeededPeriod = (&'static str, i64);
+
+/// A budgeted scope's period start (Unix ms), and its spend and reservations then (nano-dollars).
+type LastSeen = (i64, u64);
+
+/// How often a gateway counting on its share asks whether Redis answers again.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// At most this many budgeted scopes are remembered as last seen in Redis (the shares of an
+/// outage); past it the memory starts afresh.
+const MAX_LAST_SEEN: usize = 100_000;
 
 pub struct RedisLimiter {
     conn: ConnectionManager,
@@ -60,13 +92,32 @@ pub struct RedisLimiter {
     /// Set while the data Redis lost is being seeded again from the ledger.
     pub reseeding: AtomicBool,
     /// The scopes this gateway seeded, with the period (kind and start) it seeded them for.
-    seeded: Mutex<std::collections::HashMap<(ScopeKind, String), (&'static str, i64)>>,
+    seeded: Mutex<HashMap<(ScopeKind, String), SeededPeriod>>,
+    /// `{prefix}:nodes`: the gateways' heartbeats.
+    nodes: String,
+    /// Gateways that beat lately, this one included: the shares of an outage are cut in this many.
+    fleet: AtomicU64,
+    /// Redis's data generation (the epoch key's value) as the last admission saw it.
+    epoch_seen: Mutex<Arc<str>>,
+    /// Per budgeted scope, its period start and its spend and reservations in Redis as of this
+    /// gateway's last admission: the base of its share when Redis stops answering.
+    last_seen: Mutex<HashMap<(ScopeKind, Arc<str>), LastSeen>>,
+    /// The counters of an outage, while Redis does not answer (`local_fallback` only).
+    fallback: Mutex<Option<Arc<Fallback>>>,
+    next_credit: AtomicU64,
+    rt: tokio::runtime::Handle,
+    metrics: crate::metrics::Backend,
 }
 
 impl RedisLimiter {
     /// Connects (on `rt`, which then runs the connection, the settlement queue and the lease
     /// renewals) and checks that Redis answers.
-    pub fn connect(settings: RedisSettings, tz: Tz, rt: &tokio::runtime::Handle) -> Result<Arc<Self>, String> {
+    pub fn connect(
+        settings: RedisSettings,
+        tz: Tz,
+        rt: &tokio::runtime::Handle,
+        metrics: crate::metrics::Backend,
+    ) -> Result<Arc<Self>, String> {
         let client = redis::Client::open(settings.url.as_str()).map_err(|e| format!("limits.url: {e}"))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout.max(Duration::from_secs(1))))
@@ -80,6 +131,7 @@ impl RedisLimiter {
             tag: format!("{{{}}}", settings.prefix),
             leases: format!("{{{}}}:leases", settings.prefix),
             epoch: format!("{{{}}}:epoch", settings.prefix),
+            nodes: format!("{{{}}}:nodes", settings.prefix),
             conn,
             settings,
             admit: redis::Script::new(&format!("{}\n{}", include_str!("redis.lua"), include_str!("redis_admit.lua"))),
@@ -91,7 +143,14 @@ impl RedisLimiter {
             tz: Mutex::new(tz),
             seen: Mutex::new(HashSet::new()),
             reseeding: AtomicBool::new(false),
-            seeded: Mutex::new(std::collections::HashMap::new()),
+            seeded: Mutex::new(HashMap::new()),
+            fleet: AtomicU64::new(1),
+            epoch_seen: Mutex::new(Arc::from("")),
+            last_seen: Mutex::new(HashMap::new()),
+            fallback: Mutex::new(None),
+            next_credit: AtomicU64::new(1),
+            rt: rt.clone(),
+            metrics,
         });
         rt.spawn(background(Arc::downgrade(&limiter), work));
         rt.spawn(renew_leases(Arc::downgrade(&limiter)));
@@ -148,6 +207,11 @@ impl RedisLimiter {
             // Nothing to count anywhere: no round trip.
             return Ok(Reservation::new(self.clone(), 0, scopes, demand));
         }
+        if let Some(f) = self.outage() {
+            return f.admit(self, scopes, demand, held);
+        }
+        // A slot taken on this gateway's share before Redis answered again is given back there.
+        let held = held.filter(|h| h.ticket() != 0);
         if let Some(key) = scopes.iter().find(|s| s.kind == ScopeKind::Key) {
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
             if !seen.contains(&*key.id) {
@@ -200,23 +264,32 @@ impl RedisLimiter {
         // lost, renewing an absent lease does nothing, and releasing one is harmless.
         self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(ticket);
         let mut conn = self.conn.clone();
+        let began = Instant::now();
         let answer = tokio::time::timeout(self.settings.timeout, inv.invoke_async::<Vec<String>>(&mut conn)).await;
-        let answer = match answer {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => {
-                // The script may have run before the connection failed: release, harmlessly
-                // if it did not.
-                let _ = self.queue.send(Op::Release { ticket });
-                return Err(unavailable(&format!("{e}")));
+        let why = match answer {
+            Ok(Ok(a)) => {
+                self.metrics.observe("redis", "admit", began.elapsed());
+                Ok(a)
             }
-            Err(_) => {
-                // The script may still run: release in the background, in order after it.
+            Ok(Err(e)) => Err(format!("{e}")),
+            Err(_) => Err(format!("no answer within {:?}", self.settings.timeout)),
+        };
+        let answer = match why {
+            Ok(a) => a,
+            Err(why) => {
+                // The script may have run before the connection failed, or may still run:
+                // release in the background, in order after it (harmless if it did not).
+                self.metrics.error("redis", "admit");
                 let _ = self.queue.send(Op::Release { ticket });
-                return Err(unavailable(&format!("no answer within {:?}", self.settings.timeout)));
+                return match self.begin_outage(&why) {
+                    Some(f) => f.admit(self, scopes, demand, held),
+                    None => Err(unavailable(&why)),
+                };
             }
         };
         match answer.first().map(String::as_str) {
             Some("ok") => {
+                self.remember(&counted, &answer, now);
                 if let Some(h) = held {
                     // Its lease is gone in Redis: the admission's lease holds the slot now.
                     self.forget(h.ticket());
@@ -249,6 +322,9 @@ impl RedisLimiter {
 
     /// Takes a concurrency slot of `scope` before the body is read.
     pub async fn hold(self: &Arc<Self>, scope: &Scope) -> Result<Hold, Refusal> {
+        if let Some(f) = self.outage() {
+            return f.hold(scope);
+        }
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let max = scope.policy.limits.concurrency.map_or(-1, i64::from);
         let mut inv = self.ops.prepare_invoke();
@@ -260,20 +336,24 @@ impl RedisLimiter {
             .arg(IDLE_TTL_MS);
         self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(ticket);
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.settings.timeout, inv.invoke_async::<i64>(&mut conn)).await {
-            Ok(Ok(1)) => Ok(Hold::new(self.clone(), ticket, scope.clone())),
-            Ok(Ok(_)) => {
+        let began = Instant::now();
+        let why = match tokio::time::timeout(self.settings.timeout, inv.invoke_async::<i64>(&mut conn)).await {
+            Ok(Ok(taken)) => {
+                self.metrics.observe("redis", "hold", began.elapsed());
+                if taken == 1 {
+                    return Ok(Hold::new(self.clone(), ticket, scope.clone()));
+                }
                 self.forget(ticket);
-                Err(concurrency_refusal(scope, max as u32))
+                return Err(concurrency_refusal(scope, max as u32));
             }
-            Ok(Err(e)) => {
-                let _ = self.queue.send(Op::Release { ticket });
-                Err(unavailable(&format!("{e}")))
-            }
-            Err(_) => {
-                let _ = self.queue.send(Op::Release { ticket });
-                Err(unavailable(&format!("no answer within {:?}", self.settings.timeout)))
-            }
+            Ok(Err(e)) => format!("{e}"),
+            Err(_) => format!("no answer within {:?}", self.settings.timeout),
+        };
+        self.metrics.error("redis", "hold");
+        let _ = self.queue.send(Op::Release { ticket });
+        match self.begin_outage(&why) {
+            Some(f) => f.hold(scope),
+            None => Err(unavailable(&why)),
         }
     }
 
@@ -376,12 +456,99 @@ impl RedisLimiter {
     pub fn mark_seeded(&self, rt: &tokio::runtime::Handle) -> Result<(), String> {
         let mut conn = self.conn.clone();
         let epoch = self.epoch.clone();
-        let node = self.node.clone();
+        // A new generation each time the data is seeded: a credit meant for data Redis lost
+        // must not land in the data seeded after (which holds it already, from the ledger).
+        let generation = format!("{}-{:016x}", self.node, rand::random::<u64>());
         crate::blocking::block_on(rt, async move {
-            redis::cmd("SET").arg(epoch).arg(node).arg("NX").query_async::<Option<String>>(&mut conn).await
+            redis::cmd("SET").arg(epoch).arg(generation).arg("NX").query_async::<Option<String>>(&mut conn).await
         })
         .map(|_| ())
         .map_err(|e| format!("Redis: {e}"))
+    }
+
+    /// The counters of the outage under way, if Redis is not answering.
+    fn outage(&self) -> Option<Arc<Fallback>> {
+        self.fallback.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether this gateway counts on its own share now (Redis not answering).
+    pub fn counting_locally(&self) -> bool {
+        self.fallback.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Redis did not answer: with `local_fallback`, counting on this gateway's share begins
+    /// (once per outage) and a probe watches for Redis's return; otherwise nothing changes.
+    fn begin_outage(self: &Arc<Self>, why: &str) -> Option<Arc<Fallback>> {
+        if !self.settings.local_fallback {
+            return None;
+        }
+        let mut current = self.fallback.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = &*current {
+            return Some(f.clone());
+        }
+        let epoch = self.epoch_seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let f = Arc::new(Fallback::new(self, self.fleet.load(Ordering::Relaxed), epoch));
+        tracing::error!(
+            error = %why,
+            gateways = f.fleet(),
+            "the shared limiter does not answer; counting on this gateway's share until it does"
+        );
+        *current = Some(f.clone());
+        self.rt.spawn(probe(Arc::downgrade(self)));
+        Some(f)
+    }
+
+    /// Keeps what Redis said of each budgeted scope (its epoch, and its spend and reservations):
+    /// the base of this gateway's share if Redis stops answering.
+    fn remember(&self, counted: &[&Scope], answer: &[String], now: i64) {
+        if !self.settings.local_fallback {
+            return;
+        }
+        if let Some(epoch) = answer.get(1) {
+            let mut seen = self.epoch_seen.lock().unwrap_or_else(|p| p.into_inner());
+            if **seen != **epoch {
+                *seen = Arc::from(epoch.as_str());
+            }
+        }
+        let tz = self.time_zone();
+        let mut last = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+        for (s, used) in counted.iter().zip(answer.iter().skip(2)) {
+            let (Some(b), Ok(used)) = (s.policy.budget, used.parse::<u64>()) else { continue };
+            let (start, _) = b.period.bounds(tz, now);
+            match last.get_mut(&(s.kind, s.id.clone())) {
+                Some(v) => *v = (start, used),
+                None => {
+                    if last.len() >= MAX_LAST_SEEN {
+                        last.clear();
+                    }
+                    last.insert((s.kind, s.id.clone()), (start, used));
+                }
+            }
+        }
+    }
+
+    /// A budgeted scope's spend and reservations in Redis for the period starting at
+    /// `period_start`, as this gateway last saw them (nothing yet in a period it has not seen).
+    pub(super) fn last_seen(&self, scope: &Scope, period_start: i64) -> Option<u64> {
+        let last = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+        last.get(&(scope.kind, scope.id.clone())).map(|&(start, used)| if start == period_start { used } else { 0 })
+    }
+
+    /// Books into Redis (when it answers) what a request admitted on this gateway's share cost.
+    pub(super) fn credit(&self, epoch: &Arc<str>, scopes: &[Scope], actual: Actual) {
+        let budgeted: Vec<Scope> = scopes.iter().filter(|s| s.policy.budget.is_some()).cloned().collect();
+        if actual.cost_nanos == 0 || budgeted.is_empty() {
+            return;
+        }
+        let id = self.next_credit.fetch_add(1, Ordering::Relaxed);
+        let at_ms = if actual.at_ms > 0 { actual.at_ms } else { now_ms() };
+        let _ = self.queue.send(Op::Credit {
+            id,
+            epoch: epoch.clone(),
+            scopes: budgeted,
+            cost_nanos: actual.cost_nanos,
+            at_ms,
+        });
     }
 
     fn forget(&self, ticket: u64) {
@@ -425,11 +592,41 @@ impl RedisLimiter {
 
     async fn run(&self, op: Op) -> Result<(), redis::RedisError> {
         let mut conn = self.conn.clone();
+        let began = Instant::now();
+        let name = match &op {
+            Op::Release { .. } => "release",
+            Op::Settle { .. } => "settle",
+            Op::Credit { .. } => "credit",
+        };
+        let result = self.run_on(&mut conn, op).await;
+        match &result {
+            Ok(()) => self.metrics.observe("redis", name, began.elapsed()),
+            Err(_) => self.metrics.error("redis", name),
+        }
+        result
+    }
+
+    async fn run_on(&self, conn: &mut ConnectionManager, op: Op) -> Result<(), redis::RedisError> {
         match op {
+            Op::Credit { id, epoch, scopes, cost_nanos, at_ms } => {
+                let tz = self.time_zone();
+                let mut inv = self.ops.prepare_invoke();
+                inv.key(&self.epoch).key(format!("{}:c:{}-{id}", self.tag, self.node));
+                for s in &scopes {
+                    inv.key(self.key(s.kind, &s.id));
+                }
+                inv.arg("credit").arg(&*epoch).arg(cost_nanos).arg(at_ms);
+                for s in &scopes {
+                    let b = s.policy.budget.expect("credits are for budgeted scopes");
+                    let (start, end) = b.period.bounds(tz, at_ms);
+                    inv.arg(b.period.as_str()).arg(start).arg(end);
+                }
+                inv.invoke_async::<i64>(conn).await?;
+            }
             Op::Release { ticket } => {
                 let mut inv = self.ops.prepare_invoke();
                 inv.key(&self.leases).key(self.lease_key(ticket)).arg("release").arg(self.lease_id(ticket));
-                inv.invoke_async::<i64>(&mut conn).await?;
+                inv.invoke_async::<i64>(conn).await?;
                 self.forget(ticket);
             }
             Op::Settle { ticket, scopes, demand, actual } => {
@@ -464,7 +661,7 @@ impl RedisLimiter {
                         .arg(l.input_tpm.map_or_else(|| "-1".to_string(), |v| v.to_string()))
                         .arg(l.output_tpm.map_or_else(|| "-1".to_string(), |v| v.to_string()));
                 }
-                inv.invoke_async::<i64>(&mut conn).await?;
+                inv.invoke_async::<i64>(conn).await?;
                 self.forget(ticket);
             }
         }
@@ -520,9 +717,28 @@ async fn background(limiter: std::sync::Weak<RedisLimiter>, mut work: mpsc::Unbo
 
 fn clone_op(op: &Op) -> Op {
     match op {
+        Op::Credit { id, epoch, scopes, cost_nanos, at_ms } => {
+            Op::Credit { id: *id, epoch: epoch.clone(), scopes: scopes.clone(), cost_nanos: *cost_nanos, at_ms: *at_ms }
+        }
         Op::Release { ticket } => Op::Release { ticket: *ticket },
         Op::Settle { ticket, scopes, demand, actual } => {
             Op::Settle { ticket: *ticket, scopes: scopes.clone(), demand: *demand, actual: *actual }
+        }
+    }
+}
+
+/// While this gateway counts on its share, asks Redis every [`PROBE_EVERY`] whether it answers;
+/// once it does, admissions go to Redis again.
+async fn probe(limiter: std::sync::Weak<RedisLimiter>) {
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        let Some(l) = limiter.upgrade() else { return };
+        let mut conn = l.conn.clone();
+        let ping = redis::cmd("PING");
+        if let Ok(Ok(())) = tokio::time::timeout(l.settings.timeout, ping.query_async::<()>(&mut conn)).await {
+            *l.fallback.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            tracing::warn!("the shared limiter answers again; admissions count in Redis");
+            return;
         }
     }
 }
@@ -534,23 +750,39 @@ async fn renew_leases(limiter: std::sync::Weak<RedisLimiter>) {
         let every = l.settings.lease / 3;
         let ids: Vec<String> =
             l.live.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|t| l.lease_id(*t)).collect();
-        if !ids.is_empty() {
-            let mut conn = l.conn.clone();
-            for chunk in ids.chunks(1000) {
-                // Expiries are Redis's time plus a lease, like the admissions' own.
-                let mut inv = l.ops.prepare_invoke();
-                inv.key(&l.leases).arg("renew").arg(l.settings.lease.as_millis() as u64);
-                for id in chunk {
-                    inv.arg(id);
+        let mut conn = l.conn.clone();
+        // One call at least, with no lease in it: the gateway's heartbeat.
+        for chunk in ids.chunks(1000).chain(ids.is_empty().then_some(&[][..])) {
+            // Expiries are Redis's time plus a lease, like the admissions' own.
+            let mut inv = l.ops.prepare_invoke();
+            inv.key(&l.leases).key(&l.nodes).arg("renew").arg(l.settings.lease.as_millis() as u64).arg(&l.node);
+            for id in chunk {
+                inv.arg(id);
+            }
+            let began = Instant::now();
+            match tokio::time::timeout(l.settings.lease / 3, inv.invoke_async::<u64>(&mut conn)).await {
+                Ok(Ok(gateways)) => {
+                    l.metrics.observe("redis", "renew", began.elapsed());
+                    l.fleet.store(gateways.max(1), Ordering::Relaxed);
                 }
-                if let Err(e) = inv.invoke_async::<i64>(&mut conn).await {
+                Ok(Err(e)) => {
+                    l.metrics.error("redis", "renew");
                     tracing::warn!(error = %e, "leases not renewed");
+                }
+                Err(_) => {
+                    l.metrics.error("redis", "renew");
+                    tracing::warn!("leases not renewed: Redis gave no answer");
                 }
             }
         }
         drop(l);
         tokio::time::sleep(every).await;
     }
+}
+
+/// The refusal while the shared limiter does not answer.
+pub(super) fn unavailable_refusal(why: &str) -> Refusal {
+    unavailable(why)
 }
 
 fn unavailable(why: &str) -> Refusal {

@@ -3,9 +3,11 @@
 -- ARGV: lease ms, lease id, held lease id ('' for none), worst, input, output, scope idle TTL
 --       (ms), then per scope: budget limit (-1: none), period kind, period start, period end,
 --       rpm, input tpm, output tpm, concurrency (-1: none), held (1/0).
--- Returns {'ok'}, {'reseed'} (the data was lost: seed from the ledger first), or
--- {'refuse', scope index, reason, numbers...}.
-if redis.call('EXISTS', KEYS[1]) == 0 then
+-- Returns {'ok', epoch, per scope its spend and reservations now ('' without a budget)}: what
+-- a gateway needs to count on its own share if Redis stops answering; {'reseed'} (the data
+-- was lost: seed from the ledger first); or {'refuse', scope index, reason, numbers...}.
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
   return {'reseed'}
 end
 local now = now_ms()
@@ -36,6 +38,7 @@ for i = 1, n do
     end
     p.budget = true
     p.ends = ends
+    p.used = tostring(tonumber(spent) + tonumber(res) + worst)
   end
   local h = redis.call('HMGET', key, 'inf', 'rq', 'rqt', 'it', 'itt', 'ot', 'ott')
   if rpm >= 0 then
@@ -61,6 +64,7 @@ for i = 1, n do
 end
 -- Every scope has room: take it on all of them.
 local record = {w = ARGV[4], s = {}}
+local answer = {'ok', epoch}
 for i = 1, n do
   local p = plans[i]
   if p.budget then redis.call('HINCRBY', p.key, 'res', ARGV[4]) end
@@ -70,6 +74,7 @@ for i = 1, n do
   if p.count then redis.call('HINCRBY', p.key, 'inf', 1) end
   keep(p.key, p.budget, p.ends, idle)
   table.insert(record.s, {k = p.key, b = p.budget and 1 or 0, c = 1})
+  table.insert(answer, p.used or '')
 end
 if ARGV[3] ~= '' then
   -- The held slot is this lease's now (or was given back already).
@@ -78,4 +83,4 @@ if ARGV[3] ~= '' then
 end
 redis.call('SET', KEYS[3], cjson.encode(record))
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[1]), ARGV[2])
-return {'ok'}
+return answer

@@ -70,11 +70,36 @@ if op == 'release' then
 end
 
 if op == 'renew' then
-  -- KEYS: leases.  ARGV: op, lease ms, lease id...
+  -- KEYS: leases, nodes.  ARGV: op, lease ms, node id, lease id...
   -- Pushes the expiry of live leases forward; an expired (purged) one is not brought back.
-  local expiry = now_ms() + tonumber(ARGV[2])
-  for i = 3, #ARGV do
+  -- Also this gateway's heartbeat: returns how many gateways beat within two leases (the
+  -- fleet a gateway shares limits with when Redis stops answering).
+  local now = now_ms()
+  local expiry = now + tonumber(ARGV[2])
+  for i = 4, #ARGV do
     redis.call('ZADD', KEYS[1], 'XX', 'GT', expiry, ARGV[i])
+  end
+  redis.call('ZADD', KEYS[2], now + 2 * tonumber(ARGV[2]), ARGV[3])
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  return redis.call('ZCARD', KEYS[2])
+end
+
+if op == 'credit' then
+  -- KEYS: epoch, credit marker, scope...
+  -- ARGV: op, epoch, cost, booked at (ms), then per scope: period kind, start, end.
+  -- Books what a gateway spent on its own share while Redis did not answer. Only into the
+  -- data it was counted against: after Redis lost its data (another epoch), the ledger's seed
+  -- holds it already. Once per credit, whatever retries follow a lost answer.
+  if redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
+  if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', 86400000) then return 0 end
+  local now = now_ms()
+  local cost, at = ARGV[3], tonumber(ARGV[4])
+  for i = 3, #KEYS do
+    local o = 4 + (i - 3) * 3
+    local _, ends = roll(KEYS[i], ARGV[o + 1], ARGV[o + 2], ARGV[o + 3], now)
+    local ps = tonumber(redis.call('HGET', KEYS[i], 'ps'))
+    if at >= ps and at < ends then redis.call('HINCRBY', KEYS[i], 'spent', cost) end
+    keep(KEYS[i], true, ends, 0)
   end
   return 1
 end

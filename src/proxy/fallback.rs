@@ -489,6 +489,17 @@ fn is_prompt_too_long(body: &[u8]) -> bool {
     memchr::memmem::find(body, b"prompt is too long").is_some()
 }
 
+/// A provider credential that cannot be used now (not fetched yet, expired, refused by STS):
+/// the detail, which can name roles, accounts and files, goes to the log and `/readyz`; the
+/// client learns only that the gateway's credentials are at fault.
+fn no_credential(provider: &Provider, detail: String) -> ApiError {
+    tracing::warn!(provider = %provider.name, error = %detail, "no usable provider credential");
+    ApiError::unavailable(format!(
+        "provider {}: the gateway has no usable credentials for it now (its log and /readyz say why)",
+        provider.name
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::merge_betas;
@@ -505,15 +516,4 @@ mod tests {
         assert_eq!(merge_betas(None, Some("a")), Some("a".into()));
         assert_eq!(merge_betas(None, None), None);
     }
-}
-
-/// A provider credential that cannot be used now (not fetched yet, expired, refused by STS):
-/// the detail, which can name roles, accounts and files, goes to the log and `/readyz`; the
-/// client learns only that the gateway's credentials are at fault.
-fn no_credential(provider: &Provider, detail: String) -> ApiError {
-    tracing::warn!(provider = %provider.name, error = %detail, "no usable provider credential");
-    ApiError::unavailable(format!(
-        "provider {}: the gateway has no usable credentials for it now (its log and /readyz say why)",
-        provider.name
-    ))
 }

@@ -232,6 +232,11 @@ pub trait Store: Send + Sync {
     }
 
     /// Why the store cannot keep up now (a database out of reach), for `/readyz`.
+    /// Ledger rows held in a local spool, waiting for a shared database.
+    fn spooled(&self) -> usize {
+        0
+    }
+
     fn problem(&self) -> Option<String> {
         None
     }

@@ -122,6 +122,7 @@ struct Shared {
     /// One writer pass at a time (the writer task, or a `flush`).
     pass: tokio::sync::Mutex<()>,
     stopping: AtomicBool,
+    metrics: crate::metrics::Backend,
 }
 
 pub struct PostgresStore {
@@ -132,7 +133,12 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Connects, brings the schema up to date, replays any spool left by a previous run, and
     /// starts the writer.
-    pub fn open(url: &str, spool: PathBuf, flush_interval: Duration) -> StoreResult<Self> {
+    pub fn open(
+        url: &str,
+        spool: PathBuf,
+        flush_interval: Duration,
+        metrics: crate::metrics::Backend,
+    ) -> StoreResult<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("tollgate-ledger")
@@ -153,6 +159,7 @@ impl PostgresStore {
             health: Health { failing: Mutex::new(None), spooled: AtomicUsize::new(spooled) },
             pass: tokio::sync::Mutex::new(()),
             stopping: AtomicBool::new(false),
+            metrics,
         });
         let s = shared.clone();
         crate::blocking::block_on(rt.handle(), async move {
@@ -261,6 +268,7 @@ impl Shared {
     async fn pass(&self) {
         let _pass = self.pass.lock().await;
         let rows = std::mem::take(&mut *lock(&self.queue));
+        let began = std::time::Instant::now();
         let write = async {
             if self.health.spooled.load(Ordering::Acquire) > 0 {
                 self.replay_spool().await?;
@@ -280,6 +288,11 @@ impl Shared {
                 Err(StoreError::Other(format!("PostgreSQL gave no answer within {WRITE_TIMEOUT:?}")))
             }
         };
+        match &result {
+            Ok(()) if !rows.is_empty() => self.metrics.observe("postgres", "write", began.elapsed()),
+            Ok(()) => {}
+            Err(_) => self.metrics.error("postgres", "write"),
+        }
         match result {
             Ok(()) => {
                 if lock(&self.health.failing).take().is_some() {
@@ -387,7 +400,7 @@ async fn connect(
     // A peer that vanishes is noticed by TCP; a statement that runs too long is cancelled.
     config.keepalives(true);
     config.keepalives_idle(Duration::from_secs(30));
-    config.options(&format!("-c statement_timeout={}", QUERY_TIMEOUT.as_millis()));
+    config.options(format!("-c statement_timeout={}", QUERY_TIMEOUT.as_millis()));
     // The TCP connect has its own bound; the whole handshake (a proxy that accepts and says
     // nothing) gets one too.
     match tokio::time::timeout(Duration::from_secs(10), config.connect(NoTls)).await {
@@ -959,6 +972,10 @@ impl Store for PostgresStore {
                 Ok(Some(format!("{}:{}", row.get::<_, i64>(0), row.get::<_, i64>(1))))
             })
         })
+    }
+
+    fn spooled(&self) -> usize {
+        self.shared.health.spooled.load(Ordering::Acquire)
     }
 
     fn problem(&self) -> Option<String> {

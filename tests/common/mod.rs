@@ -734,6 +734,23 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and nothing is answered, as when a
+    /// network partition or a stalled host cuts it off.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen server go on (SIGCONT), its data as it was.
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let pid = self.child.as_ref().expect("redis-server runs").id().to_string();
+        let ok = Command::new("kill").args([which, &pid]).status().unwrap().success();
+        assert!(ok, "kill {which} {pid}");
+    }
+
     /// Starts the server again on the same port (empty, as a restarted Redis without
     /// persistence is), and waits until it answers PING.
     pub fn restart(&mut self) {
