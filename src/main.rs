@@ -38,6 +38,10 @@ enum Command {
     Migrate {
         /// The config file (same as --config).
         file: Option<PathBuf>,
+        /// Also copy an embedded node's store (its SQLite file: keys and ledger) into the
+        /// database. Safe to run again; stop the node first, or run it once more after.
+        #[arg(long, value_name = "SQLITE_FILE")]
+        from_sqlite: Option<PathBuf>,
     },
     /// Manage API keys.
     Keys {
@@ -215,7 +219,9 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { file } => check(file.as_deref().unwrap_or(&cli.config)),
-        Command::Migrate { file } => migrate(file.as_deref().unwrap_or(&cli.config)),
+        Command::Migrate { file, from_sqlite } => {
+            migrate(file.as_deref().unwrap_or(&cli.config), from_sqlite.as_deref())
+        }
         Command::Keys { command: KeysCommand::New } => new_key(),
         Command::Keys { command } => {
             use tollgate::cli::Call;
@@ -383,7 +389,7 @@ fn check(path: &std::path::Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn migrate(path: &std::path::Path) -> ExitCode {
+fn migrate(path: &std::path::Path, from_sqlite: Option<&std::path::Path>) -> ExitCode {
     let config = match tollgate::config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -392,6 +398,10 @@ fn migrate(path: &std::path::Path) -> ExitCode {
         }
     };
     if config.store.backend != tollgate::config::StoreBackend::Postgres {
+        if from_sqlite.is_some() {
+            eprintln!("error: --from-sqlite copies into the PostgreSQL store: this config's [store] is SQLite");
+            return ExitCode::FAILURE;
+        }
         println!("the store is SQLite: it migrates itself when the gateway opens it");
         return ExitCode::SUCCESS;
     }
@@ -406,6 +416,34 @@ fn migrate(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(sqlite) = from_sqlite {
+        let progress = |n: u64| {
+            if n.is_multiple_of(100_000) {
+                eprintln!("{n} ledger rows copied");
+            }
+        };
+        match tollgate::store::import_sqlite(sqlite, url.expose(), progress) {
+            Ok(r) => {
+                println!(
+                    "copied {}: keys {} added, {} already present; ledger {} rows (${:.9}), {} added, {} already present",
+                    sqlite.display(),
+                    r.keys_added,
+                    r.keys_present.len(),
+                    r.rows,
+                    r.cost_nanos as f64 / 1e9,
+                    r.rows_added,
+                    r.rows - r.rows_added
+                );
+                for id in &r.keys_present {
+                    println!("key {id:?} was in the database already and was left as it is there");
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     match tollgate::store::PostgresStore::migrate_only(url.expose()) {
         Ok(version) => {
             println!("the ledger database is at schema version {version}");

@@ -1369,3 +1369,101 @@ async fn two_gateways_on_redis_and_postgres_spend_a_budget_exactly() {
     no_panics(&g1);
     no_panics(&g2);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Moving an embedded node into the fleet.
+
+/// An embedded node's keys and ledger moved into PostgreSQL with `tollgate migrate
+/// --from-sqlite`: every row arrives once with its cost (a second run adds nothing), the key
+/// created through the node's admin API works on a gateway of the fleet, and the fleet's usage
+/// report holds the node's spend to the nano-dollar. A key whose id the database has already is
+/// left as the database has it, and said so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_nodes_keys_and_ledger_move_into_postgres() {
+    let db = Db::create().await;
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let cfg = config(&mock.url(), &key);
+    let mut node = start_gateway_store("", &format!("token = \"env:{TOKEN_ENV}\""), &[(TOKEN_ENV, TOKEN)], &cfg);
+    let (status, v) =
+        admin(&node, reqwest::Method::POST, "/admin/keys", Some(json!({"id": "made", "team": "t2"}))).await;
+    assert_eq!(status, 201, "{v}");
+    let made = v["secret"].as_str().unwrap().to_string();
+    let (status, v) = admin(&node, reqwest::Method::POST, "/admin/keys", Some(json!({"id": "clash"}))).await;
+    assert_eq!(status, 201, "{v}");
+    for i in 0..30 {
+        assert_eq!(call(&node, &key.key, i, i % 3 == 0).await.0, 200);
+    }
+    for i in 30..40 {
+        assert_eq!(call(&node, &made, i, false).await.0, 200);
+    }
+    node.stop();
+    let want = ledger_of(&[&node]);
+    assert_eq!(want.len(), 40);
+    let sum: u64 = want.values().sum();
+    let sqlite = node.dir.path().join("tollgate.db");
+
+    // The database already has a key of one of those ids (from another node, say).
+    let other = new_key();
+    let fleet_cfg = format!("{}[[key]]\nid = \"b\"\nhash = \"{}\"\n", config(&mock.url(), &key), other.hash);
+    {
+        let gw = start(&db.url(), &fleet_cfg);
+        let (status, v) = admin(&gw, reqwest::Method::POST, "/admin/keys", Some(json!({"id": "clash"}))).await;
+        assert_eq!(status, 201, "{v}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = cli_config(dir.path());
+    let env = [(PG_ENV, db.url()), ("TG_TEST_PROVIDER_KEY", "x".to_string())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let args = ["migrate", path.to_str().unwrap(), "--from-sqlite", sqlite.to_str().unwrap()];
+    let out = tollgate(&args, &env);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    println!("{stdout}");
+    let usd = format!("${:.9}", sum as f64 / 1e9);
+    assert!(
+        stdout
+            .contains(&format!("keys 1 added, 1 already present; ledger 40 rows ({usd}), 40 added, 0 already present")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("key \"clash\" was in the database already and was left as it is there"), "{stdout}");
+    assert_eq!(db.ledger().await, want, "every row once, with its cost");
+    // Again: nothing new.
+    let out = tollgate(&args, &env);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.contains("keys 0 added, 2 already present; ledger 40 rows"), "{stdout}");
+    assert!(stdout.contains("0 added, 40 already present"), "{stdout}");
+    assert_eq!(db.totals().await, (40, sum as i64));
+
+    // The fleet serves the moved key and reports the node's spend.
+    let gw = start(&db.url(), &fleet_cfg);
+    assert_eq!(call(&gw, &made, 40, false).await.0, 200);
+    gw.wait_for_records(1);
+    let added = ledger_of(&[&gw]);
+    db.wait_rows(41, Duration::from_secs(10)).await;
+    let (status, v) = admin(&gw, reqwest::Method::GET, "/admin/usage?group_by=key", None).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["total_cost_nanos"], json!(sum + added.values().sum::<u64>()), "{v}");
+    let by_key: BTreeMap<String, (u64, u64)> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["group"]["key"].as_str().unwrap().to_string(),
+                (r["requests"].as_u64().unwrap(), r["cost_nanos"].as_u64().unwrap()),
+            )
+        })
+        .collect();
+    assert_eq!(by_key["a"].0, 30, "{v}");
+    assert_eq!(by_key["made"].0, 11, "{v}");
+
+    // A file that is not a Tollgate store is refused, and nothing is written.
+    let junk = dir.path().join("junk.db");
+    std::fs::write(&junk, b"").unwrap();
+    let out = tollgate(&["migrate", path.to_str().unwrap(), "--from-sqlite", junk.to_str().unwrap()], &env);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a Tollgate store"), "{out:?}");
+    no_panics(&gw);
+}

@@ -4,6 +4,7 @@
 //! queue in batches. [`Store`] is the seam a shared backend (PostgreSQL for a fleet) implements;
 //! [`SqliteStore`] is the embedded default, a single file with nothing to install.
 
+mod import;
 mod postgres;
 mod sqlite;
 
@@ -11,6 +12,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use import::{import_sqlite, ImportReport};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 

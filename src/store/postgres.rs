@@ -97,6 +97,9 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// bound (`statement_timeout`), the client stops waiting for a silent connection.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Spooled rows written per transaction when the spool is replayed.
+const REPLAY_PAGE: usize = 10_000;
+
 /// Days are cut from 15-minute buckets (every time zone's offset is a multiple of them).
 const BUCKET_MS: i64 = 15 * 60 * 1000;
 
@@ -269,25 +272,16 @@ impl Shared {
         let _pass = self.pass.lock().await;
         let rows = std::mem::take(&mut *lock(&self.queue));
         let began = std::time::Instant::now();
-        let write = async {
+        let result = async {
             if self.health.spooled.load(Ordering::Acquire) > 0 {
                 self.replay_spool().await?;
             }
             if !rows.is_empty() {
-                let client = self.writer().await?;
-                insert_rows(&client, &rows).await?;
+                self.write_bounded(&rows).await?;
             }
             Ok::<_, StoreError>(())
-        };
-        let result = match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-            Ok(r) => r,
-            Err(_) => {
-                // A batch cut off mid-transaction is rolled back by the server when the
-                // connection goes; written again later, it is kept once (request ids).
-                self.reset_writer().await;
-                Err(StoreError::Other(format!("PostgreSQL gave no answer within {WRITE_TIMEOUT:?}")))
-            }
-        };
+        }
+        .await;
         match &result {
             Ok(()) if !rows.is_empty() => self.metrics.observe("postgres", "write", began.elapsed()),
             Ok(()) => {}
@@ -311,6 +305,23 @@ impl Shared {
                     let newer = std::mem::replace(&mut *q, rows);
                     q.extend(newer);
                 }
+            }
+        }
+    }
+
+    /// Writes one batch on the writer's connection, waiting at most [`WRITE_TIMEOUT`] (the
+    /// connection included): a batch cut off mid-transaction is rolled back by the server when
+    /// the connection goes, and written again later it is kept once (request ids).
+    async fn write_bounded(&self, rows: &[LedgerRow]) -> StoreResult<u64> {
+        let write = async {
+            let client = self.writer().await?;
+            insert_rows(&client, rows).await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.reset_writer().await;
+                Err(StoreError::Other(format!("PostgreSQL gave no answer within {WRITE_TIMEOUT:?}")))
             }
         }
     }
@@ -353,30 +364,39 @@ impl Shared {
         // Held until the rows are in the database and the file is emptied: no process appends
         // a row in between that the emptying would lose.
         file.lock().map_err(spool_err)?;
-        let mut rows = Vec::new();
+        // In pages, each its own transaction: a long outage's spool never sits in memory
+        // whole. A replay cut short is started again from the top; rows written already are
+        // kept once (request ids).
+        let mut page = Vec::with_capacity(REPLAY_PAGE);
+        let mut replayed = 0;
         for line in std::io::BufReader::new(&file).lines() {
             let line = line.map_err(|e| StoreError::Other(format!("spool: {e}")))?;
             match serde_json::from_str::<Spooled>(&line) {
-                Ok(s) => rows.push(s.into_row()),
+                Ok(s) => page.push(s.into_row()),
                 // A line cut short by a crash mid-append: nothing else can be made of it.
                 Err(e) => tracing::error!(error = %e, "an unreadable line in the ledger spool is skipped"),
             }
+            if page.len() == REPLAY_PAGE {
+                self.write_bounded(&page).await?;
+                replayed += page.len();
+                page.clear();
+            }
         }
-        let client = self.writer().await?;
-        insert_rows(&client, &rows).await?;
+        self.write_bounded(&page).await?;
+        replayed += page.len();
         // Emptied, not removed: a process that opened it meanwhile keeps appending to the
         // same file, which the next replay reads.
         file.set_len(0).map_err(spool_err)?;
         file.sync_all().map_err(spool_err)?;
         self.health.spooled.store(0, Ordering::Release);
-        tracing::info!(rows = rows.len(), "the ledger spool was replayed");
+        tracing::info!(rows = replayed, "the ledger spool was replayed");
         Ok(())
     }
 }
 
 /// One connection for one job, on a runtime of its own (the command line's `migrate` and
 /// `check`, which run no other).
-fn once<T, F: std::future::Future<Output = StoreResult<T>>>(
+pub(super) fn once<T, F: std::future::Future<Output = StoreResult<T>>>(
     url: &str,
     job: impl FnOnce(Client) -> F,
 ) -> StoreResult<T> {
@@ -409,7 +429,7 @@ async fn connect(
     }
 }
 
-async fn migrate(client: &Client) -> StoreResult<()> {
+pub(super) async fn migrate(client: &Client) -> StoreResult<()> {
     client.batch_execute("BEGIN").await.map_err(pg)?;
     let result = async {
         client.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(pg)?;
@@ -477,12 +497,15 @@ const LEDGER_COLUMNS: &str = "request_id, ts_ms, key_id, user_id, team, model, p
 
 /// Inserts rows in statements of [`BATCH`], in one transaction; a row already there (a
 /// replayed spool, a retried batch) is left as it is.
-async fn insert_rows(client: &Client, rows: &[LedgerRow]) -> StoreResult<()> {
+/// Writes `rows` in one transaction; returns how many were new (a row already there, by
+/// request id, is kept as it is).
+pub(super) async fn insert_rows(client: &Client, rows: &[LedgerRow]) -> StoreResult<u64> {
     if rows.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     client.batch_execute("BEGIN").await.map_err(pg)?;
     let result = async {
+        let mut new = 0;
         for chunk in rows.chunks(BATCH) {
             let values: Vec<_> = chunk.iter().map(Values::from).collect();
             let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(chunk.len() * 19);
@@ -496,16 +519,28 @@ async fn insert_rows(client: &Client, rows: &[LedgerRow]) -> StoreResult<()> {
                 "INSERT INTO tollgate_ledger ({LEDGER_COLUMNS}) VALUES {} ON CONFLICT (request_id) DO NOTHING",
                 tuples.join(", ")
             );
-            client.execute(sql.as_str(), &params).await.map_err(pg)?;
+            new += client.execute(sql.as_str(), &params).await.map_err(pg)?;
         }
-        Ok(())
+        Ok(new)
     }
     .await;
-    if result.is_err() {
-        let _ = client.batch_execute("ROLLBACK").await;
-        return result;
+    match result {
+        Ok(new) => client.batch_execute("COMMIT").await.map_err(pg).map(|()| new),
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
     }
-    client.batch_execute("COMMIT").await.map_err(pg)
+}
+
+/// Inserts a key unless one of its id is there; whether it was inserted.
+pub(super) async fn insert_key_if_absent(client: &Client, key: &StoredKey) -> StoreResult<bool> {
+    let v = KeyValues::of(key);
+    let sql = format!(
+        "INSERT INTO tollgate_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+         ON CONFLICT (id) DO NOTHING"
+    );
+    Ok(client.execute(sql.as_str(), &v.params()).await.map_err(pg)? == 1)
 }
 
 /// A row's values as PostgreSQL takes them.

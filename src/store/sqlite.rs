@@ -268,6 +268,87 @@ fn key_params(k: &StoredKey) -> [Box<dyn rusqlite::ToSql + '_>; 12] {
 const KEY_COLUMNS: &str =
     "id, hash, user, team, models, budget, limits, expires_ms, disabled, metadata, created_ms, updated_ms";
 
+/// An embedded store's file read for a move into a shared database: its keys, and its ledger
+/// in pages (by row order, so a page never holds the same row twice).
+pub(super) struct SqliteExport {
+    conn: Connection,
+}
+
+impl SqliteExport {
+    /// Opens `path` read-only: a file that is not a Tollgate store, or is missing, is an error.
+    pub(super) fn open(path: &Path) -> StoreResult<Self> {
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| StoreError::Other(format!("cannot open {}: {e}", path.display())))?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        let tables: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('keys', 'ledger')",
+            [],
+            |r| r.get(0),
+        )?;
+        if tables != 2 {
+            return Err(StoreError::Other(format!(
+                "{} is not a Tollgate store (no keys and ledger tables)",
+                path.display()
+            )));
+        }
+        Ok(SqliteExport { conn })
+    }
+
+    pub(super) fn keys(&self) -> StoreResult<Vec<StoredKey>> {
+        let mut stmt = self.conn.prepare(&format!("SELECT {KEY_COLUMNS} FROM keys ORDER BY id"))?;
+        let keys = stmt.query_map([], key_from_row)?.collect::<Result<Vec<_>, _>>()?;
+        Ok(keys)
+    }
+
+    /// The ledger's row count and total cost.
+    pub(super) fn totals(&self) -> StoreResult<(u64, u64)> {
+        let (n, cost): (i64, i64) =
+            self.conn.query_row("SELECT COUNT(*), COALESCE(SUM(cost_nanos), 0) FROM ledger", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        Ok((n as u64, cost as u64))
+    }
+
+    /// Up to `n` ledger rows after SQLite's row number `after`, with the last one's number.
+    pub(super) fn ledger_page(&self, after: i64, n: usize) -> StoreResult<(Vec<LedgerRow>, i64)> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT rowid, request_id, ts_ms, key_id, user, team, model, provider, provider_model, status, outcome, \
+             stream, input_tokens, output_tokens, cache_read_tokens, cache_write_5m_tokens, cache_write_1h_tokens, \
+             cost_nanos, priced, estimated FROM ledger WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+        )?;
+        let mut last = after;
+        let mut rows = Vec::with_capacity(n);
+        let mut q = stmt.query(rusqlite::params![after, n as i64])?;
+        while let Some(r) = q.next()? {
+            last = r.get(0)?;
+            let estimated: Option<String> = r.get(19)?;
+            let int = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
+            rows.push(LedgerRow {
+                request_id: r.get(1)?,
+                time_ms: r.get(2)?,
+                key_id: r.get(3)?,
+                user: r.get(4)?,
+                team: r.get(5)?,
+                model: r.get(6)?,
+                provider: r.get(7)?,
+                provider_model: r.get(8)?,
+                status: r.get::<_, i64>(9)?.clamp(0, i64::from(u16::MAX)) as u16,
+                outcome: r.get(10)?,
+                stream: r.get(11)?,
+                input_tokens: int(12)?,
+                output_tokens: int(13)?,
+                cache_read_tokens: int(14)?,
+                cache_write_5m_tokens: int(15)?,
+                cache_write_1h_tokens: int(16)?,
+                cost_nanos: int(17)?,
+                priced: r.get(18)?,
+                estimated: estimated.as_deref().and_then(crate::metering::Estimate::parse).map(|e| e.as_str()),
+            });
+        }
+        Ok((rows, last))
+    }
+}
+
 impl Store for SqliteStore {
     fn record(&self, row: LedgerRow) {
         lock(&self.shared.queue).push(row);

@@ -1,0 +1,66 @@
+//! Moving an embedded node into a fleet: the keys and ledger of a SQLite store, written into
+//! the shared PostgreSQL database (`tollgate migrate --from-sqlite FILE`).
+//!
+//! Safe to run again: a ledger row already in the database (same request id) is kept as it is,
+//! and a key whose id exists there is left alone and reported. Run it with the embedded node
+//! stopped, or once more after it stopped, so that its last rows are moved too.
+
+use std::path::Path;
+
+use super::postgres::{insert_key_if_absent, insert_rows, migrate, once};
+use super::sqlite::SqliteExport;
+use super::{StoreError, StoreResult};
+
+/// Ledger rows read and written per transaction.
+const PAGE: usize = 5_000;
+
+/// What a move did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    pub keys_added: usize,
+    /// Ids already in the database: not changed (the database's key is kept).
+    pub keys_present: Vec<String>,
+    /// The SQLite ledger's rows and their total cost (nano-dollars).
+    pub rows: u64,
+    pub cost_nanos: u64,
+    /// Rows written now; the rest were in the database already.
+    pub rows_added: u64,
+}
+
+/// Copies the store at `sqlite` into the database at `url`, bringing its schema up to date
+/// first. `progress` is told the rows copied so far after every page.
+pub fn import_sqlite(sqlite: &Path, url: &str, mut progress: impl FnMut(u64)) -> StoreResult<ImportReport> {
+    let source = SqliteExport::open(sqlite)?;
+    let keys = source.keys()?;
+    let (rows, cost_nanos) = source.totals()?;
+    once(url, |client| async move {
+        migrate(&client).await?;
+        let mut report = ImportReport { rows, cost_nanos, ..Default::default() };
+        for key in &keys {
+            if insert_key_if_absent(&client, key).await? {
+                report.keys_added += 1;
+            } else {
+                report.keys_present.push(key.id.clone());
+            }
+        }
+        let (mut after, mut copied) = (0, 0);
+        loop {
+            let (page, last) = source.ledger_page(after, PAGE)?;
+            if page.is_empty() {
+                break;
+            }
+            report.rows_added += insert_rows(&client, &page).await?;
+            copied += page.len() as u64;
+            after = last;
+            progress(copied);
+        }
+        if copied != rows {
+            return Err(StoreError::Other(format!(
+                "{} changed while it was read ({rows} rows counted, {copied} copied): stop the gateway using it and \
+                 run this again (rows copied are kept once)",
+                sqlite.display()
+            )));
+        }
+        Ok(report)
+    })
+}
