@@ -350,16 +350,14 @@ fn check(path: &std::path::Path) -> ExitCode {
     // migrate`); a gateway that cannot reach its shared limiter refuses budgeted requests.
     let mut backends = Vec::new();
     if config.store.backend == tollgate::config::StoreBackend::Postgres {
-        backends.push(match config.store.url.as_ref().map(|u| u.resolve()) {
-            Some(Ok(url)) => tollgate::store::PostgresStore::ping(url.expose())
+        backends.push(tollgate::server::pg_target(&config.store).and_then(|target| {
+            tollgate::store::PostgresStore::ping(&target)
                 .map(|(rtt, version)| {
                     let schema = version.map_or_else(|| "no schema yet".to_string(), |v| format!("schema version {v}"));
                     format!("store: PostgreSQL answered in {:.1} ms ({schema})", rtt.as_secs_f64() * 1000.0)
                 })
-                .map_err(|e| e.to_string()),
-            Some(Err(e)) => Err(format!("store.url: {e}")),
-            None => Err("store.url is not set".into()),
-        });
+                .map_err(|e| e.to_string())
+        }));
     }
     if config.limits.backend == tollgate::config::LimitsBackend::Redis {
         backends.push(match config.limits.url.as_ref().map(|u| u.resolve()) {
@@ -405,14 +403,10 @@ fn migrate(path: &std::path::Path, from_sqlite: Option<&std::path::Path>) -> Exi
         println!("the store is SQLite: it migrates itself when the gateway opens it");
         return ExitCode::SUCCESS;
     }
-    let url = match config.store.url.as_ref().map(|u| u.resolve()) {
-        Some(Ok(u)) => u,
-        Some(Err(e)) => {
-            eprintln!("error: store.url: {e}");
-            return ExitCode::FAILURE;
-        }
-        None => {
-            eprintln!("error: store.url is not set");
+    let target = match tollgate::server::pg_target(&config.store) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -422,7 +416,7 @@ fn migrate(path: &std::path::Path, from_sqlite: Option<&std::path::Path>) -> Exi
                 eprintln!("{n} ledger rows copied");
             }
         };
-        match tollgate::store::import_sqlite(sqlite, url.expose(), progress) {
+        match tollgate::store::import_sqlite(sqlite, &target, progress) {
             Ok(r) => {
                 println!(
                     "copied {}: keys {} added, {} already present; ledger {} rows (${:.9}), {} added, {} already present",
@@ -444,7 +438,7 @@ fn migrate(path: &std::path::Path, from_sqlite: Option<&std::path::Path>) -> Exi
             }
         }
     }
-    match tollgate::store::PostgresStore::migrate_only(url.expose()) {
+    match tollgate::store::PostgresStore::migrate_only(&target) {
         Ok(version) => {
             println!("the ledger database is at schema version {version}");
             ExitCode::SUCCESS

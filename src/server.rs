@@ -203,14 +203,20 @@ pub fn open_store(c: &crate::config::StoreConfig, metrics: &Metrics) -> anyhow::
             SqliteStore::open(&c.path, c.flush_interval).with_context(|| format!("store {}", c.path.display()))?,
         ),
         crate::config::StoreBackend::Postgres => {
-            let url =
-                c.url.as_ref().context("store.url is required for postgres")?.resolve().map_err(anyhow::Error::msg)?;
+            let target = pg_target(c).map_err(anyhow::Error::msg)?;
             Arc::new(
-                PostgresStore::open(url.expose(), c.spool.clone(), c.flush_interval, metrics.backend.clone())
+                PostgresStore::open(target, c.spool.clone(), c.flush_interval, metrics.backend.clone())
                     .context("the ledger database (store.url)")?,
             )
         }
     })
+}
+
+/// The fleet's database as `[store]` names it: its URL (a secret reference) and TLS settings.
+pub fn pg_target(c: &crate::config::StoreConfig) -> Result<crate::store::PgTarget, String> {
+    let url = c.url.as_ref().ok_or("store.url is required for postgres")?;
+    let url = url.resolve().map_err(|e| format!("store.url: {e}"))?;
+    crate::store::PgTarget::new(url.expose(), c.ca_file.as_deref()).map_err(|e| e.to_string())
 }
 
 /// Applies to this gateway the keys other gateways of the fleet created, changed or deleted:

@@ -1467,3 +1467,115 @@ async fn an_embedded_nodes_keys_and_ledger_move_into_postgres() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a Tollgate store"), "{out:?}");
     no_panics(&gw);
 }
+
+// ---------------------------------------------------------------------------------------------
+// TLS to the database.
+
+/// A TLS front for the machine's PostgreSQL, as a server with `ssl = on` behaves: it answers a
+/// client's SSLRequest with `S`, makes the TLS handshake with a certificate for `localhost`
+/// signed by `ca`, and passes the protocol on, in plain, to 127.0.0.1:5432. Counts handshakes.
+struct TlsFront {
+    port: u16,
+    handshakes: Arc<AtomicU64>,
+}
+
+impl TlsFront {
+    async fn start(ca: &Ca) -> TlsFront {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (cert, key) = ca.leaf(&["localhost"]);
+        let certs = rustls_pemfile::certs(&mut cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+        let key = rustls_pemfile::private_key(&mut key.as_bytes()).unwrap().unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let handshakes = Arc::new(AtomicU64::new(0));
+        let counted = handshakes.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let (acceptor, counted) = (acceptor.clone(), counted.clone());
+                tokio::spawn(async move {
+                    // SSLRequest: length 8, code 80877103.
+                    let mut request = [0u8; 8];
+                    if client.read_exact(&mut request).await.is_err() || request != [0, 0, 0, 8, 4, 210, 22, 47] {
+                        return;
+                    }
+                    client.write_all(b"S").await.unwrap();
+                    let Ok(mut tls) = acceptor.accept(client).await else { return };
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let mut server = tokio::net::TcpStream::connect(pg_address()).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
+                });
+            }
+        });
+        TlsFront { port, handshakes }
+    }
+}
+
+/// `sslmode=require` in `store.url`: the gateway, `tollgate check` and `tollgate migrate` speak
+/// TLS to the database and verify its certificate and name against `store.ca_file`; without the
+/// CA, or with the name wrong, they refuse to connect and say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_is_verified() {
+    let db = Db::create().await;
+    let ca = Ca::new();
+    let front = TlsFront::start(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("db-ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let url = |host: &str| format!("postgres://postgres@{host}:{}/{}?sslmode=require", front.port, db.name);
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+
+    let gw = start_with(&url("localhost"), &config(&mock.url(), &key), &format!("ca_file = \"{}\"", ca_file.display()));
+    for i in 0..5 {
+        assert_eq!(call(&gw, &key.key, i, i % 2 == 0).await.0, 200);
+    }
+    gw.wait_for_records(5);
+    db.wait_rows(5, Duration::from_secs(10)).await;
+    assert_eq!(db.ledger().await, ledger_of(&[&gw]));
+    let (status, v) = admin(&gw, reqwest::Method::GET, "/admin/usage", None).await;
+    assert_eq!((status, &v["rows"][0]["requests"]), (200, &json!(5)), "{v}");
+    assert!(front.handshakes.load(Ordering::SeqCst) >= 2, "the reader and the writer connect over TLS");
+    no_panics(&gw);
+
+    // The CLI too; and without the CA, or for a name the certificate does not hold, no connection.
+    let config_file = |ca: Option<&std::path::Path>| {
+        let text = format!(
+            "[[listener]]\naddress = \"127.0.0.1:{}\"\n[store]\nbackend = \"postgres\"\nurl = \"env:{PG_ENV}\"\n{}\n{}",
+            free_port(),
+            ca.map(|c| format!("ca_file = \"{}\"", c.display())).unwrap_or_default(),
+            config("http://127.0.0.1:9", &new_key())
+        );
+        let path = dir.path().join(format!("t{:x}.toml", rand::random::<u32>()));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let text = |o: &Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let run = |cmd: &str, file: &std::path::Path, url: &str| {
+        tollgate(&[cmd, file.to_str().unwrap()], &[("TG_TEST_PROVIDER_KEY", "x"), (PG_ENV, url)])
+    };
+    let (with_ca, without_ca) = (config_file(Some(&ca_file)), config_file(None));
+    let out = run("check", &with_ca, &url("localhost"));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("store: PostgreSQL answered in "), "{}", text(&out));
+    let out = run("migrate", &with_ca, &url("localhost"));
+    assert!(out.status.success(), "{}", text(&out));
+
+    let out = run("check", &without_ca, &url("localhost"));
+    assert!(!out.status.success());
+    assert!(text(&out).contains("UnknownIssuer"), "{}", text(&out));
+    let out = run("migrate", &with_ca, &url("127.0.0.1"));
+    assert!(!out.status.success());
+    assert!(text(&out).contains("certificate not valid for name"), "{}", text(&out));
+    // A CA file without sslmode=require is a mistake worth saying.
+    let out = run("check", &with_ca, &pg_url(&db.name, PG_PORT));
+    assert!(!out.status.success());
+    assert!(text(&out).contains("store.ca_file is for TLS: add sslmode=require to store.url"), "{}", text(&out));
+}

@@ -199,6 +199,9 @@ fn validate(c: &Config) -> Result<(), Invalid> {
         }
         _ => {}
     }
+    if c.store.backend == super::StoreBackend::Sqlite && c.store.ca_file.is_some() {
+        return Err((0..0, "store: ca_file is for backend = \"postgres\"".into()));
+    }
     if c.store.key_poll < Duration::from_millis(100) {
         return Err((0..0, "store: key_poll must be at least 100ms".into()));
     }

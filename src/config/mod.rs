@@ -287,6 +287,9 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// PostgreSQL: `postgres://user:password@host:port/database`, as a secret reference.
     pub url: Option<SecretRef>,
+    /// PostgreSQL: certificates (PEM) trusted for the database's TLS, besides the system's
+    /// roots; TLS is used when `url` says `sslmode=require`.
+    pub ca_file: Option<PathBuf>,
     /// PostgreSQL: where ledger rows wait, durably, while the database cannot be reached.
     pub spool: PathBuf,
     /// PostgreSQL: how often keys created, changed or deleted through any gateway are looked
@@ -304,6 +307,7 @@ impl Default for StoreConfig {
             backend: StoreBackend::Sqlite,
             path: PathBuf::from("tollgate.db"),
             url: None,
+            ca_file: None,
             spool: PathBuf::from("tollgate-spool.jsonl"),
             key_poll: Duration::from_secs(2),
             flush_interval: Duration::from_millis(200),

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use super::postgres::{insert_key_if_absent, insert_rows, migrate, once};
+use super::postgres::{insert_key_if_absent, insert_rows, migrate, once, PgTarget};
 use super::sqlite::SqliteExport;
 use super::{StoreError, StoreResult};
 
@@ -27,13 +27,13 @@ pub struct ImportReport {
     pub rows_added: u64,
 }
 
-/// Copies the store at `sqlite` into the database at `url`, bringing its schema up to date
+/// Copies the store at `sqlite` into the database `target`, bringing its schema up to date
 /// first. `progress` is told the rows copied so far after every page.
-pub fn import_sqlite(sqlite: &Path, url: &str, mut progress: impl FnMut(u64)) -> StoreResult<ImportReport> {
+pub fn import_sqlite(sqlite: &Path, target: &PgTarget, mut progress: impl FnMut(u64)) -> StoreResult<ImportReport> {
     let source = SqliteExport::open(sqlite)?;
     let keys = source.keys()?;
     let (rows, cost_nanos) = source.totals()?;
-    once(url, |client| async move {
+    once(target, |client| async move {
         migrate(&client).await?;
         let mut report = ImportReport { rows, cost_nanos, ..Default::default() };
         for key in &keys {

@@ -5,6 +5,7 @@
 //! [`SqliteStore`] is the embedded default, a single file with nothing to install.
 
 mod import;
+mod pg_tls;
 mod postgres;
 mod sqlite;
 
@@ -13,7 +14,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use import::{import_sqlite, ImportReport};
-pub use postgres::PostgresStore;
+pub use postgres::{PgTarget, PostgresStore};
 pub use sqlite::SqliteStore;
 
 use crate::config::KeyHash;

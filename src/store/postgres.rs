@@ -24,6 +24,8 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
+use super::pg_tls::Rustls;
+
 use super::{Group, LedgerRow, Store, StoreError, StoreResult, StoredKey, UsageLine, UsageQuery};
 use crate::limits::ScopeKind;
 
@@ -112,8 +114,30 @@ struct Health {
     spooled: AtomicUsize,
 }
 
-struct Shared {
+/// Where the database is and how to reach it: the URL, and TLS when it asks for it.
+#[derive(Clone)]
+pub struct PgTarget {
     url: String,
+    tls: Option<Rustls>,
+}
+
+impl PgTarget {
+    /// TLS (verified, see pg_tls.rs) when `url` says `sslmode=require`; plain TCP otherwise.
+    pub fn new(url: &str, ca_file: Option<&std::path::Path>) -> StoreResult<Self> {
+        let config: tokio_postgres::Config = url.parse().map_err(|e| StoreError::Other(format!("store.url: {e}")))?;
+        let tls = match config.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Require => Some(Rustls::new(ca_file).map_err(StoreError::Other)?),
+            _ if ca_file.is_some() => {
+                return Err(StoreError::Other("store.ca_file is for TLS: add sslmode=require to store.url".into()))
+            }
+            _ => None,
+        };
+        Ok(PgTarget { url: url.to_string(), tls })
+    }
+}
+
+struct Shared {
+    target: PgTarget,
     /// Reads and key writes.
     client: tokio::sync::Mutex<Option<Arc<Client>>>,
     /// The ledger writer's own connection: its transactions never mix with other statements
@@ -137,7 +161,7 @@ impl PostgresStore {
     /// Connects, brings the schema up to date, replays any spool left by a previous run, and
     /// starts the writer.
     pub fn open(
-        url: &str,
+        target: PgTarget,
         spool: PathBuf,
         flush_interval: Duration,
         metrics: crate::metrics::Backend,
@@ -154,7 +178,7 @@ impl PostgresStore {
         }
         let spooled = count_lines(&spool)?;
         let shared = Arc::new(Shared {
-            url: url.to_string(),
+            target,
             client: tokio::sync::Mutex::new(None),
             writer: tokio::sync::Mutex::new(None),
             queue: Mutex::new(Vec::with_capacity(1024)),
@@ -203,8 +227,8 @@ impl PostgresStore {
 
     /// Applies the migrations this build knows (what `tollgate migrate` does), and says which
     /// version the database is at.
-    pub fn migrate_only(url: &str) -> StoreResult<i32> {
-        once(url, |client| async move {
+    pub fn migrate_only(target: &PgTarget) -> StoreResult<i32> {
+        once(target, |client| async move {
             migrate(&client).await?;
             let v: i32 = client.query_one("SELECT MAX(version) FROM tollgate_schema", &[]).await.map_err(pg)?.get(0);
             Ok(v)
@@ -215,9 +239,9 @@ impl PostgresStore {
 impl PostgresStore {
     /// Connects once and reads the schema version (`None` before the first migration): what
     /// `tollgate check` reports, with the time it took.
-    pub fn ping(url: &str) -> StoreResult<(Duration, Option<i32>)> {
+    pub fn ping(target: &PgTarget) -> StoreResult<(Duration, Option<i32>)> {
         let started = std::time::Instant::now();
-        once(url, |client| async move {
+        once(target, |client| async move {
             let exists: bool =
                 client.query_one("SELECT to_regclass('tollgate_schema') IS NOT NULL", &[]).await.map_err(pg)?.get(0);
             let version = if exists {
@@ -246,12 +270,7 @@ impl Shared {
         if let Some(c) = held.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let (client, conn) = connect(&self.url).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::warn!(error = %e, "the ledger database connection closed");
-            }
-        });
+        let client = connect(&self.target).await?;
         let client = Arc::new(client);
         *held = Some(client.clone());
         Ok(client)
@@ -397,7 +416,7 @@ impl Shared {
 /// One connection for one job, on a runtime of its own (the command line's `migrate` and
 /// `check`, which run no other).
 pub(super) fn once<T, F: std::future::Future<Output = StoreResult<T>>>(
-    url: &str,
+    target: &PgTarget,
     job: impl FnOnce(Client) -> F,
 ) -> StoreResult<T> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -405,16 +424,15 @@ pub(super) fn once<T, F: std::future::Future<Output = StoreResult<T>>>(
         .build()
         .map_err(|e| StoreError::Other(e.to_string()))?;
     rt.block_on(async {
-        let (client, conn) = connect(url).await?;
-        tokio::spawn(conn);
+        let client = connect(target).await?;
         job(client).await
     })
 }
 
-async fn connect(
-    url: &str,
-) -> StoreResult<(Client, tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>)> {
-    let mut config: tokio_postgres::Config = url.parse().map_err(|e| StoreError::Other(format!("store.url: {e}")))?;
+/// Connects, and runs the connection on the current runtime until it closes.
+async fn connect(target: &PgTarget) -> StoreResult<Client> {
+    let mut config: tokio_postgres::Config =
+        target.url.parse().map_err(|e| StoreError::Other(format!("store.url: {e}")))?;
     config.connect_timeout(Duration::from_secs(5));
     config.application_name("tollgate");
     // A peer that vanishes is noticed by TCP; a statement that runs too long is cancelled.
@@ -423,9 +441,22 @@ async fn connect(
     config.options(format!("-c statement_timeout={}", QUERY_TIMEOUT.as_millis()));
     // The TCP connect has its own bound; the whole handshake (a proxy that accepts and says
     // nothing) gets one too.
-    match tokio::time::timeout(Duration::from_secs(10), config.connect(NoTls)).await {
-        Ok(r) => r.map_err(pg),
-        Err(_) => Err(StoreError::Other("PostgreSQL: no answer to the connection within 10s".into())),
+    let bound = Duration::from_secs(10);
+    let timed_out = || StoreError::Other("PostgreSQL: no answer to the connection within 10s".into());
+    let closed = |e: tokio_postgres::Error| tracing::warn!(error = %e, "the ledger database connection closed");
+    match &target.tls {
+        Some(tls) => {
+            let (client, conn) =
+                tokio::time::timeout(bound, config.connect(tls.clone())).await.map_err(|_| timed_out())?.map_err(pg)?;
+            tokio::spawn(async move { conn.await.map_err(closed) });
+            Ok(client)
+        }
+        None => {
+            let (client, conn) =
+                tokio::time::timeout(bound, config.connect(NoTls)).await.map_err(|_| timed_out())?.map_err(pg)?;
+            tokio::spawn(async move { conn.await.map_err(closed) });
+            Ok(client)
+        }
     }
 }
 
