@@ -671,11 +671,15 @@ async fn redis_outage_refuses_budgeted_requests_and_recovers_from_the_ledger() {
     no_panics(&[&gw]);
 }
 
-/// Redis frozen (SIGSTOP: connections open, nothing answered) under two gateways that count on
-/// their share while it is away (`on_unavailable = "local"`). Before: 3 of a key's 10 worst cases
-/// spent (2 seen last by gateway A, 3 by B). During: A serves (10 - 2) / 2 = 4, B (10 - 3) / 2 =
-/// 3.5, so 3: the fleet spends exactly its budget; a key's rpm of 10 gives each gateway 5.
-/// After: both credit Redis with what they spent, and Redis holds the fleet's whole spend.
+/// Redis frozen twice (SIGSTOP: connections open, nothing answered) under two gateways that
+/// count on their share while it is away (`on_unavailable = "local"`), with a key whose budget
+/// holds 20 worst cases.
+/// - Before: 3 spent (gateway A saw 2 in Redis, B saw 3).
+/// - First freeze: A may spend (20 - 2) / 2 = 9, B (20 - 3) / 2 = 8; each spends 3; a key's
+///   rpm of 10 gives each gateway 5. Thawed: both return to Redis once their spend is in it (9).
+/// - One admission on each (11 spent; A saw 10, B 11).
+/// - Second freeze: A's share is (20 - 10) / 2 = 5, B's (20 - 11) / 2 = 4: no fresh share for
+///   what the first outage spent. The fleet spends exactly its budget, and Redis holds it all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_redis_leaves_each_gateway_its_share_and_gets_the_spend_back() {
     let private = RedisServer::start();
@@ -685,7 +689,7 @@ async fn a_frozen_redis_leaves_each_gateway_its_share_and_gets_the_spend_back() 
     let (key, limited) = (new_key(), new_key());
     let key_extra = format!(
         "budget = {{ usd = {}, period = \"daily\" }}\n[[key]]\nid = \"r\"\nhash = \"{}\"\nlimits = {{ rpm = 10 }}\n",
-        usd(10 * WORST),
+        usd(20 * WORST),
         limited.hash
     );
     let limits = "timeout = \"300ms\"\nlease = \"3s\"\non_unavailable = \"local\"";
@@ -694,15 +698,55 @@ async fn a_frozen_redis_leaves_each_gateway_its_share_and_gets_the_spend_back() 
     let usage = worst_usage();
     let worst = [("x-mock-usage", usage.as_str())];
     let small = json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let spent = || prefix.field_at(&url, "key", "a", "spent");
+    let admit_in_redis = |gw: &'static str, total: i64| {
+        let (gw, key, worst) = (if gw == "a" { &a } else { &b }, &key, &worst);
+        let spent = &spent;
+        async move {
+            assert_eq!(send(gw, key, body(), worst).await.0, 200);
+            eventually(Duration::from_secs(5), "Redis holds the spend", || spent() == total * WORST as i64).await;
+        }
+    };
+    // Sends `n` budgeted requests through `gw` while Redis is frozen: how many were served.
+    let spend_locally = |gw: &'static str, n: usize| {
+        let (gw, key, worst) = (if gw == "a" { &a } else { &b }, &key, &worst);
+        async move {
+            let mut ok = 0;
+            for i in 0..n {
+                let asked = std::time::Instant::now();
+                let (status, headers, text) = send(gw, key, body(), worst).await;
+                match status {
+                    200 => ok += 1,
+                    503 => {
+                        assert!(message(&text).contains("this gateway's share of the budget is used"), "{text}");
+                        assert_eq!(headers["retry-after"], "5");
+                    }
+                    _ => panic!("request {i}: {status} {text}"),
+                }
+                if i > 0 {
+                    assert!(asked.elapsed() < Duration::from_millis(250), "counted locally, no wait for Redis");
+                }
+            }
+            ok
+        }
+    };
+    let back_on_redis = |gw: &'static str| {
+        let gw = if gw == "a" { &a } else { &b };
+        async move {
+            for _ in 0..100 {
+                if metric(gw, "tollgate_limits_local_fallback").await == 0.0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("the gateway still counts locally 5 s after Redis answers");
+        }
+    };
 
-    for (gw, spent) in [(&a, 1), (&a, 2), (&b, 3)] {
-        assert_eq!(send(gw, &key, body(), &worst).await.0, 200);
-        eventually(Duration::from_secs(5), "Redis holds the spend", || {
-            prefix.field_at(&url, "key", "a", "spent") == spent * WORST as i64
-        })
-        .await;
-    }
-    // Both gateways know the fleet is two (a heartbeat a lease / 3 = 1 s).
+    admit_in_redis("a", 1).await;
+    admit_in_redis("a", 2).await;
+    admit_in_redis("b", 3).await;
+    // Both gateways know the fleet is two (a heartbeat every lease / 3 = 1 s).
     let nodes = || -> i64 {
         let mut c = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
         redis::cmd("ZCARD").arg(format!("{{{}}}:nodes", prefix.0)).query(&mut c).unwrap()
@@ -710,58 +754,41 @@ async fn a_frozen_redis_leaves_each_gateway_its_share_and_gets_the_spend_back() 
     eventually(Duration::from_secs(5), "two heartbeats", || nodes() == 2).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
+    // First outage.
     private.freeze();
-    let mut served = Vec::new();
+    assert_eq!((spend_locally("a", 3).await, spend_locally("b", 3).await), (3, 3));
+    let mut rpm = Vec::new();
     for gw in [&a, &b] {
-        let (mut ok, mut first) = (0, None);
-        for i in 0..8 {
-            let asked = std::time::Instant::now();
-            let (status, headers, text) = send(gw, &key, body(), &worst).await;
-            first.get_or_insert(asked.elapsed());
-            match status {
-                200 => ok += 1,
-                503 => {
-                    assert!(message(&text).contains("this gateway's share of the budget is used"), "{text}");
-                    assert_eq!(headers["retry-after"], "5");
-                }
-                _ => panic!("request {i}: {status} {text}"),
-            }
-            if i > 0 {
-                assert!(asked.elapsed() < Duration::from_millis(250), "counted locally, no wait for Redis");
-            }
-        }
-        let mut rpm_ok = 0;
+        let mut served = 0;
         for _ in 0..8 {
             let (status, _, text) = send(gw, &limited, small.clone(), &[]).await;
             assert!(status == 200 || status == 429, "{status} {text}");
-            rpm_ok += usize::from(status == 200);
+            served += usize::from(status == 200);
         }
-        println!("Redis frozen: budgeted {ok} of 8 served (first answer after {first:?}), rpm-limited {rpm_ok} of 8");
-        served.push((ok, rpm_ok));
+        rpm.push(served);
         assert_eq!(metric(gw, "tollgate_limits_local_fallback").await, 1.0);
     }
-    assert_eq!(served, vec![(4, 5), (3, 5)], "A: (10 - 2) / 2 = 4 worst cases, B: (10 - 3) / 2; rpm 10 / 2 each");
-    assert_eq!(metric(&a, "tollgate_refused_total{reason=\"budget_share\"}").await, 4.0);
-
+    assert_eq!(rpm, [5, 5], "rpm 10 / 2 gateways");
     private.thaw();
     let thawed = std::time::Instant::now();
-    for gw in [&a, &b] {
-        let mut back = false;
-        for _ in 0..100 {
-            if metric(gw, "tollgate_limits_local_fallback").await == 0.0 {
-                back = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(back, "the gateway still counts locally 5 s after Redis answers");
-    }
-    let took = eventually(Duration::from_secs(10), "the shares' spend is credited to Redis", || {
-        prefix.field_at(&url, "key", "a", "spent") == 10 * WORST as i64
-    })
-    .await;
-    println!("Redis thawed: both gateways back on Redis, and the spend credited, {:?} after", thawed.elapsed());
-    let _ = took;
+    back_on_redis("a").await;
+    back_on_redis("b").await;
+    println!("first thaw: both gateways back on Redis {:?} after", thawed.elapsed());
+    assert_eq!(spent(), 9 * WORST as i64, "the outage's spend is in Redis before the gateways return to it");
+
+    admit_in_redis("a", 10).await;
+    admit_in_redis("b", 11).await;
+
+    // Second outage.
+    private.freeze();
+    let served = (spend_locally("a", 8).await, spend_locally("b", 8).await);
+    println!("second freeze: A served {}, B {}", served.0, served.1);
+    assert_eq!(served, (5, 4), "A: (20 - 10) / 2, B: (20 - 11) / 2");
+    assert_eq!(metric(&a, "tollgate_refused_total{reason=\"budget_share\"}").await, 3.0);
+    private.thaw();
+    back_on_redis("a").await;
+    back_on_redis("b").await;
+    assert_eq!(spent(), 20 * WORST as i64, "Redis holds the fleet's whole spend: the budget, exactly");
     eventually(Duration::from_secs(5), "nothing reserved or in flight", || {
         prefix.field_at(&url, "key", "a", "res") == 0 && prefix.field_at(&url, "key", "a", "inf") == 0
     })
@@ -779,7 +806,19 @@ async fn a_frozen_redis_leaves_each_gateway_its_share_and_gets_the_spend_back() 
             .map(|r| r["cost_nanos"].as_u64().unwrap())
             .sum::<u64>()
     };
-    eventually(Duration::from_secs(5), "the ledgers agree: ten worst cases", || budgeted() == 10 * WORST).await;
+    eventually(Duration::from_secs(5), "the ledgers agree: twenty worst cases", || budgeted() == 20 * WORST).await;
+
+    // A Redis that answers with an error (here out of memory) is no outage: no share is handed
+    // out, the request is refused.
+    let mut c = private.connection();
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("noeviction").query(&mut c).unwrap();
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1").query(&mut c).unwrap();
+    let (status, _, text) = send(&a, &limited, small.clone(), &[]).await;
+    assert_eq!(status, 503, "{text}");
+    assert_eq!(message(&text), "the gateway's shared limiter (Redis) is unavailable; retry shortly");
+    assert_eq!(metric(&a, "tollgate_limits_local_fallback").await, 0.0);
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("0").query(&mut c).unwrap();
+    assert_eq!(send(&a, &limited, small.clone(), &[]).await.0, 200);
     no_panics(&[&a, &b]);
 }
 

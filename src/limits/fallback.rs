@@ -1,21 +1,220 @@
 //! What a fleet gateway counts while Redis does not answer (`on_unavailable = "local"`): each
 //! gateway admits on its own share of what the fleet had left. A budgeted scope gets
-//! `(limit - spent and reserved, as this gateway last saw them in Redis) / gateways`, its rate
-//! limits and concurrency are divided by the number of gateways (rounded up), and what it spends
-//! is credited to Redis once Redis answers again, so the fleet's counters stay whole.
+//! `(limit - used) / gateways`, where `used` is the scope's spend and reservations as this
+//! gateway last saw them in Redis plus what this gateway has spent or reserved on its own since
+//! (not yet acknowledged by Redis). Rate limits and concurrency are divided by the number of
+//! gateways (rounded up). What it spends is credited to Redis, in batches, once Redis answers,
+//! and the gateway returns to Redis only when its credits are in.
 //!
-//! The shares hold the fleet to its budget as well as the gateways' last views of Redis allow:
-//! spend that another gateway booked after this one last saw the scope is not in its share. The
-//! documented bound (docs/fleet.md) is that spend, plus what was in flight when Redis went away.
+//! The bound (docs/fleet.md): spend that *other* gateways booked after this one last saw a scope
+//! is not in its view, nor are other gateways' requests admitted locally and still in flight
+//! when Redis returns, nor, when only some gateways lose Redis, what the others keep admitting.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 
 use super::local::now_ms;
 use super::redis::RedisLimiter;
-use super::{Actual, Demand, Hold, Limiter, LocalLimiter, RateLimits, Refusal, Reservation, Scope, Settle};
+use super::{
+    Actual, Budget, Demand, Hold, Limiter, LocalLimiter, RateLimits, Refusal, Reservation, Scope, ScopeKind, Settle,
+};
 
-/// The counters of one outage: made when Redis stops answering, dropped when it answers again
-/// (requests admitted meanwhile keep theirs until they settle).
+/// At most this many budgeted scopes are remembered as seen in Redis; past it the memory starts
+/// afresh (a scope not remembered gets no share: it is refused while Redis is away).
+const MAX_SEEN: usize = 100_000;
+
+type ScopeId = (ScopeKind, Arc<str>);
+
+/// A budgeted scope as Redis last showed it to this gateway.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    period: &'static str,
+    start: i64,
+    /// Spend and reservations, nano-dollars.
+    used: u64,
+}
+
+/// Spend to book into Redis: per data generation (epoch), scope and budget period.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct CreditKey {
+    pub epoch: Arc<str>,
+    pub kind: ScopeKind,
+    pub id: Arc<str>,
+    pub period: &'static str,
+    pub start: i64,
+    pub end: i64,
+}
+
+/// What this gateway knows of the fleet's budgets, and what it owes Redis.
+#[derive(Default)]
+pub(super) struct Known {
+    inner: Mutex<KnownInner>,
+}
+
+#[derive(Default)]
+struct KnownInner {
+    epoch: Option<Arc<str>>,
+    /// Gateways beating lately, this one included (at least 1).
+    fleet: u64,
+    seen: HashMap<ScopeId, Seen>,
+    /// Per budgeted scope: reserved by local requests in flight plus spent locally and not
+    /// acknowledged by Redis yet.
+    pending: HashMap<ScopeId, u64>,
+    /// Spent locally, to be credited to Redis.
+    owed: HashMap<CreditKey, u64>,
+    /// Sum of `owed` and of credits sent and not acknowledged: 0 when Redis has it all.
+    unacknowledged: u64,
+    /// Nano-dollars ever owed, and ever acknowledged: a gateway returns to Redis once what it
+    /// owed when Redis came back is acknowledged.
+    owed_total: u64,
+    acknowledged_total: u64,
+}
+
+impl Known {
+    fn lock(&self) -> std::sync::MutexGuard<'_, KnownInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn set_fleet(&self, gateways: u64) {
+        self.lock().fleet = gateways.max(1);
+    }
+
+    pub(super) fn fleet(&self) -> u64 {
+        self.lock().fleet.max(1)
+    }
+
+    pub(super) fn epoch(&self) -> Option<Arc<str>> {
+        self.lock().epoch.clone()
+    }
+
+    /// What an admission's answer said: Redis's epoch and, per budgeted scope, its spend and
+    /// reservations (this admission's included) for the period `(kind, start)`.
+    pub(super) fn saw(&self, epoch: &str, scopes: &[(&Scope, &'static str, i64, u64)]) {
+        let mut k = self.lock();
+        if k.epoch.as_deref() != Some(epoch) {
+            k.epoch = Some(Arc::from(epoch));
+        }
+        for &(s, period, start, used) in scopes {
+            let id = (s.kind, s.id.clone());
+            let seen = Seen { period, start, used };
+            match k.seen.get_mut(&id) {
+                Some(v) => *v = seen,
+                None => {
+                    if k.seen.len() >= MAX_SEEN {
+                        k.seen.clear();
+                    }
+                    k.seen.insert(id, seen);
+                }
+            }
+        }
+    }
+
+    /// An answer this gateway could not read for a scope: it is not known any more.
+    pub(super) fn forget(&self, scope: &Scope) {
+        self.lock().seen.remove(&(scope.kind, scope.id.clone()));
+    }
+
+    /// The budget left of `scope` for the period starting at `start`, as this gateway knows
+    /// it: none when it never saw the scope in Redis (or saw it under another kind of period).
+    fn remainder(&self, scope: &Scope, budget: Budget, start: i64) -> Option<u64> {
+        let k = self.lock();
+        let id = (scope.kind, scope.id.clone());
+        let seen = k.seen.get(&id)?;
+        if seen.period != budget.period.as_str() || seen.start > start {
+            return None;
+        }
+        // A period that began since: nothing booked in it yet, as far as Redis showed.
+        let used = if seen.start == start { seen.used } else { 0 };
+        let mine = k.pending.get(&id).copied().unwrap_or(0);
+        Some(budget.limit_nanos.saturating_sub(used.saturating_add(mine)))
+    }
+
+    /// A local admission reserved `worst` on the budgeted `scopes`.
+    fn reserve(&self, scopes: &[Scope], worst: u64) {
+        let mut k = self.lock();
+        for s in scopes.iter().filter(|s| s.policy.budget.is_some()) {
+            *k.pending.entry((s.kind, s.id.clone())).or_default() += worst;
+        }
+    }
+
+    /// A local admission settled: its reservation gives way to its cost, owed to Redis in the
+    /// data generation `epoch`.
+    fn settle(&self, epoch: &Arc<str>, scopes: &[Scope], worst: u64, actual: Actual, tz: chrono_tz::Tz) {
+        let at = if actual.at_ms > 0 { actual.at_ms } else { now_ms() };
+        let mut k = self.lock();
+        for s in scopes {
+            let Some(b) = s.policy.budget else { continue };
+            let id = (s.kind, s.id.clone());
+            let p = k.pending.entry(id.clone()).or_default();
+            *p = p.saturating_sub(worst).saturating_add(actual.cost_nanos);
+            if actual.cost_nanos == 0 {
+                if *p == 0 {
+                    k.pending.remove(&id);
+                }
+                continue;
+            }
+            let (start, end) = b.period.bounds(tz, at);
+            let key = CreditKey {
+                epoch: epoch.clone(),
+                kind: s.kind,
+                id: s.id.clone(),
+                period: b.period.as_str(),
+                start,
+                end,
+            };
+            *k.owed.entry(key).or_default() += actual.cost_nanos;
+            k.unacknowledged += actual.cost_nanos;
+            k.owed_total += actual.cost_nanos;
+        }
+    }
+
+    /// Takes what is owed, to send.
+    pub(super) fn take_owed(&self) -> Vec<(CreditKey, u64)> {
+        self.lock().owed.drain().collect()
+    }
+
+    /// Redis took `credits` (`applied`), or refused them because its data is another
+    /// generation now (the ledger's seed holds that spend): either way they are owed no more.
+    pub(super) fn acknowledged(&self, credits: &[(CreditKey, u64)], applied: bool) {
+        let mut k = self.lock();
+        for (c, cost) in credits {
+            let id = (c.kind, c.id.clone());
+            if let Some(p) = k.pending.get_mut(&id) {
+                *p = p.saturating_sub(*cost);
+                if *p == 0 {
+                    k.pending.remove(&id);
+                }
+            }
+            // Redis holds it now: the view includes it until the next answer says more.
+            if applied {
+                if let Some(seen) = k.seen.get_mut(&id).filter(|s| s.period == c.period && s.start == c.start) {
+                    seen.used = seen.used.saturating_add(*cost);
+                }
+            }
+            k.unacknowledged = k.unacknowledged.saturating_sub(*cost);
+            k.acknowledged_total += *cost;
+        }
+    }
+
+    /// Whether every credit is in Redis.
+    #[cfg(test)]
+    fn settled_up(&self) -> bool {
+        self.lock().unacknowledged == 0
+    }
+
+    /// All this gateway has owed so far (a mark to wait for).
+    pub(super) fn owed_so_far(&self) -> u64 {
+        self.lock().owed_total
+    }
+
+    /// Whether Redis has acknowledged at least `mark` of what was owed.
+    pub(super) fn acknowledged_up_to(&self, mark: u64) -> bool {
+        self.lock().acknowledged_total >= mark
+    }
+}
+
+/// The counters of one outage: made when Redis stops answering, dropped when the gateway returns
+/// to Redis (requests admitted meanwhile keep theirs until they settle).
 pub(super) struct Fallback {
     local: Arc<LocalLimiter>,
     /// Gateways sharing the fleet's limits when Redis went away (this one included).
@@ -23,8 +222,8 @@ pub(super) struct Fallback {
     /// Redis's data generation then: credits go only into that data.
     epoch: Arc<str>,
     shared: Weak<RedisLimiter>,
-    /// One scope seeded at a time (two requests of a new scope must not both seed it).
-    seeding: Mutex<()>,
+    /// The scopes (and budget periods) given their share in this outage.
+    seeded: Mutex<HashSet<(ScopeId, i64)>>,
 }
 
 impl Fallback {
@@ -34,7 +233,7 @@ impl Fallback {
             fleet: fleet.max(1),
             epoch,
             shared: Arc::downgrade(shared),
-            seeding: Mutex::new(()),
+            seeded: Mutex::new(HashSet::new()),
         }
     }
 
@@ -42,8 +241,8 @@ impl Fallback {
         self.fleet
     }
 
-    /// Admits on this gateway's share. A slot held in Redis before Redis went away is given
-    /// back there (when it answers) and taken here afresh.
+    /// Admits on this gateway's share. A slot held in Redis, or in an earlier outage, is given
+    /// back there and taken here afresh.
     pub(super) fn admit(
         self: &Arc<Self>,
         shared: &RedisLimiter,
@@ -51,7 +250,7 @@ impl Fallback {
         demand: Demand,
         held: Option<Hold>,
     ) -> Result<Reservation, Refusal> {
-        let held = held.filter(|h| h.ticket() == 0);
+        let held = held.filter(|h| h.ticket() == 0 && h.is_given_back_by(&**self));
         let mut mine = Vec::with_capacity(scopes.len());
         for mut s in scopes {
             s.policy.limits = share_limits(s.policy.limits, self.fleet);
@@ -59,6 +258,7 @@ impl Fallback {
             mine.push(s);
         }
         let reservation = self.local.clone().admit_held(mine, demand, held).map_err(|r| self.refusal(r))?;
+        shared.known().reserve(&reservation.scopes, demand.worst_nanos);
         Ok(reservation.rebind(self.clone()))
     }
 
@@ -69,22 +269,21 @@ impl Fallback {
         Ok(hold.rebind(self.clone()))
     }
 
-    /// Gives a budgeted scope its share, once per outage (and per period).
+    /// Gives a budgeted scope its share, once per outage and budget period.
     fn seed(&self, shared: &RedisLimiter, scope: &Scope) -> Result<(), Refusal> {
         let Some(b) = scope.policy.budget else { return Ok(()) };
-        if self.local.tracks(scope) {
-            return Ok(());
-        }
-        let _one = self.seeding.lock().unwrap_or_else(|p| p.into_inner());
-        if self.local.tracks(scope) {
-            return Ok(());
-        }
         let (start, _) = b.period.bounds(self.local.time_zone(), now_ms());
-        // A scope this gateway never admitted in Redis: nothing says what is left of it.
-        let used = shared.last_seen(scope, start).ok_or_else(|| {
-            super::redis::unavailable_refusal(&format!("{scope}: no share while Redis is away (never seen in Redis)"))
-        })?;
-        let share = b.limit_nanos.saturating_sub(used) / self.fleet;
+        let mut seeded = self.seeded.lock().unwrap_or_else(|p| p.into_inner());
+        if !seeded.insert(((scope.kind, scope.id.clone()), start)) {
+            return Ok(());
+        }
+        let Some(left) = shared.known().remainder(scope, b, start) else {
+            seeded.remove(&((scope.kind, scope.id.clone()), start));
+            return Err(super::redis::unavailable_refusal(&format!(
+                "{scope}: no share while Redis is away (not seen in Redis this period)"
+            )));
+        };
+        let share = left / self.fleet;
         self.local.seed(scope, start, b.limit_nanos - share);
         Ok(())
     }
@@ -118,7 +317,7 @@ impl Settle for Fallback {
     fn settle(&self, ticket: u64, scopes: &[Scope], demand: Demand, actual: Actual) {
         self.local.settle(ticket, scopes, demand, actual);
         if let Some(shared) = self.shared.upgrade() {
-            shared.credit(&self.epoch, scopes, actual);
+            shared.known().settle(&self.epoch, scopes, demand.worst_nanos, actual, self.local.time_zone());
         }
     }
 }
@@ -140,6 +339,7 @@ fn share_limits(l: RateLimits, fleet: u64) -> RateLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::{Period, Policy};
 
     #[test]
     fn limits_are_divided_rounding_up_and_never_to_zero() {
@@ -148,5 +348,41 @@ mod tests {
         assert_eq!(s, RateLimits { rpm: Some(8), input_tpm: Some(250), output_tpm: Some(1), concurrency: Some(1) });
         assert_eq!(share_limits(l, 1), l);
         assert_eq!(share_limits(RateLimits::default(), 3), RateLimits::default());
+    }
+
+    fn scope(limit: u64) -> (Scope, Budget) {
+        let budget = Budget { limit_nanos: limit, period: Period::Daily };
+        let policy = Policy { budget: Some(budget), limits: RateLimits::default() };
+        (Scope { kind: ScopeKind::Key, id: Arc::from("k"), policy }, budget)
+    }
+
+    /// What this gateway spends on its own counts against its next share until Redis has it,
+    /// and then through the view: never a fresh share for spend Redis does not show yet.
+    #[test]
+    fn own_spend_counts_until_redis_shows_it() {
+        let (s, b) = scope(1000);
+        let tz = chrono_tz::UTC;
+        let (start, _) = b.period.bounds(tz, now_ms());
+        let known = Known::default();
+        assert_eq!(known.remainder(&s, b, start), None, "never seen");
+        known.saw("e1", &[(&s, "daily", start, 300)]);
+        assert_eq!(known.remainder(&s, b, start), Some(700));
+        known.reserve(std::slice::from_ref(&s), 100);
+        assert_eq!(known.remainder(&s, b, start), Some(600), "a local reservation in flight");
+        let epoch: Arc<str> = Arc::from("e1");
+        known.settle(&epoch, std::slice::from_ref(&s), 100, Actual { cost_nanos: 40, ..Default::default() }, tz);
+        assert_eq!(known.remainder(&s, b, start), Some(660), "settled: its cost, owed to Redis");
+        assert!(!known.settled_up());
+        let owed = known.take_owed();
+        assert_eq!(owed.len(), 1);
+        assert_eq!(owed[0].1, 40);
+        assert_eq!(known.remainder(&s, b, start), Some(660), "sent, not acknowledged");
+        known.acknowledged(&owed, true);
+        assert!(known.settled_up());
+        assert_eq!(known.remainder(&s, b, start), Some(660), "in Redis: in the view now");
+        // A later period starts from nothing; another kind of period is not known.
+        assert_eq!(known.remainder(&s, b, start + 86_400_000), Some(1000));
+        let weekly = Budget { limit_nanos: 1000, period: Period::Weekly };
+        assert_eq!(known.remainder(&s, weekly, start), None);
     }
 }

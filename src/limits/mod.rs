@@ -216,6 +216,11 @@ impl Hold {
         &self.scope
     }
 
+    /// Whether `limiter` is the one this slot is given back through.
+    fn is_given_back_by(&self, limiter: &dyn Settle) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(&self.limiter), limiter as *const dyn Settle)
+    }
+
     /// The same slot, given back through `limiter` (a limiter that wraps the one that took it).
     fn rebind(mut self, limiter: Arc<dyn Settle>) -> Self {
         self.limiter = limiter;

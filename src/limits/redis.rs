@@ -17,7 +17,7 @@ use chrono_tz::Tz;
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
-use super::fallback::Fallback;
+use super::fallback::{CreditKey, Fallback, Known};
 use super::local::{bucket_refusal, budget_refusal, concurrency_refusal, now_ms, Spend};
 use super::{Actual, Demand, Hold, Refusal, Reservation, Scope, ScopeKind, ScopeStatus, Settle};
 
@@ -47,29 +47,30 @@ enum Op {
     Release {
         ticket: u64,
     },
-    /// What a request admitted on this gateway's share cost, booked into Redis's data of
-    /// `epoch` once Redis answers (see fallback.rs).
+    /// What requests admitted on this gateway's share cost, booked into Redis once it answers
+    /// (see fallback.rs); all of one data generation (epoch).
     Credit {
         id: u64,
-        epoch: Arc<str>,
-        scopes: Vec<Scope>,
-        cost_nanos: u64,
-        at_ms: i64,
+        credits: Arc<Vec<(CreditKey, u64)>>,
     },
 }
 
 /// A budget period a scope was seeded for: its kind and start (Unix ms).
 type SeededPeriod = (&'static str, i64);
 
-/// A budgeted scope's period start (Unix ms), and its spend and reservations then (nano-dollars).
-type LastSeen = (i64, u64);
-
 /// How often a gateway counting on its share asks whether Redis answers again.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
 
-/// At most this many budgeted scopes are remembered as last seen in Redis (the shares of an
-/// outage); past it the memory starts afresh.
-const MAX_LAST_SEEN: usize = 100_000;
+/// How long Redis must answer again before a gateway counting on its share returns to it
+/// (and only once what it owed Redis then is in): a Redis that flaps does not hand out fresh
+/// shares, and other gateways' credits arrive meanwhile.
+const RECOVERY: Duration = Duration::from_secs(1);
+
+/// The longest a settlement or credit waits between tries while Redis does not take it.
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// Scopes credited per call.
+const CREDITS_PER_CALL: usize = 500;
 
 pub struct RedisLimiter {
     conn: ConnectionManager,
@@ -95,15 +96,13 @@ pub struct RedisLimiter {
     seeded: Mutex<HashMap<(ScopeKind, String), SeededPeriod>>,
     /// `{prefix}:nodes`: the gateways' heartbeats.
     nodes: String,
-    /// Gateways that beat lately, this one included: the shares of an outage are cut in this many.
-    fleet: AtomicU64,
-    /// Redis's data generation (the epoch key's value) as the last admission saw it.
-    epoch_seen: Mutex<Arc<str>>,
-    /// Per budgeted scope, its period start and its spend and reservations in Redis as of this
-    /// gateway's last admission: the base of its share when Redis stops answering.
-    last_seen: Mutex<HashMap<(ScopeKind, Arc<str>), LastSeen>>,
+    /// What Redis last showed this gateway of each budgeted scope, the fleet's size, and what
+    /// this gateway spent on its own and owes Redis: the base of its shares in an outage.
+    known: Known,
     /// The counters of an outage, while Redis does not answer (`local_fallback` only).
     fallback: Mutex<Option<Arc<Fallback>>>,
+    /// Set by the probe while Redis answers again during an outage: credits may be sent.
+    answering: AtomicBool,
     next_credit: AtomicU64,
     rt: tokio::runtime::Handle,
     metrics: crate::metrics::Backend,
@@ -144,16 +143,18 @@ impl RedisLimiter {
             seen: Mutex::new(HashSet::new()),
             reseeding: AtomicBool::new(false),
             seeded: Mutex::new(HashMap::new()),
-            fleet: AtomicU64::new(1),
-            epoch_seen: Mutex::new(Arc::from("")),
-            last_seen: Mutex::new(HashMap::new()),
+            known: Known::default(),
             fallback: Mutex::new(None),
+            answering: AtomicBool::new(false),
             next_credit: AtomicU64::new(1),
             rt: rt.clone(),
             metrics,
         });
         rt.spawn(background(Arc::downgrade(&limiter), work));
         rt.spawn(renew_leases(Arc::downgrade(&limiter)));
+        if limiter.settings.local_fallback {
+            rt.spawn(send_credits(Arc::downgrade(&limiter)));
+        }
         Ok(limiter)
     }
 
@@ -271,17 +272,17 @@ impl RedisLimiter {
                 self.metrics.observe("redis", "admit", began.elapsed());
                 Ok(a)
             }
-            Ok(Err(e)) => Err(format!("{e}")),
-            Err(_) => Err(format!("no answer within {:?}", self.settings.timeout)),
+            Ok(Err(e)) => Err((format!("{e}"), unreachable(&e))),
+            Err(_) => Err((format!("no answer within {:?}", self.settings.timeout), true)),
         };
         let answer = match why {
             Ok(a) => a,
-            Err(why) => {
+            Err((why, unreachable)) => {
                 // The script may have run before the connection failed, or may still run:
                 // release in the background, in order after it (harmless if it did not).
                 self.metrics.error("redis", "admit");
                 let _ = self.queue.send(Op::Release { ticket });
-                return match self.begin_outage(&why) {
+                return match self.begin_outage(&why, unreachable) {
                     Some(f) => f.admit(self, scopes, demand, held),
                     None => Err(unavailable(&why)),
                 };
@@ -289,7 +290,7 @@ impl RedisLimiter {
         };
         match answer.first().map(String::as_str) {
             Some("ok") => {
-                self.remember(&counted, &answer, now);
+                self.remember(&counted, &answer, now, tz);
                 if let Some(h) = held {
                     // Its lease is gone in Redis: the admission's lease holds the slot now.
                     self.forget(h.ticket());
@@ -346,14 +347,14 @@ impl RedisLimiter {
                 self.forget(ticket);
                 return Err(concurrency_refusal(scope, max as u32));
             }
-            Ok(Err(e)) => format!("{e}"),
-            Err(_) => format!("no answer within {:?}", self.settings.timeout),
+            Ok(Err(e)) => (format!("{e}"), unreachable(&e)),
+            Err(_) => (format!("no answer within {:?}", self.settings.timeout), true),
         };
         self.metrics.error("redis", "hold");
         let _ = self.queue.send(Op::Release { ticket });
-        match self.begin_outage(&why) {
+        match self.begin_outage(&why.0, why.1) {
             Some(f) => f.hold(scope),
-            None => Err(unavailable(&why)),
+            None => Err(unavailable(&why.0)),
         }
     }
 
@@ -476,79 +477,74 @@ impl RedisLimiter {
         self.fallback.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
-    /// Redis did not answer: with `local_fallback`, counting on this gateway's share begins
-    /// (once per outage) and a probe watches for Redis's return; otherwise nothing changes.
-    fn begin_outage(self: &Arc<Self>, why: &str) -> Option<Arc<Fallback>> {
-        if !self.settings.local_fallback {
+    pub(super) fn known(&self) -> &Known {
+        &self.known
+    }
+
+    /// Redis did not answer (`unreachable`: no connection, or no answer in time; an error
+    /// answer, such as a Redis out of memory or a read-only replica, is no outage): with
+    /// `local_fallback`, counting on this gateway's share begins (once per outage) and a probe
+    /// watches for Redis's return; otherwise nothing changes.
+    fn begin_outage(self: &Arc<Self>, why: &str, unreachable: bool) -> Option<Arc<Fallback>> {
+        if !self.settings.local_fallback || !unreachable {
             return None;
         }
         let mut current = self.fallback.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = &*current {
             return Some(f.clone());
         }
-        let epoch = self.epoch_seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let f = Arc::new(Fallback::new(self, self.fleet.load(Ordering::Relaxed), epoch));
+        // No answer ever read: no epoch, so nothing is known (no share) and nothing credited.
+        let epoch = self.known.epoch().unwrap_or_else(|| Arc::from(""));
+        let f = Arc::new(Fallback::new(self, self.known.fleet(), epoch));
         tracing::error!(
             error = %why,
             gateways = f.fleet(),
             "the shared limiter does not answer; counting on this gateway's share until it does"
         );
         *current = Some(f.clone());
+        self.answering.store(false, Ordering::Release);
         self.rt.spawn(probe(Arc::downgrade(self)));
         Some(f)
     }
 
     /// Keeps what Redis said of each budgeted scope (its epoch, and its spend and reservations):
     /// the base of this gateway's share if Redis stops answering.
-    fn remember(&self, counted: &[&Scope], answer: &[String], now: i64) {
+    fn remember(&self, counted: &[&Scope], answer: &[String], now: i64, tz: Tz) {
         if !self.settings.local_fallback {
             return;
         }
-        if let Some(epoch) = answer.get(1) {
-            let mut seen = self.epoch_seen.lock().unwrap_or_else(|p| p.into_inner());
-            if **seen != **epoch {
-                *seen = Arc::from(epoch.as_str());
-            }
-        }
-        let tz = self.time_zone();
-        let mut last = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(epoch) = answer.get(1) else { return };
+        let mut seen = Vec::with_capacity(counted.len());
         for (s, used) in counted.iter().zip(answer.iter().skip(2)) {
-            let (Some(b), Ok(used)) = (s.policy.budget, used.parse::<u64>()) else { continue };
-            let (start, _) = b.period.bounds(tz, now);
-            match last.get_mut(&(s.kind, s.id.clone())) {
-                Some(v) => *v = (start, used),
-                None => {
-                    if last.len() >= MAX_LAST_SEEN {
-                        last.clear();
-                    }
-                    last.insert((s.kind, s.id.clone()), (start, used));
+            let Some(b) = s.policy.budget else { continue };
+            match used.parse::<u64>() {
+                Ok(used) => {
+                    let (start, _) = b.period.bounds(tz, now);
+                    seen.push((*s, b.period.as_str(), start, used));
                 }
+                // Not a number this build reads: not known (no share in an outage).
+                Err(_) => self.known.forget(s),
             }
         }
+        self.known.saw(epoch, &seen);
     }
 
-    /// A budgeted scope's spend and reservations in Redis for the period starting at
-    /// `period_start`, as this gateway last saw them (nothing yet in a period it has not seen).
-    pub(super) fn last_seen(&self, scope: &Scope, period_start: i64) -> Option<u64> {
-        let last = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
-        last.get(&(scope.kind, scope.id.clone())).map(|&(start, used)| if start == period_start { used } else { 0 })
-    }
-
-    /// Books into Redis (when it answers) what a request admitted on this gateway's share cost.
-    pub(super) fn credit(&self, epoch: &Arc<str>, scopes: &[Scope], actual: Actual) {
-        let budgeted: Vec<Scope> = scopes.iter().filter(|s| s.policy.budget.is_some()).cloned().collect();
-        if actual.cost_nanos == 0 || budgeted.is_empty() {
+    /// Sends what this gateway owes Redis, one operation per data generation.
+    fn send_owed(&self) {
+        let owed = self.known.take_owed();
+        if owed.is_empty() {
             return;
         }
-        let id = self.next_credit.fetch_add(1, Ordering::Relaxed);
-        let at_ms = if actual.at_ms > 0 { actual.at_ms } else { now_ms() };
-        let _ = self.queue.send(Op::Credit {
-            id,
-            epoch: epoch.clone(),
-            scopes: budgeted,
-            cost_nanos: actual.cost_nanos,
-            at_ms,
-        });
+        let mut by_epoch: HashMap<Arc<str>, Vec<(CreditKey, u64)>> = HashMap::new();
+        for (c, cost) in owed {
+            by_epoch.entry(c.epoch.clone()).or_default().push((c, cost));
+        }
+        for (_, credits) in by_epoch {
+            for chunk in credits.chunks(CREDITS_PER_CALL) {
+                let id = self.next_credit.fetch_add(1, Ordering::Relaxed);
+                let _ = self.queue.send(Op::Credit { id, credits: Arc::new(chunk.to_vec()) });
+            }
+        }
     }
 
     fn forget(&self, ticket: u64) {
@@ -608,20 +604,19 @@ impl RedisLimiter {
 
     async fn run_on(&self, conn: &mut ConnectionManager, op: Op) -> Result<(), redis::RedisError> {
         match op {
-            Op::Credit { id, epoch, scopes, cost_nanos, at_ms } => {
-                let tz = self.time_zone();
+            Op::Credit { id, credits } => {
+                let Some((first, _)) = credits.first() else { return Ok(()) };
                 let mut inv = self.ops.prepare_invoke();
                 inv.key(&self.epoch).key(format!("{}:c:{}-{id}", self.tag, self.node));
-                for s in &scopes {
-                    inv.key(self.key(s.kind, &s.id));
+                for (c, _) in credits.iter() {
+                    inv.key(self.key(c.kind, &c.id));
                 }
-                inv.arg("credit").arg(&*epoch).arg(cost_nanos).arg(at_ms);
-                for s in &scopes {
-                    let b = s.policy.budget.expect("credits are for budgeted scopes");
-                    let (start, end) = b.period.bounds(tz, at_ms);
-                    inv.arg(b.period.as_str()).arg(start).arg(end);
+                inv.arg("credit").arg(&*first.epoch);
+                for (c, cost) in credits.iter() {
+                    inv.arg(c.period).arg(c.start).arg(c.end).arg(*cost);
                 }
-                inv.invoke_async::<i64>(conn).await?;
+                let applied = inv.invoke_async::<i64>(conn).await?;
+                self.known.acknowledged(&credits, applied != 0);
             }
             Op::Release { ticket } => {
                 let mut inv = self.ops.prepare_invoke();
@@ -699,12 +694,10 @@ async fn background(limiter: std::sync::Weak<RedisLimiter>, mut work: mpsc::Unbo
                 Ok(()) => {}
                 // Redis away or slow: the operation is safe to repeat (a settlement runs once
                 // per lease), so it is tried again until Redis takes it.
-                Err(e)
-                    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() =>
-                {
+                Err(e) if unreachable(&e) || passing(&e) => {
                     tracing::warn!(error = %e, "the shared limiter did not take a settlement; retrying");
                     tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(5));
+                    wait = (wait * 2).min(RETRY_MAX);
                     op = Some(retry);
                 }
                 // A refusal by the script itself would repeat forever and hold up every later
@@ -717,9 +710,7 @@ async fn background(limiter: std::sync::Weak<RedisLimiter>, mut work: mpsc::Unbo
 
 fn clone_op(op: &Op) -> Op {
     match op {
-        Op::Credit { id, epoch, scopes, cost_nanos, at_ms } => {
-            Op::Credit { id: *id, epoch: epoch.clone(), scopes: scopes.clone(), cost_nanos: *cost_nanos, at_ms: *at_ms }
-        }
+        Op::Credit { id, credits } => Op::Credit { id: *id, credits: credits.clone() },
         Op::Release { ticket } => Op::Release { ticket: *ticket },
         Op::Settle { ticket, scopes, demand, actual } => {
             Op::Settle { ticket: *ticket, scopes: scopes.clone(), demand: *demand, actual: *actual }
@@ -727,20 +718,61 @@ fn clone_op(op: &Op) -> Op {
     }
 }
 
-/// While this gateway counts on its share, asks Redis every [`PROBE_EVERY`] whether it answers;
-/// once it does, admissions go to Redis again.
+/// While this gateway counts on its share, asks Redis every [`PROBE_EVERY`] whether it answers.
+/// Once it has answered for [`RECOVERY`] and has acknowledged what this gateway owed it then,
+/// admissions go to Redis again.
 async fn probe(limiter: std::sync::Weak<RedisLimiter>) {
+    let mut answering_since: Option<(std::time::Instant, Option<u64>)> = None;
     loop {
         tokio::time::sleep(PROBE_EVERY).await;
         let Some(l) = limiter.upgrade() else { return };
         let mut conn = l.conn.clone();
         let ping = redis::cmd("PING");
-        if let Ok(Ok(())) = tokio::time::timeout(l.settings.timeout, ping.query_async::<()>(&mut conn)).await {
+        let answers =
+            matches!(tokio::time::timeout(l.settings.timeout, ping.query_async::<()>(&mut conn)).await, Ok(Ok(())));
+        l.answering.store(answers, Ordering::Release);
+        if !answers {
+            answering_since = None;
+            continue;
+        }
+        let (since, mark) = answering_since.get_or_insert((std::time::Instant::now(), None));
+        if since.elapsed() < RECOVERY {
+            continue;
+        }
+        let mark = *mark.get_or_insert_with(|| l.known.owed_so_far());
+        l.send_owed();
+        if l.known.acknowledged_up_to(mark) {
             *l.fallback.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            tracing::warn!("the shared limiter answers again; admissions count in Redis");
+            l.answering.store(false, Ordering::Release);
+            tracing::warn!(
+                "the shared limiter answers again and holds this gateway's spend; admissions count in Redis"
+            );
             return;
         }
     }
+}
+
+/// Sends what this gateway owes Redis every [`PROBE_EVERY`], while Redis answers (requests
+/// admitted on a share and settled after the gateway returned to Redis owe it too).
+async fn send_credits(limiter: std::sync::Weak<RedisLimiter>) {
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        let Some(l) = limiter.upgrade() else { return };
+        if !l.counting_locally() || l.answering.load(Ordering::Acquire) {
+            l.send_owed();
+        }
+    }
+}
+
+/// No connection, or no answer in time: Redis is out of reach.
+fn unreachable(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
+/// An error answer that passes by itself: a Redis loading its data, out of memory, busy with a
+/// script, or a replica that is not (or no longer) the primary.
+fn passing(e: &redis::RedisError) -> bool {
+    matches!(e.code(), Some("READONLY" | "LOADING" | "OOM" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN"))
 }
 
 /// Pushes the expiry of this gateway's leases forward, a third of a lease at a time.
@@ -763,7 +795,7 @@ async fn renew_leases(limiter: std::sync::Weak<RedisLimiter>) {
             match tokio::time::timeout(l.settings.lease / 3, inv.invoke_async::<u64>(&mut conn)).await {
                 Ok(Ok(gateways)) => {
                     l.metrics.observe("redis", "renew", began.elapsed());
-                    l.fleet.store(gateways.max(1), Ordering::Relaxed);
+                    l.known.set_fleet(gateways);
                 }
                 Ok(Err(e)) => {
                     l.metrics.error("redis", "renew");

@@ -38,7 +38,8 @@ for i = 1, n do
     end
     p.budget = true
     p.ends = ends
-    p.used = tostring(tonumber(spent) + tonumber(res) + worst)
+    -- As an integer: tostring would print large sums in exponent form.
+    p.used = string.format('%.0f', tonumber(spent) + tonumber(res) + worst)
   end
   local h = redis.call('HMGET', key, 'inf', 'rq', 'rqt', 'it', 'itt', 'ot', 'ott')
   if rpm >= 0 then

@@ -86,19 +86,21 @@ end
 
 if op == 'credit' then
   -- KEYS: epoch, credit marker, scope...
-  -- ARGV: op, epoch, cost, booked at (ms), then per scope: period kind, start, end.
-  -- Books what a gateway spent on its own share while Redis did not answer. Only into the
-  -- data it was counted against: after Redis lost its data (another epoch), the ledger's seed
-  -- holds it already. Once per credit, whatever retries follow a lost answer.
+  -- ARGV: op, epoch, then per scope: period kind, period start, period end, cost.
+  -- Books what a gateway spent on its own share while Redis did not answer, into the period
+  -- it was spent in (nothing, if Redis counts a later one now). Only into the data it was
+  -- counted against: after Redis lost its data (another epoch), the ledger's seed holds it.
+  -- Returns 1 (booked), 2 (booked before: a retry after a lost answer) or 0 (another epoch).
   if redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
-  if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', 86400000) then return 0 end
+  if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', 86400000) then return 2 end
   local now = now_ms()
-  local cost, at = ARGV[3], tonumber(ARGV[4])
   for i = 3, #KEYS do
-    local o = 4 + (i - 3) * 3
+    local o = 2 + (i - 3) * 4
+    local ps = tonumber(ARGV[o + 2])
     local _, ends = roll(KEYS[i], ARGV[o + 1], ARGV[o + 2], ARGV[o + 3], now)
-    local ps = tonumber(redis.call('HGET', KEYS[i], 'ps'))
-    if at >= ps and at < ends then redis.call('HINCRBY', KEYS[i], 'spent', cost) end
+    if tonumber(redis.call('HGET', KEYS[i], 'ps')) == ps and redis.call('HGET', KEYS[i], 'pk') == ARGV[o + 1] then
+      redis.call('HINCRBY', KEYS[i], 'spent', ARGV[o + 4])
+    end
     keep(KEYS[i], true, ends, 0)
   end
   return 1

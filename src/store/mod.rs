@@ -234,12 +234,12 @@ pub trait Store: Send + Sync {
         Ok(None)
     }
 
-    /// Why the store cannot keep up now (a database out of reach), for `/readyz`.
     /// Ledger rows held in a local spool, waiting for a shared database.
     fn spooled(&self) -> usize {
         0
     }
 
+    /// Why the store cannot keep up now (a database out of reach), for `/readyz`.
     fn problem(&self) -> Option<String> {
         None
     }
