@@ -128,12 +128,21 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
     }
 
     let audit_writer = Arc::new(Mutex::new(Some(audit_writer)));
-    watch_drain(&server, metrics_in_flight, config.server.grace_period, audit_writer.clone(), store.clone());
+    let limits = runtime.limiter.clone();
+    watch_drain(
+        &server,
+        metrics_in_flight,
+        config.server.grace_period,
+        audit_writer.clone(),
+        store.clone(),
+        limits.clone(),
+    );
     server.run(RunArgs::default());
-    tracing::info!("stopped; flushing the audit log and the ledger");
+    tracing::info!("stopped; flushing the audit log, the shared limiter and the ledger");
     if let Some(w) = audit_writer.lock().unwrap().take() {
         w.shutdown();
     }
+    limits.flush(LIMITS_FLUSH);
     store.close();
     Ok(())
 }
@@ -171,6 +180,7 @@ fn watch_drain(
     grace: Duration,
     audit: Arc<Mutex<Option<AuditWriter>>>,
     store: Arc<dyn Store>,
+    limits: crate::limits::Limits,
 ) {
     let mut phases = server.watch_execution_phase();
     std::thread::Builder::new()
@@ -182,10 +192,14 @@ fn watch_drain(
                     while in_flight.get() > 0 && Instant::now() < deadline {
                         std::thread::sleep(Duration::from_millis(20));
                     }
-                    tracing::info!(in_flight = in_flight.get(), "drained; flushing the audit log and the ledger");
+                    tracing::info!(
+                        in_flight = in_flight.get(),
+                        "drained; flushing the audit log, the shared limiter and the ledger"
+                    );
                     if let Some(w) = audit.lock().unwrap().take() {
                         w.shutdown();
                     }
+                    limits.flush(LIMITS_FLUSH);
                     store.close();
                     std::process::exit(0);
                 }
@@ -195,6 +209,9 @@ fn watch_drain(
         })
         .expect("can spawn a thread");
 }
+
+/// The longest a stopping gateway waits for Redis to take its settlements and credits.
+const LIMITS_FLUSH: Duration = Duration::from_secs(2);
 
 /// The store `[store]` names: this gateway's SQLite file, or the fleet's PostgreSQL.
 pub fn open_store(c: &crate::config::StoreConfig, metrics: &Metrics) -> anyhow::Result<Arc<dyn Store>> {

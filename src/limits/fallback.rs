@@ -168,14 +168,22 @@ impl Known {
         }
     }
 
+    /// Credits Redis refused with an error: owed again, sent with the next batch.
+    pub(super) fn owe_again(&self, credits: &[(CreditKey, u64)]) {
+        let mut k = self.lock();
+        for (c, cost) in credits {
+            *k.owed.entry(c.clone()).or_default() += *cost;
+        }
+    }
+
     /// Takes what is owed, to send.
     pub(super) fn take_owed(&self) -> Vec<(CreditKey, u64)> {
         self.lock().owed.drain().collect()
     }
 
-    /// Redis took `credits` (`applied`), or refused them because its data is another
-    /// generation now (the ledger's seed holds that spend): either way they are owed no more.
-    pub(super) fn acknowledged(&self, credits: &[(CreditKey, u64)], applied: bool) {
+    /// Redis took `credits`, or refused them because its data is another generation now (the
+    /// ledger's seed holds that spend): either way they are owed no more.
+    pub(super) fn acknowledged(&self, credits: &[(CreditKey, u64)]) {
         let mut k = self.lock();
         for (c, cost) in credits {
             let id = (c.kind, c.id.clone());
@@ -185,11 +193,14 @@ impl Known {
                     k.pending.remove(&id);
                 }
             }
-            // Redis holds it now: the view includes it until the next answer says more.
-            if applied {
-                if let Some(seen) = k.seen.get_mut(&id).filter(|s| s.period == c.period && s.start == c.start) {
-                    seen.used = seen.used.saturating_add(*cost);
+            // Redis holds it now (or the ledger's seed of a newer generation does): the view
+            // includes it until the next answer says more. A credit for a later period than the
+            // view's starts that period's view.
+            if let Some(seen) = k.seen.get_mut(&id).filter(|s| s.period == c.period && s.start <= c.start) {
+                if seen.start < c.start {
+                    *seen = Seen { period: c.period, start: c.start, used: 0 };
                 }
+                seen.used = seen.used.saturating_add(*cost);
             }
             k.unacknowledged = k.unacknowledged.saturating_sub(*cost);
             k.acknowledged_total += *cost;
@@ -273,18 +284,26 @@ impl Fallback {
     fn seed(&self, shared: &RedisLimiter, scope: &Scope) -> Result<(), Refusal> {
         let Some(b) = scope.policy.budget else { return Ok(()) };
         let (start, _) = b.period.bounds(self.local.time_zone(), now_ms());
+        let id = ((scope.kind, scope.id.clone()), start);
         let mut seeded = self.seeded.lock().unwrap_or_else(|p| p.into_inner());
-        if !seeded.insert(((scope.kind, scope.id.clone()), start)) {
+        if seeded.contains(&id) {
             return Ok(());
         }
-        let Some(left) = shared.known().remainder(scope, b, start) else {
-            seeded.remove(&((scope.kind, scope.id.clone()), start));
-            return Err(super::redis::unavailable_refusal(&format!(
+        let known = shared.known();
+        // The view must be of the data the credits will go to: else what is spent here would
+        // be refused by Redis and counted nowhere.
+        let same_data = !self.epoch.is_empty() && known.epoch().as_deref() == Some(&*self.epoch);
+        let left = known.remainder(scope, b, start).filter(|_| same_data).ok_or_else(|| {
+            super::redis::unavailable_refusal(&format!(
                 "{scope}: no share while Redis is away (not seen in Redis this period)"
-            )));
-        };
+            ))
+        })?;
         let share = left / self.fleet;
         self.local.seed(scope, start, b.limit_nanos - share);
+        // A period that ended between the two clock readings: the seed was for no period.
+        if self.local.tracks(scope) {
+            seeded.insert(id);
+        }
         Ok(())
     }
 
@@ -377,11 +396,22 @@ mod tests {
         assert_eq!(owed.len(), 1);
         assert_eq!(owed[0].1, 40);
         assert_eq!(known.remainder(&s, b, start), Some(660), "sent, not acknowledged");
-        known.acknowledged(&owed, true);
+        known.acknowledged(&owed);
         assert!(known.settled_up());
         assert_eq!(known.remainder(&s, b, start), Some(660), "in Redis: in the view now");
+        // A credit Redis refused with an error is owed again, not lost.
+        known.reserve(std::slice::from_ref(&s), 100);
+        known.settle(&epoch, std::slice::from_ref(&s), 100, Actual { cost_nanos: 25, ..Default::default() }, tz);
+        let owed = known.take_owed();
+        known.owe_again(&owed);
+        assert_eq!(known.take_owed(), owed);
+        // A credit for the next period starts that period's view.
+        let next = CreditKey { start: start + 86_400_000, end: start + 2 * 86_400_000, ..owed[0].0.clone() };
+        known.acknowledged(&[(next, 25)]);
+        assert_eq!(known.remainder(&s, b, start + 86_400_000), Some(975), "the new period's view: 25 spent");
+        assert_eq!(known.remainder(&s, b, start), None, "the old period is not known any more");
         // A later period starts from nothing; another kind of period is not known.
-        assert_eq!(known.remainder(&s, b, start + 86_400_000), Some(1000));
+        assert_eq!(known.remainder(&s, b, start + 2 * 86_400_000), Some(1000));
         let weekly = Budget { limit_nanos: 1000, period: Period::Weekly };
         assert_eq!(known.remainder(&s, weekly, start), None);
     }

@@ -377,6 +377,14 @@ impl Limits {
         }
     }
 
+    /// Hands a shared limiter's waiting settlements and credits to Redis, waiting at most
+    /// `within` (a stopping gateway's last word). Nothing to do for the local limiter.
+    pub fn flush(&self, within: Duration) {
+        if let Limits::Redis { limiter, .. } = self {
+            limiter.flush(within);
+        }
+    }
+
     /// Whether a shared limiter that does not answer has this gateway counting on its share.
     pub fn counting_locally(&self) -> bool {
         match self {

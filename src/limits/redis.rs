@@ -104,6 +104,8 @@ pub struct RedisLimiter {
     /// Set by the probe while Redis answers again during an outage: credits may be sent.
     answering: AtomicBool,
     next_credit: AtomicU64,
+    /// Operations sent to the background and not yet done (a stopping gateway waits for them).
+    queued: Arc<std::sync::atomic::AtomicUsize>,
     rt: tokio::runtime::Handle,
     metrics: crate::metrics::Backend,
 }
@@ -147,6 +149,7 @@ impl RedisLimiter {
             fallback: Mutex::new(None),
             answering: AtomicBool::new(false),
             next_credit: AtomicU64::new(1),
+            queued: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             rt: rt.clone(),
             metrics,
         });
@@ -281,7 +284,7 @@ impl RedisLimiter {
                 // The script may have run before the connection failed, or may still run:
                 // release in the background, in order after it (harmless if it did not).
                 self.metrics.error("redis", "admit");
-                let _ = self.queue.send(Op::Release { ticket });
+                self.enqueue(Op::Release { ticket });
                 return match self.begin_outage(&why, unreachable) {
                     Some(f) => f.admit(self, scopes, demand, held),
                     None => Err(unavailable(&why)),
@@ -312,6 +315,7 @@ impl RedisLimiter {
             }
             Some("refuse") => {
                 self.forget(ticket);
+                self.remember_refusal(&counted, &answer, now, tz);
                 Err(self.refusal(&counted, &answer, demand, now))
             }
             _ => {
@@ -351,7 +355,7 @@ impl RedisLimiter {
             Err(_) => (format!("no answer within {:?}", self.settings.timeout), true),
         };
         self.metrics.error("redis", "hold");
-        let _ = self.queue.send(Op::Release { ticket });
+        self.enqueue(Op::Release { ticket });
         match self.begin_outage(&why.0, why.1) {
             Some(f) => f.hold(scope),
             None => Err(unavailable(&why.0)),
@@ -529,6 +533,27 @@ impl RedisLimiter {
         self.known.saw(epoch, &seen);
     }
 
+    /// A budget refusal carries the scope's spend and reservations (and Redis's epoch): the
+    /// view of a scope near its end stays fresh though no admission of it succeeds.
+    fn remember_refusal(&self, counted: &[&Scope], answer: &[String], now: i64, tz: Tz) {
+        if !self.settings.local_fallback
+            || !matches!(answer.get(2).map(String::as_str), Some("budget" | "budget_reserved"))
+        {
+            return;
+        }
+        let index = answer.get(1).and_then(|i| i.parse::<usize>().ok()).unwrap_or(0);
+        let (Some(s), Some(epoch)) = (index.checked_sub(1).and_then(|i| counted.get(i)), answer.get(6)) else { return };
+        let Some(b) = s.policy.budget else { return };
+        let int = |i: usize| answer.get(i).and_then(|v| v.parse::<u64>().ok());
+        match (int(3), int(4)) {
+            (Some(spent), Some(reserved)) => {
+                let (start, _) = b.period.bounds(tz, now);
+                self.known.saw(epoch, &[(*s, b.period.as_str(), start, spent.saturating_add(reserved))]);
+            }
+            _ => self.known.forget(s),
+        }
+    }
+
     /// Sends what this gateway owes Redis, one operation per data generation.
     fn send_owed(&self) {
         let owed = self.known.take_owed();
@@ -542,8 +567,32 @@ impl RedisLimiter {
         for (_, credits) in by_epoch {
             for chunk in credits.chunks(CREDITS_PER_CALL) {
                 let id = self.next_credit.fetch_add(1, Ordering::Relaxed);
-                let _ = self.queue.send(Op::Credit { id, credits: Arc::new(chunk.to_vec()) });
+                self.enqueue(Op::Credit { id, credits: Arc::new(chunk.to_vec()) });
             }
+        }
+    }
+
+    fn enqueue(&self, op: Op) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        if self.queue.send(op).is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Sends what is owed and waits (at most `within`) until Redis has taken every settlement,
+    /// release and credit sent to it. Blocking: for a stopping gateway.
+    pub fn flush(&self, within: Duration) {
+        self.send_owed();
+        let deadline = std::time::Instant::now() + within;
+        while self.queued.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let left = self.queued.load(Ordering::Acquire);
+        if left > 0 {
+            tracing::warn!(
+                operations = left,
+                "stopping with settlements or credits Redis has not taken (the ledger has the rows)"
+            );
         }
     }
 
@@ -615,8 +664,10 @@ impl RedisLimiter {
                 for (c, cost) in credits.iter() {
                     inv.arg(c.period).arg(c.start).arg(c.end).arg(*cost);
                 }
-                let applied = inv.invoke_async::<i64>(conn).await?;
-                self.known.acknowledged(&credits, applied != 0);
+                // 1: booked; 2: booked before (a retry); 0: Redis holds another generation of
+                // its data now, seeded from the ledger, which has this spend.
+                inv.invoke_async::<i64>(conn).await?;
+                self.known.acknowledged(&credits);
             }
             Op::Release { ticket } => {
                 let mut inv = self.ops.prepare_invoke();
@@ -670,13 +721,13 @@ const IDLE_TTL_MS: i64 = 3_600_000;
 impl Settle for RedisLimiter {
     fn release(&self, ticket: u64, _scope: &Scope) {
         if ticket != 0 {
-            let _ = self.queue.send(Op::Release { ticket });
+            self.enqueue(Op::Release { ticket });
         }
     }
 
     fn settle(&self, ticket: u64, scopes: &[Scope], demand: Demand, actual: Actual) {
         if ticket != 0 {
-            let _ = self.queue.send(Op::Settle { ticket, scopes: scopes.to_vec(), demand, actual });
+            self.enqueue(Op::Settle { ticket, scopes: scopes.to_vec(), demand, actual });
         }
     }
 }
@@ -700,11 +751,21 @@ async fn background(limiter: std::sync::Weak<RedisLimiter>, mut work: mpsc::Unbo
                     wait = (wait * 2).min(RETRY_MAX);
                     op = Some(retry);
                 }
+                // A credit is money this gateway spent on its own: it goes back to what is owed
+                // and is sent again with the next batch, never dropped (the gateway keeps
+                // counting on its share until Redis has it).
+                Err(e) if matches!(retry, Op::Credit { .. }) => {
+                    tracing::error!(error = %e, "the shared limiter refused a credit; kept to send again");
+                    if let Op::Credit { credits, .. } = retry {
+                        l.known.owe_again(&credits);
+                    }
+                }
                 // A refusal by the script itself would repeat forever and hold up every later
                 // settlement: it is logged, loudly, and dropped (the ledger still has the row).
                 Err(e) => tracing::error!(error = %e, "the shared limiter refused a settlement; dropped"),
             }
         }
+        l.queued.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -772,7 +833,20 @@ fn unreachable(e: &redis::RedisError) -> bool {
 /// An error answer that passes by itself: a Redis loading its data, out of memory, busy with a
 /// script, or a replica that is not (or no longer) the primary.
 fn passing(e: &redis::RedisError) -> bool {
-    matches!(e.code(), Some("READONLY" | "LOADING" | "OOM" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN"))
+    matches!(
+        e.code(),
+        Some(
+            "READONLY"
+                | "LOADING"
+                | "OOM"
+                | "BUSY"
+                | "MASTERDOWN"
+                | "TRYAGAIN"
+                | "CLUSTERDOWN"
+                | "MISCONF"
+                | "NOREPLICAS"
+        )
+    )
 }
 
 /// Pushes the expiry of this gateway's leases forward, a third of a lease at a time.

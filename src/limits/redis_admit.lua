@@ -5,7 +5,8 @@
 --       rpm, input tpm, output tpm, concurrency (-1: none), held (1/0).
 -- Returns {'ok', epoch, per scope its spend and reservations now ('' without a budget)}: what
 -- a gateway needs to count on its own share if Redis stops answering; {'reseed'} (the data
--- was lost: seed from the ledger first); or {'refuse', scope index, reason, numbers...}.
+-- was lost: seed from the ledger first); or {'refuse', scope index, reason, numbers...} (a
+-- budget's: spent, reserved, period end, epoch).
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   return {'reseed'}
@@ -31,10 +32,10 @@ for i = 1, n do
     local spent, ends = roll(key, ARGV[o + 2], ARGV[o + 3], ARGV[o + 4], now)
     local res = redis.call('HGET', key, 'res') or '0'
     if tonumber(spent) + worst > limit then
-      return {'refuse', i, 'budget', spent, res, tostring(ends)}
+      return {'refuse', i, 'budget', spent, res, tostring(ends), epoch}
     end
     if tonumber(spent) + tonumber(res) + worst > limit then
-      return {'refuse', i, 'budget_reserved', spent, res, tostring(ends)}
+      return {'refuse', i, 'budget_reserved', spent, res, tostring(ends), epoch}
     end
     p.budget = true
     p.ends = ends

@@ -92,7 +92,7 @@ if op == 'credit' then
   -- counted against: after Redis lost its data (another epoch), the ledger's seed holds it.
   -- Returns 1 (booked), 2 (booked before: a retry after a lost answer) or 0 (another epoch).
   if redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
-  if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', 86400000) then return 2 end
+  if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
   local now = now_ms()
   for i = 3, #KEYS do
     local o = 2 + (i - 3) * 4
@@ -103,6 +103,8 @@ if op == 'credit' then
     end
     keep(KEYS[i], true, ends, 0)
   end
+  -- Marked once booked: a script stopped by an error before this books again when retried.
+  redis.call('SET', KEYS[2], '1', 'PX', 86400000)
   return 1
 end
 
