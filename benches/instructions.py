@@ -118,6 +118,17 @@ def body(stream):
     }).encode()
 
 
+def wait_port(port, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
 def send(conn, kind, n):
     spec = KINDS[kind]
     payload = body(spec["stream"])
@@ -151,13 +162,14 @@ def dumped_total(files_before, out_dir):
     raise RuntimeError("callgrind wrote no dump")
 
 
-def measure(n, profile_dir=None):
+def measure(n, profile_dir=None, bare=False):
     for tool in ("valgrind", "callgrind_control"):
         if not shutil.which(tool):
             raise SystemExit(f"error: {tool} is needed (Debian: apt-get install valgrind)")
-    for binary in ("tollgate", "tollgate-mock"):
+    for binary in ("tollgate", "tollgate-mock") + (("examples/bare_pingora",) if bare else ()):
         if not (REL / binary).exists():
-            raise SystemExit(f"error: {REL / binary} is missing: cargo build --release --bin tollgate --bin tollgate-mock")
+            raise SystemExit(f"error: {REL / binary} is missing: cargo build --release --bin tollgate --bin tollgate-mock "
+                             "(and --example bare_pingora for --bare)")
     work = pathlib.Path(tempfile.mkdtemp(prefix="tollgate-instr-"))
     out_dir = pathlib.Path(profile_dir) if profile_dir else work
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -167,14 +179,21 @@ def measure(n, profile_dir=None):
         mock = subprocess.Popen([str(REL / "tollgate-mock"), "--listen", f"127.0.0.1:{upstream}"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         procs.append(mock)
-        cfg = config(work, port, admin, upstream)
         env = dict(os.environ, BENCH_PROVIDER_KEY="bench-provider-key", TOLLGATE_LOG="warn")
+        if bare:
+            # Pingora's own proxy with nothing added: what any Pingora gateway pays.
+            command = [str(REL / "examples" / "bare_pingora"), f"127.0.0.1:{port}", f"127.0.0.1:{upstream}", "1"]
+        else:
+            command = [str(REL / "tollgate"), "run", "--config", str(config(work, port, admin, upstream))]
         gw = subprocess.Popen(
             ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_dir}/callgrind.out.%p",
-             str(REL / "tollgate"), "run", "--config", str(cfg)],
+             *command],
             cwd=work, env=env, stdout=open(work / "gateway.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(gw)
-        wait_http(admin, "/readyz", 180)
+        if bare:
+            wait_port(port, 180)
+        else:
+            wait_http(admin, "/readyz", 180)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         results = {}
         for kind in KINDS:
@@ -192,7 +211,7 @@ def measure(n, profile_dir=None):
             total, f = dumped_total(before, out_dir)
             results[kind] = round(total / n)
             if profile_dir:
-                f.rename(out_dir / f"callgrind.{kind}.out")
+                f.rename(out_dir / f"callgrind.{'bare-' if bare else ''}{kind}.out")
         return results
     finally:
         for p in reversed(procs):
@@ -208,15 +227,64 @@ def measure(n, profile_dir=None):
             shutil.rmtree(work, ignore_errors=True)
 
 
+# Where a request's instructions go: inclusive costs of the functions that stand for each part
+# (they overlap where one part calls another; memcpy is counted inside its callers too).
+COMPONENTS = [
+    ("request head guard (deadline, size and syntax checks)", "<tollgate::connections::head::HeadGuard as tokio::io::async_read::AsyncRead>::poll_read"),
+    ("everything in request_filter (the rows below, and Pingora's I/O they call)", "<tollgate::proxy::Gateway as pingora_proxy::proxy_trait::ProxyHttp>::request_filter::{{closure}}"),
+    ("  caller: key lookup", "tollgate::proxy::identity::<impl tollgate::proxy::Gateway>::authenticate"),
+    ("  body: peek (model, stream, max_tokens)", "tollgate::protocol::json_peek::peek_request"),
+    ("  body: reference scan (content fetched by URL, tools)", "tollgate::protocol::references::scan"),
+    ("  admission (budgets, limits)", "tollgate::limits::local::LocalLimiter as tollgate::limits::Limiter>::admit_held"),
+    ("  upstream request (headers, credentials)", "tollgate::proxy::fallback::<impl tollgate::proxy::Gateway>::upstream_request"),
+    ("  answer: forward and meter (SSE scan)", "tollgate::proxy::exchange::<impl tollgate::proxy::Gateway>::stream_answer::{{closure}}"),
+    ("  answer: usage read at the end", "tollgate::proxy::meter::ResponseMeter::finish"),
+    ("  response headers for the client", "tollgate::proxy::headers::response_for_client"),
+    ("logging phase (usage record, settlement, metrics)", "<tollgate::proxy::Gateway as pingora_proxy::proxy_trait::ProxyHttp>::logging::{{closure}}"),
+    ("audit writer thread (JSON line)", "tollgate::audit::write_loop"),
+    ("ledger writer thread (SQLite insert)", "tollgate::store::sqlite::commit_queue"),
+    ("memcpy (moves of large futures, mostly)", "__memcpy_avx_unaligned_erms"),
+    ("allocation and free", "_rjem_malloc"),
+]
+
+
+def breakdown(profile, n):
+    """Rows of (component, instructions per request) from a callgrind file."""
+    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(profile)], capture_output=True, text=True).stdout
+    costs = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+(\S.*)$", line)
+        if m and "=>" not in line:
+            name = m.group(2)
+            fn = name.split(":", 1)[1].rsplit(" [", 1)[0] if ":" in name else name
+            costs[fn] = max(costs.get(fn, 0), int(m.group(1).replace(",", "")))
+    rows = [("total", costs.get("PROGRAM TOTALS", max(costs.values(), default=0)))]
+    for label, fn in COMPONENTS:
+        rows.append((label, max((v for k, v in costs.items() if fn in k), default=0)))
+    if any(fn == "_rjem_malloc" for _, fn in COMPONENTS):
+        rows[-1] = (rows[-1][0], rows[-1][1] + max((v for k, v in costs.items() if "_rjem_sdallocx" in k), default=0))
+    return [(label, round(v / n)) for label, v in rows]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=200, help="requests counted per kind")
     ap.add_argument("--check", action="store_true", help="fail if a kind grew past the baseline's margin")
     ap.add_argument("--update", action="store_true", help="write the measurement as the new baseline")
     ap.add_argument("--profile", metavar="DIR", help="keep the callgrind files in DIR")
+    ap.add_argument("--bare", action="store_true", help="also measure the bare Pingora proxy (benches/load/bare_pingora.rs)")
     args = ap.parse_args()
     got = measure(args.requests, args.profile)
     print(json.dumps({"instructions_per_request": got}))
+    if args.bare:
+        bare = measure(args.requests, args.profile, bare=True)
+        print(json.dumps({"bare_pingora_instructions_per_request": bare}))
+    if args.profile:
+        for kind in KINDS:
+            print(f"\n{kind}: instructions per request, by part (inclusive)\n")
+            print("| part | instructions |\n|---|---|")
+            for label, v in breakdown(pathlib.Path(args.profile) / f"callgrind.{kind}.out", args.requests):
+                print(f"| {label} | {v:,} |")
     if args.update:
         base = json.loads(BASELINE.read_text()) if BASELINE.exists() else {"margin": 0.05}
         base["instructions_per_request"] = got

@@ -17,3 +17,15 @@ ensure_build_deps() {
         exit 1
     fi
 }
+
+# The per-request cost guard counts instructions with callgrind (Debian's valgrind package).
+ensure_valgrind() {
+    command -v valgrind >/dev/null 2>&1 && command -v callgrind_control >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing valgrind (the per-request cost guard counts instructions with callgrind)..." >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+    else
+        echo "error: the per-request cost guard needs valgrind: sudo apt-get install -y valgrind" >&2
+        exit 1
+    fi
+}

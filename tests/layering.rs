@@ -53,6 +53,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "audit",
             "config",
             "connections",
+            "limits",
             "metrics",
             "providers",
             "proxy",

@@ -23,7 +23,6 @@ use pingora::protocols::{
 };
 use prometheus::IntCounterVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
 
 use super::refusal;
 use super::scanner::{HeadScanner, Scan, Violation};
@@ -53,7 +52,9 @@ pub struct HeadGuard {
     limits: Arc<HeadLimits>,
     violations: IntCounterVec,
     phase: Phase,
-    deadline: Option<Pin<Box<Sleep>>>,
+    /// Pingora's timer wheel (10 ms resolution), not tokio's: arming tokio's timer wakes its
+    /// driver with a syscall on every request head.
+    deadline: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
     scanner: HeadScanner,
 }
 
@@ -68,7 +69,7 @@ impl HeadGuard {
 
     fn start_head(&mut self) {
         self.phase = Phase::Head;
-        self.deadline = Some(Box::pin(tokio::time::sleep(self.limits.header_timeout)));
+        self.deadline = Some(Box::pin(pingora_timeout::fast_timeout::fast_sleep(self.limits.header_timeout)));
         self.scanner.reset();
     }
 

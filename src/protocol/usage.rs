@@ -204,29 +204,40 @@ pub struct CacheCreationJson {
     pub ephemeral_1h_input_tokens: Option<u64>,
 }
 
-/// The parts of a non-streamed Messages response (or error) that metering reads.
-#[derive(Debug, Default, Deserialize)]
-pub struct MessageJson {
-    pub usage: Option<UsageJson>,
-    pub error: Option<ErrorJson>,
-    /// Present on `count_tokens` answers.
-    pub input_tokens: Option<u64>,
-}
-
+/// The part of an error body metering reads.
 #[derive(Debug, Default, Deserialize)]
 pub struct ErrorJson {
     #[serde(rename = "type")]
     pub kind: Option<String>,
 }
 
-/// Reads usage from a complete non-streamed JSON body. `None` when the body is not JSON.
+/// Reads usage from a complete non-streamed JSON body. `None` when the body is not a JSON
+/// object, or its `usage` or `error` is not of their shape.
+///
+/// Only those two members are parsed: the top level is walked with the JSON peek (the content,
+/// nearly all of the bytes, is skipped at memchr speed), not deserialized whole.
 pub fn usage_from_json(body: &[u8]) -> Option<(Usage, Option<String>)> {
-    let msg: MessageJson = serde_json::from_slice(body).ok()?;
+    let (mut usage_span, mut error_span) = (None, None);
+    super::json_peek::scan_object(body, |key, span| {
+        match key {
+            "usage" => usage_span = Some(span),
+            "error" => error_span = Some(span),
+            _ => {}
+        }
+        Ok(())
+    })
+    .ok()?;
     let mut usage = Usage::default();
-    if let Some(u) = &msg.usage {
-        usage.apply(u);
+    if let Some(span) = usage_span {
+        if let Some(u) = serde_json::from_slice::<Option<UsageJson>>(&body[span]).ok()? {
+            usage.apply(&u);
+        }
     }
-    Some((usage, msg.error.and_then(|e| e.kind)))
+    let error = match error_span {
+        Some(span) => serde_json::from_slice::<Option<ErrorJson>>(&body[span]).ok()?.and_then(|e| e.kind),
+        None => None,
+    };
+    Some((usage, error))
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ pub(super) struct BodyTimeouts {
 pub(super) async fn read_body(session: &mut Session, max: usize, timeouts: BodyTimeouts) -> Result<Bytes, ApiError> {
     let total = timeouts.total;
     session.set_read_timeout(Some(timeouts.per_read));
-    match tokio::time::timeout(total, read_body_within(session, max, timeouts.per_read)).await {
+    match pingora_timeout::fast_timeout::fast_timeout(total, read_body_within(session, max, timeouts.per_read)).await {
         Ok(read) => read,
         Err(_) => Err(ApiError::request_timeout(format!("the request body did not arrive within {total:?}"))),
     }

@@ -81,39 +81,56 @@ impl Gateway {
             return self.client_gone(ctx, meter, up, provider, &peer).await;
         }
         up.set_read_timeout(Some(provider.idle_timeout));
+        // (what the meter reads, what the client gets) for one upstream chunk.
+        let mut transform = |read: pingora::Result<Option<bytes::Bytes>>| match read {
+            Ok(Some(chunk)) => match (&mut decode, &mut encode) {
+                (Some(d), _) => d.feed(&chunk).map_err(|e| (false, e.to_string())).map(|sse| {
+                    let to_client = if frames_down { chunk } else { sse.clone() };
+                    Some((sse, to_client))
+                }),
+                (None, Some(e)) => Ok(Some((chunk.clone(), e.feed(&chunk)))),
+                (None, None) => Ok(Some((chunk.clone(), chunk))),
+            },
+            Ok(None) => Ok(None),
+            Err(e) => {
+                let silent = e.etype() == &ErrorType::ReadTimedout;
+                let kind = if silent { "idle_timeout" } else { "read_error" };
+                self.metrics.upstream_errors.with_label_values(&[&provider.name, kind]).inc();
+                Err((silent, e.to_string()))
+            }
+        };
+        let mut batch = Batch::default();
         loop {
-            // (what the meter reads, what the client gets)
-            let read = match up.read_response_body().await {
-                Ok(Some(chunk)) => match (&mut decode, &mut encode) {
-                    (Some(d), _) => d.feed(&chunk).map_err(|e| (false, e.to_string())).map(|sse| {
-                        let to_client = if frames_down { chunk } else { sse.clone() };
-                        Some((sse, to_client))
-                    }),
-                    (None, Some(e)) => Ok(Some((chunk.clone(), e.feed(&chunk)))),
-                    (None, None) => Ok(Some((chunk.clone(), chunk))),
-                },
-                Ok(None) => Ok(None),
-                Err(e) => {
-                    let silent = e.etype() == &ErrorType::ReadTimedout;
-                    let kind = if silent { "idle_timeout" } else { "read_error" };
-                    self.metrics.upstream_errors.with_label_values(&[&provider.name, kind]).inc();
-                    Err((silent, e.to_string()))
-                }
-            };
-            match read {
-                // Frames or events still incomplete: nothing to send yet.
-                Ok(Some((seen, chunk))) if chunk.is_empty() => meter.feed(&seen),
-                Ok(Some((seen, chunk))) => {
-                    meter.feed(&seen);
-                    if ctx.ttfb.is_none() {
-                        ctx.ttfb = Some(ctx.start.elapsed());
+            // What the provider sent, and whatever more it has sent already: one write to the
+            // client for all of it, where writing each chunk as it is read would cost a
+            // syscall per event of a stream that arrives in a burst.
+            let mut read = Some(up.read_response_body().await);
+            let mut end = None;
+            while let Some(r) = read.take() {
+                match transform(r) {
+                    Ok(Some((seen, chunk))) => {
+                        meter.feed(&seen);
+                        batch.push(chunk);
                     }
-                    if session.write_response_body(Some(chunk), false).await.is_err() {
-                        return self.client_gone(ctx, meter, up, provider, &peer).await;
-                    }
+                    Ok(None) => end = Some(Ok(())),
+                    Err(e) => end = Some(Err(e)),
                 }
-                Ok(None) => break,
-                Err((silent, e)) => {
+                if end.is_none() && batch.len() < BATCH_BYTES {
+                    read = ready_now(up.read_response_body());
+                }
+            }
+            if let Some(chunk) = batch.take() {
+                if ctx.ttfb.is_none() {
+                    ctx.ttfb = Some(ctx.start.elapsed());
+                }
+                if session.write_response_body(Some(chunk), false).await.is_err() {
+                    return self.client_gone(ctx, meter, up, provider, &peer).await;
+                }
+            }
+            match end {
+                None => {}
+                Some(Ok(())) => break,
+                Some(Err((silent, e))) => {
                     ctx.take_metered(&meter.finish());
                     ctx.outcome = Outcome::Incomplete;
                     ctx.error = Some(format!("provider {} broke off the answer: {e}", provider.name));
@@ -264,7 +281,9 @@ impl Gateway {
         let peer = &*peer;
         let mut attempt = 0;
         loop {
-            let (mut up, reused) = provider.connector.get_http_session(peer).await.map_err(|e| {
+            // Boxed: connecting (TLS handshake included) is a large future, and inline it would
+            // make every attempt's future that much larger to move.
+            let (mut up, reused) = Box::pin(provider.connector.get_http_session(peer)).await.map_err(|e| {
                 let timeout = matches!(e.etype(), ErrorType::ConnectTimedout | ErrorType::TLSHandshakeTimedout);
                 let kind = if timeout { "connect_timeout" } else { "connect_error" };
                 self.metrics.upstream_errors.with_label_values(&[&provider.name, kind]).inc();
@@ -413,5 +432,53 @@ fn connect_reason(e: &pingora::Error) -> String {
     match detail {
         Some(d) if !d.is_empty() => format!("{}: {d}", e.etype().as_str()),
         _ => e.etype().as_str().to_string(),
+    }
+}
+
+/// The most a burst of upstream chunks is gathered into before it is written to the client.
+const BATCH_BYTES: usize = 64 << 10;
+
+/// Chunks read and not yet written: one is written as it is (no copy), several are joined.
+#[derive(Default)]
+struct Batch {
+    first: Option<bytes::Bytes>,
+    more: Option<bytes::BytesMut>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.more.as_ref().map_or_else(|| self.first.as_ref().map_or(0, |b| b.len()), |m| m.len())
+    }
+
+    fn push(&mut self, chunk: bytes::Bytes) {
+        if chunk.is_empty() {
+            return;
+        }
+        match (&mut self.first, &mut self.more) {
+            (None, None) => self.first = Some(chunk),
+            (Some(first), None) => {
+                let mut joined = bytes::BytesMut::with_capacity(first.len() + chunk.len() * 4);
+                joined.extend_from_slice(first);
+                joined.extend_from_slice(&chunk);
+                self.first = None;
+                self.more = Some(joined);
+            }
+            (_, Some(more)) => more.extend_from_slice(&chunk),
+        }
+    }
+
+    fn take(&mut self) -> Option<bytes::Bytes> {
+        self.more.take().map(bytes::BytesMut::freeze).or_else(|| self.first.take())
+    }
+}
+
+/// The future's output if it is ready without waiting, else `None` (the future is dropped: a
+/// body read is cancel-safe, as Pingora's own proxy loop relies on).
+fn ready_now<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
     }
 }

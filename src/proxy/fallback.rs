@@ -180,7 +180,8 @@ impl Gateway {
                         // The deadline bounds the whole attempt, writing a large body included.
                         // Whether the request was written whole when it struck is not known:
                         // count it as written.
-                        Ok(r) => tokio::time::timeout(
+                        // Pingora's timer wheel: no syscall to arm it on every attempt.
+                        Ok(r) => pingora_timeout::fast_timeout::fast_timeout(
                             remaining,
                             self.send(&provider, &endpoint, r, out.body.clone(), timeout),
                         )
@@ -481,7 +482,7 @@ async fn read_error_body(up: &mut HttpSession, limit: Duration) -> Option<Bytes>
             }
         }
     };
-    tokio::time::timeout(limit, read).await.ok().flatten()
+    pingora_timeout::fast_timeout::fast_timeout(limit, read).await.ok().flatten()
 }
 
 /// Anthropic says `prompt is too long: 250000 tokens > 200000 maximum`.
