@@ -363,9 +363,13 @@ fn check(path: &std::path::Path) -> ExitCode {
         backends.push(match config.limits.url.as_ref().map(|u| u.resolve()) {
             Some(Ok(url)) => {
                 let shown = tollgate::limits::redact_url(url.expose());
-                tollgate::limits::ping_redis(url.expose(), config.limits.timeout.max(std::time::Duration::from_secs(1)))
-                    .map(|rtt| format!("limits: Redis at {shown} answered in {:.1} ms", rtt.as_secs_f64() * 1000.0))
-                    .map_err(|e| format!("limits: Redis at {shown}: {e}"))
+                tollgate::limits::ping_redis(
+                    url.expose(),
+                    config.limits.cluster,
+                    config.limits.timeout.max(std::time::Duration::from_secs(1)),
+                )
+                .map(|rtt| format!("limits: Redis at {shown} answered in {:.1} ms", rtt.as_secs_f64() * 1000.0))
+                .map_err(|e| format!("limits: Redis at {shown}: {e}"))
             }
             Some(Err(e)) => Err(format!("limits.url: {e}")),
             None => Err("limits.url is not set".into()),

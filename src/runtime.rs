@@ -345,6 +345,7 @@ fn build_limits(config: &Config, metrics: &Metrics) -> Result<(Limits, Option<to
                 timeout: l.timeout,
                 lease: l.lease,
                 local_fallback: l.on_unavailable == crate::config::OnUnavailable::Local,
+                cluster: l.cluster,
             };
             let limiter = RedisLimiter::connect(settings, tz, rt.handle(), metrics.backend.clone())?;
             Ok((Limits::Redis { limiter, rt: rt.handle().clone() }, Some(rt)))

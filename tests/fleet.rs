@@ -822,6 +822,53 @@ async fn a_frozen_redis_leaves_each_gateway_its_share_and_gets_the_spend_back() 
     no_panics(&[&a, &b]);
 }
 
+/// Two gateways on a Redis Cluster of three primaries, each told of a node that does *not* own
+/// the limiter's slot (a client that ignored the cluster would get MOVED on every call): a key
+/// budget of ten worst cases, 60 concurrent requests over both gateways, exactly ten served, and
+/// the spend held by the node that owns the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_shares_one_budget_exactly() {
+    let cluster = RedisCluster::start();
+    let prefix = Prefix::new();
+    let owner = cluster.owner(&format!("{{{}}}", prefix.0));
+    let others: Vec<u16> = cluster.ports.iter().copied().filter(|p| *p != owner).collect();
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let key_extra = format!("budget = {{ usd = {}, period = \"daily\" }}", usd(10 * WORST));
+    let cfg = config_with(&mock.url(), &key, &key_extra, &prefix, "cluster = true");
+    let (a, b) = (
+        start_on(&cfg, &format!("redis://127.0.0.1:{}/", others[0])),
+        start_on(&cfg, &format!("redis://127.0.0.1:{}/,redis://127.0.0.1:{}/", others[1], others[0])),
+    );
+    let usage = worst_usage();
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            let req = messages_request(if i % 2 == 0 { &a } else { &b }, &key)
+                .header("x-mock-usage", usage.clone())
+                .body(body());
+            tokio::spawn(async move { req.send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(served, 10, "{statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 403 || *s == 429), "{statuses:?}");
+    let mut on_owner = cluster.node(owner);
+    let spent = || -> i64 {
+        let h: std::collections::HashMap<String, String> =
+            redis::cmd("HGETALL").arg(format!("{{{}}}:s:key:a", prefix.0)).query(&mut cluster.node(owner)).unwrap();
+        h.get("spent").map_or(0, |v| v.parse().unwrap())
+    };
+    eventually(Duration::from_secs(5), "the owner holds the spend", || spent() == 10 * WORST as i64).await;
+    let exists: i64 = redis::cmd("EXISTS").arg(format!("{{{}}}:epoch", prefix.0)).query(&mut on_owner).unwrap();
+    assert_eq!(exists, 1);
+    eventually(Duration::from_secs(5), "the ledgers agree", || ledger(&[&a, &b]) == 10 * WORST).await;
+    no_panics(&[&a, &b]);
+}
+
 /// A request longer than the lease keeps its reservation: renewed, it still refuses a request
 /// that would need the rest of the budget at 5 s (lease 3 s), and settles correctly at its end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -83,6 +83,9 @@ pub struct LimitsConfig {
     /// requests with a 503, or count them in this `local` process on its share of the fleet's
     /// remaining budget and limits until Redis answers again.
     pub on_unavailable: OnUnavailable,
+    /// Redis: `url` names nodes of a Redis Cluster (comma-separated); the client follows the
+    /// cluster's slot map and redirections.
+    pub cluster: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -101,6 +104,7 @@ impl Default for LimitsConfig {
             timeout: Duration::from_millis(250),
             lease: Duration::from_secs(60),
             on_unavailable: OnUnavailable::Refuse,
+            cluster: false,
         }
     }
 }

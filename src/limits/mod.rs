@@ -8,6 +8,7 @@
 mod fallback;
 mod local;
 mod redis;
+mod redis_conn;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +19,8 @@ pub use crate::config::{
     rfc3339, Budget, BudgetConfig, Period, RateLimits, DEFAULT_MAX_PRINCIPALS as DEFAULT_MAX_KEYS,
 };
 pub use local::{now_ms, Clock, LocalLimiter};
-pub use redis::{ping as ping_redis, redact as redact_url, RedisLimiter, RedisSettings};
+pub use redis::{RedisLimiter, RedisSettings};
+pub use redis_conn::{ping as ping_redis, redact as redact_url};
 
 /// Budget and limits of one scope.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono_tz::Tz;
-use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
 use super::fallback::{CreditKey, Fallback, Known};
 use super::local::{bucket_refusal, budget_refusal, concurrency_refusal, now_ms, Spend};
+use super::redis_conn::Conn;
 use super::{Actual, Demand, Hold, Refusal, Reservation, Scope, ScopeKind, ScopeStatus, Settle};
 
 /// How the shared limiter is reached, and how it behaves.
@@ -34,6 +34,8 @@ pub struct RedisSettings {
     pub lease: Duration,
     /// While Redis does not answer: count on this gateway's share (true) or refuse (false).
     pub local_fallback: bool,
+    /// `url` lists nodes of a Redis Cluster (its slot map is followed).
+    pub cluster: bool,
 }
 
 /// Work sent to the background: settlements and releases never wait on Redis.
@@ -73,7 +75,7 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 const CREDITS_PER_CALL: usize = 500;
 
 pub struct RedisLimiter {
-    conn: ConnectionManager,
+    conn: Conn,
     settings: RedisSettings,
     tag: String,
     /// `{prefix}:leases` and `{prefix}:epoch`, made once: every admission names them.
@@ -119,13 +121,9 @@ impl RedisLimiter {
         rt: &tokio::runtime::Handle,
         metrics: crate::metrics::Backend,
     ) -> Result<Arc<Self>, String> {
-        let client = redis::Client::open(settings.url.as_str()).map_err(|e| format!("limits.url: {e}"))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.timeout.max(Duration::from_secs(1))))
-            .set_response_timeout(Some(settings.timeout.max(Duration::from_secs(1))));
-        let conn =
-            crate::blocking::block_on(rt, async move { client.get_connection_manager_with_config(config).await })
-                .map_err(|e| format!("Redis at {}: {e}", redact(&settings.url)))?;
+        let (url, cluster, timeout) =
+            (settings.url.clone(), settings.cluster, settings.timeout.max(Duration::from_secs(1)));
+        let conn = crate::blocking::block_on(rt, async move { Conn::open(&url, cluster, timeout).await })?;
         let (queue, work) = mpsc::unbounded_channel();
         let node = format!("{:016x}", rand::random::<u64>());
         let limiter = Arc::new(RedisLimiter {
@@ -651,7 +649,7 @@ impl RedisLimiter {
         result
     }
 
-    async fn run_on(&self, conn: &mut ConnectionManager, op: Op) -> Result<(), redis::RedisError> {
+    async fn run_on(&self, conn: &mut Conn, op: Op) -> Result<(), redis::RedisError> {
         match op {
             Op::Credit { id, credits } => {
                 let Some((first, _)) = credits.first() else { return Ok(()) };
@@ -900,28 +898,4 @@ fn unavailable(why: &str) -> Refusal {
         headers: Vec::new(),
         reason: "limits_unavailable",
     }
-}
-
-/// A Redis URL without its password, for messages.
-pub fn redact(url: &str) -> String {
-    // Credentials can sit before the host or in the query (`?password=`): keep neither.
-    let url = url.split('?').next().unwrap_or_default();
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
-}
-
-/// Connects to `url` once and asks `PING`: what `tollgate check` reports. Returns the round
-/// trip's time.
-pub fn ping(url: &str, timeout: Duration) -> Result<Duration, String> {
-    let started = std::time::Instant::now();
-    let client = redis::Client::open(url).map_err(|e| format!("{e}"))?;
-    let mut conn = client.get_connection_with_timeout(timeout).map_err(|e| format!("{e}"))?;
-    conn.set_read_timeout(Some(timeout)).map_err(|e| format!("{e}"))?;
-    let pong: String = redis::cmd("PING").query(&mut conn).map_err(|e| format!("{e}"))?;
-    if pong != "PONG" {
-        return Err(format!("PING answered {pong:?}"));
-    }
-    Ok(started.elapsed())
 }

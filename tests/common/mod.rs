@@ -779,6 +779,100 @@ impl RedisServer {
     }
 }
 
+/// A Redis Cluster of three primaries on loopback (no replicas), each a `redis-server` of its
+/// own; stopped when dropped.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    children: Vec<Child>,
+    _dir: TempDir,
+}
+
+impl RedisCluster {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Each node also listens on its port + 10000 (the cluster bus).
+        let mut ports = Vec::new();
+        while ports.len() < 3 {
+            let p = free_port();
+            if p < 55000 && std::net::TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() && !ports.contains(&p) {
+                ports.push(p);
+            }
+        }
+        let children = ports
+            .iter()
+            .map(|p| {
+                Command::new("redis-server")
+                    .args(["--port", &p.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                    .args(["--cluster-enabled", "yes", "--cluster-config-file", &format!("nodes-{p}.conf")])
+                    .arg("--dir")
+                    .arg(dir.path())
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server starts (is it installed?)")
+            })
+            .collect();
+        let cluster = RedisCluster { ports, children, _dir: dir };
+        for p in &cluster.ports {
+            cluster.wait_for(*p, |c| redis::cmd("PING").query::<String>(c).is_ok());
+        }
+        let nodes: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs");
+        assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        for p in &cluster.ports {
+            cluster.wait_for(*p, |c| {
+                redis::cmd("CLUSTER").arg("INFO").query::<String>(c).is_ok_and(|i| i.contains("cluster_state:ok"))
+            });
+        }
+        cluster
+    }
+
+    fn wait_for(&self, port: u16, ok: impl Fn(&mut redis::Connection) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let c = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)));
+            if c.is_ok_and(|mut c| ok(&mut c)) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis cluster node {port} not ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A connection to one node.
+    pub fn node(&self, port: u16) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap().get_connection().unwrap()
+    }
+
+    /// The port of the node that owns `key`'s slot.
+    pub fn owner(&self, key: &str) -> u16 {
+        let mut c = self.node(self.ports[0]);
+        let slot: i64 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut c).unwrap();
+        // Each range: [from, to, [ip, port, id, ...], replicas...].
+        let ranges: Vec<Vec<redis::Value>> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut c).unwrap();
+        let int = |v: &redis::Value| redis::from_redis_value_ref::<i64>(v).unwrap();
+        let owner = ranges.iter().find(|r| (int(&r[0])..=int(&r[1])).contains(&slot)).expect("every slot is served");
+        let primary: Vec<redis::Value> = redis::from_redis_value_ref(&owner[2]).unwrap();
+        int(&primary[1]) as u16
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();

@@ -1,0 +1,114 @@
+//! The connection to the shared limiter: one Redis (or Valkey) address, through a connection
+//! manager that reconnects by itself, or a Redis Cluster, whose client follows the cluster's
+//! slot map and its redirections (every key of the limiter shares one hash tag, so one slot:
+//! each script runs on the shard that owns it).
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+#[derive(Clone)]
+pub(super) enum Conn {
+    One(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    /// Connects to `url` (with `cluster`, a comma-separated list of the cluster's nodes to
+    /// learn its slot map from), waiting at most `timeout` for a connection or an answer.
+    pub(super) async fn open(url: &str, cluster: bool, timeout: Duration) -> Result<Conn, String> {
+        if cluster {
+            let nodes: Vec<&str> = url.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
+            let client = redis::cluster::ClusterClient::builder(nodes)
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .build()
+                .map_err(|e| format!("limits.url: {e}"))?;
+            let conn =
+                client.get_async_connection().await.map_err(|e| format!("Redis Cluster at {}: {e}", redact(url)))?;
+            return Ok(Conn::Cluster(conn));
+        }
+        let client = redis::Client::open(url).map_err(|e| format!("limits.url: {e}"))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout));
+        let conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(|e| format!("Redis at {}: {e}", redact(url)))?;
+        Ok(Conn::One(conn))
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::One(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::One(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::One(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// `url` without its credentials, for messages (each node of a list).
+pub fn redact(url: &str) -> String {
+    url.split(',').map(|u| redact_one(u.trim())).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(url: &str) -> String {
+    // Credentials can sit before the host or in the query (`?password=`): keep neither.
+    let url = url.split('?').next().unwrap_or_default();
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// Connects once and asks `PING` (with `cluster`, of the cluster: its slot map is read first):
+/// what `tollgate check` reports. Returns the time it took.
+pub fn ping(url: &str, cluster: bool, timeout: Duration) -> Result<Duration, String> {
+    let started = std::time::Instant::now();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let mut conn = tokio::time::timeout(timeout * 2, Conn::open(url, cluster, timeout))
+            .await
+            .map_err(|_| format!("no answer within {:?}", timeout * 2))??;
+        let pong: String = redis::cmd("PING").query_async(&mut conn).await.map_err(|e| format!("{e}"))?;
+        if pong != "PONG" {
+            return Err(format!("PING answered {pong:?}"));
+        }
+        Ok(started.elapsed())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_kept_out_of_messages() {
+        assert_eq!(redact("redis://:s3cret@r.internal:6379/0"), "redis://…@r.internal:6379/0");
+        assert_eq!(redact("rediss://u:p@a:1, rediss://u:p@b:2"), "rediss://…@a:1,rediss://…@b:2");
+        assert_eq!(redact("redis://r:6379/0?password=x"), "redis://r:6379/0");
+    }
+}
