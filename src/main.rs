@@ -199,6 +199,8 @@ impl KeyFields {
 }
 
 fn main() -> ExitCode {
+    // One TLS crypto library for every client the commands make (rustls on ring).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run { upgrade: false }) {
         Command::Run { upgrade } => {
@@ -363,10 +365,12 @@ fn check(path: &std::path::Path) -> ExitCode {
         backends.push(match config.limits.url.as_ref().map(|u| u.resolve()) {
             Some(Ok(url)) => {
                 let shown = tollgate::limits::redact_url(url.expose());
+                let ca = config.limits.ca_file.as_ref().and_then(|p| std::fs::read(p).ok());
                 tollgate::limits::ping_redis(
                     url.expose(),
                     config.limits.cluster,
                     config.limits.timeout.max(std::time::Duration::from_secs(1)),
+                    ca.as_deref(),
                 )
                 .map(|rtt| format!("limits: Redis at {shown} answered in {:.1} ms", rtt.as_secs_f64() * 1000.0))
                 .map_err(|e| format!("limits: Redis at {shown}: {e}"))

@@ -346,6 +346,11 @@ fn build_limits(config: &Config, metrics: &Metrics) -> Result<(Limits, Option<to
                 lease: l.lease,
                 local_fallback: l.on_unavailable == crate::config::OnUnavailable::Local,
                 cluster: l.cluster,
+                ca: l
+                    .ca_file
+                    .as_ref()
+                    .map(|p| std::fs::read(p).map_err(|e| format!("limits.ca_file {}: {e}", p.display())))
+                    .transpose()?,
             };
             let limiter = RedisLimiter::connect(settings, tz, rt.handle(), metrics.backend.clone())?;
             Ok((Limits::Redis { limiter, rt: rt.handle().clone() }, Some(rt)))

@@ -869,6 +869,108 @@ async fn a_redis_cluster_shares_one_budget_exactly() {
     no_panics(&[&a, &b]);
 }
 
+/// Redis over TLS with a password (`rediss://:password@localhost:PORT/`), its certificate signed
+/// by a private CA given as `limits.ca_file`: budgets are counted there exactly; `tollgate check`
+/// connects; with a wrong password or without the CA it fails (as a gateway's start would, on
+/// the same first connection), saying why and never showing the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_with_a_password_and_a_private_ca() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key_pem) = ca.leaf(&["localhost"]);
+    let (ca_file, cert_file, key_file) =
+        (dir.path().join("ca.pem"), dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key_pem).unwrap();
+    let port = free_port();
+    let password = "tls-redis-secret-7c1e";
+    let mut server = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--tls-auth-clients", "no", "--requirepass", password])
+        .arg("--tls-cert-file")
+        .arg(&cert_file)
+        .arg("--tls-key-file")
+        .arg(&key_file)
+        .arg("--tls-ca-cert-file")
+        .arg(&ca_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "redis-server with TLS did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let prefix = Prefix::new();
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let key_extra = format!("budget = {{ usd = {}, period = \"daily\" }}", usd(3 * WORST));
+    let limits = format!("ca_file = \"{}\"", ca_file.display());
+    let cfg = config_with(&mock.url(), &key, &key_extra, &prefix, &limits);
+    let url = format!("rediss://:{password}@localhost:{port}/");
+    let gw = start_on(&cfg, &url);
+    let usage = worst_usage();
+    let worst = [("x-mock-usage", usage.as_str())];
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(send(&gw, &key, body(), &worst).await.0);
+    }
+    assert_eq!(statuses, [200, 200, 200, 403, 403], "three worst cases fit the budget");
+
+    // `tollgate check` over TLS, the gateway's own config.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check", gw.config_path.to_str().unwrap()])
+        .env("TG_TEST_REDIS_URL", &url)
+        .env("TG_TEST_PROVIDER_KEY", "x")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("limits: Redis at rediss://…@localhost:"), "{text}");
+    assert!(!text.contains(password), "{text}");
+
+    // A wrong password, or no CA: the gateway does not start, and says why.
+    for (url, limits, why) in [
+        (format!("rediss://:wrong@localhost:{port}/"), limits.clone(), "Password authentication failed"),
+        (url.clone(), String::new(), "UnknownIssuer"),
+    ] {
+        let cfg = config_with(&mock.url(), &key, &key_extra, &prefix, &limits);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["check", &write_config(&dir, &cfg)])
+            .env("TG_TEST_REDIS_URL", &url)
+            .env("TG_TEST_PROVIDER_KEY", "x")
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success(), "{text}");
+        assert!(text.contains(why), "{why}: {text}");
+        assert!(!text.contains(password) && !text.contains(":wrong@"), "{text}");
+    }
+    no_panics(&[&gw]);
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// `config` with a listener, in a file of `dir`: its path.
+fn write_config(dir: &tempfile::TempDir, config: &str) -> String {
+    let path = dir.path().join(format!("t{:x}.toml", rand::random::<u32>()));
+    std::fs::write(&path, format!("[[listener]]\naddress = \"127.0.0.1:{}\"\n{config}", free_port())).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
 /// A request longer than the lease keeps its reservation: renewed, it still refuses a request
 /// that would need the rest of the budget at 5 s (lease 3 s), and settles correctly at its end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -210,8 +210,8 @@ fn validate(c: &Config) -> Result<(), Invalid> {
         (super::LimitsBackend::Local, Some(_)) => return Err((0..0, "limits: url is for backend = \"redis\"".into())),
         _ => {}
     }
-    if c.limits.cluster && c.limits.backend != super::LimitsBackend::Redis {
-        return Err((0..0, "limits: cluster is for backend = \"redis\"".into()));
+    if (c.limits.cluster || c.limits.ca_file.is_some()) && c.limits.backend != super::LimitsBackend::Redis {
+        return Err((0..0, "limits: cluster and ca_file are for backend = \"redis\"".into()));
     }
     if c.limits.lease < Duration::from_secs(3) || c.limits.timeout.is_zero() {
         return Err((0..0, "limits: lease must be at least 3s and timeout more than 0".into()));

@@ -86,6 +86,8 @@ pub struct LimitsConfig {
     /// Redis: `url` names nodes of a Redis Cluster (comma-separated); the client follows the
     /// cluster's slot map and redirections.
     pub cluster: bool,
+    /// Redis over TLS (`rediss://`): certificates (PEM) trusted instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -105,6 +107,7 @@ impl Default for LimitsConfig {
             lease: Duration::from_secs(60),
             on_unavailable: OnUnavailable::Refuse,
             cluster: false,
+            ca_file: None,
         }
     }
 }

@@ -36,6 +36,8 @@ pub struct RedisSettings {
     pub local_fallback: bool,
     /// `url` lists nodes of a Redis Cluster (its slot map is followed).
     pub cluster: bool,
+    /// Certificates (PEM) trusted for `rediss://`, instead of the system's roots.
+    pub ca: Option<Vec<u8>>,
 }
 
 /// Work sent to the background: settlements and releases never wait on Redis.
@@ -123,7 +125,9 @@ impl RedisLimiter {
     ) -> Result<Arc<Self>, String> {
         let (url, cluster, timeout) =
             (settings.url.clone(), settings.cluster, settings.timeout.max(Duration::from_secs(1)));
-        let conn = crate::blocking::block_on(rt, async move { Conn::open(&url, cluster, timeout).await })?;
+        let ca = settings.ca.clone();
+        let conn =
+            crate::blocking::block_on(rt, async move { Conn::open(&url, cluster, timeout, ca.as_deref()).await })?;
         let (queue, work) = mpsc::unbounded_channel();
         let node = format!("{:016x}", rand::random::<u64>());
         let limiter = Arc::new(RedisLimiter {

@@ -13,24 +13,34 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 pub(super) enum Conn {
     One(ConnectionManager),
     Cluster(ClusterConnection),
+    /// A single connection without reconnection (`tollgate check`).
+    Plain(redis::aio::MultiplexedConnection),
 }
 
 impl Conn {
     /// Connects to `url` (with `cluster`, a comma-separated list of the cluster's nodes to
-    /// learn its slot map from), waiting at most `timeout` for a connection or an answer.
-    pub(super) async fn open(url: &str, cluster: bool, timeout: Duration) -> Result<Conn, String> {
+    /// learn its slot map from), waiting at most `timeout` for a connection or an answer. A
+    /// `rediss://` URL is verified against `ca` (PEM) when given, else the system's roots.
+    pub(super) async fn open(url: &str, cluster: bool, timeout: Duration, ca: Option<&[u8]>) -> Result<Conn, String> {
+        let certs = || redis::TlsCertificates { client_tls: None, root_cert: ca.map(<[u8]>::to_vec) };
         if cluster {
             let nodes: Vec<&str> = url.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
-            let client = redis::cluster::ClusterClient::builder(nodes)
-                .connection_timeout(timeout)
-                .response_timeout(timeout)
-                .build()
-                .map_err(|e| format!("limits.url: {e}"))?;
+            let mut builder =
+                redis::cluster::ClusterClient::builder(nodes).connection_timeout(timeout).response_timeout(timeout);
+            if ca.is_some() {
+                builder = builder.certs(certs());
+            }
+            let client = builder.build().map_err(|e| format!("limits.url: {e}"))?;
             let conn =
                 client.get_async_connection().await.map_err(|e| format!("Redis Cluster at {}: {e}", redact(url)))?;
             return Ok(Conn::Cluster(conn));
         }
-        let client = redis::Client::open(url).map_err(|e| format!("limits.url: {e}"))?;
+        let client = single(url, ca)?;
+        // The first connection is made once, so a refusal (a wrong password, an untrusted
+        // certificate) is said at start rather than retried; later ones reconnect by themselves.
+        let mut first =
+            client.get_multiplexed_async_connection().await.map_err(|e| format!("Redis at {}: {e}", redact(url)))?;
+        redis::cmd("PING").query_async::<()>(&mut first).await.map_err(|e| format!("Redis at {}: {e}", redact(url)))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout));
@@ -42,11 +52,24 @@ impl Conn {
     }
 }
 
+/// A client of one Redis: `rediss://` verified against `ca` (PEM) when given.
+fn single(url: &str, ca: Option<&[u8]>) -> Result<redis::Client, String> {
+    match ca {
+        Some(ca) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates { client_tls: None, root_cert: Some(ca.to_vec()) },
+        ),
+        None => redis::Client::open(url),
+    }
+    .map_err(|e| format!("limits.url: {e}"))
+}
+
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::One(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Plain(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -59,6 +82,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::One(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Plain(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -66,6 +90,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::One(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Plain(c) => c.get_db(),
         }
     }
 }
@@ -86,11 +111,19 @@ fn redact_one(url: &str) -> String {
 
 /// Connects once and asks `PING` (with `cluster`, of the cluster: its slot map is read first):
 /// what `tollgate check` reports. Returns the time it took.
-pub fn ping(url: &str, cluster: bool, timeout: Duration) -> Result<Duration, String> {
+pub fn ping(url: &str, cluster: bool, timeout: Duration, ca: Option<&[u8]>) -> Result<Duration, String> {
     let started = std::time::Instant::now();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let mut conn = tokio::time::timeout(timeout * 2, Conn::open(url, cluster, timeout))
+        let open = async {
+            if cluster {
+                return Conn::open(url, cluster, timeout, ca).await;
+            }
+            // One plain connection: its refusal is the answer, not retried.
+            let client = single(url, ca)?;
+            client.get_multiplexed_async_connection().await.map(Conn::Plain).map_err(|e| format!("{e}"))
+        };
+        let mut conn = tokio::time::timeout(timeout * 2, open)
             .await
             .map_err(|_| format!("no answer within {:?}", timeout * 2))??;
         let pong: String = redis::cmd("PING").query_async(&mut conn).await.map_err(|e| format!("{e}"))?;
