@@ -365,13 +365,20 @@ fn check(path: &std::path::Path) -> ExitCode {
         backends.push(match config.limits.url.as_ref().map(|u| u.resolve()) {
             Some(Ok(url)) => {
                 let shown = tollgate::limits::redact_url(url.expose());
-                let ca = config.limits.ca_file.as_ref().and_then(|p| std::fs::read(p).ok());
-                tollgate::limits::ping_redis(
-                    url.expose(),
-                    config.limits.cluster,
-                    config.limits.timeout.max(std::time::Duration::from_secs(1)),
-                    ca.as_deref(),
-                )
+                let ca = config
+                    .limits
+                    .ca_file
+                    .as_ref()
+                    .map(|p| std::fs::read(p).map_err(|e| format!("limits.ca_file {}: {e}", p.display())));
+                match ca.transpose() {
+                    Err(e) => Err(e),
+                    Ok(ca) => tollgate::limits::ping_redis(
+                        url.expose(),
+                        config.limits.cluster,
+                        config.limits.timeout.max(std::time::Duration::from_secs(1)),
+                        ca.as_deref(),
+                    ),
+                }
                 .map(|rtt| format!("limits: Redis at {shown} answered in {:.1} ms", rtt.as_secs_f64() * 1000.0))
                 .map_err(|e| format!("limits: Redis at {shown}: {e}"))
             }
@@ -427,17 +434,21 @@ fn migrate(path: &std::path::Path, from_sqlite: Option<&std::path::Path>) -> Exi
         match tollgate::store::import_sqlite(sqlite, &target, progress) {
             Ok(r) => {
                 println!(
-                    "copied {}: keys {} added, {} already present; ledger {} rows (${:.9}), {} added, {} already present",
+                    "copied {}: keys {} added, {} already present, {} differing; ledger {} rows (${:.9}), {} added, {} already present",
                     sqlite.display(),
                     r.keys_added,
                     r.keys_present.len(),
+                    r.keys_differing.len(),
                     r.rows,
                     r.cost_nanos as f64 / 1e9,
                     r.rows_added,
                     r.rows - r.rows_added
                 );
-                for id in &r.keys_present {
-                    println!("key {id:?} was in the database already and was left as it is there");
+                for id in &r.keys_differing {
+                    println!(
+                        "key {id:?} differs in the database (changed on one side since): the database's is kept; \
+                         check it there (a key disabled here is still enabled there)"
+                    );
                 }
             }
             Err(e) => {

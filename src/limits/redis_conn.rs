@@ -24,7 +24,7 @@ impl Conn {
     pub(super) async fn open(url: &str, cluster: bool, timeout: Duration, ca: Option<&[u8]>) -> Result<Conn, String> {
         let certs = || redis::TlsCertificates { client_tls: None, root_cert: ca.map(<[u8]>::to_vec) };
         if cluster {
-            let nodes: Vec<&str> = url.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
+            let nodes: Vec<&str> = nodes(url).into_iter().filter(|n| !n.is_empty()).collect();
             let mut builder =
                 redis::cluster::ClusterClient::builder(nodes).connection_timeout(timeout).response_timeout(timeout);
             if ca.is_some() {
@@ -95,17 +95,35 @@ impl ConnectionLike for Conn {
     }
 }
 
-/// `url` without its credentials, for messages (each node of a list).
+/// `url` without its credentials, for messages (each node of a cluster's list).
 pub fn redact(url: &str) -> String {
-    url.split(',').map(|u| redact_one(u.trim())).collect::<Vec<_>>().join(",")
+    nodes(url).into_iter().map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+/// The nodes of a list: split only where a comma starts another `redis://` or `rediss://` URL,
+/// so a comma inside a password never splits one.
+fn nodes(url: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, _) in url.match_indices(',') {
+        let next = url[i + 1..].trim_start();
+        if i >= start && (next.starts_with("redis://") || next.starts_with("rediss://")) {
+            out.push(url[start..i].trim());
+            start = i + 1;
+        }
+    }
+    out.push(url[start..].trim());
+    out
 }
 
 fn redact_one(url: &str) -> String {
-    // Credentials can sit before the host or in the query (`?password=`): keep neither.
-    let url = url.split('?').next().unwrap_or_default();
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
+    let Some(scheme_end) = url.find("://") else { return "<unparseable url>".into() };
+    // Credentials end at the last `@` (a password may hold `/`, `?` or `,`; a host cannot hold
+    // `@`); a query (`?password=`) is dropped too.
+    let (scheme, rest) = (&url[..scheme_end], &url[scheme_end + 3..]);
+    match rest.rfind('@') {
+        Some(at) => format!("{scheme}://…@{}", rest[at + 1..].split('?').next().unwrap_or_default()),
+        None => format!("{scheme}://{}", rest.split('?').next().unwrap_or_default()),
     }
 }
 
@@ -143,5 +161,10 @@ mod tests {
         assert_eq!(redact("redis://:s3cret@r.internal:6379/0"), "redis://…@r.internal:6379/0");
         assert_eq!(redact("rediss://u:p@a:1, rediss://u:p@b:2"), "rediss://…@a:1,rediss://…@b:2");
         assert_eq!(redact("redis://r:6379/0?password=x"), "redis://r:6379/0");
+        // Passwords that hold the separators: nothing of them shows.
+        assert_eq!(redact("redis://:a,b@r:6379"), "redis://…@r:6379");
+        assert_eq!(redact("redis://:p?q/w@r:6379/0"), "redis://…@r:6379/0");
+        assert_eq!(redact("not a url"), "<unparseable url>");
+        assert_eq!(nodes("redis://:a,b@r:1,redis://s:2"), ["redis://:a,b@r:1", "redis://s:2"]);
     }
 }

@@ -218,8 +218,12 @@ pub struct ErrorJson {
 /// nearly all of the bytes, is skipped at memchr speed), not deserialized whole.
 pub fn usage_from_json(body: &[u8]) -> Option<(Usage, Option<String>)> {
     let (mut usage_span, mut error_span) = (None, None);
+    // A member given twice makes the body ambiguous: no usage is read from it.
+    let twice = || super::json_peek::JsonError { what: "a member given twice", at: 0 };
     super::json_peek::scan_object(body, |key, span| {
         match key {
+            "usage" if usage_span.is_some() => return Err(twice()),
+            "error" if error_span.is_some() => return Err(twice()),
             "usage" => usage_span = Some(span),
             "error" => error_span = Some(span),
             _ => {}
@@ -243,6 +247,14 @@ pub fn usage_from_json(body: &[u8]) -> Option<(Usage, Option<String>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_with_usage_twice_gives_no_usage() {
+        let body = br#"{"usage":{"input_tokens":1,"output_tokens":1},"usage":{"input_tokens":9,"output_tokens":9}}"#;
+        assert_eq!(usage_from_json(body), None);
+        assert!(usage_from_json(br#"{"usage":{"input_tokens":1,"output_tokens":2}}"#).is_some());
+        assert_eq!(usage_from_json(b"[1,2]"), None);
+    }
 
     #[test]
     fn non_stream_usage_with_cache_split() {

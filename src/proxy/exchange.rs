@@ -435,8 +435,9 @@ fn connect_reason(e: &pingora::Error) -> String {
     }
 }
 
-/// The most a burst of upstream chunks is gathered into before it is written to the client.
-const BATCH_BYTES: usize = 64 << 10;
+/// The most a burst of upstream chunks is gathered into before it is written to the client:
+/// small enough that one write fits a slow client's write timeout as a chunk did.
+const BATCH_BYTES: usize = 16 << 10;
 
 /// Chunks read and not yet written: one is written as it is (no copy), several are joined.
 #[derive(Default)]

@@ -102,6 +102,10 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Spooled rows written per transaction when the spool is replayed.
 const REPLAY_PAGE: usize = 10_000;
 
+/// Pages of the spool a writer pass replays at most: a pass never runs long, whatever the
+/// spool's size (each page has its own [`WRITE_TIMEOUT`]).
+const REPLAY_PAGES: usize = 5;
+
 /// Days are cut from 15-minute buckets (every time zone's offset is a multiple of them).
 const BUCKET_MS: i64 = 15 * 60 * 1000;
 
@@ -124,6 +128,26 @@ pub struct PgTarget {
 impl PgTarget {
     /// TLS (verified, see pg_tls.rs) when `url` says `sslmode=require`; plain TCP otherwise.
     pub fn new(url: &str, ca_file: Option<&std::path::Path>) -> StoreResult<Self> {
+        // libpq's `prefer` falls back to plain text without a word, and its `verify-*` modes
+        // are what `require` is here: say so rather than guess.
+        let query = url.split_once('?').map_or("", |(_, q)| q);
+        for param in query.split('&') {
+            match param {
+                "sslmode=prefer" | "sslmode=allow" => {
+                    return Err(StoreError::Other(format!(
+                        "store.url: {param} may fall back to plain text silently: use sslmode=require (TLS, \
+                         verified) or sslmode=disable"
+                    )))
+                }
+                "sslmode=verify-full" | "sslmode=verify-ca" => {
+                    return Err(StoreError::Other(format!(
+                        "store.url: use sslmode=require instead of {param}: Tollgate always verifies the \
+                         certificate and the host name"
+                    )))
+                }
+                _ => {}
+            }
+        }
         let config: tokio_postgres::Config = url.parse().map_err(|e| StoreError::Other(format!("store.url: {e}")))?;
         let tls = match config.get_ssl_mode() {
             tokio_postgres::config::SslMode::Require => Some(Rustls::new(ca_file).map_err(StoreError::Other)?),
@@ -150,6 +174,9 @@ struct Shared {
     pass: tokio::sync::Mutex<()>,
     stopping: AtomicBool,
     metrics: crate::metrics::Backend,
+    /// How far into the spool this process has written rows to the database (bytes): a replay
+    /// goes on from there in its next pass.
+    replayed_to: std::sync::atomic::AtomicU64,
 }
 
 pub struct PostgresStore {
@@ -187,6 +214,7 @@ impl PostgresStore {
             pass: tokio::sync::Mutex::new(()),
             stopping: AtomicBool::new(false),
             metrics,
+            replayed_to: std::sync::atomic::AtomicU64::new(0),
         });
         let s = shared.clone();
         crate::blocking::block_on(rt.handle(), async move {
@@ -285,22 +313,31 @@ impl Shared {
         *self.writer.lock().await = None;
     }
 
-    /// Writes what waits: the spool first (older rows), then the queue. What cannot be written
-    /// goes to (or stays in) the spool, in order.
+    /// Writes what waits: the spool first (older rows, at most [`REPLAY_PAGES`] pages a pass),
+    /// then the queue. What cannot be written goes to (or stays in) the spool, in order. The
+    /// queue is taken only once the spool is done with, so a pass cut short holds no row.
     async fn pass(&self) {
         let _pass = self.pass.lock().await;
-        let rows = std::mem::take(&mut *lock(&self.queue));
         let began = std::time::Instant::now();
-        let result = async {
-            if self.health.spooled.load(Ordering::Acquire) > 0 {
-                self.replay_spool().await?;
+        let spool_done =
+            if self.health.spooled.load(Ordering::Acquire) > 0 { self.replay_spool().await } else { Ok(true) };
+        let rows = std::mem::take(&mut *lock(&self.queue));
+        let result = match spool_done {
+            Ok(true) if !rows.is_empty() => self.write_bounded(&rows).await.map(|_| ()),
+            Ok(true) => Ok(()),
+            // More spool to write next pass: the queue goes behind it, keeping the order.
+            Ok(false) => {
+                lock(&self.health.failing).take();
+                if let Err(e) = self.append_spool(&rows) {
+                    tracing::error!(error = %e, "cannot write the spool; rows stay queued");
+                    let mut q = lock(&self.queue);
+                    let newer = std::mem::replace(&mut *q, rows);
+                    q.extend(newer);
+                }
+                return;
             }
-            if !rows.is_empty() {
-                self.write_bounded(&rows).await?;
-            }
-            Ok::<_, StoreError>(())
-        }
-        .await;
+            Err(e) => Err(e),
+        };
         match &result {
             Ok(()) if !rows.is_empty() => self.metrics.observe("postgres", "write", began.elapsed()),
             Ok(()) => {}
@@ -369,47 +406,69 @@ impl Shared {
         Ok(())
     }
 
-    async fn replay_spool(&self) -> StoreResult<()> {
+    /// Writes up to [`REPLAY_PAGES`] pages of the spool, from where the last pass stopped.
+    /// Whether the spool is done with (written whole, and emptied).
+    async fn replay_spool(&self) -> StoreResult<bool> {
+        use std::io::{BufRead, Seek, SeekFrom};
         let spool_err = |e: std::io::Error| StoreError::Other(format!("spool {}: {e}", self.spool.display()));
-        let file = match std::fs::OpenOptions::new().read(true).write(true).open(&self.spool) {
+        let mut file = match std::fs::OpenOptions::new().read(true).write(true).open(&self.spool) {
             Ok(f) => f,
             // Another process replayed and emptied it already.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.health.spooled.store(0, Ordering::Release);
-                return Ok(());
+                return Ok(true);
             }
             Err(e) => return Err(spool_err(e)),
         };
-        // Held until the rows are in the database and the file is emptied: no process appends
-        // a row in between that the emptying would lose.
+        // Held while this pass reads and writes, and while the file is emptied: no process
+        // appends a row in between that the emptying would lose. Appends (only ever at the end)
+        // between passes leave the offset valid.
         file.lock().map_err(spool_err)?;
-        // In pages, each its own transaction: a long outage's spool never sits in memory
-        // whole. A replay cut short is started again from the top; rows written already are
+        let len = file.metadata().map_err(spool_err)?.len();
+        let mut offset = self.replayed_to.load(Ordering::Acquire);
+        if offset > len {
+            // Emptied by another process: from the top.
+            offset = 0;
+        }
+        file.seek(SeekFrom::Start(offset)).map_err(spool_err)?;
+        // In pages, each its own transaction: a long outage's spool never sits in memory whole.
+        // A replay cut short starts again from the last page written; a page written twice is
         // kept once (request ids).
-        let mut page = Vec::with_capacity(REPLAY_PAGE);
-        let mut replayed = 0;
-        for line in std::io::BufReader::new(&file).lines() {
-            let line = line.map_err(|e| StoreError::Other(format!("spool: {e}")))?;
-            match serde_json::from_str::<Spooled>(&line) {
-                Ok(s) => page.push(s.into_row()),
-                // A line cut short by a crash mid-append: nothing else can be made of it.
-                Err(e) => tracing::error!(error = %e, "an unreadable line in the ledger spool is skipped"),
+        let mut reader = std::io::BufReader::new(&file);
+        let (mut page, mut pages, mut line) = (Vec::with_capacity(REPLAY_PAGE), 0, String::new());
+        loop {
+            line.clear();
+            let read = reader.read_line(&mut line).map_err(spool_err)?;
+            if read > 0 {
+                match serde_json::from_str::<Spooled>(line.trim_end()) {
+                    Ok(s) => page.push(s.into_row()),
+                    // A line cut short by a crash mid-append: nothing else can be made of it.
+                    Err(e) => tracing::error!(error = %e, "an unreadable line in the ledger spool is skipped"),
+                }
+                offset += read as u64;
             }
-            if page.len() == REPLAY_PAGE {
+            if page.len() == REPLAY_PAGE || (read == 0 && !page.is_empty()) {
                 self.write_bounded(&page).await?;
-                replayed += page.len();
+                self.replayed_to.store(offset, Ordering::Release);
                 page.clear();
+                pages += 1;
+            }
+            if read == 0 {
+                break;
+            }
+            if pages == REPLAY_PAGES {
+                tracing::info!(bytes = offset, "the ledger spool is being replayed");
+                return Ok(false);
             }
         }
-        self.write_bounded(&page).await?;
-        replayed += page.len();
         // Emptied, not removed: a process that opened it meanwhile keeps appending to the
         // same file, which the next replay reads.
         file.set_len(0).map_err(spool_err)?;
         file.sync_all().map_err(spool_err)?;
+        self.replayed_to.store(0, Ordering::Release);
         self.health.spooled.store(0, Ordering::Release);
-        tracing::info!(rows = replayed, "the ledger spool was replayed");
-        Ok(())
+        tracing::info!("the ledger spool was replayed");
+        Ok(true)
     }
 }
 
@@ -562,6 +621,12 @@ pub(super) async fn insert_rows(client: &Client, rows: &[LedgerRow]) -> StoreRes
             Err(e)
         }
     }
+}
+
+/// When the key of this id was last changed, if the database has it.
+pub(super) async fn key_updated_ms(client: &Client, id: &str) -> StoreResult<Option<i64>> {
+    let row = client.query_opt("SELECT updated_ms FROM tollgate_keys WHERE id = $1", &[&id]).await.map_err(pg)?;
+    Ok(row.map(|r| r.get(0)))
 }
 
 /// Inserts a key unless one of its id is there; whether it was inserted.
@@ -838,11 +903,20 @@ impl Store for PostgresStore {
         // the database count in the sums read next: a spool left over is an error here.
         self.run(|s| {
             Box::pin(async move {
-                s.pass().await;
-                match lock(&s.health.failing).clone() {
-                    None => Ok(()),
-                    Some(why) => Err(StoreError::Other(format!("the ledger is not all in the database: {why}"))),
-                }
+                // A task of its own: a caller that stops waiting (the query timeout) must not cut
+                // a pass that holds rows; it goes on, and the caller gets the timeout.
+                let task = tokio::spawn(async move {
+                    loop {
+                        s.pass().await;
+                        if let Some(why) = lock(&s.health.failing).clone() {
+                            return Err(StoreError::Other(format!("the ledger is not all in the database: {why}")));
+                        }
+                        if s.health.spooled.load(Ordering::Acquire) == 0 {
+                            return Ok(());
+                        }
+                    }
+                });
+                task.await.map_err(|e| StoreError::Other(format!("the ledger writer: {e}")))?
             })
         })
     }
@@ -1057,8 +1131,8 @@ impl Store for PostgresStore {
         self.shared.stopping.store(true, Ordering::Release);
         let s = self.shared.clone();
         crate::blocking::block_on(self.rt.handle(), async move {
-            // A pass in flight holds rows it took from the queue: it ends (written, or spooled
-            // within WRITE_TIMEOUT) before the process may.
+            // A pass in flight may hold rows it took from the queue: it ends (written, or
+            // spooled, within a few WRITE_TIMEOUTs) before the process may.
             drop(s.pass.lock().await);
             if lock(&s.health.failing).is_some() {
                 // The database is away: the last rows go straight to the spool, without waiting

@@ -322,6 +322,14 @@ impl SqliteExport {
         while let Some(r) = q.next()? {
             last = r.get(0)?;
             let estimated: Option<String> = r.get(19)?;
+            // A rule this build does not know (a newer build's) would turn an estimate into an
+            // exact count: refuse rather than drop it.
+            let estimated = match estimated.as_deref() {
+                None | Some("") => None,
+                Some(rule) => Some(crate::metering::Estimate::parse(rule).map(|e| e.as_str()).ok_or_else(|| {
+                    StoreError::Other(format!("a ledger row's estimate rule {rule:?} is unknown to this build"))
+                })?),
+            };
             let int = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
             rows.push(LedgerRow {
                 request_id: r.get(1)?,
@@ -342,7 +350,7 @@ impl SqliteExport {
                 cache_write_1h_tokens: int(16)?,
                 cost_nanos: int(17)?,
                 priced: r.get(18)?,
-                estimated: estimated.as_deref().and_then(crate::metering::Estimate::parse).map(|e| e.as_str()),
+                estimated,
             });
         }
         Ok((rows, last))
