@@ -32,6 +32,9 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benches" / "load"))
+from features import features  # noqa: E402  (the same features as the load benchmark)
+
 TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
 REL = TARGET / "release"
 BASELINE = ROOT / "benches" / "results" / "instructions.json"
@@ -83,29 +86,7 @@ address = "127.0.0.1:{admin}"
 path = "{work}/audit.jsonl"
 [store]
 path = "{work}/tollgate.db"
-[[provider]]
-name = "mock"
-kind = "anthropic"
-base_url = "http://127.0.0.1:{upstream}"
-credential = "env:BENCH_PROVIDER_KEY"
-health = {{ probe = "none" }}
-[[model]]
-name = "{MODEL}"
-deployments = [{{ provider = "mock", model = "claude-sonnet-4-5-20250929" }}]
-[[key]]
-id = "bench"
-hash = "sha256:{key_hash}"
-team = "bench"
-user = "bench-user"
-budget = {{ usd = 1000000, period = "monthly" }}
-limits = {{ rpm = 100000000, output_tpm = 1000000000000, concurrency = 100000 }}
-[[team]]
-id = "bench"
-budget = {{ usd = 1000000, period = "daily" }}
-[[user]]
-id = "bench-user"
-limits = {{ concurrency = 100000 }}
-"""
+{features(MODEL, upstream, key_hash, probe=False)}"""
     path = work / "tollgate.toml"
     path.write_text(text)
     return path

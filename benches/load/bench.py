@@ -17,6 +17,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from features import features  # noqa: E402  (the gateway's benchmarked features)
+
 ROOT = Path(__file__).resolve().parents[2]
 HERE = ROOT / "benches" / "load"
 WORK = HERE / "work"
@@ -194,30 +197,7 @@ address = "127.0.0.1:{PORTS['tollgate']}"
 address = "127.0.0.1:{PORTS['tollgate_admin']}"
 [audit]
 path = "{WORK}/tollgate-audit.jsonl"
-[[provider]]
-name = "mock"
-kind = "anthropic"
-base_url = "http://127.0.0.1:{upstream_port}"
-credential = "env:BENCH_PROVIDER_KEY"
-[[model]]
-name = "{MODEL}"
-deployments = [{{ provider = "mock", model = "claude-sonnet-4-5-20250929" }}]
-# Budgets and limits on every scope, none of them reached: the benchmark pays for admission
-# and settlement on every request, as a production key does.
-[[key]]
-id = "bench"
-hash = "sha256:{key_hash}"
-team = "bench"
-user = "bench-user"
-budget = {{ usd = 1000000, period = "monthly" }}
-limits = {{ rpm = 100000000, output_tpm = 1000000000000, concurrency = 100000 }}
-[[team]]
-id = "bench"
-budget = {{ usd = 1000000, period = "daily" }}
-[[user]]
-id = "bench-user"
-limits = {{ concurrency = 100000 }}
-""")
+{features(MODEL, upstream_port, key_hash)}""")
     return WORK / "tollgate.toml"
 
 
