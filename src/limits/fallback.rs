@@ -294,9 +294,7 @@ impl Fallback {
         // be refused by Redis and counted nowhere.
         let same_data = !self.epoch.is_empty() && known.epoch().as_deref() == Some(&*self.epoch);
         let left = known.remainder(scope, b, start).filter(|_| same_data).ok_or_else(|| {
-            super::redis::unavailable_refusal(&format!(
-                "{scope}: no share while Redis is away (not seen in Redis this period)"
-            ))
+            super::redis::unavailable(&format!("{scope}: no share while Redis is away (not seen in Redis this period)"))
         })?;
         let share = left / self.fleet;
         self.local.seed(scope, start, b.limit_nanos - share);

@@ -889,11 +889,7 @@ async fn renew_leases(limiter: std::sync::Weak<RedisLimiter>) {
 }
 
 /// The refusal while the shared limiter does not answer.
-pub(super) fn unavailable_refusal(why: &str) -> Refusal {
-    unavailable(why)
-}
-
-fn unavailable(why: &str) -> Refusal {
+pub(super) fn unavailable(why: &str) -> Refusal {
     tracing::warn!(error = %why, "the shared limiter is unavailable");
     Refusal {
         status: 503,
