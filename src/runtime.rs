@@ -160,8 +160,11 @@ impl Runtime {
         self.limiter.set_time_zone(config.controls.tz());
         self.limiter.set_max_keys(config.controls.max_principals);
         self.seed_budgets(&self.scopes(), &state, &keys)?;
-        if format!("{:?}", config.egress) != format!("{:?}", self.config.load().egress) {
-            tracing::warn!("[egress] changed: it applies at the next restart (proxy credentials are read again now)");
+        let egress_changed = format!("{:?}", config.egress) != format!("{:?}", self.config.load().egress);
+        if egress_changed {
+            tracing::warn!(
+                "[egress] changed: it applies at the next restart; until then the running proxy keeps the credentials it has"
+            );
         }
         // Credentials are read again (a rotated `file:` secret, new AWS keys), each provider's
         // own set swapped in whole; one that cannot be read keeps the running set.
@@ -171,11 +174,11 @@ impl Runtime {
                 if !provider.runs_as(p) {
                     tracing::warn!(
                         provider = %provider.name,
-                        "its kind, endpoints, region or project changed: they and its credentials apply at the next restart"
+                        "its kind, endpoints, region, project, proxy or ca_file changed: they and its credentials apply at the next restart"
                     );
                     continue;
                 }
-                if let Err(e) = provider.replace_credentials(crate::providers::read_credentials(p)) {
+                if let Err(e) = provider.replace_credentials(crate::providers::read_credentials(p), egress_changed) {
                     tracing::warn!(provider = %provider.name, "credentials not re-read, the running ones stay: {e}");
                 }
             }

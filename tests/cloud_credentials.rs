@@ -638,8 +638,8 @@ async fn expired_keys_with_no_way_to_renew_get_a_503_that_says_why() {
     let gw = env.start(&bedrock_config(&mock, "", &key));
     cloud.fail_next(usize::MAX);
     let http = client();
-    let ready = client().get(gw.admin_url("/readyz")).send().await.unwrap();
-    assert_eq!(ready.status(), 200, "ready while the keys are valid: {}", ready.text().await.unwrap());
+    let (status, ready) = gw.readyz().await;
+    assert_eq!(status, 200, "ready while the keys are valid: {ready}");
 
     let started = Instant::now();
     let (mut ok, mut refusal) = (0, None);
@@ -656,8 +656,10 @@ async fn expired_keys_with_no_way_to_renew_get_a_503_that_says_why() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (rid, text) = refusal.unwrap_or_else(|| panic!("no 503 within 15 s\n{}", gw.log()));
-    let ready = client().get(gw.admin_url("/readyz")).send().await.unwrap();
-    let (ready_status, ready) = (ready.status().as_u16(), ready.json::<Value>().await.unwrap());
+    let (ready_status, ready) = gw.readyz().await;
+    // Without the admin token, a probe learns only which provider is not ready.
+    let probe: Value = client().get(gw.admin_url("/readyz")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(probe["problems"], json!(["provider bedrock: not ready"]), "{probe}");
     eprintln!(
         "expired after {:.1}s and {ok} good requests: {text}\n/readyz {ready_status}: {ready}",
         started.elapsed().as_secs_f64()
@@ -682,9 +684,9 @@ async fn expired_keys_with_no_way_to_renew_get_a_503_that_says_why() {
         assert!(problem.contains("a fetch has been under way"), "and why: {ready}");
         assert!(Instant::now() < deadline, "STS's refusal never shown: {ready}");
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let r = client().get(gw.admin_url("/readyz")).send().await.unwrap();
-        assert_eq!(r.status(), 503);
-        ready = r.json::<Value>().await.unwrap();
+        let (status, r) = gw.readyz().await;
+        assert_eq!(status, 503);
+        ready = r;
     }
     assert!(gw.log().contains("AWS credentials from the AWS credential chain expired"), "{}", gw.log());
     let r = gw.record(&rid);
@@ -811,7 +813,7 @@ async fn bedrock_with_imds_down_past_expiry_says_the_renewal_failed() {
     let (_, refusal) = until_refused(&gw, &key, Duration::from_secs(15)).await;
     let (status, text) = refusal.unwrap_or_else(|| panic!("still 200 after 15 s\n{}", gw.log()));
     assert_eq!(status, 503, "{text}");
-    let ready = client().get(gw.admin_url("/readyz")).send().await.unwrap().text().await.unwrap();
+    let ready = gw.readyz().await.1.to_string();
     assert!(ready.contains("AWS credentials from the AWS credential chain expired"), "{ready}");
     assert!(!ready.contains("no fetch has finished"), "the failed renewals are not mentioned: {ready}\n{}", gw.log());
     assert_eq!(count(&gw.log(), "AWS credentials fetched"), 1, "only the first fetch got keys:\n{}", gw.log());

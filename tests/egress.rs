@@ -852,7 +852,11 @@ async fn https_proxy_and_no_proxy_from_the_environment_are_honoured() {
         [("NO_PROXY", "example.com,corp.invalid"), ("no_proxy", " .example.com , 127.0.0.1, .corp.invalid ")]
     {
         let gw = start(&[("HTTPS_PROXY", env_url.as_str()), (name, value)], &cfg);
-        let _ = send(&gw, &key, false).await;
+        let (status, _, body) = send(&gw, &key, false).await;
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert_eq!(status, 503, "{v}");
+        assert!(message.starts_with("provider mock: no endpoint resolved: cannot resolve api.corp.invalid"), "{v}");
     }
     assert_eq!(proxy.connects().len(), 3, "NO_PROXY was not honoured: {:?}", proxy.connects());
 

@@ -223,7 +223,8 @@ async fn admin(gw: &Gateway, method: reqwest::Method, path: &str, body: Option<V
 }
 
 async fn readyz(gw: &Gateway) -> (u16, Value) {
-    let resp = client().get(gw.admin_url("/readyz")).send().await.unwrap();
+    // With the admin token: the reasons in full.
+    let resp = client().get(gw.admin_url("/readyz")).bearer_auth(TOKEN).send().await.unwrap();
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap())
 }

@@ -206,14 +206,16 @@ impl Admin {
         }
     }
 
-    /// Pools and the health of each endpoint, as JSON.
-    fn status(&self) -> Value {
+    /// Pools and the health of each endpoint, as JSON; why a provider is not ready only with
+    /// `detail` (the admin token was presented).
+    fn status(&self, detail: bool) -> Value {
         let state = self.runtime.state.load();
         let now = now_ms();
         let providers: Vec<_> = state
             .providers
             .iter()
             .map(|p| {
+                let problem = p.unready_reason().or_else(|| p.credential_problem());
                 let endpoints: Vec<_> = p
                     .endpoints
                     .iter()
@@ -238,8 +240,8 @@ impl Admin {
                     "provider": p.name,
                     "selection": p.pool.selection,
                     "credentials": p.credential_count(),
-                    "ready": p.unready_reason().or_else(|| p.credential_problem()).is_none(),
-                    "problem": p.unready_reason().or_else(|| p.credential_problem()),
+                    "ready": problem.is_none(),
+                    "problem": problem.map(|why| if detail { why } else { "not ready: details with the admin token".into() }),
                     "endpoints": endpoints,
                 })
             })
@@ -308,15 +310,21 @@ impl ServeHttp for Admin {
                     .body(body)
                     .expect("valid response")
             }
-            "/status" => ok(200, self.status()),
+            "/status" => ok(200, self.status(self.authorized(session).is_ok())),
             "/healthz" => ok(200, json!({"status": "ok"})),
             "/readyz" => {
+                // The reasons can name roles, accounts, files and hosts: in full only for the
+                // admin token; a probe without it learns which part is not ready.
+                let detail = self.authorized(session).is_ok();
                 let state = self.runtime.state.load();
                 let problems: Vec<String> = state
                     .providers
                     .iter()
-                    .filter_map(|p| p.unready_reason().or_else(|| p.credential_problem()))
-                    .chain(self.runtime.store.problem())
+                    .filter_map(|p| {
+                        let why = p.unready_reason().or_else(|| p.credential_problem())?;
+                        Some(if detail { why } else { format!("provider {}: not ready", p.name) })
+                    })
+                    .chain(self.runtime.store.problem().map(|why| if detail { why } else { "store: not ready".into() }))
                     .collect();
                 if problems.is_empty() {
                     ok(200, json!({"status": "ready"}))

@@ -674,7 +674,7 @@ pub struct ProviderConfig {
     pub selection: Selection,
     #[serde(default)]
     pub health: HealthConfig,
-    /// Extra CA certificates (PEM) trusted for this provider instead of the system roots
+    /// CA certificates (PEM) trusted for this provider in place of the system roots
     /// (default: `egress.ca_file`).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,

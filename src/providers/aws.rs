@@ -17,7 +17,8 @@ use aws_types::region::Region;
 
 use crate::config::{AwsCredentialsConfig, Secret};
 
-/// Renewed at the latest this long before they expire (IMDS rotates five minutes ahead).
+/// The metadata service hands out new keys this long before the old ones expire: until then
+/// it answers with the keys held, which is not a failure.
 const RENEW_AHEAD: Duration = Duration::from_secs(300);
 /// After a failed fetch, the next try comes this much later.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -228,6 +229,23 @@ impl AwsCredentials {
                 let now = SystemTime::now();
                 let expires = creds.expiry();
                 let held = self.held.load_full();
+                // Keys not rotated yet while the held ones have long to live (the metadata
+                // service hands out new keys only in the last minutes): look again later,
+                // quietly.
+                if let Some(h) = held.as_ref().filter(|h| h.access_key_id == creds.access_key_id()) {
+                    let left = h.expires.and_then(|e| e.duration_since(now).ok()).unwrap_or_default();
+                    if left > RENEW_AHEAD {
+                        let wait = (left / 2).min(left - RENEW_AHEAD).max(Duration::from_secs(1));
+                        self.held.store(Some(std::sync::Arc::new(Held {
+                            identity: h.identity.clone(),
+                            access_key_id: h.access_key_id.clone(),
+                            expires: h.expires,
+                            refresh_at: Some(now + wait),
+                        })));
+                        state.1 = None;
+                        return;
+                    }
+                }
                 // The SDK's instance-metadata provider hands back the last keys it had when the
                 // service fails (and extends their expiry): that renews nothing, and the real
                 // expiry of the held keys stands.
@@ -255,11 +273,9 @@ impl AwsCredentials {
                     state.1 = Some(why);
                     return;
                 }
-                let refresh_at = expires.map(|e| {
-                    let left = e.duration_since(now).unwrap_or_default();
-                    // Half-way through what is left, and at the latest RENEW_AHEAD before the end.
-                    (now + left / 2).max(e.checked_sub(RENEW_AHEAD).unwrap_or(now))
-                });
+                // Half-way through what is left: an issuer outage as long as half the keys' life costs
+                // no request.
+                let refresh_at = expires.map(|e| now + e.duration_since(now).unwrap_or_default() / 2);
                 let until = expires
                     .and_then(|e| e.duration_since(SystemTime::UNIX_EPOCH).ok())
                     .map_or_else(|| "never".into(), |d| crate::config::rfc3339(d.as_millis() as i64));

@@ -153,8 +153,13 @@ impl TokenSource {
     /// thread.
     pub async fn refresh_from_library(&self) {
         let Kind::Library(json, built) = &self.kind else { return };
-        self.asking_since.store(super::now_ms() + 1, Ordering::Release);
         let held = built.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // A library built just now (at start, after a reload or an error) has to go over the
+        // network for its first token, and its errors say nothing about the token held here:
+        // that one signs until it expires. Only an instance that has answered before is
+        // watched for waits and believed when it fails.
+        let fresh = held.is_none();
+        let _asking = (!fresh).then(|| Asking::start(&self.asking_since));
         let token = async {
             let creds = match held {
                 Some(c) => c,
@@ -176,10 +181,10 @@ impl TokenSource {
             Ok(Err(e)) => Err(e),
             Err(_) => Err("Google's credentials library gave no token within 30 s".into()),
         };
-        self.asking_since.store(0, Ordering::Release);
-        if answer.is_err() {
-            // The library answers with an error only once it holds no valid token: the one
-            // held here is dead too, and signing with it would earn clients a provider's 401.
+        drop(_asking);
+        if answer.is_err() && !fresh {
+            // A library that has answered before fails only once it holds no valid token: the
+            // one held here is dead too, and signing with it would earn clients a provider's 401.
             self.held.store(None);
         }
         self.hold(answer.map(|token| (token, LIBRARY_TOKEN_HOLD, LIBRARY_TOKEN_HOLD - LIBRARY_WAIT)));
@@ -239,7 +244,9 @@ impl TokenSource {
         });
         self.hold(parsed.map(|t| {
             // Renewed when a fifth of its life is left (at most five minutes before the end).
-            let life = Duration::from_secs(t.expires_in);
+            // A life outside a second to a day is an endpoint's mistake: clamped, so a zero
+            // does not ask again at every pass and a huge one does not overflow.
+            let life = Duration::from_secs(t.expires_in.clamp(1, 86_400));
             (t.access_token, life, (life / 5).min(Duration::from_secs(300)))
         }));
     }
@@ -268,6 +275,23 @@ impl TokenSource {
                 state.1 = Some(e);
             }
         }
+    }
+}
+
+/// Marks a call to the library as under way for [`TokenSource::header`]; cleared on drop, so
+/// a call that panics or times out never leaves requests refused.
+struct Asking<'a>(&'a AtomicU64);
+
+impl<'a> Asking<'a> {
+    fn start(since: &'a AtomicU64) -> Self {
+        since.store(super::now_ms() + 1, Ordering::Release);
+        Asking(since)
+    }
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Release);
     }
 }
 

@@ -219,11 +219,18 @@ impl Provider {
     /// not change is kept as it is, with its cool-down and its OAuth token; a changed one
     /// starts fresh. When the new set cannot be read, the running one stays, and the reason is
     /// returned to be logged.
-    pub fn replace_credentials(&self, fresh: Result<Vec<Arc<Credential>>, String>) -> Result<(), String> {
-        // The proxy credentials are read again whatever becomes of the provider's own.
+    ///
+    /// The proxy credentials are read again whatever becomes of the provider's own, unless
+    /// `proxy_changed`: the running proxy stays until a restart, and must not be sent
+    /// credentials meant for its successor.
+    pub fn replace_credentials(
+        &self,
+        fresh: Result<Vec<Arc<Credential>>, String>,
+        proxy_changed: bool,
+    ) -> Result<(), String> {
         let proxy = match &self.egress {
-            Some(e) => e.read_auth().map_err(|e| format!("egress proxy: {e}")),
-            None => Ok(()),
+            Some(e) if !proxy_changed => e.read_auth().map_err(|e| format!("egress proxy: {e}")),
+            _ => Ok(()),
         };
         self.replace_provider_credentials(fresh).and(proxy)
     }

@@ -143,6 +143,14 @@ impl Gateway {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }
 
+    /// `/readyz` with [`HARNESS_ADMIN_TOKEN`] (the reasons in full): its status and body.
+    pub async fn readyz(&self) -> (u16, Value) {
+        let resp =
+            client().get(self.admin_url("/readyz")).bearer_auth(HARNESS_ADMIN_TOKEN).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap())
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.admin_port, path)
     }
@@ -439,9 +447,18 @@ pub fn start_gateway_logged(admin_extra: &str, envs: &[(&str, &str)], config: &s
 /// out of the environment the gateway would inherit from the test before `envs` are set: a
 /// hermetic environment for code that reads ambient configuration (AWS's and Google's credential
 /// chains read `AWS_*`, `GOOGLE_*`, `HOME`, proxies...).
+///
+/// Its admin token is [`HARNESS_ADMIN_TOKEN`]: [`Gateway::readyz`] reads `/readyz` with the
+/// reasons in full.
 pub fn start_gateway_env(envs: &[(&str, &str)], remove: &[String], config: &str) -> Gateway {
-    launch(Sections { log_to_file: true, env_remove: remove, ..Default::default() }, envs, config)
+    let mut envs = envs.to_vec();
+    envs.push(("TG_HARNESS_ADMIN_TOKEN", HARNESS_ADMIN_TOKEN));
+    let admin = "token = \"env:TG_HARNESS_ADMIN_TOKEN\"";
+    launch(Sections { admin, log_to_file: true, env_remove: remove, ..Default::default() }, &envs, config)
 }
+
+/// The admin token of gateways started by [`start_gateway_env`].
+pub const HARNESS_ADMIN_TOKEN: &str = "harness-admin-token-7c1e";
 
 /// Like [`start_gateway_logged`], with `store_extra` lines added to `[store]` (`backend =
 /// "postgres"`, `url = "env:..."`, `key_poll = "500ms"`...); the spool is `spool.jsonl` in the
