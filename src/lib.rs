@@ -23,4 +23,5 @@ pub mod routing;
 pub mod runtime;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod tls;

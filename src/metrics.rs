@@ -18,6 +18,8 @@ pub struct Metrics {
     /// Records whose usage or cost is an estimate, by the rule that set it.
     pub estimated: IntCounterVec,
     pub audit_dropped: IntCounter,
+    /// Trace spans by what became of them: `exported`, `dropped_queue`, `dropped_export`.
+    pub otel_spans: IntCounterVec,
     pub attempts: IntCounterVec,
     pub fallbacks: IntCounterVec,
     pub cooldowns: IntCounterVec,
@@ -219,6 +221,11 @@ impl Metrics {
         let audit_dropped =
             IntCounter::new("tollgate_audit_dropped_total", "Usage records dropped because the audit queue was full")
                 .unwrap();
+        let otel_spans = IntCounterVec::new(
+            Opts::new("tollgate_otel_spans_total", "Trace spans, by what became of them (exported or dropped)"),
+            &["result"],
+        )
+        .unwrap();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(tokens.clone()),
@@ -230,6 +237,7 @@ impl Metrics {
             Box::new(unpriced.clone()),
             Box::new(estimated.clone()),
             Box::new(audit_dropped.clone()),
+            Box::new(otel_spans.clone()),
             Box::new(attempts.clone()),
             Box::new(fallbacks.clone()),
             Box::new(cooldowns.clone()),
@@ -263,6 +271,7 @@ impl Metrics {
             unpriced,
             estimated,
             audit_dropped,
+            otel_spans,
             attempts,
             fallbacks,
             cooldowns,

@@ -43,7 +43,9 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
         p.resolve_blocking();
     }
     let (audit, audit_writer) = crate::audit::start(&config.audit, metrics.audit_dropped.clone())?;
-    watch_hangup(runtime.clone())?;
+    let (telemetry, trace_exporter) =
+        crate::telemetry::start(&config.telemetry, metrics.otel_spans.clone()).map_err(anyhow::Error::msg)?;
+    watch_hangup(runtime.clone(), audit.clone())?;
     watch_keys(runtime.clone(), config.store.key_poll)?;
     crate::refresh::start(runtime.clone())?;
     // After the first fetch of credentials that come from a cloud.
@@ -67,7 +69,7 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
     server.bootstrap();
 
     let metrics_in_flight = metrics.in_flight.clone();
-    let gateway = Gateway::new(runtime.clone(), &config, audit, metrics.clone());
+    let gateway = Gateway::new(runtime.clone(), &config, audit, telemetry, metrics.clone());
     let mut slots = Vec::new();
     for l in &config.listeners {
         let address = l.address.get_ref().parse().with_context(|| format!("listener {}", l.address.get_ref()))?;
@@ -127,34 +129,27 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
         server.add_boxed_service(p.pool.service(&p.name));
     }
 
-    let audit_writer = Arc::new(Mutex::new(Some(audit_writer)));
+    let writers = Arc::new(Mutex::new(Writers { audit: Some(audit_writer), traces: trace_exporter }));
     let limits = runtime.limiter.clone();
-    watch_drain(
-        &server,
-        metrics_in_flight,
-        config.server.grace_period,
-        audit_writer.clone(),
-        store.clone(),
-        limits.clone(),
-    );
+    watch_drain(&server, metrics_in_flight, config.server.grace_period, writers.clone(), store.clone(), limits.clone());
     server.run(RunArgs::default());
-    tracing::info!("stopped; flushing the audit log, the shared limiter and the ledger");
-    if let Some(w) = audit_writer.lock().unwrap().take() {
-        w.shutdown();
-    }
+    tracing::info!("stopped; flushing the audit log, traces, the shared limiter and the ledger");
+    writers.lock().unwrap_or_else(|p| p.into_inner()).finish();
     limits.flush(LIMITS_FLUSH);
     store.close();
     Ok(())
 }
 
-/// Reloads the config on SIGHUP. The handler is installed here, before any listener opens, so
-/// a SIGHUP can never find the default action (terminate) in place.
-fn watch_hangup(runtime: Arc<Runtime>) -> anyhow::Result<()> {
+/// Reloads the config on SIGHUP, and reopens the audit log (for logrotate, which moves the
+/// file and then signals). The handler is installed here, before any listener opens, so a
+/// SIGHUP can never find the default action (terminate) in place.
+fn watch_hangup(runtime: Arc<Runtime>, audit: crate::audit::AuditLog) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut hangups = rt.block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) })?;
     std::thread::Builder::new().name("tollgate-reload".into()).spawn(move || {
         rt.block_on(async move {
             while hangups.recv().await.is_some() {
+                audit.reopen();
                 let r = runtime.clone();
                 // Reading files and the store: off the runtime's thread.
                 match tokio::task::spawn_blocking(move || r.reload()).await {
@@ -178,7 +173,7 @@ fn watch_drain(
     server: &Server,
     in_flight: IntGauge,
     grace: Duration,
-    audit: Arc<Mutex<Option<AuditWriter>>>,
+    writers: Arc<Mutex<Writers>>,
     store: Arc<dyn Store>,
     limits: crate::limits::Limits,
 ) {
@@ -194,11 +189,9 @@ fn watch_drain(
                     }
                     tracing::info!(
                         in_flight = in_flight.get(),
-                        "drained; flushing the audit log, the shared limiter and the ledger"
+                        "drained; flushing the audit log, traces, the shared limiter and the ledger"
                     );
-                    if let Some(w) = audit.lock().unwrap().take() {
-                        w.shutdown();
-                    }
+                    writers.lock().unwrap_or_else(|p| p.into_inner()).finish();
                     limits.flush(LIMITS_FLUSH);
                     store.close();
                     std::process::exit(0);
@@ -208,6 +201,24 @@ fn watch_drain(
             }
         })
         .expect("can spawn a thread");
+}
+
+/// The threads that write what requests left behind, finished once on the way out (by the
+/// drain or after the server stops, whichever comes first).
+struct Writers {
+    audit: Option<AuditWriter>,
+    traces: Option<crate::telemetry::Exporter>,
+}
+
+impl Writers {
+    fn finish(&mut self) {
+        if let Some(w) = self.audit.take() {
+            w.shutdown();
+        }
+        if let Some(t) = self.traces.take() {
+            t.shutdown();
+        }
+    }
 }
 
 /// The longest a stopping gateway waits for Redis to take its settlements and credits.

@@ -19,6 +19,7 @@ const SECTIONS: &[(&str, &str, &str)] = &[
     ("BudgetConfig", "configuration.md", "## `[[team]]` and `[[user]]`"),
     ("AuditConfig", "configuration.md", "## `[audit]`"),
     ("EgressConfig", "configuration.md", "## `[egress]`"),
+    ("TelemetryConfig", "configuration.md", "## `[telemetry]`"),
     ("LimitsConfig", "configuration.md", "## `[limits]`"),
     ("ProviderConfig", "configuration.md", "## `[[provider]]`"),
     ("AwsCredentialsConfig", "configuration.md", "## `[[provider]]`"),

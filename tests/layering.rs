@@ -23,6 +23,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("routing", &["config", "glob", "limits", "metering", "providers"]),
     ("tls", &["config"]),
     ("audit", &["config", "metering"]),
+    ("telemetry", &["config", "metering"]),
     ("connections", &[]),
     ("mock", &["protocol"]),
     // The live state, then what serves it.
@@ -41,6 +42,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "routing",
             "runtime",
             "store",
+            "telemetry",
         ],
     ),
     ("admin", &["auth", "config", "limits", "metering", "metrics", "providers", "routing", "runtime", "store"]),
@@ -60,6 +62,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "refresh",
             "runtime",
             "store",
+            "telemetry",
             "tls",
         ],
     ),

@@ -222,6 +222,27 @@ fn validate(c: &Config) -> Result<(), Invalid> {
     if let Some(proxy) = &c.egress.proxy {
         super::ProxyUrl::parse(proxy).map_err(|e| (0..0, format!("egress.proxy: {e}")))?;
     }
+    if c.audit.keep == 0 {
+        return Err((0..0, "audit.keep must be at least 1 (rotated files kept)".into()));
+    }
+    let t = &c.telemetry;
+    if !(0.0..=1.0).contains(&t.sample_ratio) {
+        return Err((0..0, format!("telemetry.sample_ratio must be between 0 and 1, not {}", t.sample_ratio)));
+    }
+    if let Some(url) = &t.otlp_endpoint {
+        let parsed: http::Uri =
+            url.parse().map_err(|e| (0..0, format!("telemetry.otlp_endpoint {url:?} is not a URL: {e}")))?;
+        if !matches!(parsed.scheme_str(), Some("http" | "https")) || parsed.host().is_none() {
+            return Err((0..0, format!("telemetry.otlp_endpoint {url:?}: an http:// or https:// URL is needed")));
+        }
+    }
+    for name in t.headers.keys() {
+        http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| (0..0, format!("telemetry.headers: {name:?} is not a header name")))?;
+    }
+    if t.queue_capacity == 0 || t.export_interval.is_zero() || t.export_timeout.is_zero() {
+        return Err((0..0, "telemetry: queue_capacity, export_interval and export_timeout must be more than 0".into()));
+    }
 
     let mut names = HashSet::new();
     for m in &c.models {

@@ -61,6 +61,46 @@ pub struct Config {
     /// Where budgets and rate limits are counted: in this process, or shared by a fleet.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Traces of each request, sent to an OpenTelemetry collector.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: a trace per request over OTLP/HTTP (protobuf).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The collector's traces URL (`http://collector:4318/v1/traces`); none, no tracing.
+    pub otlp_endpoint: Option<String>,
+    /// Headers sent with every export (a vendor's API key), values as secret references.
+    pub headers: std::collections::BTreeMap<String, SecretRef>,
+    /// The share of requests without a client `traceparent` that are traced (0 to 1); a
+    /// client's `traceparent` decides for its own requests.
+    pub sample_ratio: f64,
+    /// `service.name` of the gateway's spans.
+    pub service_name: String,
+    /// Spans waiting for export; past it, new ones are dropped and counted.
+    pub queue_capacity: usize,
+    /// Spans are sent at least this often.
+    #[serde(deserialize_with = "duration")]
+    pub export_interval: Duration,
+    /// One export may take this long; a slower collector loses the batch (counted).
+    #[serde(deserialize_with = "duration")]
+    pub export_timeout: Duration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            headers: Default::default(),
+            sample_ratio: 1.0,
+            service_name: "tollgate".into(),
+            queue_capacity: 4096,
+            export_interval: Duration::from_secs(1),
+            export_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// `[limits]`: where budgets, rate limits and concurrency are counted.
@@ -306,6 +346,10 @@ pub struct StoreConfig {
     /// Ledger rows are committed at least this often: the most a crash can lose.
     #[serde(deserialize_with = "duration")]
     pub flush_interval: Duration,
+    /// Requests the gateway refused itself (limits, budgets, validation: no provider was
+    /// asked, nothing was spent) get a ledger row. False keeps a client hammering on 429 from
+    /// growing the database; the refusals are still counted in metrics and the audit log.
+    pub record_refused: bool,
 }
 
 impl Default for StoreConfig {
@@ -318,6 +362,7 @@ impl Default for StoreConfig {
             spool: PathBuf::from("tollgate-spool.jsonl"),
             key_poll: Duration::from_secs(2),
             flush_interval: Duration::from_millis(200),
+            record_refused: true,
         }
     }
 }
@@ -531,6 +576,16 @@ pub struct AuditConfig {
     /// Buffered records reach the file at least this often.
     #[serde(deserialize_with = "duration")]
     pub flush_interval: Duration,
+    /// The file is rotated before a record would take it past this many bytes; 0, never by
+    /// size (an outside rotator, or `rotate_every`).
+    pub rotate_bytes: u64,
+    /// A file with records is rotated once this old; none, never by age.
+    #[serde(deserialize_with = "optional_duration")]
+    pub rotate_every: Option<Duration>,
+    /// Rotated files kept (the newest); older ones are deleted.
+    pub keep: usize,
+    /// Gzip rotated files.
+    pub compress: bool,
 }
 
 impl Default for AuditConfig {
@@ -539,6 +594,10 @@ impl Default for AuditConfig {
             path: PathBuf::from("tollgate-audit.jsonl"),
             queue_capacity: 65536,
             flush_interval: Duration::from_secs(1),
+            rotate_bytes: 256 << 20,
+            rotate_every: None,
+            keep: 10,
+            compress: false,
         }
     }
 }

@@ -57,16 +57,22 @@ impl Estimate {
     }
 }
 
+/// Absent fields are left out of the JSON line rather than written as `null` (a reader that
+/// treats a missing field as null sees the same record, in fewer bytes).
 #[derive(Debug, Clone, Serialize)]
 pub struct UsageRecord {
     pub request_id: String,
     #[serde(serialize_with = "rfc3339")]
     pub time: SystemTime,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub team: Option<String>,
     /// How the caller authenticated: `key`, `jwt`, or `listener` (its listener's
     /// `anonymous_key`); absent when it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub auth: Option<&'static str>,
     /// The API format the client spoke: `anthropic`, `bedrock` or `vertex`.
     pub format: crate::protocol::inbound::Format,
@@ -74,16 +80,24 @@ pub struct UsageRecord {
     pub jwt_issuer: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_kid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub client_ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub user_agent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
     pub method: String,
     pub path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub requested_model: Option<String>,
     /// The public model name the request resolved to.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub provider_model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_status: Option<u16>,
     pub status: u16,
     pub stream: bool,
@@ -97,9 +111,11 @@ pub struct UsageRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage_estimated: Option<Estimate>,
     pub latency_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ttfb_ms: Option<f64>,
     pub outcome: Outcome,
     /// Why the request did not complete, when it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Each try at a provider endpoint, in order; more than one means a fallback happened.
     pub attempts: Vec<AttemptRecord>,
@@ -115,12 +131,17 @@ pub struct AttemptRecord {
     pub provider: String,
     pub endpoint: String,
     pub model: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
     pub latency_ms: f64,
     /// Why the attempt was abandoned; absent for the one that answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub abandoned: Option<String>,
     /// An abandoned attempt whose request reached the provider whole: the provider may have
     /// generated (and billed) an answer the gateway never read.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub may_be_billed: bool,
+    /// When the attempt began (its trace span's start); not in the record.
+    #[serde(skip)]
+    pub started: Option<std::time::Instant>,
 }

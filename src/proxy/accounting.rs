@@ -4,6 +4,7 @@ use pingora_proxy::Session;
 
 use super::{Client, Gateway, RequestCtx};
 use crate::limits::Actual;
+use crate::metering::Outcome;
 use crate::store::LedgerRow;
 
 impl Gateway {
@@ -69,7 +70,8 @@ impl Gateway {
         // Requests without a key never reach a provider and cost nothing: the audit log has them.
         // The ledger row is queued before the reservation settles, so a budget re-read from the
         // ledger meanwhile (a reload) counts this request at least once.
-        if record.key_id.is_some() {
+        // Refusals (nothing spent) stay out of the ledger when the operator says so.
+        if record.key_id.is_some() && (self.record_refused || record.outcome != Outcome::Rejected) {
             self.runtime.store.record(LedgerRow::from_record(&record));
         }
         if let Some(r) = ctx.reservation.take() {
@@ -81,6 +83,13 @@ impl Gateway {
                 output_tokens: u.output_tokens,
                 at_ms,
             });
+        }
+        // Sampled only now: a request refused before routing is traced too, and tracing off
+        // costs one branch.
+        if let Some(sampled) = self.telemetry.sample(req.headers.get("traceparent").map(|v| v.as_bytes())) {
+            let state = self.state.load();
+            let kind_of = |name: &str| state.providers.iter().find(|p| p.name == name).map(|p| p.kind);
+            self.telemetry.record(sampled, &record, ctx.start, kind_of);
         }
         self.audit.submit(record);
     }

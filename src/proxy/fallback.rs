@@ -170,9 +170,11 @@ impl Gateway {
                         latency_ms: 0.0,
                         abandoned: None,
                         may_be_billed: false,
+                        started: None,
                     };
                     let guard = InFlight::new(endpoint.clone());
                     let attempt_started = Instant::now();
+                    record.started = Some(attempt_started);
                     let remaining = deadline.saturating_duration_since(now);
                     let timeout = provider.first_byte_timeout.min(remaining);
                     let cut_by_deadline = timeout < provider.first_byte_timeout;

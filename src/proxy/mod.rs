@@ -46,6 +46,7 @@ use crate::protocol::json_peek::{peek_request, replace_string_value};
 use crate::protocol::references::{self, Reach};
 use crate::runtime::Runtime;
 use crate::runtime::{SharedState, State};
+use crate::telemetry::Telemetry;
 use admission::{caller_scopes, Admission, Generation};
 use body::{read_body, BodyTimeouts};
 
@@ -53,6 +54,7 @@ pub struct Gateway {
     runtime: Arc<Runtime>,
     state: SharedState,
     audit: AuditLog,
+    telemetry: Telemetry,
     metrics: Arc<Metrics>,
     /// A client that accepts no bytes for this long is dropped.
     client_write_timeout: Duration,
@@ -68,10 +70,18 @@ pub struct Gateway {
     anonymous: HashMap<std::net::SocketAddr, Option<String>>,
     /// When this gateway started: the `created_at` of the models it lists.
     started: SystemTime,
+    /// Requests the gateway refused itself get a ledger row (`store.record_refused`).
+    record_refused: bool,
 }
 
 impl Gateway {
-    pub fn new(runtime: Arc<Runtime>, config: &Config, audit: AuditLog, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        config: &Config,
+        audit: AuditLog,
+        telemetry: Telemetry,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let server = &config.server;
         let anonymous = config
             .listeners
@@ -84,6 +94,7 @@ impl Gateway {
             state: runtime.state.clone(),
             runtime,
             audit,
+            telemetry,
             metrics,
             client_write_timeout: server.client_write_timeout,
             client_idle_secs: server.client_idle_timeout.as_secs().max(1),
@@ -96,6 +107,7 @@ impl Gateway {
                 .collect(),
             anonymous,
             started: SystemTime::now(),
+            record_refused: config.store.record_refused,
         }
     }
 

@@ -78,6 +78,8 @@ struct Sections<'a> {
     server: &'a str,
     listener: &'a str,
     admin: &'a str,
+    /// Lines added to `[audit]` (which always sets `path` and `flush_interval`).
+    audit: &'a str,
     /// Lines added to `[store]` (which always sets `path`, and `flush_interval = "50ms"` and a
     /// `spool` in the gateway's directory unless these lines set them).
     store: &'a str,
@@ -105,13 +107,14 @@ fn launch(extra: Sections<'_>, envs: &[(&str, &str)], config: &str) -> Gateway {
         "[server]\nthreads = 2\ngrace_period = \"5s\"\nupgrade_socket = \"{d}/upgrade.sock\"\npid_file = \"{d}/pid\"\n{server}\n\
          [[listener]]\naddress = \"127.0.0.1:{port}\"\n{listener}\n\
          [admin]\naddress = \"127.0.0.1:{admin_port}\"\n{admin}\n\
-         [audit]\npath = \"{audit}\"\nflush_interval = \"20ms\"\n\n\
+         [audit]\npath = \"{audit}\"\nflush_interval = \"20ms\"\n{audit_extra}\n\n\
          [store]\npath = \"{d}/tollgate.db\"\n{store}\n\n{config}",
         d = dir.path().display(),
         audit = audit_path.display(),
         server = extra.server,
         listener = extra.listener,
         admin = extra.admin,
+        audit_extra = extra.audit,
     );
     let config_path = dir.path().join("tollgate.toml");
     std::fs::write(&config_path, text).unwrap();
@@ -145,8 +148,7 @@ impl Gateway {
 
     /// `/readyz` with [`HARNESS_ADMIN_TOKEN`] (the reasons in full): its status and body.
     pub async fn readyz(&self) -> (u16, Value) {
-        let resp =
-            client().get(self.admin_url("/readyz")).bearer_auth(HARNESS_ADMIN_TOKEN).send().await.unwrap();
+        let resp = client().get(self.admin_url("/readyz")).bearer_auth(HARNESS_ADMIN_TOKEN).send().await.unwrap();
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap())
     }
@@ -465,6 +467,25 @@ pub const HARNESS_ADMIN_TOKEN: &str = "harness-admin-token-7c1e";
 /// gateway's directory ([`Gateway::spool_path`]) unless those lines name one.
 pub fn start_gateway_store(store_extra: &str, admin_extra: &str, envs: &[(&str, &str)], config: &str) -> Gateway {
     launch(Sections { store: store_extra, admin: admin_extra, log_to_file: true, ..Default::default() }, envs, config)
+}
+
+/// Like [`start_gateway_store`], with `audit_extra` lines added to `[audit]` (rotation,
+/// retention); the audit log is [`Gateway::audit_path`].
+pub fn start_gateway_audit(
+    audit_extra: &str,
+    store_extra: &str,
+    admin_extra: &str,
+    envs: &[(&str, &str)],
+    config: &str,
+) -> Gateway {
+    let sections = Sections {
+        audit: audit_extra,
+        store: store_extra,
+        admin: admin_extra,
+        log_to_file: true,
+        ..Default::default()
+    };
+    launch(sections, envs, config)
 }
 
 /// The names of the variables in the test's own environment that `matches` picks (for

@@ -4,10 +4,11 @@
 //! system call and no wake-up per request. The writer thread wakes every few milliseconds,
 //! takes the whole batch and writes it out. When the batch is full (the disk cannot keep up),
 //! the record is dropped, counted in `tollgate_audit_dropped_total` and logged: a request never
-//! waits on the disk.
+//! waits on the disk. The file rotates itself by size and age ([`file`]), or is reopened on
+//! SIGHUP for an outside rotator.
 
-use std::fs::OpenOptions;
-use std::io::{BufWriter, Write};
+mod file;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -22,10 +23,14 @@ use crate::metering::UsageRecord;
 /// piles up in memory; long enough that waking up costs nothing.
 const DRAIN_EVERY: Duration = Duration::from_millis(20);
 
+pub use file::{rotated_files, Rotation};
+
 struct Shared {
     batch: Mutex<Vec<UsageRecord>>,
     capacity: usize,
     stopping: AtomicBool,
+    /// Set by SIGHUP: the writer opens the path again before its next write.
+    reopen: AtomicBool,
 }
 
 /// The sending side, shared by all workers.
@@ -51,6 +56,11 @@ impl AuditLog {
             tracing::error!(total = self.dropped.get(), "audit queue full: usage records dropped");
         }
     }
+
+    /// Makes the writer open its path again (after logrotate moved the file away).
+    pub fn reopen(&self) {
+        self.shared.reopen.store(true, Ordering::Release);
+    }
 }
 
 /// The writing side; [`AuditWriter::shutdown`] writes out everything queued and stops.
@@ -68,33 +78,50 @@ impl AuditWriter {
 }
 
 pub fn start(config: &AuditConfig, dropped: IntCounter) -> std::io::Result<(AuditLog, AuditWriter)> {
-    let file =
-        OpenOptions::new().create(true).append(true).open(&config.path).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot open audit log {}: {e}", config.path.display()))
-        })?;
+    let rotation = Rotation {
+        max_bytes: config.rotate_bytes,
+        every: config.rotate_every,
+        keep: config.keep,
+        compress: config.compress,
+    };
+    let file = file::LogFile::open(&config.path, rotation)?;
     let capacity = config.queue_capacity.max(1);
-    let shared =
-        Arc::new(Shared { batch: Mutex::new(Vec::with_capacity(1024)), capacity, stopping: AtomicBool::new(false) });
+    let shared = Arc::new(Shared {
+        batch: Mutex::new(Vec::with_capacity(1024)),
+        capacity,
+        stopping: AtomicBool::new(false),
+        reopen: AtomicBool::new(false),
+    });
     let interval = config.flush_interval;
     let s = shared.clone();
-    let thread = std::thread::Builder::new()
-        .name("tollgate-audit".into())
-        .spawn(move || write_loop(&s, BufWriter::with_capacity(256 << 10, file), interval))?;
+    let thread =
+        std::thread::Builder::new().name("tollgate-audit".into()).spawn(move || write_loop(&s, file, interval))?;
     Ok((AuditLog { shared: shared.clone(), dropped }, AuditWriter { shared, thread }))
 }
 
-fn write_loop(shared: &Shared, mut out: BufWriter<std::fs::File>, flush_interval: Duration) {
+fn write_loop(shared: &Shared, mut out: file::LogFile, flush_interval: Duration) {
     let mut spare = Vec::with_capacity(1024);
+    let mut line = Vec::with_capacity(2048);
     let mut dirty = false;
     let mut last_flush = Instant::now();
     loop {
         std::thread::park_timeout(DRAIN_EVERY.min(flush_interval));
         let stopping = shared.stopping.load(Ordering::Acquire);
+        if shared.reopen.swap(false, Ordering::AcqRel) {
+            match out.reopen() {
+                Ok(()) => tracing::info!("audit log reopened"),
+                Err(e) => tracing::error!(error = %e, "cannot reopen the audit log; writing on to the file open"),
+            }
+        }
+        if let Err(e) = out.tick() {
+            tracing::error!(error = %e, "cannot rotate the audit log");
+        }
         std::mem::swap(&mut *shared.batch.lock().unwrap_or_else(|p| p.into_inner()), &mut spare);
         for r in spare.drain(..) {
-            let line =
-                serde_json::to_writer(&mut out, &r).map_err(std::io::Error::from).and_then(|_| out.write_all(b"\n"));
-            if let Err(e) = line {
+            line.clear();
+            serde_json::to_writer(&mut line, &r).expect("usage records serialize");
+            line.push(b'\n');
+            if let Err(e) = out.write_line(&line) {
                 tracing::error!(error = %e, request_id = %r.request_id, "cannot write usage record");
             }
             dirty = true;
@@ -107,6 +134,7 @@ fn write_loop(shared: &Shared, mut out: BufWriter<std::fs::File>, flush_interval
             last_flush = Instant::now();
         }
         if stopping {
+            out.close();
             return;
         }
     }

@@ -1,0 +1,267 @@
+//! The audit log an operator can keep: built-in rotation by size and age with retention and
+//! gzip, reopening on SIGHUP for logrotate, and refusals kept out of the ledger on request.
+//! Every test counts records against the requests that were sent: none may be lost.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const ADMIN: &str = "audit-log-admin-token-5d2e";
+
+fn config(mock: &MockProvider, key: &TestKey, key_extra: &str) -> String {
+    format!(
+        "[[provider]]\nname = \"mock\"\nkind = \"anthropic\"\nbase_url = \"{url}\"\ncredential = \"env:TG_TEST_PROVIDER_KEY\"\n\
+         health = {{ probe = \"none\" }}\n\
+         [[model]]\nname = \"m\"\ndeployments = [{{ provider = \"mock\", model = \"claude-sonnet-4-5-20250929\" }}]\n\
+         [[key]]\nid = \"a\"\nhash = \"{hash}\"\nteam = \"t\"\n{key_extra}\n",
+        url = mock.url(),
+        hash = key.hash,
+    )
+}
+
+fn start(audit: &str, store: &str, config: &str) -> Gateway {
+    start_gateway_audit(audit, store, "token = \"env:TG_TEST_ADMIN_TOKEN\"", &[("TG_TEST_ADMIN_TOKEN", ADMIN)], config)
+}
+
+/// Sends one request; its status and request id.
+async fn send(gw: &Gateway, key: &TestKey, stream: bool) -> (u16, String) {
+    let resp = messages_request(gw, key).body(messages_body("m", stream, 0)).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let id = resp.headers().get("x-tollgate-request-id").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let _ = resp.bytes().await.unwrap();
+    (status, id)
+}
+
+/// The audit log's rotated files (`audit.jsonl.<stamp>` and `.gz`) beside the live one.
+fn rotated(gw: &Gateway) -> Vec<PathBuf> {
+    let dir = gw.audit_path.parent().unwrap();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("audit.jsonl."))
+        .collect();
+    files.sort();
+    files
+}
+
+fn lines_of(path: &Path) -> Vec<Value> {
+    let mut text = String::new();
+    let file = std::fs::File::open(path).unwrap();
+    if path.extension().is_some_and(|e| e == "gz") {
+        flate2::read::GzDecoder::new(file).read_to_string(&mut text).unwrap();
+    } else {
+        std::io::BufReader::new(file).read_to_string(&mut text).unwrap();
+    }
+    assert!(text.is_empty() || text.ends_with('\n'), "{} ends mid-line", path.display());
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display()))).collect()
+}
+
+/// Every record on disk: rotated files (oldest first), then the live file.
+fn all_records(gw: &Gateway) -> Vec<Value> {
+    let mut out = Vec::new();
+    for f in rotated(gw).iter().filter(|f| !f.to_str().unwrap().ends_with(".tmp")) {
+        out.extend(lines_of(f));
+    }
+    out.extend(lines_of(&gw.audit_path));
+    out
+}
+
+/// Waits until `n` records are on disk (the writer flushes every 20 ms).
+fn wait_records(gw: &Gateway, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = all_records(gw);
+        if got.len() >= n || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn admin_usage(gw: &Gateway) -> Value {
+    client()
+        .get(gw.admin_url("/admin/usage?group_by=key"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// A soak past the size cap many times over, 8 clients at once: every request's record is in
+/// exactly one file, no line is split, and no file is larger than the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_by_size_loses_no_record() {
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    const CAP: u64 = 16 * 1024;
+    let gw = start(&format!("rotate_bytes = {CAP}\nkeep = 1000"), "", &config(&mock, &key, ""));
+    let mut ids = BTreeSet::new();
+    for round in 0..50 {
+        let sends = (0..8).map(|i| send(&gw, &key, (round + i) % 2 == 0));
+        for (status, id) in futures_util::future::join_all(sends).await {
+            assert_eq!(status, 200);
+            ids.insert(id);
+        }
+    }
+    assert_eq!(ids.len(), 400);
+    let records = wait_records(&gw, 400);
+    let seen: BTreeSet<String> = records.iter().map(|r| r["request_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(records.len(), 400, "each request once");
+    assert_eq!(seen, ids);
+    let files = rotated(&gw);
+    // About 400 records of some 600 bytes in files of 16 KiB.
+    assert!(files.len() >= 10, "{} rotations", files.len());
+    for f in files.iter().chain([&gw.audit_path]) {
+        let size = std::fs::metadata(f).unwrap().len();
+        assert!(size <= CAP, "{} is {size} bytes", f.display());
+    }
+}
+
+/// With `keep = 2` and gzip: past many rotations, two rotated files stay, each a complete gzip
+/// of whole records, the newest ones; the records they and the live file hold are the last
+/// ones sent, without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_the_newest_files_compressed() {
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let gw = start("rotate_bytes = 8192\nkeep = 2\ncompress = true", "", &config(&mock, &key, ""));
+    let mut ids = Vec::new();
+    for _ in 0..120 {
+        let (status, id) = send(&gw, &key, false).await;
+        assert_eq!(status, 200);
+        ids.push(id);
+    }
+    // Let the writer flush, then stop: the compressor finishes what is queued.
+    wait_records(&gw, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut gw = gw;
+    gw.stop();
+    let files = rotated(&gw);
+    let names: Vec<String> = files.iter().map(|f| f.file_name().unwrap().to_str().unwrap().to_string()).collect();
+    assert_eq!(files.len(), 2, "{names:?}");
+    assert!(names.iter().all(|n| n.ends_with(".gz")), "{names:?}");
+    let kept: Vec<String> = all_records(&gw).iter().map(|r| r["request_id"].as_str().unwrap().to_string()).collect();
+    assert!(!kept.is_empty() && kept.len() < ids.len());
+    assert_eq!(kept, ids[ids.len() - kept.len()..], "the newest records, in order, without a gap");
+}
+
+/// `rotate_every`: a file with records is rotated once it is that old; an empty one is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_by_age() {
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let gw = start("rotate_bytes = 0\nrotate_every = \"1s\"", "", &config(&mock, &key, ""));
+    let (_, first) = send(&gw, &key, false).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, second) = send(&gw, &key, false).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let files = rotated(&gw);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let old: Vec<Value> = lines_of(&files[0]);
+    assert_eq!(old.len(), 1);
+    assert_eq!(old[0]["request_id"], first.as_str());
+    let live = lines_of(&gw.audit_path);
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0]["request_id"], second.as_str());
+    // Idle for longer than the age: nothing new to rotate.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(rotated(&gw).len(), 2, "the second file had a record; it rotates once");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(rotated(&gw).len(), 2, "an empty file is not rotated");
+}
+
+/// logrotate's way: it moves the file, then sends SIGHUP; records go to a new file at the path
+/// from then on, and none is lost between the move and the signal (they land in the moved
+/// file, which the gateway still has open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reopens_the_file_an_outside_rotator_moved() {
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let gw = start("rotate_bytes = 0", "", &config(&mock, &key, ""));
+    for _ in 0..3 {
+        send(&gw, &key, false).await;
+    }
+    gw.wait_for_records(3);
+    let moved = gw.audit_path.with_extension("jsonl.1");
+    std::fs::rename(&gw.audit_path, &moved).unwrap();
+    // Before the signal: still the moved file.
+    send(&gw, &key, false).await;
+    std::thread::sleep(Duration::from_millis(200));
+    gw.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gw.audit_path.exists() {
+        assert!(Instant::now() < deadline, "no new file after SIGHUP\n{}", gw.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..2 {
+        send(&gw, &key, false).await;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(lines_of(&moved).len(), 4);
+    assert_eq!(lines_of(&gw.audit_path).len(), 2);
+}
+
+/// `store.record_refused = false`: a key hammering on its rate limit leaves ledger rows only
+/// for what it was served; the refusals are in the audit log and the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_can_stay_out_of_the_ledger() {
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let gw = start("", "record_refused = false", &config(&mock, &key, "limits = { rpm = 2 }"));
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(send(&gw, &key, false).await.0);
+    }
+    assert_eq!(statuses, [200, 200, 429, 429, 429, 429, 429, 429, 429, 429]);
+    let usage = admin_usage(&gw).await;
+    assert_eq!(usage["rows"][0]["requests"], 2, "{usage}");
+    assert_eq!(usage["rows"].as_array().unwrap().len(), 1, "{usage}");
+    let records = wait_records(&gw, 10);
+    assert_eq!(records.len(), 10);
+    assert_eq!(records.iter().filter(|r| r["outcome"] == "rejected").count(), 8);
+    let metrics = client().get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("tollgate_refused_total{reason=\"rpm\"} 8"), "{metrics}");
+
+    // The default keeps them: ten rows.
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let gw = start("", "", &config(&mock, &key, "limits = { rpm = 2 }"));
+    for _ in 0..10 {
+        send(&gw, &key, false).await;
+    }
+    assert_eq!(admin_usage(&gw).await["rows"][0]["requests"], 10);
+}
+
+/// A refused request's record leaves out what it does not have (no `null` fields), and a
+/// served one's is unchanged in content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_leave_out_absent_fields() {
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let gw = start("", "", &config(&mock, &key, "limits = { rpm = 1 }"));
+    let (_, served) = send(&gw, &key, false).await;
+    let (_, refused) = send(&gw, &key, false).await;
+    gw.wait_for_records(2);
+    let raw = std::fs::read_to_string(&gw.audit_path).unwrap();
+    assert!(!raw.contains("null"), "{raw}");
+    let served = gw.record(&served);
+    for field in ["key_id", "team", "model", "provider", "provider_model", "upstream_status", "ttfb_ms"] {
+        assert!(!served[field].is_null(), "{field}: {served}");
+    }
+    let refused_line = raw.lines().find(|l| l.contains(&refused)).unwrap();
+    let v: Value = serde_json::from_str(refused_line).unwrap();
+    assert_eq!(v["status"], 429);
+    // Refused after routing: the provider it would have gone to is known, no answer is.
+    assert_eq!(v["provider"], "mock");
+    assert!(v.get("upstream_status").is_none() && v.get("ttfb_ms").is_none() && v.get("user").is_none(), "{v}");
+    eprintln!("served record {} bytes, refused {} bytes", raw.lines().next().unwrap().len(), refused_line.len());
+}
