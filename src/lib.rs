@@ -4,6 +4,7 @@
 //! pricing) are in their own modules so they can be tested and benchmarked without I/O.
 
 pub mod admin;
+pub mod alerts;
 pub mod audit;
 pub mod auth;
 pub mod blocking;

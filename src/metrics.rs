@@ -20,6 +20,8 @@ pub struct Metrics {
     pub audit_dropped: IntCounter,
     /// Trace spans by what became of them: `exported`, `dropped_queue`, `dropped_export`.
     pub otel_spans: IntCounterVec,
+    /// Spend alert webhook calls: `sent`, `failed_attempt` (retried).
+    pub alerts: IntCounterVec,
     pub attempts: IntCounterVec,
     pub fallbacks: IntCounterVec,
     pub cooldowns: IntCounterVec,
@@ -221,6 +223,11 @@ impl Metrics {
         let audit_dropped =
             IntCounter::new("tollgate_audit_dropped_total", "Usage records dropped because the audit queue was full")
                 .unwrap();
+        let alerts = IntCounterVec::new(
+            Opts::new("tollgate_alert_webhooks_total", "Spend alert webhook calls, by result (sent, failed_attempt)"),
+            &["result"],
+        )
+        .unwrap();
         let otel_spans = IntCounterVec::new(
             Opts::new("tollgate_otel_spans_total", "Trace spans, by what became of them (exported or dropped)"),
             &["result"],
@@ -238,6 +245,7 @@ impl Metrics {
             Box::new(estimated.clone()),
             Box::new(audit_dropped.clone()),
             Box::new(otel_spans.clone()),
+            Box::new(alerts.clone()),
             Box::new(attempts.clone()),
             Box::new(fallbacks.clone()),
             Box::new(cooldowns.clone()),
@@ -272,6 +280,7 @@ impl Metrics {
             estimated,
             audit_dropped,
             otel_spans,
+            alerts,
             attempts,
             fallbacks,
             cooldowns,

@@ -48,6 +48,7 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
     watch_hangup(runtime.clone(), audit.clone())?;
     watch_keys(runtime.clone(), config.store.key_poll)?;
     crate::refresh::start(runtime.clone())?;
+    crate::alerts::start(runtime.clone())?;
     // After the first fetch of credentials that come from a cloud.
     for p in &providers {
         if let Some(reason) = p.unready_reason().or_else(|| p.credential_problem()) {

@@ -20,6 +20,8 @@ const SECTIONS: &[(&str, &str, &str)] = &[
     ("AuditConfig", "configuration.md", "## `[audit]`"),
     ("EgressConfig", "configuration.md", "## `[egress]`"),
     ("TelemetryConfig", "configuration.md", "## `[telemetry]`"),
+    ("AlertsConfig", "configuration.md", "## `[alerts]`"),
+    ("WebhookConfig", "configuration.md", "## `[alerts]`"),
     ("LimitsConfig", "configuration.md", "## `[limits]`"),
     ("ProviderConfig", "configuration.md", "## `[[provider]]`"),
     ("AwsCredentialsConfig", "configuration.md", "## `[[provider]]`"),

@@ -48,10 +48,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("admin", &["auth", "config", "limits", "metering", "metrics", "providers", "routing", "runtime", "store"]),
     ("cli", &["config"]),
     ("refresh", &["auth", "providers", "runtime"]),
+    ("alerts", &["config", "limits", "metering", "metrics", "runtime", "store"]),
     (
         "server",
         &[
             "admin",
+            "alerts",
             "audit",
             "config",
             "connections",

@@ -225,6 +225,16 @@ fn validate(c: &Config) -> Result<(), Invalid> {
     if c.audit.keep == 0 {
         return Err((0..0, "audit.keep must be at least 1 (rotated files kept)".into()));
     }
+    let a = &c.alerts;
+    if a.thresholds.iter().any(|&t| t == 0 || t > 1000) {
+        return Err((0..0, "alerts.thresholds are percentages of a budget, from 1 to 1000".into()));
+    }
+    if let Some(s) = a.scopes.iter().find(|s| !["key", "user", "team"].contains(&s.as_str())) {
+        return Err((0..0, format!("alerts.scopes: {s:?} is not one of key, user, team")));
+    }
+    if a.check_every < Duration::from_millis(100) {
+        return Err((0..0, "alerts.check_every must be at least 100ms".into()));
+    }
     let t = &c.telemetry;
     if !(0.0..=1.0).contains(&t.sample_ratio) {
         return Err((0..0, format!("telemetry.sample_ratio must be between 0 and 1, not {}", t.sample_ratio)));

@@ -64,6 +64,59 @@ pub struct Config {
     /// Traces of each request, sent to an OpenTelemetry collector.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Spend alerts: budgets crossing thresholds, sent to webhooks.
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+}
+
+/// `[alerts]`: a webhook call when a budget crosses a share of its limit, or is on course to
+/// run out before its period ends; once per budget, period and threshold.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Percentages of a budget's limit spent that raise an alert.
+    pub thresholds: Vec<u32>,
+    /// Also alert when the spend so far, at its average rate, exhausts the budget before the
+    /// period ends.
+    pub projected: bool,
+    /// Which budgets: `key`, `user`, `team`.
+    pub scopes: Vec<String>,
+    /// How often budgets are looked at.
+    #[serde(deserialize_with = "duration")]
+    pub check_every: Duration,
+    #[serde(rename = "webhook")]
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            thresholds: vec![50, 80, 100],
+            projected: true,
+            scopes: vec!["key".into(), "user".into(), "team".into()],
+            check_every: Duration::from_secs(30),
+            webhooks: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// The URL, as a secret reference (a Slack webhook URL is a credential).
+    pub url: SecretRef,
+    /// `json` (Tollgate's alert document) or `slack` (`{"text": ...}`, which Slack, Mattermost
+    /// and Teams' incoming webhooks take).
+    #[serde(default)]
+    pub format: WebhookFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookFormat {
+    #[default]
+    Json,
+    Slack,
 }
 
 /// `[telemetry]`: a trace per request over OTLP/HTTP (protobuf).

@@ -206,6 +206,20 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// A spend alert that fired: once per scope, period and alert, whichever gateway saw it first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertMark {
+    /// `key`, `user` or `team`.
+    pub scope: String,
+    pub id: String,
+    /// The budget period the alert belongs to (its start, Unix milliseconds).
+    pub period_start_ms: i64,
+    /// `80%`, `100%`, `projected`...
+    pub alert: String,
+    /// The alert's JSON, kept so that a gateway restarted before delivering it sends it still.
+    pub payload: String,
+}
+
 pub trait Store: Send + Sync {
     /// Queues a row; returns at once. The writer commits it within the flush interval.
     fn record(&self, row: LedgerRow);
@@ -245,5 +259,13 @@ pub trait Store: Send + Sync {
     }
 
     /// Commits the queue and stops the writer; rows recorded afterwards are written at once.
+    /// Records `mark` as fired unless it already is: true for the one caller that claimed it
+    /// (who then delivers it), false for everyone after.
+    fn claim_alert(&self, mark: &AlertMark) -> StoreResult<bool>;
+    /// Notes that a claimed alert was delivered.
+    fn alert_delivered(&self, mark: &AlertMark) -> StoreResult<()>;
+    /// Alerts claimed but never delivered (their gateway stopped first), oldest first.
+    fn undelivered_alerts(&self) -> StoreResult<Vec<AlertMark>>;
+
     fn close(&self);
 }

@@ -26,7 +26,7 @@ use tokio_postgres::{Client, NoTls};
 
 use super::pg_tls::Rustls;
 
-use super::{Group, LedgerRow, Store, StoreError, StoreResult, StoredKey, UsageLine, UsageQuery};
+use super::{AlertMark, Group, LedgerRow, Store, StoreError, StoreResult, StoredKey, UsageLine, UsageQuery};
 use crate::limits::ScopeKind;
 
 /// Each migration once, in order; the version table says which ran.
@@ -82,6 +82,20 @@ const MIGRATIONS: &[(i32, &str)] = &[
     ALTER TABLE tollgate_keys ADD COLUMN change BIGINT NOT NULL DEFAULT nextval('tollgate_keys_change');
     CREATE STATISTICS tollgate_ledger_bucket ON (ts_ms / 900000) FROM tollgate_ledger;
     ANALYZE tollgate_ledger;",
+    ),
+    (
+        3,
+        // Spend alerts: the primary key makes the first gateway to insert one its only sender.
+        "CREATE TABLE tollgate_alerts (
+        scope TEXT NOT NULL,
+        id TEXT NOT NULL,
+        period_start_ms BIGINT NOT NULL,
+        alert TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        claimed_ms BIGINT NOT NULL,
+        delivered_ms BIGINT,
+        PRIMARY KEY (scope, id, period_start_ms, alert)
+    );",
     ),
 ];
 
@@ -1097,6 +1111,68 @@ impl Store for PostgresStore {
                 let client = s.client().await?;
                 let n = client.execute("DELETE FROM tollgate_keys WHERE id = $1", &[&id]).await.map_err(pg)?;
                 Ok(n > 0)
+            })
+        })
+    }
+
+    fn claim_alert(&self, m: &AlertMark) -> StoreResult<bool> {
+        let m = m.clone();
+        self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let n = client
+                    .execute(
+                        "INSERT INTO tollgate_alerts (scope, id, period_start_ms, alert, payload, claimed_ms)
+                         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                        &[&m.scope, &m.id, &m.period_start_ms, &m.alert, &m.payload, &crate::limits::now_ms()],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(n == 1)
+            })
+        })
+    }
+
+    fn alert_delivered(&self, m: &AlertMark) -> StoreResult<()> {
+        let m = m.clone();
+        self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                client
+                    .execute(
+                        "UPDATE tollgate_alerts SET delivered_ms = $5
+                         WHERE scope = $1 AND id = $2 AND period_start_ms = $3 AND alert = $4",
+                        &[&m.scope, &m.id, &m.period_start_ms, &m.alert, &crate::limits::now_ms()],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(())
+            })
+        })
+    }
+
+    fn undelivered_alerts(&self) -> StoreResult<Vec<AlertMark>> {
+        self.run(|s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let rows = client
+                    .query(
+                        "SELECT scope, id, period_start_ms, alert, payload FROM tollgate_alerts
+                         WHERE delivered_ms IS NULL ORDER BY claimed_ms",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| AlertMark {
+                        scope: r.get(0),
+                        id: r.get(1),
+                        period_start_ms: r.get(2),
+                        alert: r.get(3),
+                        payload: r.get(4),
+                    })
+                    .collect())
             })
         })
     }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use chrono_tz::Tz;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 
-use super::{local_day, Group, LedgerRow, Store, StoreError, StoreResult, StoredKey, UsageLine, UsageQuery};
+use super::{local_day, AlertMark, Group, LedgerRow, Store, StoreError, StoreResult, StoredKey, UsageLine, UsageQuery};
 use crate::limits::ScopeKind;
 
 const SCHEMA: &str = "
@@ -58,6 +58,16 @@ CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts_ms);
 CREATE INDEX IF NOT EXISTS ledger_key ON ledger (key_id, ts_ms);
 CREATE INDEX IF NOT EXISTS ledger_user ON ledger (user, ts_ms);
 CREATE INDEX IF NOT EXISTS ledger_team ON ledger (team, ts_ms);
+CREATE TABLE IF NOT EXISTS alerts (
+    scope TEXT NOT NULL,
+    id TEXT NOT NULL,
+    period_start_ms INTEGER NOT NULL,
+    alert TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    claimed_ms INTEGER NOT NULL,
+    delivered_ms INTEGER,
+    PRIMARY KEY (scope, id, period_start_ms, alert)
+);
 ";
 
 /// The schema version this build writes; older files are brought up to it at open.
@@ -497,6 +507,40 @@ impl Store for SqliteStore {
     fn delete_key(&self, id: &str) -> StoreResult<bool> {
         let n = lock(&self.shared.writer).execute("DELETE FROM keys WHERE id = ?1", [id])?;
         Ok(n == 1)
+    }
+
+    fn claim_alert(&self, m: &AlertMark) -> StoreResult<bool> {
+        let n = lock(&self.shared.writer).execute(
+            "INSERT OR IGNORE INTO alerts (scope, id, period_start_ms, alert, payload, claimed_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            rusqlite::params![m.scope, m.id, m.period_start_ms, m.alert, m.payload, crate::limits::now_ms()],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn alert_delivered(&self, m: &AlertMark) -> StoreResult<()> {
+        lock(&self.shared.writer).execute(
+            "UPDATE alerts SET delivered_ms = ?5 WHERE scope = ?1 AND id = ?2 AND period_start_ms = ?3 AND alert = ?4",
+            rusqlite::params![m.scope, m.id, m.period_start_ms, m.alert, crate::limits::now_ms()],
+        )?;
+        Ok(())
+    }
+
+    fn undelivered_alerts(&self) -> StoreResult<Vec<AlertMark>> {
+        let conn = lock(&self.shared.writer);
+        let mut stmt = conn.prepare(
+            "SELECT scope, id, period_start_ms, alert, payload FROM alerts WHERE delivered_ms IS NULL ORDER BY claimed_ms",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(AlertMark {
+                scope: r.get(0)?,
+                id: r.get(1)?,
+                period_start_ms: r.get(2)?,
+                alert: r.get(3)?,
+                payload: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn close(&self) {
