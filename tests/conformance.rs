@@ -117,8 +117,13 @@ fn find_clients() -> Clients {
         .map(PathBuf::from)
         .unwrap_or_else(|| dir.join(format!("npm-{}", pin("CLAUDE_CODE_VERSION"))).join("node_modules/.bin/claude"));
     let python = std::env::var_os("TOLLGATE_CONFORMANCE_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
-        dir.join(format!("py-anthropic-{}-boto3-{}", pin("ANTHROPIC_PY_VERSION"), pin("BOTO3_VERSION")))
-            .join("bin/python")
+        dir.join(format!(
+            "py-anthropic-{}-boto3-{}-otelproto-{}",
+            pin("ANTHROPIC_PY_VERSION"),
+            pin("BOTO3_VERSION"),
+            pin("OTEL_PROTO_VERSION")
+        ))
+        .join("bin/python")
     });
     for (what, path) in [("Claude Code", &claude), ("the Python clients", &python)] {
         assert!(

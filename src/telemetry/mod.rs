@@ -137,6 +137,21 @@ fn outcome_name(o: Outcome) -> &'static str {
     }
 }
 
+/// A low-cardinality `error.type` for an abandoned attempt.
+fn error_class(status: Option<u16>, why: &str) -> String {
+    if let Some(s) = status {
+        return s.to_string();
+    }
+    let why = why.to_ascii_lowercase();
+    if why.contains("timed out") || why.contains("timeout") || why.contains("deadline") {
+        "timeout".into()
+    } else if why.contains("connect") {
+        "connect_error".into()
+    } else {
+        "_OTHER".into()
+    }
+}
+
 fn spans(
     sampled: Sampled,
     r: &UsageRecord,
@@ -150,7 +165,9 @@ fn spans(
     let u = &r.usage;
     let mut a: Vec<(&'static str, Value)> = Vec::with_capacity(28);
     a.push(("gen_ai.operation.name", Value::Str("chat".into())));
-    if let Some(kind) = r.provider.as_deref().and_then(&kind_of) {
+    // The provider that answered: a request refused before it was sent names its route's
+    // provider in the record, but none took part.
+    if let Some(kind) = r.provider.as_deref().filter(|_| r.upstream_status.is_some()).and_then(&kind_of) {
         a.push(("gen_ai.provider.name", Value::Str(provider_name(kind).into())));
     }
     a.extend(str_attr("gen_ai.request.model", &r.requested_model));
@@ -176,10 +193,12 @@ fn spans(
     a.push(("http.request.method", Value::Str(r.method.clone())));
     a.push(("url.path", Value::Str(r.path.clone())));
     a.push(("http.response.status_code", Value::Int(i64::from(r.status))));
-    let failed = r.outcome != Outcome::Complete;
-    if failed {
+    if r.outcome != Outcome::Complete {
         a.push(("error.type", Value::Str(outcome_name(r.outcome).into())));
     }
+    // As the HTTP conventions have it for a server: a refusal (4xx) is the client's error,
+    // not the span's; a 5xx, a failure or a cut answer is.
+    let failed = r.status >= 500 || matches!(r.outcome, Outcome::Failed | Outcome::Incomplete);
     let name = match &r.requested_model {
         Some(m) => format!("chat {m}"),
         None => "chat".to_string(),
@@ -206,7 +225,13 @@ fn spans(
             a.push(("gen_ai.provider.name", Value::Str(provider_name(kind).into())));
         }
         a.push(("gen_ai.request.model", Value::Str(attempt.model.clone())));
-        a.push(("server.address", Value::Str(attempt.endpoint.clone())));
+        match attempt.endpoint.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?))) {
+            Some((host, port)) => {
+                a.push(("server.address", Value::Str(host.trim_matches(['[', ']']).to_string())));
+                a.push(("server.port", Value::Int(i64::from(port))));
+            }
+            None => a.push(("server.address", Value::Str(attempt.endpoint.clone()))),
+        }
         a.push(("tollgate.provider", Value::Str(attempt.provider.clone())));
         if let Some(s) = attempt.status {
             a.push(("http.response.status_code", Value::Int(i64::from(s))));
@@ -214,8 +239,10 @@ fn spans(
         if attempt.may_be_billed {
             a.push(("tollgate.may_be_billed", Value::Bool(true)));
         }
+        // A class, as the conventions want (the status, or how it failed); the reason itself
+        // is the span status's message.
         if let Some(why) = &attempt.abandoned {
-            a.push(("error.type", Value::Str(why.clone())));
+            a.push(("error.type", Value::Str(error_class(attempt.status, why))));
         }
         out.push(Span {
             trace_id: sampled.trace_id,
