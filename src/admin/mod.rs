@@ -5,8 +5,10 @@
 // size does not matter.
 #![allow(clippy::result_large_err)]
 
+mod console;
 mod keys;
 mod reports;
+mod session;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,11 +31,12 @@ const MAX_BODY: usize = 64 << 10;
 #[derive(Clone)]
 pub struct Admin {
     runtime: Arc<Runtime>,
+    sessions: Arc<session::Sessions>,
 }
 
 impl Admin {
     pub fn new(runtime: Arc<Runtime>) -> Self {
-        Admin { runtime }
+        Admin { runtime, sessions: Arc::default() }
     }
 }
 
@@ -90,7 +93,38 @@ fn percent_decode(s: &str) -> String {
 }
 
 impl Admin {
+    /// The admin token as a bearer token, or a console session (whose changes must carry its
+    /// CSRF token in `x-csrf-token`).
     fn authorized(&self, session: &ServerSession) -> Result<(), Reply> {
+        let req = session.req_header();
+        if req.headers.get(http::header::AUTHORIZATION).is_none() {
+            if let Some(id) = session::cookie_of(req.headers.get(http::header::COOKIE)) {
+                return self.console_session(&id, req);
+            }
+        }
+        self.bearer(session)
+    }
+
+    fn console_session(&self, id: &str, req: &pingora::http::RequestHeader) -> Result<(), Reply> {
+        let token = self.runtime.admin_token.load_full();
+        let AdminToken::Set(token) = &*token else {
+            return Err(error(401, "authentication_error", "the admin API is closed: set admin.token in the config"));
+        };
+        let Some(csrf) = self.sessions.check(id, token.expose()) else {
+            return Err(error(401, "authentication_error", "the console session has ended: sign in again"));
+        };
+        if matches!(req.method, Method::GET | Method::HEAD) {
+            return Ok(());
+        }
+        let sent = req.headers.get("x-csrf-token").map(|v| v.as_bytes()).unwrap_or_default();
+        if same_secret(sent, csrf.as_bytes()) {
+            Ok(())
+        } else {
+            Err(error(403, "permission_error", "a change from the console needs its x-csrf-token header"))
+        }
+    }
+
+    fn bearer(&self, session: &ServerSession) -> Result<(), Reply> {
         let token = self.runtime.admin_token.load_full();
         let token = match &*token {
             AdminToken::Set(t) => t,
@@ -199,7 +233,8 @@ impl Admin {
             (&Method::POST, ["keys", id, "enable"]) => self.set_disabled(id, false),
             (&Method::GET, ["usage"]) => self.usage(params),
             (&Method::GET, ["budgets"]) => self.budgets(),
-            (_, ["keys"] | ["keys", _] | ["keys", _, _] | ["usage"] | ["budgets"] | ["reload"]) => {
+            (&Method::GET, ["overview"]) => self.overview(),
+            (_, ["keys"] | ["keys", _] | ["keys", _, _] | ["usage"] | ["budgets"] | ["overview"] | ["reload"]) => {
                 error(405, "invalid_request_error", format!("{method} is not allowed on {path}"))
             }
             _ => error(404, "not_found_error", format!("no admin endpoint at {path}")),
@@ -296,6 +331,9 @@ impl ServeHttp for Admin {
         let path = session.req_header().uri.path().to_string();
         if path.starts_with("/admin/") {
             return self.api(session, &path).await;
+        }
+        if path == "/console" || path.starts_with("/console/") {
+            return self.console(session, &path).await;
         }
         match path.as_str() {
             "/metrics" => {

@@ -103,3 +103,37 @@ impl Admin {
         ok(200, json!({ "time_zone": self.runtime.limiter.time_zone().name(), "budgets": list }))
     }
 }
+
+/// The counters the console shows beside the ledger: refusals, fallbacks and upstream errors
+/// since this gateway started.
+const OVERVIEW: &[&str] = &[
+    "tollgate_refused_total",
+    "tollgate_client_refused_total",
+    "tollgate_fallbacks_total",
+    "tollgate_upstream_errors_total",
+    "tollgate_upstream_attempts_total",
+    "tollgate_endpoint_cooldowns_total",
+];
+
+impl Admin {
+    /// `/admin/overview`: [`OVERVIEW`]'s counters of this gateway, by label.
+    pub(super) fn overview(&self) -> Reply {
+        let mut counters = serde_json::Map::new();
+        for family in self.runtime.metrics.registry.gather() {
+            if !OVERVIEW.contains(&family.name()) {
+                continue;
+            }
+            let series: Vec<Value> = family
+                .get_metric()
+                .iter()
+                .map(|m| {
+                    let labels: serde_json::Map<String, Value> =
+                        m.get_label().iter().map(|l| (l.name().to_string(), json!(l.value()))).collect();
+                    json!({ "labels": labels, "value": m.get_counter().value() })
+                })
+                .collect();
+            counters.insert(family.name().to_string(), Value::Array(series));
+        }
+        ok(200, json!({ "counters": counters }))
+    }
+}
