@@ -9,6 +9,7 @@
 //! runs on the request path: the thread reads the limiter's counts as the admin API does.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// A projection needs this share of the period behind it: one early request is no trend.
 const PROJECT_AFTER: f64 = 0.05;
+/// A claim not renewed for this long belongs to a gateway that stopped (or lost its webhooks
+/// that long): another takes the alert over. Retries renew it; the longest backoff is shorter.
+const LEASE_MS: i64 = 180_000;
+/// Undelivered alerts older than this are not taken over: news a week old is no alert.
+const MAX_AGE_MS: i64 = 7 * 86_400_000;
+/// Alerts remembered as claimed; past it the memory is cleared and the store answers again.
+const MAX_KNOWN: usize = 100_000;
 
 /// An alert on its way: the webhooks (by index) that have not taken it yet.
 struct Delivery {
@@ -36,12 +44,30 @@ struct Delivery {
     next: Instant,
 }
 
-pub fn start(runtime: Arc<Runtime>) -> std::io::Result<()> {
-    std::thread::Builder::new().name("tollgate-alerts".into()).spawn(move || run(&runtime))?;
-    Ok(())
+/// The alerts thread; [`Alerts::shutdown`] releases what it has not delivered.
+pub struct Alerts {
+    stopping: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
 }
 
-fn run(runtime: &Runtime) {
+impl Alerts {
+    /// Stops the thread after its current webhook call; alerts it could not deliver are
+    /// released in the store, for the next gateway to start (or any other) to send at once.
+    pub fn shutdown(self) {
+        self.stopping.store(true, Ordering::Release);
+        self.thread.thread().unpark();
+        let _ = self.thread.join();
+    }
+}
+
+pub fn start(runtime: Arc<Runtime>) -> std::io::Result<Alerts> {
+    let stopping = Arc::new(AtomicBool::new(false));
+    let stop = stopping.clone();
+    let thread = std::thread::Builder::new().name("tollgate-alerts".into()).spawn(move || run(&runtime, &stop))?;
+    Ok(Alerts { stopping, thread })
+}
+
+fn run(runtime: &Runtime, stopping: &AtomicBool) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -49,36 +75,42 @@ fn run(runtime: &Runtime) {
             return;
         }
     };
-    let http = match reqwest::Client::builder().timeout(CALL_TIMEOUT).build() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "spend alerts cannot build an HTTP client");
-            return;
-        }
-    };
+    // No redirects: a webhook that moved answers 3xx, which is a failed delivery to fix, not a
+    // reason to post the alert somewhere else.
+    let http =
+        match reqwest::Client::builder().timeout(CALL_TIMEOUT).redirect(reqwest::redirect::Policy::none()).build() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "spend alerts cannot build an HTTP client");
+                return;
+            }
+        };
     // What this gateway knows to be claimed already (by it or another): no store round trip
     // for it again.
     let mut known: HashSet<(String, String, i64, String)> = HashSet::new();
     let mut deliveries: Vec<Delivery> = Vec::new();
-    let mut resumed = false;
     loop {
         let config = runtime.config();
         let alerts = &config.alerts;
         let webhooks = alerts.webhooks.len();
         if webhooks > 0 {
-            if !resumed {
-                match runtime.store.undelivered_alerts() {
-                    Ok(marks) => {
-                        resumed = true;
-                        for mark in marks {
+            let now = now_ms();
+            if known.len() > MAX_KNOWN {
+                known.clear();
+            }
+            // Alerts a stopped gateway claimed and never delivered.
+            match runtime.store.reclaim_alerts(now - LEASE_MS, now - MAX_AGE_MS) {
+                Ok(marks) => {
+                    for mark in marks {
+                        if !deliveries.iter().any(|d| d.mark == mark) {
+                            tracing::info!(alert = %mark.alert, scope = %mark.scope, id = %mark.id, "taking over an undelivered spend alert");
                             known.insert(key_of(&mark));
                             deliveries.push(Delivery::new(mark, webhooks));
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot read the alerts left undelivered; trying again"),
                 }
+                Err(e) => tracing::warn!(error = %e, "cannot look for undelivered alerts; trying again"),
             }
-            let now = now_ms();
             for scope in runtime.scopes() {
                 if scope.policy.budget.is_none() || !alerts.scopes.iter().any(|s| s == scope.kind.name()) {
                     continue;
@@ -111,7 +143,15 @@ fn run(runtime: &Runtime) {
             .unwrap_or(alerts.check_every)
             .min(alerts.check_every);
         drop(config);
-        std::thread::sleep(wait.max(Duration::from_millis(50)));
+        std::thread::park_timeout(wait.max(Duration::from_millis(50)));
+        if stopping.load(Ordering::Acquire) {
+            for d in &deliveries {
+                if let Err(e) = runtime.store.renew_alert(&d.mark, 0) {
+                    tracing::warn!(error = %e, alert = %d.mark.alert, "cannot release an undelivered alert; another gateway takes it over when its claim expires");
+                }
+            }
+            return;
+        }
     }
 }
 
@@ -154,7 +194,9 @@ fn due(scope: &Scope, status: &ScopeStatus, thresholds: &[u32], projected: bool,
             scope: scope.kind.name().to_string(),
             id: scope.id.to_string(),
             period_start_ms: start,
-            alert,
+            // The limit is part of what fired: a limit raised in the period alerts again at
+            // its own thresholds.
+            alert: format!("{alert} of {limit}"),
             payload: doc.to_string(),
         }
     };
@@ -167,10 +209,13 @@ fn due(scope: &Scope, status: &ScopeStatus, thresholds: &[u32], projected: bool,
     if let (true, Some(end)) = (projected && spent < limit, status.resets_at_ms) {
         let (elapsed, length) = (now - start, end - start);
         if spent > 0 && length > 0 && elapsed as f64 >= length as f64 * PROJECT_AFTER {
+            // In floating point: a tiny spend against a large budget runs out in more
+            // milliseconds than an i64 holds.
             let per_ms = spent as f64 / elapsed as f64;
-            let exhausted_at = now + ((limit - spent) as f64 / per_ms) as i64;
-            if exhausted_at < end {
-                out.push(mark("projected".into(), json!({ "projected_exhaustion": rfc3339(exhausted_at) })));
+            let exhausted_at = now as f64 + (limit - spent) as f64 / per_ms;
+            if exhausted_at < end as f64 {
+                let at = rfc3339(exhausted_at as i64);
+                out.push(mark("projected".into(), json!({ "projected_exhaustion": at })));
             }
         }
     }
@@ -200,6 +245,12 @@ async fn deliver(
             }
         }
         d.waiting = still;
+        if !d.waiting.is_empty() {
+            // Still ours: no other gateway takes it over while this one keeps trying.
+            if let Err(e) = runtime.store.renew_alert(&d.mark, now_ms()) {
+                tracing::warn!(error = %e, "cannot renew the claim on a spend alert");
+            }
+        }
         if d.waiting.is_empty() {
             if let Err(e) = runtime.store.alert_delivered(&d.mark) {
                 tracing::warn!(error = %e, "a delivered alert could not be marked so; a restart sends it again");
@@ -251,7 +302,7 @@ fn slack_text(mark: &AlertMark) -> String {
             s("spent_usd"),
             s("limit_usd"),
             doc["spent_percent"],
-            mark.alert
+            s("alert")
         ),
     }
 }
@@ -281,7 +332,16 @@ mod tests {
     }
 
     fn alerts(spent: u64, now: i64) -> Vec<String> {
-        due(&scope(), &status(spent, 100, 0, 1000), &[50, 80, 100], true, now).into_iter().map(|m| m.alert).collect()
+        due(&scope(), &status(spent, 100, 0, 1000), &[50, 80, 100], true, now)
+            .into_iter()
+            .map(|m| m.alert.strip_suffix(" of 100").unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_tiny_spend_against_a_huge_budget_projects_nothing() {
+        let huge = status(1, u64::MAX / 2, 0, 31_536_000_000);
+        assert!(due(&scope(), &huge, &[], true, 31_536_000_000 / 2).is_empty());
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
     watch_hangup(runtime.clone(), audit.clone())?;
     watch_keys(runtime.clone(), config.store.key_poll)?;
     crate::refresh::start(runtime.clone())?;
-    crate::alerts::start(runtime.clone())?;
+    let alerts = crate::alerts::start(runtime.clone())?;
     // After the first fetch of credentials that come from a cloud.
     for p in &providers {
         if let Some(reason) = p.unready_reason().or_else(|| p.credential_problem()) {
@@ -130,14 +130,16 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
         server.add_boxed_service(p.pool.service(&p.name));
     }
 
-    let writers = Arc::new(Mutex::new(Writers { audit: Some(audit_writer), traces: trace_exporter }));
+    let writers =
+        Arc::new(Mutex::new(Writers { audit: Some(audit_writer), alerts: Some(alerts), traces: trace_exporter }));
     let limits = runtime.limiter.clone();
     watch_drain(&server, metrics_in_flight, config.server.grace_period, writers.clone(), store.clone(), limits.clone());
     server.run(RunArgs::default());
-    tracing::info!("stopped; flushing the audit log, traces, the shared limiter and the ledger");
+    tracing::info!("stopped; flushing the audit log, the shared limiter, the ledger and traces");
     writers.lock().unwrap_or_else(|p| p.into_inner()).finish();
     limits.flush(LIMITS_FLUSH);
     store.close();
+    writers.lock().unwrap_or_else(|p| p.into_inner()).finish_traces();
     Ok(())
 }
 
@@ -190,11 +192,12 @@ fn watch_drain(
                     }
                     tracing::info!(
                         in_flight = in_flight.get(),
-                        "drained; flushing the audit log, traces, the shared limiter and the ledger"
+                        "drained; flushing the audit log, the shared limiter, the ledger and traces"
                     );
                     writers.lock().unwrap_or_else(|p| p.into_inner()).finish();
                     limits.flush(LIMITS_FLUSH);
                     store.close();
+                    writers.lock().unwrap_or_else(|p| p.into_inner()).finish_traces();
                     std::process::exit(0);
                 }
                 Ok(_) | Err(RecvError::Lagged(_)) => {}
@@ -208,14 +211,23 @@ fn watch_drain(
 /// drain or after the server stops, whichever comes first).
 struct Writers {
     audit: Option<AuditWriter>,
+    alerts: Option<crate::alerts::Alerts>,
     traces: Option<crate::telemetry::Exporter>,
 }
 
 impl Writers {
+    /// The audit log, and the alerts' claims (in the store, which is closed after this).
     fn finish(&mut self) {
         if let Some(w) = self.audit.take() {
             w.shutdown();
         }
+        if let Some(a) = self.alerts.take() {
+            a.shutdown();
+        }
+    }
+
+    /// Traces last: a dead collector can take `export_timeout`, and the ledger comes first.
+    fn finish_traces(&mut self) {
         if let Some(t) = self.traces.take() {
             t.shutdown();
         }

@@ -833,7 +833,7 @@ async fn migrate_check_and_a_fleet_starting_together_on_an_empty_database() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(tables, ["tollgate_keys", "tollgate_ledger", "tollgate_schema"]);
+    assert_eq!(tables, ["tollgate_alerts", "tollgate_keys", "tollgate_ledger", "tollgate_schema"]);
 
     let out = tollgate(&["migrate", path], &env);
     assert!(out.status.success(), "{}", text(&out));
@@ -879,7 +879,7 @@ async fn migrate_check_and_a_fleet_starting_together_on_an_empty_database() {
         let b = s.spawn(|| start(&url, &cfg));
         (a.join().unwrap(), b.join().unwrap())
     });
-    assert_eq!(schema(&empty).await.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [1, 2], "applied once");
+    assert_eq!(schema(&empty).await.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [1, 2, 3], "applied once");
     assert_eq!(call(&a, &key.key, 0, false).await.0, 200);
     assert_eq!(call(&b, &key.key, 1, false).await.0, 200);
     empty.wait_rows(2, Duration::from_secs(10)).await;
@@ -1205,6 +1205,8 @@ async fn usage_reports_over_ten_million_rows() {
         ("by team and day", format!("group_by=team,day&{month}"), 300),
         ("one key by day", format!("group_by=day&key=key-7&{month}"), 30),
         ("one team by key", format!("group_by=key&team=team-3&{month}"), 10),
+        // The console's spend page: these three at once (by day and team, by team, the total).
+        ("the month's total", month.to_string(), 1),
     ];
     time_reports(&gw, &reports, expected_cost, "").await;
     // Days are cut from `ts_ms / 900000`; PostgreSQL has no statistics for the expression, so

@@ -28,7 +28,8 @@ REL = ROOT / "target" / "release"
 LOADGEN = REL / "examples" / "loadgen"
 VENV = HERE / ".venv"
 MODEL = "claude-sonnet-4-5"
-PORTS = {"mock": 19101, "slow_mock": 19102, "bare": 19103, "tollgate": 19104, "tollgate_admin": 19105, "litellm": 19106}
+PORTS = {"mock": 19101, "slow_mock": 19102, "bare": 19103, "tollgate": 19104, "tollgate_admin": 19105, "litellm": 19106,
+         "otlp": 19107}
 PROVIDER_KEY = "sk-ant-bench-provider"
 # Streams in the throughput matrix: 36 SSE events, this far apart. The memory test's streams are
 # slow (250 ms apart, 15 s long) so that all 1,000 are open at once.
@@ -38,6 +39,8 @@ HOLD_DELAY_MS = 250
 # per streamed event, which paced streams hide behind the mock's delays.
 MODES = {"json": [], "stream": [], "burst": ["x-mock-delay-ms: 0", "x-mock-deltas: 50"]}
 THREADS = 1
+# Helper processes started by a target (the OTLP sink), stopped at the end.
+SINKS = []
 LITELLM_KEY = "sk-bench-master-key"
 
 
@@ -177,13 +180,16 @@ def stop(proc):
             pass
 
 
-def tollgate_config(upstream_port, key_hash, fleet=False):
+def tollgate_config(upstream_port, key_hash, fleet=False, otel=False):
     # Fleet mode counts the same budgets and limits in Redis (the machine's own, a prefix of
     # this run's: admission and settlement each cost one round trip) and writes the ledger to
     # PostgreSQL (a database of the benchmark's own).
     fleet_tables = (f'[limits]\nbackend = "redis"\nurl = "env:BENCH_REDIS_URL"\nprefix = "tollgate-bench-{os.getpid()}"\n'
                     f'[store]\nbackend = "postgres"\nurl = "env:BENCH_PG_URL"\nspool = "{WORK}/spool.jsonl"'
                     if fleet else f'[store]\npath = "{WORK}/tollgate.db"')
+    # Every request traced (sampling 100 %) and exported to a sink that takes each batch.
+    telemetry = (f'[telemetry]\notlp_endpoint = "http://127.0.0.1:{PORTS["otlp"]}/v1/traces"\nsample_ratio = 1.0'
+                 if otel else "")
     (WORK / "tollgate.toml").write_text(f"""
 {fleet_tables}
 [server]
@@ -197,6 +203,7 @@ address = "127.0.0.1:{PORTS['tollgate']}"
 address = "127.0.0.1:{PORTS['tollgate_admin']}"
 [audit]
 path = "{WORK}/tollgate-audit.jsonl"
+{telemetry}
 {features(MODEL, upstream_port, key_hash)}""")
     return WORK / "tollgate.toml"
 
@@ -248,6 +255,15 @@ def targets(key):
                   logname="tollgate-fleet")
         return p, lambda: wait_http(f"http://127.0.0.1:{PORTS['tollgate_admin']}/readyz")
 
+    def tollgate_otel(up):
+        cfg = tollgate_config(up, hashlib.sha256(key.encode()).hexdigest(), otel=True)
+        sink = start([sys.executable, str(HERE / "otlp_sink.py"), str(PORTS["otlp"])], PIN["other"], logname="otlp-sink")
+        wait_port(PORTS["otlp"])
+        p = start([str(REL / "tollgate"), "run", "--config", str(cfg)], PIN["gateway"],
+                  env={"BENCH_PROVIDER_KEY": PROVIDER_KEY, "TOLLGATE_LOG": "warn"}, logname="tollgate-otel")
+        SINKS.append(sink)
+        return p, lambda: wait_http(f"http://127.0.0.1:{PORTS['tollgate_admin']}/readyz")
+
     def litellm(up):
         cfg = litellm_config(up)
         p = start([str(VENV / "bin" / "litellm"), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(PORTS["litellm"]),
@@ -260,6 +276,7 @@ def targets(key):
         Target("bare-pingora", PORTS["bare"], [], bare),
         Target("tollgate", PORTS["tollgate"], [f"x-api-key: {key}"], tollgate),
         Target("tollgate-fleet", PORTS["tollgate"], [f"x-api-key: {key}"], tollgate_fleet),
+        Target("tollgate-otel", PORTS["tollgate"], [f"x-api-key: {key}"], tollgate_otel),
         Target("litellm", PORTS["litellm"], [f"Authorization: Bearer {LITELLM_KEY}"], litellm),
     ]
 
@@ -501,7 +518,7 @@ def main():
                 run_target(t, args, bodies, results)
         report(results, args)
     finally:
-        for m in mocks:
+        for m in mocks + SINKS:
             stop(m)
 
 

@@ -125,6 +125,8 @@ impl Admin {
             }
             _ => {
                 tracing::warn!(client = ?session.client_addr().map(|a| a.to_string()), "console sign-in refused");
+                // A second per wrong guess: slows a guesser down, costs a person nothing.
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 login_page(401, "That is not the admin token.")
             }
         }

@@ -47,6 +47,8 @@ fn ok(status: u16, value: Value) -> Reply {
     Response::builder()
         .status(status)
         .header(http::header::CONTENT_TYPE, "application/json")
+        // Answers carry key secrets (create, rotate) and spend: never kept by a cache.
+        .header(http::header::CACHE_CONTROL, "no-store")
         .header(http::header::CONTENT_LENGTH, body.len())
         .body(body)
         .expect("valid response")
@@ -83,9 +85,12 @@ fn status_json(s: &ScopeStatus) -> Value {
     v
 }
 
-/// Compares in time independent of where the first difference is.
+/// Compares in time independent of where the first difference is, and of the lengths: the
+/// digests are compared, not the secrets.
 fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::Digest;
+    let (a, b) = (sha2::Sha256::digest(a), sha2::Sha256::digest(b));
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn percent_decode(s: &str) -> String {

@@ -113,9 +113,7 @@ fn write_loop(shared: &Shared, mut out: file::LogFile, flush_interval: Duration)
                 Err(e) => tracing::error!(error = %e, "cannot reopen the audit log; writing on to the file open"),
             }
         }
-        if let Err(e) = out.tick() {
-            tracing::error!(error = %e, "cannot rotate the audit log");
-        }
+        out.tick();
         std::mem::swap(&mut *shared.batch.lock().unwrap_or_else(|p| p.into_inner()), &mut spare);
         for r in spare.drain(..) {
             line.clear();

@@ -70,8 +70,10 @@ impl Gateway {
         // Requests without a key never reach a provider and cost nothing: the audit log has them.
         // The ledger row is queued before the reservation settles, so a budget re-read from the
         // ledger meanwhile (a reload) counts this request at least once.
-        // Refusals (nothing spent) stay out of the ledger when the operator says so.
-        if record.key_id.is_some() && (self.record_refused || record.outcome != Outcome::Rejected) {
+        // Refusals (no provider asked, nothing spent) stay out of the ledger when the operator
+        // says so; a request refused after an attempt at a provider keeps its row.
+        let refusal = record.outcome == Outcome::Rejected && record.attempts.is_empty();
+        if record.key_id.is_some() && (self.record_refused || !refusal) {
             self.runtime.store.record(LedgerRow::from_record(&record));
         }
         if let Some(r) = ctx.reservation.take() {
@@ -86,7 +88,10 @@ impl Gateway {
         }
         // Sampled only now: a request refused before routing is traced too, and tracing off
         // costs one branch.
-        if let Some(sampled) = self.telemetry.sample(req.headers.get("traceparent").map(|v| v.as_bytes())) {
+        // Only an authenticated caller's `traceparent` is followed: anyone else could force
+        // tracing on (and fill the queue) or off.
+        let traceparent = req.headers.get("traceparent").filter(|_| ctx.key.is_some()).map(|v| v.as_bytes());
+        if let Some(sampled) = self.telemetry.sample(traceparent) {
             let state = self.state.load();
             let kind_of = |name: &str| state.providers.iter().find(|p| p.name == name).map(|p| p.kind);
             self.telemetry.record(sampled, &record, ctx.start, kind_of);

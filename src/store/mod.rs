@@ -264,8 +264,13 @@ pub trait Store: Send + Sync {
     fn claim_alert(&self, mark: &AlertMark) -> StoreResult<bool>;
     /// Notes that a claimed alert was delivered.
     fn alert_delivered(&self, mark: &AlertMark) -> StoreResult<()>;
-    /// Alerts claimed but never delivered (their gateway stopped first), oldest first.
-    fn undelivered_alerts(&self) -> StoreResult<Vec<AlertMark>>;
+    /// Takes over alerts claimed but not delivered whose claim was last renewed before
+    /// `stale_ms` (their gateway stopped, or lost its webhooks for that long) and were claimed
+    /// after `since_ms`: their claim is renewed for the caller, who delivers them now.
+    fn reclaim_alerts(&self, stale_ms: i64, since_ms: i64) -> StoreResult<Vec<AlertMark>>;
+    /// Renews the claim on an alert whose delivery is still being tried, as of `at_ms`; 0
+    /// releases it (a gateway stopping with the alert undelivered), for the next to take over.
+    fn renew_alert(&self, mark: &AlertMark, at_ms: i64) -> StoreResult<()>;
 
     fn close(&self);
 }

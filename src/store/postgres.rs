@@ -93,6 +93,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
         alert TEXT NOT NULL,
         payload TEXT NOT NULL,
         claimed_ms BIGINT NOT NULL,
+        renewed_ms BIGINT NOT NULL,
         delivered_ms BIGINT,
         PRIMARY KEY (scope, id, period_start_ms, alert)
     );",
@@ -1122,8 +1123,8 @@ impl Store for PostgresStore {
                 let client = s.client().await?;
                 let n = client
                     .execute(
-                        "INSERT INTO tollgate_alerts (scope, id, period_start_ms, alert, payload, claimed_ms)
-                         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                        "INSERT INTO tollgate_alerts (scope, id, period_start_ms, alert, payload, claimed_ms, renewed_ms)
+                         VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT DO NOTHING",
                         &[&m.scope, &m.id, &m.period_start_ms, &m.alert, &m.payload, &crate::limits::now_ms()],
                     )
                     .await
@@ -1151,15 +1152,17 @@ impl Store for PostgresStore {
         })
     }
 
-    fn undelivered_alerts(&self) -> StoreResult<Vec<AlertMark>> {
-        self.run(|s| {
+    fn reclaim_alerts(&self, stale_ms: i64, since_ms: i64) -> StoreResult<Vec<AlertMark>> {
+        self.run(move |s| {
             Box::pin(async move {
                 let client = s.client().await?;
+                // One statement: of two gateways reclaiming at once, each row goes to one.
                 let rows = client
                     .query(
-                        "SELECT scope, id, period_start_ms, alert, payload FROM tollgate_alerts
-                         WHERE delivered_ms IS NULL ORDER BY claimed_ms",
-                        &[],
+                        "UPDATE tollgate_alerts SET renewed_ms = $1
+                         WHERE delivered_ms IS NULL AND renewed_ms < $2 AND claimed_ms >= $3
+                         RETURNING scope, id, period_start_ms, alert, payload",
+                        &[&crate::limits::now_ms(), &stale_ms, &since_ms],
                     )
                     .await
                     .map_err(pg)?;
@@ -1173,6 +1176,24 @@ impl Store for PostgresStore {
                         payload: r.get(4),
                     })
                     .collect())
+            })
+        })
+    }
+
+    fn renew_alert(&self, m: &AlertMark, at_ms: i64) -> StoreResult<()> {
+        let m = m.clone();
+        self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                client
+                    .execute(
+                        "UPDATE tollgate_alerts SET renewed_ms = $5
+                         WHERE scope = $1 AND id = $2 AND period_start_ms = $3 AND alert = $4",
+                        &[&m.scope, &m.id, &m.period_start_ms, &m.alert, &at_ms],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(())
             })
         })
     }

@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS alerts (
     alert TEXT NOT NULL,
     payload TEXT NOT NULL,
     claimed_ms INTEGER NOT NULL,
+    renewed_ms INTEGER NOT NULL,
     delivered_ms INTEGER,
     PRIMARY KEY (scope, id, period_start_ms, alert)
 );
@@ -511,8 +512,8 @@ impl Store for SqliteStore {
 
     fn claim_alert(&self, m: &AlertMark) -> StoreResult<bool> {
         let n = lock(&self.shared.writer).execute(
-            "INSERT OR IGNORE INTO alerts (scope, id, period_start_ms, alert, payload, claimed_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT OR IGNORE INTO alerts (scope, id, period_start_ms, alert, payload, claimed_ms, renewed_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
             rusqlite::params![m.scope, m.id, m.period_start_ms, m.alert, m.payload, crate::limits::now_ms()],
         )?;
         Ok(n == 1)
@@ -526,12 +527,14 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn undelivered_alerts(&self) -> StoreResult<Vec<AlertMark>> {
+    fn reclaim_alerts(&self, stale_ms: i64, since_ms: i64) -> StoreResult<Vec<AlertMark>> {
         let conn = lock(&self.shared.writer);
         let mut stmt = conn.prepare(
-            "SELECT scope, id, period_start_ms, alert, payload FROM alerts WHERE delivered_ms IS NULL ORDER BY claimed_ms",
+            "UPDATE alerts SET renewed_ms = ?1
+             WHERE delivered_ms IS NULL AND renewed_ms < ?2 AND claimed_ms >= ?3
+             RETURNING scope, id, period_start_ms, alert, payload",
         )?;
-        let rows = stmt.query_map([], |r| {
+        let rows = stmt.query_map(rusqlite::params![crate::limits::now_ms(), stale_ms, since_ms], |r| {
             Ok(AlertMark {
                 scope: r.get(0)?,
                 id: r.get(1)?,
@@ -541,6 +544,14 @@ impl Store for SqliteStore {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn renew_alert(&self, m: &AlertMark, at_ms: i64) -> StoreResult<()> {
+        lock(&self.shared.writer).execute(
+            "UPDATE alerts SET renewed_ms = ?5 WHERE scope = ?1 AND id = ?2 AND period_start_ms = ?3 AND alert = ?4",
+            rusqlite::params![m.scope, m.id, m.period_start_ms, m.alert, at_ms],
+        )?;
+        Ok(())
     }
 
     fn close(&self) {

@@ -87,7 +87,7 @@ fn run(s: Settings, stopping: &AtomicBool) {
                     counter.with_label_values(&["dropped_export"]).inc_by(n);
                     // One line per hundred failed exports: seen, without flooding the log.
                     if FAILURES_LOGGED.fetch_add(1, Ordering::Relaxed).is_multiple_of(100) {
-                        tracing::warn!(endpoint = %s.endpoint, spans = n, "traces not exported: {why}");
+                        tracing::warn!(endpoint = %without_userinfo(&s.endpoint), spans = n, "traces not exported: {why}");
                     }
                 }
             }
@@ -133,4 +133,23 @@ fn without_url(e: &reqwest::Error) -> String {
         source = s.source();
     }
     why
+}
+
+/// The endpoint as logged: a `user:password@` in it is a credential.
+fn without_userinfo(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme && !url[scheme + 3..at].contains('/') => {
+            format!("{}{}", &url[..scheme + 3], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn credentials_in_the_endpoint_are_not_logged() {
+        assert_eq!(super::without_userinfo("https://u:p@collector:4318/v1/traces"), "https://collector:4318/v1/traces");
+        assert_eq!(super::without_userinfo("http://collector/v1/traces?a=b@c"), "http://collector/v1/traces?a=b@c");
+    }
 }
