@@ -316,6 +316,14 @@ async fn a_full_listener_answers_503_and_frees_slots_as_connections_close() {
     let second = free_port();
     let listener_extra = format!("max_connections = 3\n[[listener]]\naddress = \"127.0.0.1:{second}\"");
     let gw = start_gateway_full("", &listener_extra, &one_provider_config(&mock.url(), &key));
+    // The harness's own connection that found the gateway listening may not have given its
+    // slot back yet (on a loaded machine): wait for the listener to be empty.
+    let open = format!("tollgate_open_connections{{listener=\"127.0.0.1:{}\"}} 0\n", gw.port);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !metrics(&gw).await.contains(&open) {
+        assert!(std::time::Instant::now() < deadline, "{}", metrics(&gw).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Three connections that hold their slot (kept alive after one request each).
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -324,7 +332,11 @@ async fn a_full_listener_answers_503_and_frees_slots_as_connections_close() {
         s.write_all(b"HEAD / HTTP/1.1\r\nHost: gw\r\n\r\n").unwrap();
         let mut buf = [0u8; 1024];
         let n = s.read(&mut buf).unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
         held.push(s);
     }
     let answer = raw(gw.port, b"HEAD / HTTP/1.1\r\nHost: gw\r\n\r\n");
