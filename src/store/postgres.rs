@@ -200,6 +200,22 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
+    /// Sets one of an alert's times (`delivered_ms`, `renewed_ms`).
+    fn stamp_alert(&self, m: &AlertMark, column: &'static str, at_ms: i64) -> StoreResult<()> {
+        let m = m.clone();
+        self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let sql = format!(
+                    "UPDATE tollgate_alerts SET {column} = $5
+                     WHERE scope = $1 AND id = $2 AND period_start_ms = $3 AND alert = $4"
+                );
+                client.execute(&sql, &[&m.scope, &m.id, &m.period_start_ms, &m.alert, &at_ms]).await.map_err(pg)?;
+                Ok(())
+            })
+        })
+    }
+
     /// Connects, brings the schema up to date, replays any spool left by a previous run, and
     /// starts the writer.
     pub fn open(
@@ -1135,21 +1151,7 @@ impl Store for PostgresStore {
     }
 
     fn alert_delivered(&self, m: &AlertMark) -> StoreResult<()> {
-        let m = m.clone();
-        self.run(move |s| {
-            Box::pin(async move {
-                let client = s.client().await?;
-                client
-                    .execute(
-                        "UPDATE tollgate_alerts SET delivered_ms = $5
-                         WHERE scope = $1 AND id = $2 AND period_start_ms = $3 AND alert = $4",
-                        &[&m.scope, &m.id, &m.period_start_ms, &m.alert, &crate::limits::now_ms()],
-                    )
-                    .await
-                    .map_err(pg)?;
-                Ok(())
-            })
-        })
+        self.stamp_alert(m, "delivered_ms", crate::limits::now_ms())
     }
 
     fn reclaim_alerts(&self, stale_ms: i64, since_ms: i64) -> StoreResult<Vec<AlertMark>> {
@@ -1181,21 +1183,7 @@ impl Store for PostgresStore {
     }
 
     fn renew_alert(&self, m: &AlertMark, at_ms: i64) -> StoreResult<()> {
-        let m = m.clone();
-        self.run(move |s| {
-            Box::pin(async move {
-                let client = s.client().await?;
-                client
-                    .execute(
-                        "UPDATE tollgate_alerts SET renewed_ms = $5
-                         WHERE scope = $1 AND id = $2 AND period_start_ms = $3 AND alert = $4",
-                        &[&m.scope, &m.id, &m.period_start_ms, &m.alert, &at_ms],
-                    )
-                    .await
-                    .map_err(pg)?;
-                Ok(())
-            })
-        })
+        self.stamp_alert(m, "renewed_ms", at_ms)
     }
 
     fn keys_version(&self) -> StoreResult<Option<String>> {

@@ -368,6 +368,17 @@ impl SqliteExport {
     }
 }
 
+/// Sets one of an alert's times (`delivered_ms`, `renewed_ms`).
+fn stamp_alert(shared: &Shared, m: &AlertMark, column: &'static str, at_ms: i64) -> StoreResult<()> {
+    lock(&shared.writer).execute(
+        &format!(
+            "UPDATE alerts SET {column} = ?5 WHERE scope = ?1 AND id = ?2 AND period_start_ms = ?3 AND alert = ?4"
+        ),
+        rusqlite::params![m.scope, m.id, m.period_start_ms, m.alert, at_ms],
+    )?;
+    Ok(())
+}
+
 impl Store for SqliteStore {
     fn record(&self, row: LedgerRow) {
         lock(&self.shared.queue).push(row);
@@ -520,11 +531,7 @@ impl Store for SqliteStore {
     }
 
     fn alert_delivered(&self, m: &AlertMark) -> StoreResult<()> {
-        lock(&self.shared.writer).execute(
-            "UPDATE alerts SET delivered_ms = ?5 WHERE scope = ?1 AND id = ?2 AND period_start_ms = ?3 AND alert = ?4",
-            rusqlite::params![m.scope, m.id, m.period_start_ms, m.alert, crate::limits::now_ms()],
-        )?;
-        Ok(())
+        stamp_alert(&self.shared, m, "delivered_ms", crate::limits::now_ms())
     }
 
     fn reclaim_alerts(&self, stale_ms: i64, since_ms: i64) -> StoreResult<Vec<AlertMark>> {
@@ -547,11 +554,7 @@ impl Store for SqliteStore {
     }
 
     fn renew_alert(&self, m: &AlertMark, at_ms: i64) -> StoreResult<()> {
-        lock(&self.shared.writer).execute(
-            "UPDATE alerts SET renewed_ms = ?5 WHERE scope = ?1 AND id = ?2 AND period_start_ms = ?3 AND alert = ?4",
-            rusqlite::params![m.scope, m.id, m.period_start_ms, m.alert, at_ms],
-        )?;
-        Ok(())
+        stamp_alert(&self.shared, m, "renewed_ms", at_ms)
     }
 
     fn close(&self) {
