@@ -108,6 +108,10 @@ pub enum Call {
     Usage(Vec<(String, String)>),
     Budgets,
     Reload,
+    /// People signed in through the identity provider.
+    People,
+    /// `revoke`, `disable` or `enable` a person.
+    PersonAction(String, &'static str),
 }
 
 fn enc(s: &str) -> String {
@@ -140,6 +144,10 @@ pub fn run(config_path: &Path, admin_url: Option<&str>, raw_json: bool, call: Ca
         }
         Call::Budgets => (reqwest::Method::GET, "/admin/budgets".into(), None),
         Call::Reload => (reqwest::Method::POST, "/admin/reload".into(), None),
+        Call::People => (reqwest::Method::GET, "/admin/people".into(), None),
+        Call::PersonAction(user, action) => {
+            (reqwest::Method::POST, format!("/admin/people/{}/{action}", enc(user)), None)
+        }
     };
     let value = request(&base, &token, method, &path, body.as_ref())?;
     if raw_json {
@@ -157,6 +165,10 @@ pub fn run(config_path: &Path, admin_url: Option<&str>, raw_json: bool, call: Ca
         Call::Usage(_) => usage_table(&value),
         Call::Budgets => budgets_table(value["budgets"].as_array().map(Vec::as_slice).unwrap_or_default()),
         Call::Reload => "reloaded\n".into(),
+        Call::People => people_table(value["people"].as_array().map(Vec::as_slice).unwrap_or_default()),
+        Call::PersonAction(user, action) => {
+            format!("{user}: {action}d, {} sign-ins revoked\n", value["sessions_revoked"].as_u64().unwrap_or(0))
+        }
     })
 }
 
@@ -345,6 +357,29 @@ fn usage_table(v: &Value) -> String {
     let mut out = table(&header_refs, rows);
     let _ = writeln!(out, "total: ${} (days in {})", text(&v["total_cost_usd"]), text(&v["time_zone"]));
     out
+}
+
+fn people_table(people: &[Value]) -> String {
+    let rows = people
+        .iter()
+        .map(|p| {
+            let live = p["sessions"].as_array().map_or(0, |s| s.iter().filter(|s| s["revoked_ms"].is_null()).count());
+            let groups: Vec<&str> = p["groups"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            vec![
+                text(&p["user"]),
+                text(&p["team"]),
+                groups.join(","),
+                live.to_string(),
+                if p["disabled"].as_bool() == Some(true) { "yes".into() } else { "no".into() },
+                p["last_seen_ms"]
+                    .as_i64()
+                    .and_then(chrono::DateTime::from_timestamp_millis)
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(&["USER", "TEAM", "GROUPS", "SIGN-INS", "DISABLED", "LAST SEEN"], rows)
 }
 
 fn budgets_table(list: &[Value]) -> String {

@@ -43,6 +43,27 @@ enum Command {
         #[arg(long, value_name = "SQLITE_FILE")]
         from_sqlite: Option<PathBuf>,
     },
+    /// Sign in to a gateway with the company's identity provider (device sign-in).
+    Login {
+        /// The gateway's base URL, as clients use it.
+        #[arg(long, env = "TOLLGATE_GATEWAY")]
+        gateway: String,
+    },
+    /// Print a gateway token for the signed-in person (Claude Code's `apiKeyHelper`).
+    Token {
+        /// Get a new one even if the held token is still fresh.
+        #[arg(long)]
+        refresh: bool,
+    },
+    /// Print Claude Code's managed settings for the signed-in person's groups.
+    Settings,
+    /// Forget the sign-in on this machine.
+    Logout,
+    /// People signed in through the identity provider (admin API).
+    People {
+        #[command(subcommand)]
+        command: PeopleCommand,
+    },
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
@@ -76,6 +97,32 @@ enum Command {
     },
     /// Make the running gateway read its config again (same as SIGHUP).
     Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum PeopleCommand {
+    /// Everyone with a live sign-in: groups, team, sign-ins, last activity.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// End a person's sign-ins now (they may sign in again).
+    Revoke {
+        user: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// End a person's sign-ins and refuse new ones until `enable`.
+    Disable {
+        user: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    Enable {
+        user: String,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -224,6 +271,20 @@ fn main() -> ExitCode {
         Command::Migrate { file, from_sqlite } => {
             migrate(file.as_deref().unwrap_or(&cli.config), from_sqlite.as_deref())
         }
+        Command::Login { gateway } => print(tollgate::login::login(&gateway)),
+        Command::Token { refresh } => print(tollgate::login::token(refresh)),
+        Command::Settings => print(tollgate::login::settings()),
+        Command::Logout => print(tollgate::login::logout()),
+        Command::People { command } => {
+            use tollgate::cli::Call;
+            let (call, admin) = match command {
+                PeopleCommand::List { admin } => (Call::People, admin),
+                PeopleCommand::Revoke { user, admin } => (Call::PersonAction(user, "revoke"), admin),
+                PeopleCommand::Disable { user, admin } => (Call::PersonAction(user, "disable"), admin),
+                PeopleCommand::Enable { user, admin } => (Call::PersonAction(user, "enable"), admin),
+            };
+            admin_call(&cli.config, admin, call)
+        }
         Command::Keys { command: KeysCommand::New } => new_key(),
         Command::Keys { command } => {
             use tollgate::cli::Call;
@@ -254,6 +315,20 @@ fn main() -> ExitCode {
         }
         Command::Budgets { admin } => admin_call(&cli.config, admin, tollgate::cli::Call::Budgets),
         Command::Reload { admin } => admin_call(&cli.config, admin, tollgate::cli::Call::Reload),
+    }
+}
+
+/// Prints a command's output, or its error to stderr with a failing exit code.
+fn print(result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(out) => {
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

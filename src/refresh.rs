@@ -12,6 +12,9 @@ use crate::auth::Jwks;
 use crate::providers::TokenSource;
 use crate::runtime::Runtime;
 
+/// How often revoked sign-ins and disabled people are read from the store.
+const SSO_SYNC: Duration = Duration::from_secs(2);
+
 /// A key set larger than this is refused: real ones are a few KiB.
 const MAX_JWKS_BYTES: usize = 1 << 20;
 
@@ -34,6 +37,7 @@ pub fn start(runtime: Arc<Runtime>) -> anyhow::Result<()> {
         let aws_http = crate::providers::aws_http_client();
         let busy = Busy::default();
         let mut first = Some(first);
+        let mut sso_synced = Instant::now();
         rt.block_on(async move {
             loop {
                 let mut started = Vec::new();
@@ -51,6 +55,21 @@ pub fn start(runtime: Arc<Runtime>) -> anyhow::Result<()> {
                 for source in state.providers.iter().flat_map(|p| p.token_sources()).filter(|s| s.due(now)) {
                     let key = Arc::as_ptr(&source) as usize;
                     started.extend(busy.spawn(key, fetch_token(client.clone(), source)));
+                }
+                // Revocations made by other gateways of a fleet reach this one within seconds.
+                if state.sso.is_some() && now.duration_since(sso_synced) >= SSO_SYNC {
+                    sso_synced = now;
+                    let runtime = runtime.clone();
+                    started.extend(busy.spawn(usize::MAX, async move {
+                        let synced = tokio::task::spawn_blocking(move || {
+                            let state = runtime.state.load_full();
+                            state.sso.as_ref().map(|s| s.sync(&*runtime.store))
+                        })
+                        .await;
+                        if let Ok(Some(Err(e))) = synced {
+                            tracing::warn!(error = %e, "cannot read revoked sign-ins; will retry");
+                        }
+                    }));
                 }
                 if let Some(tx) = first.take() {
                     for task in started {

@@ -32,6 +32,8 @@ pub struct State {
     pub server_tool_uses: u64,
     pub max_body_bytes: usize,
     pub jwt: JwtVerifier,
+    /// Sign-in with the identity provider, and its gateway tokens.
+    pub sso: Option<crate::sso::Sso>,
 }
 
 impl State {
@@ -68,6 +70,11 @@ impl State {
             server_tool_uses: config.controls.server_tool_uses,
             max_body_bytes: config.server.max_body_bytes,
             jwt: JwtVerifier::build(&config.jwt_issuers, running.map(|r| &r.jwt))?,
+            sso: config
+                .sso
+                .as_ref()
+                .map(|c| crate::sso::Sso::build(c, running.and_then(|r| r.sso.as_ref())))
+                .transpose()?,
         })
     }
 }
@@ -91,6 +98,8 @@ pub struct Runtime {
     changing: Mutex<()>,
     /// The listeners' TLS certificates, re-read on every reload.
     certs: Mutex<Vec<Arc<ReloadableCert>>>,
+    /// The audit log, once started: sign-ins and revocations are written to it.
+    pub audit: std::sync::OnceLock<crate::audit::AuditLog>,
 }
 
 impl Runtime {
@@ -101,6 +110,10 @@ impl Runtime {
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
         let state = State::build(&config, None)?;
+        // Revocations and disabled people recorded before this start apply from the first request.
+        if let Some(sso) = &state.sso {
+            sso.sync(&*store).map_err(|e| format!("sso: reading revoked sign-ins: {e}"))?;
+        }
         let stored = store.keys().map_err(|e| e.to_string())?;
         let keys = KeyStore::build(&config.keys, &stored)?;
         let (limiter, limits_rt) = build_limits(&config, &metrics)?;
@@ -117,6 +130,7 @@ impl Runtime {
             config_path,
             changing: Mutex::new(()),
             certs: Mutex::new(Vec::new()),
+            audit: std::sync::OnceLock::new(),
         };
         rt.seed_budgets(&[], &rt.state.load(), &rt.keys.load())?;
         rt.mark_seeded()?;
@@ -234,14 +248,7 @@ impl Runtime {
             if same_period && self.limiter.tracks(&scope) {
                 continue;
             }
-            if !flushed {
-                // Rows still queued belong in the sum.
-                self.store.flush().map_err(|e| e.to_string())?;
-                flushed = true;
-            }
-            let (start, _) = budget.period.bounds(self.limiter.time_zone(), crate::limits::now_ms());
-            let spent = self.store.spend_since(scope.kind, &scope.id, start).map_err(|e| e.to_string())?;
-            self.limiter.seed(&scope, start, spent)?;
+            self.seed_scope(&scope, &mut flushed)?;
         }
         // JWT principals are known only once they call: seed everyone the ledger has seen.
         for issuer in &state.jwt.issuers {
@@ -276,7 +283,56 @@ impl Runtime {
                 }
             }
         }
+        // People signed in through the identity provider: each live sign-in's person, with the
+        // policy of the groups their tokens carry (a token issued before a restart still spends).
+        if let Some(sso) = &state.sso {
+            let sessions = self.store.sessions(crate::limits::now_ms()).map_err(|e| e.to_string())?;
+            let mut seen = std::collections::HashSet::new();
+            // Newest first: a person's latest groups decide.
+            for s in sessions.iter().filter(|s| s.revoked_ms.is_none()) {
+                if !seen.insert(s.user.as_str()) {
+                    continue;
+                }
+                let Some(person) = sso.groups.principal(&s.user, &s.groups, 0) else { continue };
+                let scope = Scope { kind: ScopeKind::Key, id: person.scope_id.clone(), policy: person.policy };
+                let Some(budget) = person.policy.budget else { continue };
+                let same = before.get(&(scope.kind, &*scope.id)) == Some(&Some(budget.period));
+                if !(same && self.limiter.tracks(&scope)) {
+                    self.seed_scope(&scope, &mut flushed)?;
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Writes a sign-in event to the audit log (nowhere before the log is started).
+    pub fn audit_event(&self, event: crate::audit::AuditEvent) {
+        if let Some(log) = self.audit.get() {
+            log.event(event);
+        }
+    }
+
+    /// Seeds one budget from the ledger's spend in its current period.
+    fn seed_scope(&self, scope: &Scope, flushed: &mut bool) -> Result<(), String> {
+        let Some(budget) = scope.policy.budget else { return Ok(()) };
+        if !*flushed {
+            // Rows still queued belong in the sum.
+            self.store.flush().map_err(|e| e.to_string())?;
+            *flushed = true;
+        }
+        let (start, _) = budget.period.bounds(self.limiter.time_zone(), crate::limits::now_ms());
+        let spent = self.store.spend_since(scope.kind, &scope.id, start).map_err(|e| e.to_string())?;
+        self.limiter.seed(scope, start, spent)
+    }
+
+    /// A person who just signed in or took a new token: their budget counts what the ledger
+    /// holds for them this period, unless it already counts (sign-in is off the request path).
+    pub fn seed_person(&self, person: &crate::auth::ApiKey) -> Result<(), String> {
+        let scope = Scope { kind: ScopeKind::Key, id: person.scope_id.clone(), policy: person.policy };
+        if person.policy.budget.is_none() || self.limiter.tracks(&scope) {
+            return Ok(());
+        }
+        self.seed_scope(&scope, &mut false)
     }
 }
 

@@ -45,6 +45,7 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>, upgrade: boo
     let (audit, audit_writer) = crate::audit::start(&config.audit, metrics.audit_dropped.clone())?;
     let (telemetry, trace_exporter) =
         crate::telemetry::start(&config.telemetry, metrics.otel_spans.clone()).map_err(anyhow::Error::msg)?;
+    let _ = runtime.audit.set(audit.clone());
     watch_hangup(runtime.clone(), audit.clone())?;
     watch_keys(runtime.clone(), config.store.key_poll)?;
     crate::refresh::start(runtime.clone())?;

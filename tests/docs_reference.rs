@@ -37,6 +37,8 @@ const SECTIONS: &[(&str, &str, &str)] = &[
     ("JwtIssuerConfig", "keys-and-jwt.md", "# JWT credentials (apiKeyHelper)"),
     ("JwtSecretConfig", "keys-and-jwt.md", "# JWT credentials (apiKeyHelper)"),
     ("JwtPublicKeyConfig", "keys-and-jwt.md", "# JWT credentials (apiKeyHelper)"),
+    ("SsoConfig", "sso.md", "## `[sso]`"),
+    ("SsoGroupConfig", "sso.md", "## `[sso]`"),
 ];
 
 fn root() -> &'static Path {
@@ -47,7 +49,7 @@ fn root() -> &'static Path {
 /// renamed by `#[serde(rename = "…")]` where the schema says so.
 fn schema_fields() -> BTreeMap<String, Vec<String>> {
     let mut out = BTreeMap::new();
-    for file in ["src/config/mod.rs", "src/config/budget.rs"] {
+    for file in ["src/config/mod.rs", "src/config/budget.rs", "src/config/sso.rs"] {
         let text = std::fs::read_to_string(root().join(file)).unwrap();
         let mut current: Option<String> = None;
         let mut rename: Option<String> = None;

@@ -796,7 +796,7 @@ async fn schema(db: &Db) -> Vec<(i32, i64)> {
         .collect()
 }
 
-/// `tollgate migrate` applies the schema to an empty database (version 3) and, run again,
+/// `tollgate migrate` applies the schema to an empty database (version 4) and, run again,
 /// changes nothing; `tollgate check` says PostgreSQL answered and at which schema version, and
 /// fails (exit 1) naming the reason when nothing answers at the URL, the URL's password shown
 /// nowhere; two gateways started together on an empty database both come up, the schema
@@ -822,7 +822,7 @@ async fn migrate_check_and_a_fleet_starting_together_on_an_empty_database() {
 
     let out = tollgate(&["migrate", path], &env);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "the ledger database is at schema version 3\n");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "the ledger database is at schema version 4\n");
     let applied = schema(&db).await;
     assert_eq!(applied.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [1, 2, 3]);
     let tables: Vec<String> = db
@@ -837,7 +837,7 @@ async fn migrate_check_and_a_fleet_starting_together_on_an_empty_database() {
 
     let out = tollgate(&["migrate", path], &env);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "the ledger database is at schema version 3\n");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "the ledger database is at schema version 4\n");
     assert_eq!(schema(&db).await, applied, "a second run applies nothing");
 
     let out = tollgate(&["check", path], &env);
@@ -846,7 +846,7 @@ async fn migrate_check_and_a_fleet_starting_together_on_an_empty_database() {
     let line = all.lines().find(|l| l.starts_with("store: ")).unwrap_or_else(|| panic!("{all}"));
     let ms = line
         .strip_prefix("store: PostgreSQL answered in ")
-        .and_then(|rest| rest.strip_suffix(" ms (schema version 3)"))
+        .and_then(|rest| rest.strip_suffix(" ms (schema version 4)"))
         .unwrap_or_else(|| panic!("{line}"));
     assert!(ms.parse::<f64>().is_ok(), "{line}");
     assert!(!all.contains("hunter2"), "{all}");

@@ -20,6 +20,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("providers", &["config", "glob"]),
     ("store", &["blocking", "config", "limits", "metering", "metrics"]),
     ("auth", &["config", "glob", "limits", "store"]),
+    // Sign-in with the identity provider: gateway tokens over keys' principals.
+    ("sso", &["auth", "config", "limits", "store"]),
     ("routing", &["config", "glob", "limits", "metering", "providers"]),
     ("tls", &["config"]),
     ("audit", &["config", "metering"]),
@@ -27,7 +29,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("connections", &[]),
     ("mock", &["protocol"]),
     // The live state, then what serves it.
-    ("runtime", &["auth", "config", "limits", "metering", "metrics", "providers", "routing", "store", "tls"]),
+    (
+        "runtime",
+        &["audit", "auth", "config", "limits", "metering", "metrics", "providers", "routing", "sso", "store", "tls"],
+    ),
     (
         "proxy",
         &[
@@ -41,12 +46,18 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "providers",
             "routing",
             "runtime",
+            "sso",
             "store",
             "telemetry",
         ],
     ),
-    ("admin", &["auth", "config", "limits", "metering", "metrics", "providers", "routing", "runtime", "store"]),
+    (
+        "admin",
+        &["audit", "auth", "config", "limits", "metering", "metrics", "providers", "routing", "runtime", "store"],
+    ),
     ("cli", &["config"]),
+    // The engineer's side of sign-in: an HTTP client of the gateway, nothing more.
+    ("login", &[]),
     ("refresh", &["auth", "providers", "runtime"]),
     ("alerts", &["config", "limits", "metering", "metrics", "runtime", "store"]),
     (

@@ -53,6 +53,10 @@ fn valid_id(id: &str) -> Result<(), String> {
             id.chars().take(MAX_ID).collect::<String>()
         ));
     }
+    // People signed in through the identity provider count as keys `sso:<user>`.
+    if id.starts_with("sso:") {
+        return Err("key ids starting with \"sso:\" are reserved for people signed in with [sso]".into());
+    }
     Ok(())
 }
 

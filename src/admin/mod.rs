@@ -7,6 +7,7 @@
 
 mod console;
 mod keys;
+mod people;
 mod reports;
 mod session;
 
@@ -93,8 +94,26 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Decodes a path segment: `%XX` escapes only (a `+` in a path is a plus, not a space; e-mail
+/// addresses have them).
 fn percent_decode(s: &str) -> String {
-    form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned()).unwrap_or_default()
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).and_then(|b| hex(*b)), bytes.get(i + 2).and_then(|b| hex(*b))) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl Admin {
@@ -239,7 +258,13 @@ impl Admin {
             (&Method::GET, ["usage"]) => self.usage(params),
             (&Method::GET, ["budgets"]) => self.budgets(),
             (&Method::GET, ["overview"]) => self.overview(),
-            (_, ["keys"] | ["keys", _] | ["keys", _, _] | ["usage"] | ["budgets"] | ["overview"] | ["reload"]) => {
+            (&Method::GET, ["people"]) => self.people(),
+            (&Method::POST, ["people", user, action @ ("revoke" | "disable" | "enable")]) => self.person_action(user, action),
+            (
+                _,
+                ["keys"] | ["keys", _] | ["keys", _, _] | ["usage"] | ["budgets"] | ["overview"] | ["reload"] | ["people"]
+                | ["people", _, _],
+            ) => {
                 error(405, "invalid_request_error", format!("{method} is not allowed on {path}"))
             }
             _ => error(404, "not_found_error", format!("no admin endpoint at {path}")),
@@ -377,5 +402,20 @@ impl ServeHttp for Admin {
             }
             _ => error(404, "not_found_error", format!("no admin endpoint at {path}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn path_segments_decode_escapes_only() {
+        assert_eq!(percent_decode("alice+oncall@example.com"), "alice+oncall@example.com");
+        assert_eq!(percent_decode("alice%2Boncall%40example.com"), "alice+oncall@example.com");
+        assert_eq!(percent_decode("a%2Fb"), "a/b");
+        // A broken escape stays as it came.
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
     }
 }

@@ -1,4 +1,5 @@
-//! The audit log: usage records as JSON lines, written by a dedicated thread.
+//! The audit log: usage records (and sign-in events, [`AuditEvent`]) as JSON lines, written by
+//! a dedicated thread.
 //!
 //! The request path pushes the record onto a bounded in-memory batch under a short mutex: no
 //! system call and no wake-up per request. The writer thread wakes every few milliseconds,
@@ -7,6 +8,7 @@
 //! waits on the disk. The file rotates itself by size and age ([`file`]), or is reopened on
 //! SIGHUP for an outside rotator.
 
+mod event;
 mod file;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,10 +25,19 @@ use crate::metering::UsageRecord;
 /// piles up in memory; long enough that waking up costs nothing.
 const DRAIN_EVERY: Duration = Duration::from_millis(20);
 
+pub use event::AuditEvent;
 pub use file::{rotated_files, Rotation};
 
+/// One line of the log.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Entry {
+    Usage(UsageRecord),
+    Event(AuditEvent),
+}
+
 struct Shared {
-    batch: Mutex<Vec<UsageRecord>>,
+    batch: Mutex<Vec<Entry>>,
     capacity: usize,
     stopping: AtomicBool,
     /// Set by SIGHUP: the writer opens the path again before its next write.
@@ -44,9 +55,18 @@ static DROPPED_LOGGED: AtomicU64 = AtomicU64::new(0);
 
 impl AuditLog {
     pub fn submit(&self, record: UsageRecord) {
+        self.push(Entry::Usage(record));
+    }
+
+    /// A sign-in, a revocation: written like a usage record, in order with them.
+    pub fn event(&self, event: AuditEvent) {
+        self.push(Entry::Event(event));
+    }
+
+    fn push(&self, entry: Entry) {
         let mut batch = self.shared.batch.lock().unwrap_or_else(|p| p.into_inner());
         if batch.len() < self.shared.capacity {
-            batch.push(record);
+            batch.push(entry);
             return;
         }
         drop(batch);
@@ -117,10 +137,13 @@ fn write_loop(shared: &Shared, mut out: file::LogFile, flush_interval: Duration)
         std::mem::swap(&mut *shared.batch.lock().unwrap_or_else(|p| p.into_inner()), &mut spare);
         for r in spare.drain(..) {
             line.clear();
-            serde_json::to_writer(&mut line, &r).expect("usage records serialize");
+            serde_json::to_writer(&mut line, &r).expect("audit entries serialize");
             line.push(b'\n');
             if let Err(e) = out.write_line(&line) {
-                tracing::error!(error = %e, request_id = %r.request_id, "cannot write usage record");
+                match &r {
+                    Entry::Usage(u) => tracing::error!(error = %e, request_id = %u.request_id, "cannot write usage record"),
+                    Entry::Event(ev) => tracing::error!(error = %e, event = ev.event, "cannot write audit event"),
+                }
             }
             dirty = true;
         }

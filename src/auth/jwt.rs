@@ -65,8 +65,34 @@ struct JwksState {
 }
 
 impl Jwks {
-    fn new(url: String, refresh: Duration, grace: Duration) -> Self {
+    pub fn new(url: String, refresh: Duration, grace: Duration) -> Self {
         Jwks { url, refresh, grace, keys: ArcSwap::from_pointee(Vec::new()), state: Mutex::default() }
+    }
+
+    /// Whether the set holds a key for `alg` named `kid` (any of its family without a `kid`).
+    pub fn has_key(&self, alg: Algorithm, kid: Option<&str>) -> bool {
+        self.keys.load().iter().any(|(k, _)| k.family == family(alg) && (kid.is_none() || k.kid.as_deref() == kid))
+    }
+
+    /// Checks `token` against this set's keys of its algorithm's family (never an HMAC one) and
+    /// `v`; the claims when one key verifies it.
+    pub fn decode(&self, token: &str, v: &Validation) -> Result<Value, jsonwebtoken::errors::Error> {
+        use jsonwebtoken::errors::{Error, ErrorKind};
+        let header = jsonwebtoken::decode_header(token)?;
+        let f = family(header.alg);
+        if f == Family::Hmac || !v.algorithms.contains(&header.alg) {
+            return Err(Error::from(ErrorKind::InvalidAlgorithm));
+        }
+        let keys = self.keys.load();
+        let mut last = Error::from(ErrorKind::InvalidSignature);
+        for (k, _) in keys.iter().filter(|(k, _)| k.family == f && (header.kid.is_none() || k.kid == header.kid)) {
+            match jsonwebtoken::decode::<Value>(token, &k.key, v) {
+                Ok(data) => return Ok(data.claims),
+                Err(e) if *e.kind() == ErrorKind::InvalidSignature => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
     }
 
     pub fn due(&self, now: Instant) -> bool {

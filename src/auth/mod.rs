@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 mod jwt;
 
-pub use jwt::{looks_like_jwt, parse_algorithm, Jwks, JwtError, JwtOrigin, JwtVerifier};
+pub use jwt::{looks_like_jwt, parse_algorithm, unix_now, Jwks, JwtError, JwtOrigin, JwtVerifier};
 
 use crate::config::KeyConfig;
 use crate::glob::glob_match;
@@ -42,6 +42,8 @@ pub enum KeySource {
     Api,
     /// A principal made from a verified JWT.
     Jwt,
+    /// A person signed in through the identity provider (`[sso]`).
+    Sso,
 }
 
 /// Who is calling: the key and the people it belongs to.

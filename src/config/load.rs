@@ -327,6 +327,9 @@ fn validate(c: &Config) -> Result<(), Invalid> {
         if !ids.insert(k.id.get_ref().as_str()) {
             return Err((k.id.span(), format!("key id {:?} is used twice", k.id.get_ref())));
         }
+        if k.id.get_ref().starts_with("sso:") {
+            return Err((k.id.span(), "key ids starting with \"sso:\" are reserved for people signed in with [sso]".into()));
+        }
         super::parse_key_hash(k.hash.get_ref()).map_err(|e| (k.hash.span(), e))?;
         if let Some(exp) = &k.expires {
             super::parse_expiry(exp.get_ref()).map_err(|e| (exp.span(), e))?;
@@ -363,6 +366,10 @@ fn validate(c: &Config) -> Result<(), Invalid> {
         if !issuers.insert(name.as_str()) {
             return Err((j.name.span(), format!("JWT issuer {name:?} is defined twice")));
         }
+        // Its principals would be `sso:<user>`, the key ids of people signed in with [sso].
+        if name == "sso" {
+            return Err((j.name.span(), "the JWT issuer name \"sso\" is reserved for [sso]".into()));
+        }
         for a in &j.algorithms {
             super::parse_algorithm(a).map_err(|e| (j.name.span(), format!("JWT issuer {name:?}: {e}")))?;
         }
@@ -380,6 +387,16 @@ fn validate(c: &Config) -> Result<(), Invalid> {
                 j.name.span(),
                 format!("JWT issuer {name:?}: with several issuers, each needs `issuer` (the iss claim that picks it)"),
             ));
+        }
+    }
+
+    if let Some(sso) = &c.sso {
+        check_sso(sso).map_err(|e| (0..0, format!("sso: {e}")))?;
+        let mut groups = HashSet::new();
+        for g in &sso.groups {
+            if !groups.insert(g.name.get_ref().as_str()) {
+                return Err((g.name.span(), format!("sso group {:?} is listed twice", g.name.get_ref())));
+            }
         }
     }
 
@@ -449,6 +466,31 @@ fn check_jwks_url(url: &str, allow_http: bool) -> Result<(), String> {
         }
         _ => Err(format!("jwks_url {url:?} must be an https URL")),
     }
+}
+
+/// The identity provider is named by an HTTPS issuer URL (its discovery document and keys decide
+/// who may spend), or `http://` on a loopback address when `allow_http` says so.
+fn check_sso(s: &super::SsoConfig) -> Result<(), String> {
+    check_jwks_url(&s.issuer, s.allow_http).map_err(|e| e.replace("jwks_url", "issuer").replace("jwks_allow_http", "allow_http"))?;
+    if s.client_id.is_empty() {
+        return Err("client_id is empty".into());
+    }
+    // Who may spend, on which models and budget, comes from the groups: none listed would let
+    // anyone the identity provider signs in spend without limit.
+    if s.groups.is_empty() {
+        return Err("list at least one [[sso.group]]: people are let in by their groups".into());
+    }
+    if !s.scopes.iter().any(|x| x == "openid") {
+        return Err("scopes must include \"openid\" (the ID token names the person)".into());
+    }
+    let positive = [("token_lifetime", s.token_lifetime), ("key_rotation", s.key_rotation), ("session_lifetime", s.session_lifetime)];
+    if let Some((name, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
+        return Err(format!("{name} must be longer than zero"));
+    }
+    if s.key_rotation < s.token_lifetime {
+        return Err("key_rotation must be at least token_lifetime".into());
+    }
+    Ok(())
 }
 
 /// Keys come as a pair (with an optional session token), or not at all; a profile names where

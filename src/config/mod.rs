@@ -5,6 +5,7 @@ mod budget;
 mod load;
 mod period;
 mod secret;
+mod sso;
 mod url;
 mod values;
 
@@ -18,6 +19,7 @@ pub use budget::{Budget, BudgetConfig, RateLimits, DEFAULT_MAX_PRINCIPALS};
 pub use load::{load, load_str, ConfigError};
 pub use period::{rfc3339, Period};
 pub use secret::{Secret, SecretRef};
+pub use sso::{SsoConfig, SsoGroupConfig};
 pub use url::{ProxyUrl, UpstreamUrl};
 pub use values::{parse_algorithm, parse_expiry, parse_key_hash, KeyHash};
 
@@ -67,6 +69,9 @@ pub struct Config {
     /// Spend alerts: budgets crossing thresholds, sent to webhooks.
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// Sign-in with the company's identity provider, and policy by its groups.
+    #[serde(default)]
+    pub sso: Option<SsoConfig>,
 }
 
 /// `[alerts]`: a webhook call when a budget crosses a share of its limit, or is on course to

@@ -70,8 +70,9 @@ pub struct UsageRecord {
     pub user: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub team: Option<String>,
-    /// How the caller authenticated: `key`, `jwt`, or `listener` (its listener's
-    /// `anonymous_key`); absent when it did not.
+    /// How the caller authenticated: `key`, `jwt`, `sso` (a gateway token of a person signed
+    /// in through the identity provider), or `listener` (its listener's `anonymous_key`); absent
+    /// when it did not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth: Option<&'static str>,
     /// The API format the client spoke: `anthropic`, `bedrock` or `vertex`.

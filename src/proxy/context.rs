@@ -145,10 +145,11 @@ impl RequestCtx {
             key_id: self.key.as_ref().map(|k| k.id.clone()),
             user: self.key.as_ref().and_then(|k| k.user.clone()),
             team: self.key.as_ref().and_then(|k| k.team.clone()),
-            auth: self.key.as_ref().map(|k| match (self.anonymous, k.jwt.is_some()) {
-                (true, _) => "listener",
-                (false, true) => "jwt",
-                (false, false) => "key",
+            auth: self.key.as_ref().map(|k| match (self.anonymous, k.jwt.is_some(), k.source) {
+                (true, _, _) => "listener",
+                (false, _, crate::auth::KeySource::Sso) => "sso",
+                (false, true, _) => "jwt",
+                (false, false, _) => "key",
             }),
             format: self.format,
             jwt_issuer: self.key.as_ref().and_then(|k| k.jwt.as_ref()).map(|j| j.issuer.clone()),

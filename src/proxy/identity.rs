@@ -8,6 +8,7 @@ use pingora_proxy::Session;
 
 use super::{ApiError, Gateway, RequestCtx, State};
 use crate::auth::{looks_like_jwt, presented_key, ApiKey, AuthError};
+use crate::sso::Sso;
 
 impl Gateway {
     /// The caller's key: from `server.key_header`, `x-api-key` or `Authorization: Bearer`, a
@@ -39,6 +40,16 @@ impl Gateway {
         };
         let key = match authenticated {
             Ok(key) => key,
+            // A gateway token of a person signed in through the identity provider.
+            Err(AuthError::Unknown)
+                if state.sso.is_some() && presented.is_some_and(|t| looks_like_jwt(t) && Sso::is_gateway_token(t)) =>
+            {
+                let sso = state.sso.as_ref().expect("checked above");
+                sso.authenticate(presented.unwrap_or_default()).map_err(|e| {
+                    self.metrics.jwt_failures.with_label_values(&[e.reason]).inc();
+                    ApiError::authentication(e.message)
+                })?
+            }
             // Not one of our keys: it may be a JWT from a trusted issuer.
             Err(AuthError::Unknown) if !state.jwt.is_empty() && presented.is_some_and(looks_like_jwt) => {
                 state.jwt.verify(presented.unwrap_or_default()).map_err(|e| {

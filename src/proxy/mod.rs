@@ -19,6 +19,7 @@ mod headers;
 mod identity;
 mod meter;
 mod models;
+mod sso;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -140,6 +141,7 @@ impl Gateway {
                 let (status, body) = models::answer(&state, &key, id.as_deref(), self.started)?;
                 return self.answer_json(session, ctx, status, body).await;
             }
+            (p, _) if p.starts_with("/sso/") => return self.serve_sso(session, ctx).await,
             (path, &Method::POST) => {
                 parse_path(path).ok_or_else(|| ApiError::not_found(format!("no endpoint at POST {}", shorten(path))))?
             }

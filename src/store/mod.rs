@@ -258,7 +258,6 @@ pub trait Store: Send + Sync {
         None
     }
 
-    /// Commits the queue and stops the writer; rows recorded afterwards are written at once.
     /// Records `mark` as fired unless it already is: true for the one caller that claimed it
     /// (who then delivers it), false for everyone after.
     fn claim_alert(&self, mark: &AlertMark) -> StoreResult<bool>;
@@ -272,5 +271,48 @@ pub trait Store: Send + Sync {
     /// releases it (a gateway stopping with the alert undelivered), for the next to take over.
     fn renew_alert(&self, mark: &AlertMark, at_ms: i64) -> StoreResult<()>;
 
+    /// Saves a new sign-in.
+    fn insert_session(&self, session: &SsoSession) -> StoreResult<()>;
+    /// Writes what a token refresh learnt (user, groups, the identity provider's refresh token,
+    /// last seen) to a sign-in that is not revoked; false when it is (or is gone): a revocation
+    /// made while the refresh ran is never undone.
+    fn renew_session(&self, session: &SsoSession) -> StoreResult<bool>;
+    /// The sign-in whose refresh credential hashes to `refresh_hash`.
+    fn session_by_refresh(&self, refresh_hash: &str) -> StoreResult<Option<SsoSession>>;
+    /// Sign-ins not expired at `now_ms`, revoked ones included, most recently seen first.
+    fn sessions(&self, now_ms: i64) -> StoreResult<Vec<SsoSession>>;
+    /// Revokes one sign-in as of `at_ms`, unless it already is; false when it was.
+    fn revoke_session(&self, id: &str, at_ms: i64) -> StoreResult<bool>;
+    /// Revokes every live sign-in of `user` as of `at_ms`; returns their ids.
+    fn revoke_sessions(&self, user: &str, at_ms: i64) -> StoreResult<Vec<String>>;
+    /// Ids of every revoked sign-in not yet expired at `now_ms` (a small set: each gateway
+    /// reads it whole, so no revocation is missed whatever the clocks say).
+    fn revoked_sessions(&self, now_ms: i64) -> StoreResult<Vec<String>>;
+    /// Disables (or enables again) a person in the gateway, whatever the identity provider says.
+    fn set_person_disabled(&self, user: &str, disabled: bool, at_ms: i64) -> StoreResult<()>;
+    fn disabled_people(&self) -> StoreResult<Vec<String>>;
+
+    /// Commits the queue and stops the writer; rows recorded afterwards are written at once.
     fn close(&self);
+}
+
+/// A person's sign-in through the identity provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SsoSession {
+    pub id: String,
+    /// The person's subject at the identity provider.
+    pub subject: String,
+    /// Their name in records (the configured user claim).
+    pub user: String,
+    /// Their groups as of the last check with the identity provider.
+    pub groups: Vec<String>,
+    /// SHA-256 (hex) of the refresh credential the person's machine holds; never the credential.
+    pub refresh_hash: String,
+    /// The identity provider's refresh token, sealed (encrypted and authenticated) with a key
+    /// derived from the gateway's signing secret.
+    pub idp_refresh: Option<Vec<u8>>,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    pub last_seen_ms: i64,
+    pub revoked_ms: Option<i64>,
 }

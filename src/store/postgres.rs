@@ -26,7 +26,9 @@ use tokio_postgres::{Client, NoTls};
 
 use super::pg_tls::Rustls;
 
-use super::{AlertMark, Group, LedgerRow, Store, StoreError, StoreResult, StoredKey, UsageLine, UsageQuery};
+use super::{
+    AlertMark, Group, LedgerRow, SsoSession, Store, StoreError, StoreResult, StoredKey, UsageLine, UsageQuery,
+};
 use crate::limits::ScopeKind;
 
 /// Each migration once, in order; the version table says which ran.
@@ -98,7 +100,47 @@ const MIGRATIONS: &[(i32, &str)] = &[
         PRIMARY KEY (scope, id, period_start_ms, alert)
     );",
     ),
+    (
+        4,
+        // Sign-ins through the identity provider, and people disabled in the gateway.
+        "CREATE TABLE tollgate_sso_sessions (
+        id TEXT PRIMARY KEY,
+        subject TEXT NOT NULL,
+        \"user\" TEXT NOT NULL,
+        groups TEXT NOT NULL,
+        refresh_hash TEXT NOT NULL UNIQUE,
+        idp_refresh BYTEA,
+        created_ms BIGINT NOT NULL,
+        expires_ms BIGINT NOT NULL,
+        last_seen_ms BIGINT NOT NULL,
+        revoked_ms BIGINT
+    );
+    CREATE INDEX tollgate_sso_sessions_user ON tollgate_sso_sessions (\"user\");
+    CREATE TABLE tollgate_sso_people (
+        \"user\" TEXT PRIMARY KEY,
+        disabled BOOLEAN NOT NULL,
+        changed_ms BIGINT NOT NULL
+    );",
+    ),
 ];
+
+const SESSION_COLUMNS: &str =
+    "id, subject, \"user\", groups, refresh_hash, idp_refresh, created_ms, expires_ms, last_seen_ms, revoked_ms";
+
+fn session_from_row(r: &tokio_postgres::Row) -> SsoSession {
+    SsoSession {
+        id: r.get(0),
+        subject: r.get(1),
+        user: r.get(2),
+        groups: serde_json::from_str(r.get::<_, &str>(3)).unwrap_or_default(),
+        refresh_hash: r.get(4),
+        idp_refresh: r.get(5),
+        created_ms: r.get(6),
+        expires_ms: r.get(7),
+        last_seen_ms: r.get(8),
+        revoked_ms: r.get(9),
+    }
+}
 
 /// Any number above the highest migration's: a lock id of Tollgate's own.
 const MIGRATION_LOCK: i64 = 0x7011_6a7e;
@@ -1210,6 +1252,156 @@ impl Store for PostgresStore {
             self.shared.health.spooled.load(Ordering::Acquire),
             self.shared.spool.display()
         ))
+    }
+
+    fn insert_session(&self, x: &SsoSession) -> StoreResult<()> {
+        let x = x.clone();
+        self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let groups = serde_json::to_string(&x.groups).unwrap_or_else(|_| "[]".into());
+                client
+                    .execute(
+                        &format!(
+                            "INSERT INTO tollgate_sso_sessions ({SESSION_COLUMNS})
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                        ),
+                        &[
+                            &x.id, &x.subject, &x.user, &groups, &x.refresh_hash, &x.idp_refresh, &x.created_ms,
+                            &x.expires_ms, &x.last_seen_ms, &x.revoked_ms,
+                        ],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(())
+            })
+        })
+    }
+
+    fn renew_session(&self, x: &SsoSession) -> StoreResult<bool> {
+        let x = x.clone();
+        self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let groups = serde_json::to_string(&x.groups).unwrap_or_else(|_| "[]".into());
+                let n = client
+                    .execute(
+                        "UPDATE tollgate_sso_sessions SET \"user\" = $2, groups = $3, idp_refresh = $4, last_seen_ms = $5
+                         WHERE id = $1 AND revoked_ms IS NULL",
+                        &[&x.id, &x.user, &groups, &x.idp_refresh, &x.last_seen_ms],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(n == 1)
+            })
+        })
+    }
+
+    fn revoke_session(&self, id: &str, at_ms: i64) -> StoreResult<bool> {
+        let id = id.to_string();
+        self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let n = client
+                    .execute(
+                        "UPDATE tollgate_sso_sessions SET revoked_ms = $2 WHERE id = $1 AND revoked_ms IS NULL",
+                        &[&id, &at_ms],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(n == 1)
+            })
+        })
+    }
+
+    fn session_by_refresh(&self, refresh_hash: &str) -> StoreResult<Option<SsoSession>> {
+        let hash = refresh_hash.to_string();
+        self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let sql = format!("SELECT {SESSION_COLUMNS} FROM tollgate_sso_sessions WHERE refresh_hash = $1");
+                let row = client.query_opt(&sql, &[&hash]).await.map_err(pg)?;
+                Ok(row.as_ref().map(session_from_row))
+            })
+        })
+    }
+
+    fn sessions(&self, now_ms: i64) -> StoreResult<Vec<SsoSession>> {
+        self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let sql = format!(
+                    "SELECT {SESSION_COLUMNS} FROM tollgate_sso_sessions WHERE expires_ms > $1 ORDER BY last_seen_ms DESC"
+                );
+                let rows = client.query(&sql, &[&now_ms]).await.map_err(pg)?;
+                Ok(rows.iter().map(session_from_row).collect())
+            })
+        })
+    }
+
+    fn revoke_sessions(&self, user: &str, at_ms: i64) -> StoreResult<Vec<String>> {
+        let user = user.to_string();
+        self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let rows = client
+                    .query(
+                        "UPDATE tollgate_sso_sessions SET revoked_ms = $2
+                         WHERE \"user\" = $1 AND revoked_ms IS NULL AND expires_ms > $2 RETURNING id",
+                        &[&user, &at_ms],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(rows.iter().map(|r| r.get(0)).collect())
+            })
+        })
+    }
+
+    fn revoked_sessions(&self, now_ms: i64) -> StoreResult<Vec<String>> {
+        self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let rows = client
+                    .query(
+                        "SELECT id FROM tollgate_sso_sessions WHERE revoked_ms IS NOT NULL AND expires_ms > $1",
+                        &[&now_ms],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(rows.iter().map(|r| r.get(0)).collect())
+            })
+        })
+    }
+
+    fn set_person_disabled(&self, user: &str, disabled: bool, at_ms: i64) -> StoreResult<()> {
+        let user = user.to_string();
+        self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                client
+                    .execute(
+                        "INSERT INTO tollgate_sso_people (\"user\", disabled, changed_ms) VALUES ($1, $2, $3)
+                         ON CONFLICT (\"user\") DO UPDATE SET disabled = $2, changed_ms = $3",
+                        &[&user, &disabled, &at_ms],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(())
+            })
+        })
+    }
+
+    fn disabled_people(&self) -> StoreResult<Vec<String>> {
+        self.run(move |s| {
+            Box::pin(async move {
+                let client = s.client().await?;
+                let rows = client
+                    .query("SELECT \"user\" FROM tollgate_sso_people WHERE disabled ORDER BY \"user\"", &[])
+                    .await
+                    .map_err(pg)?;
+                Ok(rows.iter().map(|r| r.get(0)).collect())
+            })
+        })
     }
 
     fn close(&self) {

@@ -15,7 +15,9 @@ use std::time::Duration;
 use chrono_tz::Tz;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 
-use super::{local_day, AlertMark, Group, LedgerRow, Store, StoreError, StoreResult, StoredKey, UsageLine, UsageQuery};
+use super::{
+    local_day, AlertMark, Group, LedgerRow, SsoSession, Store, StoreError, StoreResult, StoredKey, UsageLine, UsageQuery,
+};
 use crate::limits::ScopeKind;
 
 const SCHEMA: &str = "
@@ -68,6 +70,24 @@ CREATE TABLE IF NOT EXISTS alerts (
     renewed_ms INTEGER NOT NULL,
     delivered_ms INTEGER,
     PRIMARY KEY (scope, id, period_start_ms, alert)
+);
+CREATE TABLE IF NOT EXISTS sso_sessions (
+    id TEXT PRIMARY KEY,
+    subject TEXT NOT NULL,
+    user TEXT NOT NULL,
+    groups TEXT NOT NULL,
+    refresh_hash TEXT NOT NULL UNIQUE,
+    idp_refresh BLOB,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS sso_sessions_user ON sso_sessions (user);
+CREATE TABLE IF NOT EXISTS sso_people (
+    user TEXT PRIMARY KEY,
+    disabled INTEGER NOT NULL,
+    changed_ms INTEGER NOT NULL
 );
 ";
 
@@ -368,6 +388,25 @@ impl SqliteExport {
     }
 }
 
+const SESSION_COLUMNS: &str =
+    "id, subject, user, groups, refresh_hash, idp_refresh, created_ms, expires_ms, last_seen_ms, revoked_ms";
+
+fn session_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SsoSession> {
+    let groups: String = r.get(3)?;
+    Ok(SsoSession {
+        id: r.get(0)?,
+        subject: r.get(1)?,
+        user: r.get(2)?,
+        groups: serde_json::from_str(&groups).unwrap_or_default(),
+        refresh_hash: r.get(4)?,
+        idp_refresh: r.get(5)?,
+        created_ms: r.get(6)?,
+        expires_ms: r.get(7)?,
+        last_seen_ms: r.get(8)?,
+        revoked_ms: r.get(9)?,
+    })
+}
+
 /// Sets one of an alert's times (`delivered_ms`, `renewed_ms`).
 fn stamp_alert(shared: &Shared, m: &AlertMark, column: &'static str, at_ms: i64) -> StoreResult<()> {
     lock(&shared.writer).execute(
@@ -557,6 +596,84 @@ impl Store for SqliteStore {
         stamp_alert(&self.shared, m, "renewed_ms", at_ms)
     }
 
+    fn insert_session(&self, x: &SsoSession) -> StoreResult<()> {
+        let groups = serde_json::to_string(&x.groups).unwrap_or_else(|_| "[]".into());
+        lock(&self.shared.writer).execute(
+            &format!("INSERT INTO sso_sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+            rusqlite::params![
+                x.id, x.subject, x.user, groups, x.refresh_hash, x.idp_refresh, x.created_ms, x.expires_ms,
+                x.last_seen_ms, x.revoked_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn renew_session(&self, x: &SsoSession) -> StoreResult<bool> {
+        let groups = serde_json::to_string(&x.groups).unwrap_or_else(|_| "[]".into());
+        let n = lock(&self.shared.writer).execute(
+            "UPDATE sso_sessions SET user = ?2, groups = ?3, idp_refresh = ?4, last_seen_ms = ?5
+             WHERE id = ?1 AND revoked_ms IS NULL",
+            rusqlite::params![x.id, x.user, groups, x.idp_refresh, x.last_seen_ms],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn revoke_session(&self, id: &str, at_ms: i64) -> StoreResult<bool> {
+        let n = lock(&self.shared.writer).execute(
+            "UPDATE sso_sessions SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
+            rusqlite::params![id, at_ms],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn session_by_refresh(&self, refresh_hash: &str) -> StoreResult<Option<SsoSession>> {
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare_cached(&format!("SELECT {SESSION_COLUMNS} FROM sso_sessions WHERE refresh_hash = ?1"))?;
+        let mut rows = stmt.query_map([refresh_hash], session_from_row)?;
+        Ok(rows.next().transpose()?)
+    }
+
+    fn sessions(&self, now_ms: i64) -> StoreResult<Vec<SsoSession>> {
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {SESSION_COLUMNS} FROM sso_sessions WHERE expires_ms > ?1 ORDER BY last_seen_ms DESC"
+        ))?;
+        let rows = stmt.query_map([now_ms], session_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn revoke_sessions(&self, user: &str, at_ms: i64) -> StoreResult<Vec<String>> {
+        let conn = lock(&self.shared.writer);
+        let mut stmt = conn.prepare(
+            "UPDATE sso_sessions SET revoked_ms = ?2 WHERE user = ?1 AND revoked_ms IS NULL AND expires_ms > ?2
+             RETURNING id",
+        )?;
+        let rows = stmt.query_map(rusqlite::params![user, at_ms], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn revoked_sessions(&self, now_ms: i64) -> StoreResult<Vec<String>> {
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare("SELECT id FROM sso_sessions WHERE revoked_ms IS NOT NULL AND expires_ms > ?1")?;
+        let rows = stmt.query_map([now_ms], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn set_person_disabled(&self, user: &str, disabled: bool, at_ms: i64) -> StoreResult<()> {
+        lock(&self.shared.writer).execute(
+            "INSERT OR REPLACE INTO sso_people (user, disabled, changed_ms) VALUES (?1, ?2, ?3)",
+            rusqlite::params![user, disabled, at_ms],
+        )?;
+        Ok(())
+    }
+
+    fn disabled_people(&self) -> StoreResult<Vec<String>> {
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare("SELECT user FROM sso_people WHERE disabled = 1 ORDER BY user")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn close(&self) {
         self.shared.stopping.store(true, Ordering::Release);
         if let Some(t) = lock(&self.thread).take() {
@@ -595,6 +712,40 @@ mod tests {
             priced: true,
             estimated: None,
         }
+    }
+
+    #[test]
+    fn a_revoked_sign_in_stays_revoked_whatever_a_refresh_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db"), Duration::from_secs(3600)).unwrap();
+        let mut s = SsoSession {
+            id: "s1".into(),
+            subject: "sub-1".into(),
+            user: "alice@example.com".into(),
+            groups: vec!["eng".into()],
+            refresh_hash: "h1".into(),
+            idp_refresh: Some(vec![1, 2, 3]),
+            created_ms: 1_000,
+            expires_ms: 10_000,
+            last_seen_ms: 1_000,
+            revoked_ms: None,
+        };
+        store.insert_session(&s).unwrap();
+        assert_eq!(store.session_by_refresh("h1").unwrap().as_ref(), Some(&s));
+        // A refresh that read the row before the revocation writes after it: refused.
+        s.groups = vec!["data".into()];
+        s.last_seen_ms = 2_000;
+        assert!(store.renew_session(&s).unwrap());
+        assert!(store.revoke_session("s1", 3_000).unwrap());
+        assert!(!store.revoke_session("s1", 4_000).unwrap(), "revoked once");
+        s.last_seen_ms = 5_000;
+        assert!(!store.renew_session(&s).unwrap());
+        let stored = store.session_by_refresh("h1").unwrap().unwrap();
+        assert_eq!((stored.revoked_ms, stored.last_seen_ms, stored.groups), (Some(3_000), 2_000, vec!["data".to_string()]));
+        assert_eq!(store.revoked_sessions(9_999).unwrap(), vec!["s1".to_string()]);
+        // Expired sign-ins leave the revoked set.
+        assert!(store.revoked_sessions(10_000).unwrap().is_empty());
+        assert_eq!(store.sessions(9_999).unwrap().len(), 1);
     }
 
     #[test]

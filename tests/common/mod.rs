@@ -244,6 +244,15 @@ impl Gateway {
 
     /// All usage records written so far.
     pub fn records(&self) -> Vec<Value> {
+        self.audit_lines().into_iter().filter(|l| l.get("event").is_none()).collect()
+    }
+
+    /// The audit log's events (sign-ins, revocations) written so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.audit_lines().into_iter().filter(|l| l.get("event").is_some()).collect()
+    }
+
+    fn audit_lines(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(&self.audit_path).unwrap_or_default();
         // A read may race the writer: its last line is whole only once its newline is there.
         text[..text.rfind('\n').map_or(0, |end| end + 1)]
