@@ -112,14 +112,20 @@ fn client() -> Result<reqwest::Client, String> {
 }
 
 /// One call to the gateway: the status and the JSON it answered.
-async fn call(client: &reqwest::Client, method: reqwest::Method, url: &str, body: Option<Value>) -> Result<(u16, Value), String> {
+async fn call(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value), String> {
     let mut req = client.request(method, url);
     if let Some(b) = body {
         req = req.json(&b);
     }
     let resp = req.send().await.map_err(|e| format!("cannot reach the gateway at {url}: {e}"))?;
     let status = resp.status().as_u16();
-    let value = resp.json::<Value>().await.map_err(|_| format!("the gateway answered {status} without JSON at {url}"))?;
+    let value =
+        resp.json::<Value>().await.map_err(|_| format!("the gateway answered {status} without JSON at {url}"))?;
     Ok((status, value))
 }
 
@@ -165,13 +171,15 @@ pub fn login(gateway: &str) -> Result<String, String> {
     check_gateway_url(&gateway)?;
     runtime()?.block_on(async {
         let client = client()?;
-        let (status, start) = call(&client, reqwest::Method::POST, &format!("{gateway}/sso/device"), Some(json!({}))).await?;
+        let (status, start) =
+            call(&client, reqwest::Method::POST, &format!("{gateway}/sso/device"), Some(json!({}))).await?;
         if status != 200 {
             return Err(format!("the gateway refused to start a sign-in ({status}): {}", message(&start)));
         }
         let code = start["user_code"].as_str().unwrap_or_default();
         let device_code = start["device_code"].as_str().ok_or("the gateway sent no device code")?.to_string();
-        let url = start["verification_uri_complete"].as_str().or(start["verification_uri"].as_str()).unwrap_or_default();
+        let url =
+            start["verification_uri_complete"].as_str().or(start["verification_uri"].as_str()).unwrap_or_default();
         println!("To sign in, open {url} and confirm the code {code}");
         let _ = std::io::stdout().flush();
         let mut interval = start["interval"].as_u64().unwrap_or(DEFAULT_INTERVAL).max(1);
@@ -192,6 +200,7 @@ pub fn login(gateway: &str) -> Result<String, String> {
                 }
                 200 => {
                     let creds = from_answer(&gateway, &v, None)?;
+                    let _lock = lock()?;
                     save(&creds)?;
                     let team = v["team"].as_str().map(|t| format!(" (team {t})")).unwrap_or_default();
                     return Ok(format!("Signed in to {gateway} as {}{team}\n", creds.user));
@@ -213,10 +222,25 @@ pub fn token(force: bool) -> Result<String, String> {
         return Ok(format!("{}\n", creds.access_token));
     }
     let url = format!("{}/sso/refresh", creds.gateway);
-    let (status, v) = runtime()?.block_on(async {
+    let answered = runtime()?.block_on(async {
         call(&client()?, reqwest::Method::POST, &url, Some(json!({ "refresh_token": creds.refresh_token }))).await
-    })?;
+    });
+    // The gateway or the identity provider out of reach for a moment: the token held still
+    // works until it expires (a refusal, 401 or 403, is final).
+    let held = creds.expires_at > now() + 5;
+    let (status, v) = match answered {
+        Ok(a) => a,
+        Err(e) if held && !force => {
+            eprintln!("warning: {e}; the token held is valid for {remaining} s more");
+            return Ok(format!("{}\n", creds.access_token));
+        }
+        Err(e) => return Err(e),
+    };
     if status != 200 {
+        if status >= 500 && held && !force {
+            eprintln!("warning: the gateway cannot renew the token now ({status}): {}", message(&v));
+            return Ok(format!("{}\n", creds.access_token));
+        }
         return Err(format!("the gateway refused a new token ({status}): {}", message(&v)));
     }
     let fresh = from_answer(&creds.gateway, &v, Some(creds.refresh_token.clone()))?;

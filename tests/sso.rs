@@ -52,7 +52,9 @@ struct Tools {
 
 fn tools() -> Tools {
     let cache = |var: &str, dir: &str, pkg: String| {
-        std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| repo().join(".cache").join(dir).join(pkg).join("node_modules"))
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join(".cache").join(dir).join(pkg).join("node_modules"))
     };
     let t = Tools {
         sso_node_path: cache(
@@ -65,7 +67,9 @@ fn tools() -> Tools {
             "console",
             format!("playwright-core-{}", pin("tests/console/versions.env", "PLAYWRIGHT_CORE_VERSION")),
         ),
-        chromium: std::env::var_os("TOLLGATE_CHROMIUM").map(PathBuf::from).unwrap_or_else(|| "/usr/bin/chromium".into()),
+        chromium: std::env::var_os("TOLLGATE_CHROMIUM")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/usr/bin/chromium".into()),
     };
     for (what, path) in [
         ("oidc-provider", t.sso_node_path.join("oidc-provider")),
@@ -245,8 +249,8 @@ impl Machine {
             .env("TOLLGATE_CHROMIUM", &t.chromium)
             .output()
             .unwrap();
-        let approval = String::from_utf8_lossy(&approved.stdout).trim().to_string()
-            + &String::from_utf8_lossy(&approved.stderr);
+        let approval =
+            String::from_utf8_lossy(&approved.stdout).trim().to_string() + &String::from_utf8_lossy(&approved.stderr);
         let deadline = Instant::now() + Duration::from_secs(40);
         let status = loop {
             if let Some(s) = child.try_wait().unwrap() {
@@ -416,7 +420,12 @@ async fn claude_code_after_tollgate_login_is_governed_as_the_person_and_their_te
     assert!(!alice.home.path().join("tollgate/credentials.json").exists());
     let (status, body) = ask(&gw, &token, "claude-sonnet-4-5").await;
     assert_401(status, &body, "a token of a signed-out sign-in");
-    assert!(gw.events().iter().any(|e| e["event"] == "sign_out" && e["user"] == "alice@example.com"));
+    // The audit writer takes its queue every 20 ms.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gw.events().iter().any(|e| e["event"] == "sign_out" && e["user"] == "alice@example.com") {
+        assert!(Instant::now() < deadline, "no sign_out event: {:?}", gw.events());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -432,7 +441,8 @@ async fn groups_give_models_budgets_and_settings_and_a_group_change_applies_at_t
     let (ta, tb, tc) = (alice.token(false).unwrap(), bob.token(false).unwrap(), carol.token(false).unwrap());
 
     // The listing holds each allowed route and the Claude model ids its patterns take.
-    let only = |list: &[String], family: &str| list.contains(&family.to_string()) && list.iter().all(|m| m.contains(family));
+    let only =
+        |list: &[String], family: &str| list.contains(&family.to_string()) && list.iter().all(|m| m.contains(family));
     let (status, a) = models(&gw, &ta).await;
     assert!(status == 200 && only(&a, "sonnet"), "{a:?}");
     let (status, b) = models(&gw, &tb).await;
@@ -453,7 +463,9 @@ async fn groups_give_models_budgets_and_settings_and_a_group_change_applies_at_t
     // Each person's own budget is their first group's, counting what they spent.
     gw.wait_for_records(3);
     let spent = |user: &str| {
-        tollgate::metering::usd(gw.records().iter().filter(|r| r["user"] == user).map(|r| r["cost_nanos"].as_u64().unwrap()).sum())
+        tollgate::metering::usd(
+            gw.records().iter().filter(|r| r["user"] == user).map(|r| r["cost_nanos"].as_u64().unwrap()).sum(),
+        )
     };
     let people = admin(&gw, reqwest::Method::GET, "/admin/people").await;
     let budget = |user: &str| {
@@ -563,7 +575,12 @@ async fn a_disabled_person_is_refused_within_a_token_lifetime_and_a_revocation_i
     bob.login(&t, &gw, "bob").unwrap();
     assert_eq!(ask(&gw, &bob.token(false).unwrap(), "claude-haiku-4-5").await.0, 200);
 
-    // The audit log tells the story: sign-ins, the identity provider's refusal, the admin's acts.
+    // The audit log tells the story: sign-ins, the identity provider's refusal, the admin's acts
+    // (once the audit writer, every 20 ms, has taken the last of them).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.events().len() < 10 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let events: Vec<(String, String, String)> = gw
         .events()
         .iter()
@@ -591,7 +608,8 @@ async fn a_disabled_person_is_refused_within_a_token_lifetime_and_a_revocation_i
 
     // The people listing shows who was revoked.
     let people = admin(&gw, reqwest::Method::GET, "/admin/people").await;
-    let bob_entry = people["people"].as_array().unwrap().iter().find(|p| p["user"] == "bob@example.com").unwrap().clone();
+    let bob_entry =
+        people["people"].as_array().unwrap().iter().find(|p| p["user"] == "bob@example.com").unwrap().clone();
     let sessions = bob_entry["sessions"].as_array().unwrap();
     assert_eq!(sessions.len(), 2, "{bob_entry}");
     assert_eq!(sessions.iter().filter(|s| s["revoked_ms"].is_null()).count(), 1, "{bob_entry}");
@@ -620,14 +638,8 @@ async fn tokens_the_gateway_must_not_accept_get_401_in_the_anthropic_shape() {
         iat,
         exp,
     };
-    let keys = |secret: &str| {
-        TokenKeys::new(
-            secret.as_bytes(),
-            Duration::from_secs(3600),
-            Duration::from_secs(3600),
-        )
-        .unwrap()
-    };
+    let keys =
+        |secret: &str| TokenKeys::new(secret.as_bytes(), Duration::from_secs(3600), Duration::from_secs(3600)).unwrap();
     let ours = keys(SIGNING_SECRET);
     let theirs = keys("somebody else's master secret, long enough to pass");
     let cases = [
@@ -687,13 +699,19 @@ async fn tokens_the_gateway_must_not_accept_get_401_in_the_anthropic_shape() {
     assert_401(status, &body, "revoked");
 
     // The sign-in endpoints refuse what they cannot use, in the same shape.
-    let resp = client().post(gw.url("/sso/refresh")).json(&json!({"refresh_token": "tgr-not-a-session"})).send().await.unwrap();
+    let resp = client()
+        .post(gw.url("/sso/refresh"))
+        .json(&json!({"refresh_token": "tgr-not-a-session"}))
+        .send()
+        .await
+        .unwrap();
     let status = resp.status().as_u16();
     assert_401(status, &resp.json().await.unwrap(), "an unknown refresh credential");
     let resp = client().post(gw.url("/sso/device/token")).body("not json").send().await.unwrap();
     assert_eq!(resp.status(), 400);
     // A device code this gateway did not hand out never reaches the identity provider.
-    let resp = client().post(gw.url("/sso/device/token")).json(&json!({"device_code": "guessed"})).send().await.unwrap();
+    let resp =
+        client().post(gw.url("/sso/device/token")).json(&json!({"device_code": "guessed"})).send().await.unwrap();
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");

@@ -259,14 +259,21 @@ impl Admin {
             (&Method::GET, ["budgets"]) => self.budgets(),
             (&Method::GET, ["overview"]) => self.overview(),
             (&Method::GET, ["people"]) => self.people(),
-            (&Method::POST, ["people", user, action @ ("revoke" | "disable" | "enable")]) => self.person_action(user, action),
+            (&Method::POST, ["people", user, action @ ("revoke" | "disable" | "enable")]) => {
+                self.person_action(user, action)
+            }
             (
                 _,
-                ["keys"] | ["keys", _] | ["keys", _, _] | ["usage"] | ["budgets"] | ["overview"] | ["reload"] | ["people"]
+                ["keys"]
+                | ["keys", _]
+                | ["keys", _, _]
+                | ["usage"]
+                | ["budgets"]
+                | ["overview"]
+                | ["reload"]
+                | ["people"]
                 | ["people", _, _],
-            ) => {
-                error(405, "invalid_request_error", format!("{method} is not allowed on {path}"))
-            }
+            ) => error(405, "invalid_request_error", format!("{method} is not allowed on {path}")),
             _ => error(404, "not_found_error", format!("no admin endpoint at {path}")),
         }
     }

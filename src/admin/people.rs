@@ -45,7 +45,8 @@ impl Admin {
                 })
             });
             if p.get("budget").is_none() {
-                if let Some(person) = sso.groups.principal(&s.user, &s.groups, 0).filter(|k| k.policy.budget.is_some()) {
+                if let Some(person) = sso.groups.principal(&s.user, &s.groups, 0).filter(|k| k.policy.budget.is_some())
+                {
                     let scope = Scope { kind: ScopeKind::Key, id: person.scope_id.clone(), policy: person.policy };
                     p["budget"] = status_json(&self.runtime.limiter_status(&scope))["budget"].clone();
                 }

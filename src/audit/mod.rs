@@ -28,9 +28,11 @@ const DRAIN_EVERY: Duration = Duration::from_millis(20);
 pub use event::AuditEvent;
 pub use file::{rotated_files, Rotation};
 
-/// One line of the log.
+/// One line of the log. Usage records are nearly every line: boxing them to even out the
+/// variants would cost an allocation per request.
 #[derive(serde::Serialize)]
 #[serde(untagged)]
+#[allow(clippy::large_enum_variant)]
 enum Entry {
     Usage(UsageRecord),
     Event(AuditEvent),
@@ -141,7 +143,9 @@ fn write_loop(shared: &Shared, mut out: file::LogFile, flush_interval: Duration)
             line.push(b'\n');
             if let Err(e) = out.write_line(&line) {
                 match &r {
-                    Entry::Usage(u) => tracing::error!(error = %e, request_id = %u.request_id, "cannot write usage record"),
+                    Entry::Usage(u) => {
+                        tracing::error!(error = %e, request_id = %u.request_id, "cannot write usage record")
+                    }
                     Entry::Event(ev) => tracing::error!(error = %e, event = ev.event, "cannot write audit event"),
                 }
             }

@@ -328,7 +328,10 @@ fn validate(c: &Config) -> Result<(), Invalid> {
             return Err((k.id.span(), format!("key id {:?} is used twice", k.id.get_ref())));
         }
         if k.id.get_ref().starts_with("sso:") {
-            return Err((k.id.span(), "key ids starting with \"sso:\" are reserved for people signed in with [sso]".into()));
+            return Err((
+                k.id.span(),
+                "key ids starting with \"sso:\" are reserved for people signed in with [sso]".into(),
+            ));
         }
         super::parse_key_hash(k.hash.get_ref()).map_err(|e| (k.hash.span(), e))?;
         if let Some(exp) = &k.expires {
@@ -366,9 +369,13 @@ fn validate(c: &Config) -> Result<(), Invalid> {
         if !issuers.insert(name.as_str()) {
             return Err((j.name.span(), format!("JWT issuer {name:?} is defined twice")));
         }
-        // Its principals would be `sso:<user>`, the key ids of people signed in with [sso].
-        if name == "sso" {
-            return Err((j.name.span(), "the JWT issuer name \"sso\" is reserved for [sso]".into()));
+        // Its principals would be `sso:<user>`, the key ids of people signed in with [sso]; and
+        // a `:` would let one issuer's principals take another's ids.
+        if name == "sso" || name.contains(':') {
+            return Err((
+                j.name.span(),
+                format!("JWT issuer name {name:?}: \"sso\" is reserved for [sso], and names have no ':'"),
+            ));
         }
         for a in &j.algorithms {
             super::parse_algorithm(a).map_err(|e| (j.name.span(), format!("JWT issuer {name:?}: {e}")))?;
@@ -471,7 +478,8 @@ fn check_jwks_url(url: &str, allow_http: bool) -> Result<(), String> {
 /// The identity provider is named by an HTTPS issuer URL (its discovery document and keys decide
 /// who may spend), or `http://` on a loopback address when `allow_http` says so.
 fn check_sso(s: &super::SsoConfig) -> Result<(), String> {
-    check_jwks_url(&s.issuer, s.allow_http).map_err(|e| e.replace("jwks_url", "issuer").replace("jwks_allow_http", "allow_http"))?;
+    check_jwks_url(&s.issuer, s.allow_http)
+        .map_err(|e| e.replace("jwks_url", "issuer").replace("jwks_allow_http", "allow_http"))?;
     if s.client_id.is_empty() {
         return Err("client_id is empty".into());
     }
@@ -483,7 +491,11 @@ fn check_sso(s: &super::SsoConfig) -> Result<(), String> {
     if !s.scopes.iter().any(|x| x == "openid") {
         return Err("scopes must include \"openid\" (the ID token names the person)".into());
     }
-    let positive = [("token_lifetime", s.token_lifetime), ("key_rotation", s.key_rotation), ("session_lifetime", s.session_lifetime)];
+    let positive = [
+        ("token_lifetime", s.token_lifetime),
+        ("key_rotation", s.key_rotation),
+        ("session_lifetime", s.session_lifetime),
+    ];
     if let Some((name, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
         return Err(format!("{name} must be longer than zero"));
     }

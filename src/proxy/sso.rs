@@ -43,6 +43,14 @@ impl Gateway {
         };
         let path = session.req_header().uri.path().to_string();
         let method = session.req_header().method.clone();
+        // JSON only: a web page cannot send it cross-site without the browser asking first.
+        let json_body =
+            session.req_header().headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(
+                |v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")),
+            );
+        if method == Method::POST && !json_body {
+            return Err(ApiError::invalid_request("sign-in requests are JSON: send content-type application/json"));
+        }
         let store = self.runtime.store.clone();
         let client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string());
         // Sign-ins and tokens, given or refused, go to the audit log.
@@ -57,6 +65,11 @@ impl Gateway {
                     e.session = v["session"].as_str().map(str::to_string);
                 }
                 Err(x) => {
+                    // A refusal that names nobody (a made-up credential) is not worth a line:
+                    // anyone could fill the log, and the queue usage records share, with them.
+                    if x.user.is_none() {
+                        return;
+                    }
                     e.user = x.user.clone();
                     e.detail = Some(x.message.clone());
                 }
@@ -117,7 +130,9 @@ impl Gateway {
             ("/sso/device" | "/sso/device/token" | "/sso/refresh" | "/sso/logout", m) => {
                 return Err(ApiError::method_not_allowed(format!("{m} is not allowed here: use POST")))
             }
-            ("/sso/settings", m) => return Err(ApiError::method_not_allowed(format!("{m} is not allowed here: use GET"))),
+            ("/sso/settings", m) => {
+                return Err(ApiError::method_not_allowed(format!("{m} is not allowed here: use GET")))
+            }
             _ => return Err(ApiError::not_found(format!("no sign-in endpoint at {path}"))),
         };
         if status == 200 && body.get("access_token").is_some() {
@@ -136,8 +151,14 @@ impl Gateway {
         let runtime = self.runtime.clone();
         tokio::task::spawn_blocking(move || runtime.seed_person(&person))
             .await
-            .map_err(|e| ApiError::unavailable(format!("counting the budget failed: {e}")))?
-            .map_err(|e| ApiError::unavailable(format!("cannot count this person's budget yet: {e}")))
+            .map_err(|e| {
+                tracing::error!(error = %e, "seeding a person's budget did not finish");
+                ApiError::unavailable("cannot count this person's budget now: try again later")
+            })?
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot seed a person's budget from the ledger");
+                ApiError::unavailable("cannot count this person's budget now: try again later")
+            })
     }
 
     /// One string field of a small JSON body.

@@ -42,6 +42,8 @@ pub enum IdpError {
     Unavailable(String),
     /// An ID token that does not verify.
     BadIdToken(String),
+    /// Too many calls to the provider under way (see `MAX_SIGN_IN_CALLS`).
+    Busy,
 }
 
 impl std::fmt::Display for IdpError {
@@ -53,14 +55,17 @@ impl std::fmt::Display for IdpError {
             },
             IdpError::Unavailable(e) => write!(f, "the identity provider is unavailable: {e}"),
             IdpError::BadIdToken(e) => write!(f, "the identity provider's ID token does not verify: {e}"),
+            IdpError::Busy => write!(f, "too many sign-ins are under way: try again in a moment"),
         }
     }
 }
 
-/// Calls to the identity provider under way at once, at most: sign-in endpoints are open to
-/// anyone who reaches the listener, and must not let them spend the company's quota at the
-/// provider. Beyond it, callers get a 503 at once.
-const MAX_CALLS: usize = 32;
+/// Calls to the identity provider under way at once, at most, for sign-ins (anyone who reaches
+/// the listener can start one) and, apart, for refreshes (callers with a sign-in): so neither
+/// can spend the company's quota at the provider, and a flood of sign-ins cannot stop the
+/// signed-in from renewing. Beyond it, callers get a 503 at once.
+const MAX_SIGN_IN_CALLS: usize = 16;
+const MAX_REFRESH_CALLS: usize = 32;
 
 /// The token endpoint's answer (no `Debug`: it holds tokens).
 #[derive(Deserialize)]
@@ -80,7 +85,8 @@ pub struct IdentityProvider {
     allow_http: bool,
     discovery: tokio::sync::Mutex<Option<(Arc<Discovery>, Instant)>>,
     jwks: Mutex<Option<(Arc<Jwks>, Option<Instant>)>>,
-    calls: tokio::sync::Semaphore,
+    sign_in_calls: tokio::sync::Semaphore,
+    refresh_calls: tokio::sync::Semaphore,
 }
 
 /// Whether `url` may carry the client secret or keys: HTTPS, or `http://` on a loopback
@@ -90,7 +96,9 @@ fn acceptable_url(url: &str, allow_http: bool) -> bool {
     let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
     match uri.scheme_str() {
         Some("https") => !host.is_empty(),
-        Some("http") => allow_http && (host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())),
+        Some("http") => {
+            allow_http && (host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()))
+        }
         _ => false,
     }
 }
@@ -113,7 +121,8 @@ impl IdentityProvider {
             allow_http: c.allow_http,
             discovery: tokio::sync::Mutex::new(None),
             jwks: Mutex::new(None),
-            calls: tokio::sync::Semaphore::new(MAX_CALLS),
+            sign_in_calls: tokio::sync::Semaphore::new(MAX_SIGN_IN_CALLS),
+            refresh_calls: tokio::sync::Semaphore::new(MAX_REFRESH_CALLS),
         })
     }
 
@@ -157,10 +166,9 @@ impl IdentityProvider {
 
     /// POSTs a form to one of the provider's endpoints with the client's credentials.
     async fn post_form(&self, d: &Discovery, url: &str, form: &[(&str, &str)]) -> Result<Value, IdpError> {
-        let _call = self
-            .calls
-            .try_acquire()
-            .map_err(|_| IdpError::Unavailable(format!("{MAX_CALLS} calls to the identity provider are under way")))?;
+        let refresh = form.iter().any(|(k, v)| *k == "grant_type" && *v == "refresh_token");
+        let lane = if refresh { &self.refresh_calls } else { &self.sign_in_calls };
+        let _call = lane.try_acquire().map_err(|_| IdpError::Busy)?;
         // client_secret_basic is the default when the provider lists no methods (RFC 8414 §2).
         let basic = d
             .token_endpoint_auth_methods_supported

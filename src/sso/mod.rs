@@ -27,8 +27,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use idp::{IdentityProvider, IdpError, TokenAnswer};
 pub use policy::Groups;
-pub use token::{TokenClaims, TokenError, KID_PREFIX, TOKEN_ISSUER};
 use token::TokenKeys;
+pub use token::{TokenClaims, TokenError, KID_PREFIX, TOKEN_ISSUER};
 
 /// The prefix of a session's refresh credential, as the engineer's machine keeps it.
 pub const REFRESH_PREFIX: &str = "tgr-";
@@ -61,10 +61,15 @@ impl From<IdpError> for SsoError {
     fn from(e: IdpError) -> Self {
         match &e {
             IdpError::Refused { .. } | IdpError::BadIdToken(_) => err(401, "identity_provider", e.to_string()),
+            IdpError::Busy => err(503, "busy", e.to_string()),
             // The detail (addresses, connection errors) is for the operator's log, not callers.
             IdpError::Unavailable(detail) => {
                 tracing::warn!(%detail, "the identity provider cannot be reached");
-                err(503, "identity_provider_unavailable", "the identity provider cannot be reached now: try again later")
+                err(
+                    503,
+                    "identity_provider_unavailable",
+                    "the identity provider cannot be reached now: try again later",
+                )
             }
         }
     }
@@ -73,17 +78,19 @@ impl From<IdpError> for SsoError {
 /// The outcome of polling a device sign-in.
 pub enum DevicePoll {
     /// Not approved yet: ask again after `interval` seconds.
-    Pending { slow_down: bool },
+    Pending {
+        slow_down: bool,
+    },
     SignedIn(Value),
 }
 
-/// What outlives a reload: revocations, disabled people, verified tokens, refreshes under way.
+/// What outlives a reload: revocations, disabled people, refreshes under way. (Verified tokens
+/// are cached per build: a reload re-verifies them against its own keys and groups.)
 #[derive(Default)]
 struct Shared {
     /// Revoked sign-ins, with when this gateway learnt of each (see [`Sso::sync`]).
     revoked: RwLock<HashMap<String, Instant>>,
     disabled: RwLock<HashSet<String>>,
-    cache: Mutex<FxHashMap<KeyHash, Cached>>,
     /// One refresh at a time per sign-in: two would spend the same identity-provider refresh
     /// token, which a provider that rotates them takes for a replay.
     refreshing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -112,6 +119,7 @@ pub struct Sso {
     /// hand out never reach the provider.
     device_seal: seal::Sealer,
     shared: Arc<Shared>,
+    cache: Mutex<FxHashMap<KeyHash, Cached>>,
 }
 
 /// A refresh credential: the prefix and 64 hex digits.
@@ -134,13 +142,7 @@ impl Sso {
         let keys = TokenKeys::new(master.expose().as_bytes(), c.key_rotation, c.token_lifetime)?;
         let seal = seal::Sealer::new(&keys.derive("idp refresh token seal"));
         let device_seal = seal::Sealer::new(&keys.derive("device code seal"));
-        let shared = match running {
-            Some(r) => {
-                r.shared.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
-                r.shared.clone()
-            }
-            None => Arc::default(),
-        };
+        let shared = running.map(|r| r.shared.clone()).unwrap_or_default();
         Ok(Sso {
             idp: IdentityProvider::new(c)?,
             keys,
@@ -151,6 +153,7 @@ impl Sso {
             seal,
             device_seal,
             shared,
+            cache: Mutex::default(),
         })
     }
 
@@ -165,19 +168,20 @@ impl Sso {
     pub fn authenticate(&self, token: &[u8]) -> Result<Arc<ApiKey>, TokenError> {
         let now = now_secs();
         let digest = hash_key(token);
-        let cached = self.shared.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&digest).cloned();
+        let cached = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&digest).cloned();
         let entry = match cached {
             Some(c) if c.exp > now => c,
             _ => {
                 let text = std::str::from_utf8(token)
                     .map_err(|_| TokenError { reason: "malformed", message: "the token is not text".into() })?;
                 let claims = self.keys.verify(text, now)?;
-                let key = self.groups.principal(&claims.user, &claims.groups, claims.exp).ok_or_else(|| TokenError {
-                    reason: "no_group",
-                    message: format!("{} is in no group this gateway serves", claims.user),
-                })?;
+                let key =
+                    self.groups.principal(&claims.user, &claims.groups, claims.exp).ok_or_else(|| TokenError {
+                        reason: "no_group",
+                        message: format!("{} is in no group this gateway serves", claims.user),
+                    })?;
                 let entry = Cached { key, exp: claims.exp, sid: claims.sid, user: claims.user };
-                let mut cache = self.shared.cache.lock().unwrap_or_else(|p| p.into_inner());
+                let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
                 if cache.len() >= CACHE_CAPACITY {
                     cache.retain(|_, c| c.exp > now);
                     if cache.len() >= CACHE_CAPACITY {
@@ -190,10 +194,16 @@ impl Sso {
         };
         // Checked on every request, cached or not: a revocation applies at once.
         if self.shared.revoked.read().unwrap_or_else(|p| p.into_inner()).contains_key(&entry.sid) {
-            return Err(TokenError { reason: "revoked", message: "this sign-in was revoked: run `tollgate login`".into() });
+            return Err(TokenError {
+                reason: "revoked",
+                message: "this sign-in was revoked: run `tollgate login`".into(),
+            });
         }
         if self.shared.disabled.read().unwrap_or_else(|p| p.into_inner()).contains(&entry.user) {
-            return Err(TokenError { reason: "disabled", message: format!("{} is disabled in this gateway", entry.user) });
+            return Err(TokenError {
+                reason: "disabled",
+                message: format!("{} is disabled in this gateway", entry.user),
+            });
         }
         Ok(entry.key)
     }
@@ -252,7 +262,10 @@ impl Sso {
             Err(IdpError::Refused { error, description, .. }) => Err(err(
                 401,
                 "sign_in_failed",
-                format!("the sign-in did not complete: {error}{}", description.map(|d| format!(" ({d})")).unwrap_or_default()),
+                format!(
+                    "the sign-in did not complete: {error}{}",
+                    description.map(|d| format!(" ({d})")).unwrap_or_default()
+                ),
             )),
             Err(e) => Err(e.into()),
         }
@@ -267,14 +280,18 @@ impl Sso {
             .ok_or_else(|| err(401, "identity_provider", "the ID token's subject is not a string"))?
             .to_string();
         // An address the provider says is unverified names nobody: anyone could have typed it.
-        if self.user_claim == "email" && claims.get("email_verified") == Some(&Value::Bool(false)) {
+        let unverified =
+            matches!(claims.get("email_verified"), Some(Value::Bool(false))) || claims["email_verified"] == "false";
+        if self.user_claim == "email" && unverified {
             return Err(err(401, "identity_provider", "the identity provider has not verified this email address"));
         }
         let user = claims
             .get(&self.user_claim)
             .and_then(Value::as_str)
             .filter(|u| !u.is_empty())
-            .ok_or_else(|| err(401, "identity_provider", format!("the ID token lacks the {:?} claim", self.user_claim)))?
+            .ok_or_else(|| {
+                err(401, "identity_provider", format!("the ID token lacks the {:?} claim", self.user_claim))
+            })?
             .to_string();
         let groups = match claims.get(&self.groups_claim) {
             None | Some(Value::Null) => Vec::new(),
@@ -296,9 +313,9 @@ impl Sso {
     }
 
     async fn sign_in(&self, store: Arc<dyn Store>, answer: TokenAnswer) -> Result<Value, SsoError> {
-        let id_token = answer
-            .id_token
-            .ok_or_else(|| err(502, "identity_provider", "the identity provider sent no ID token (is `openid` a scope?)"))?;
+        let id_token = answer.id_token.ok_or_else(|| {
+            err(502, "identity_provider", "the identity provider sent no ID token (is `openid` a scope?)")
+        })?;
         let (subject, user, groups) = self.identity(&id_token).await?;
         self.check_person(&user, &groups)?;
         let secret: [u8; 32] = rand::random();
@@ -344,9 +361,9 @@ impl Sso {
         };
         let team = self.groups.resolve(&s.groups).and_then(|r| r.team);
         json!({
+            "expires_in": claims.exp.saturating_sub(iat),
             "access_token": self.keys.sign(&claims),
             "token_type": "Bearer",
-            "expires_in": self.keys.lifetime.as_secs(),
             "user": s.user,
             "team": team,
             "groups": s.groups,
@@ -369,7 +386,8 @@ impl Sso {
         };
         let id = lookup(store.clone()).await?.ok_or_else(signed_out)?.id;
         // One refresh per sign-in at a time; the next one reads what this one wrote.
-        let gate = self.shared.refreshing.lock().unwrap_or_else(|p| p.into_inner()).entry(id.clone()).or_default().clone();
+        let gate =
+            self.shared.refreshing.lock().unwrap_or_else(|p| p.into_inner()).entry(id.clone()).or_default().clone();
         let result = async {
             let _turn = gate.lock().await;
             let session = lookup(store.clone()).await?.ok_or_else(signed_out)?;
@@ -397,26 +415,38 @@ impl Sso {
             err(401, "signed_out", "the identity provider gave no refresh token for this sign-in: run `tollgate login`")
                 .of(&session.user)
         })?;
-        let idp_refresh = self
-            .seal
-            .open(&sealed, session.id.as_bytes())
-            .and_then(|t| String::from_utf8(t).ok())
-            .ok_or_else(|| err(401, "signed_out", "this sign-in was sealed with another signing secret: run `tollgate login`"))?;
+        let idp_refresh =
+            self.seal.open(&sealed, session.id.as_bytes()).and_then(|t| String::from_utf8(t).ok()).ok_or_else(
+                || err(401, "signed_out", "this sign-in was sealed with another signing secret: run `tollgate login`"),
+            )?;
         match self.idp.token(&[("grant_type", "refresh_token"), ("refresh_token", &idp_refresh)]).await {
             Ok(answer) => {
-                if let Some(id_token) = &answer.id_token {
-                    let (subject, user, groups) = self.identity(id_token).await?;
-                    if subject != session.subject || user != session.user {
-                        // Budgets, revocations and the ledger know the person by name.
-                        self.end_session(store, &session, "the identity provider now names this person differently").await?;
-                        return Err(err(401, "signed_out", "the identity provider now names you differently: run `tollgate login`")
-                            .of(&session.user));
-                    }
-                    session.groups = groups;
-                }
+                // A rotated refresh token is kept before anything else can fail: the spent one
+                // would be refused next time (and a provider with reuse detection would end
+                // every token of the sign-in).
                 if let Some(t) = answer.refresh_token {
                     session.idp_refresh = Some(self.seal.seal(t.as_bytes(), session.id.as_bytes()));
+                    self.renew(store, &session).await?;
                 }
+                // The groups of the person now, or no token: a policy is never older than the
+                // last refresh.
+                let id_token = answer.id_token.ok_or_else(|| {
+                    err(401, "signed_out", "the identity provider sent no ID token on refresh: run `tollgate login`")
+                        .of(&session.user)
+                })?;
+                let (subject, user, groups) = self.identity(&id_token).await.map_err(|e| e.of(&session.user))?;
+                if subject != session.subject || user != session.user {
+                    // Budgets, revocations and the ledger know the person by name.
+                    self.end_session(store, &session, "the identity provider now names this person differently")
+                        .await?;
+                    return Err(err(
+                        401,
+                        "signed_out",
+                        "the identity provider now names you differently: run `tollgate login`",
+                    )
+                    .of(&session.user));
+                }
+                session.groups = groups;
             }
             // The provider no longer vouches for this person: the sign-in ends here.
             Err(IdpError::Refused { error, .. }) if error == "invalid_grant" => {
@@ -428,22 +458,31 @@ impl Sso {
             // about the person: the sign-in stays, the caller may retry.
             Err(IdpError::Refused { error, status, .. }) => {
                 tracing::warn!(%error, status, user = %session.user, "the identity provider refused a refresh; the sign-in is kept");
-                return Err(err(503, "identity_provider_unavailable", "the identity provider cannot renew sign-ins now: try again later"));
+                return Err(err(
+                    503,
+                    "identity_provider_unavailable",
+                    "the identity provider cannot renew sign-ins now: try again later",
+                ));
             }
             Err(e) => return Err(e.into()),
         }
         session.last_seen_ms = now_ms();
+        self.renew(store, &session).await?;
+        self.check_person(&session.user, &session.groups)?;
+        Ok(self.issue(&session))
+    }
+
+    /// Writes what a refresh learnt; a sign-in revoked meanwhile stays revoked (and signed out).
+    async fn renew(&self, store: &Arc<dyn Store>, session: &SsoSession) -> Result<(), SsoError> {
         let renewed = blocking(store, {
             let session = session.clone();
             move |s| s.renew_session(&session)
         })
         .await?;
-        // Revoked while the provider was asked: the revocation stands.
         if !renewed {
-            return Err(signed_out().of(&session.user));
+            return Err(err(401, "signed_out", "this sign-in was revoked: run `tollgate login`").of(&session.user));
         }
-        self.check_person(&session.user, &session.groups)?;
-        Ok(self.issue(&session))
+        Ok(())
     }
 
     /// Ends one sign-in: in the store first, so every gateway learns of it, then here.
@@ -521,7 +560,10 @@ async fn blocking<T: Send + 'static>(
     let store = store.clone();
     tokio::task::spawn_blocking(move || call(&*store))
         .await
-        .map_err(|e| err(500, "internal", format!("a session store call failed: {e}")))?
+        .map_err(|e| {
+            tracing::error!(error = %e, "a session store call did not finish");
+            err(503, "store_unavailable", "the session store cannot be reached now: try again later")
+        })?
         .map_err(|e| {
             tracing::warn!(error = %e, "the session store cannot be reached");
             err(503, "store_unavailable", "the session store cannot be reached now: try again later")

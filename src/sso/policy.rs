@@ -46,7 +46,8 @@ impl Groups {
         for g in configs {
             let name = g.name.get_ref().clone();
             g.limits.validate().map_err(|e| format!("sso group {name:?}: {e}"))?;
-            let budget = g.budget.map(BudgetConfig::to_budget).transpose().map_err(|e| format!("sso group {name:?}: {e}"))?;
+            let budget =
+                g.budget.map(BudgetConfig::to_budget).transpose().map_err(|e| format!("sso group {name:?}: {e}"))?;
             let settings = match &g.settings {
                 Some(t) => match serde_json::to_value(t).map_err(|e| format!("sso group {name:?}: settings: {e}"))? {
                     Value::Object(m) => Some(m),

@@ -136,7 +136,12 @@ mod tests {
     use super::*;
 
     fn keys() -> TokenKeys {
-        TokenKeys::new(b"a master secret of at least thirty-two bytes", Duration::from_secs(86_400), Duration::from_secs(3600)).unwrap()
+        TokenKeys::new(
+            b"a master secret of at least thirty-two bytes",
+            Duration::from_secs(86_400),
+            Duration::from_secs(3600),
+        )
+        .unwrap()
     }
 
     fn claims(iat: u64) -> TokenClaims {

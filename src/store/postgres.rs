@@ -1267,8 +1267,16 @@ impl Store for PostgresStore {
                              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
                         ),
                         &[
-                            &x.id, &x.subject, &x.user, &groups, &x.refresh_hash, &x.idp_refresh, &x.created_ms,
-                            &x.expires_ms, &x.last_seen_ms, &x.revoked_ms,
+                            &x.id,
+                            &x.subject,
+                            &x.user,
+                            &groups,
+                            &x.refresh_hash,
+                            &x.idp_refresh,
+                            &x.created_ms,
+                            &x.expires_ms,
+                            &x.last_seen_ms,
+                            &x.revoked_ms,
                         ],
                     )
                     .await

@@ -16,7 +16,8 @@ use chrono_tz::Tz;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 
 use super::{
-    local_day, AlertMark, Group, LedgerRow, SsoSession, Store, StoreError, StoreResult, StoredKey, UsageLine, UsageQuery,
+    local_day, AlertMark, Group, LedgerRow, SsoSession, Store, StoreError, StoreResult, StoredKey, UsageLine,
+    UsageQuery,
 };
 use crate::limits::ScopeKind;
 
@@ -601,8 +602,16 @@ impl Store for SqliteStore {
         lock(&self.shared.writer).execute(
             &format!("INSERT INTO sso_sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
             rusqlite::params![
-                x.id, x.subject, x.user, groups, x.refresh_hash, x.idp_refresh, x.created_ms, x.expires_ms,
-                x.last_seen_ms, x.revoked_ms
+                x.id,
+                x.subject,
+                x.user,
+                groups,
+                x.refresh_hash,
+                x.idp_refresh,
+                x.created_ms,
+                x.expires_ms,
+                x.last_seen_ms,
+                x.revoked_ms
             ],
         )?;
         Ok(())
@@ -628,7 +637,8 @@ impl Store for SqliteStore {
 
     fn session_by_refresh(&self, refresh_hash: &str) -> StoreResult<Option<SsoSession>> {
         let conn = lock(&self.reader);
-        let mut stmt = conn.prepare_cached(&format!("SELECT {SESSION_COLUMNS} FROM sso_sessions WHERE refresh_hash = ?1"))?;
+        let mut stmt =
+            conn.prepare_cached(&format!("SELECT {SESSION_COLUMNS} FROM sso_sessions WHERE refresh_hash = ?1"))?;
         let mut rows = stmt.query_map([refresh_hash], session_from_row)?;
         Ok(rows.next().transpose()?)
     }
@@ -741,7 +751,10 @@ mod tests {
         s.last_seen_ms = 5_000;
         assert!(!store.renew_session(&s).unwrap());
         let stored = store.session_by_refresh("h1").unwrap().unwrap();
-        assert_eq!((stored.revoked_ms, stored.last_seen_ms, stored.groups), (Some(3_000), 2_000, vec!["data".to_string()]));
+        assert_eq!(
+            (stored.revoked_ms, stored.last_seen_ms, stored.groups),
+            (Some(3_000), 2_000, vec!["data".to_string()])
+        );
         assert_eq!(store.revoked_sessions(9_999).unwrap(), vec!["s1".to_string()]);
         // Expired sign-ins leave the revoked set.
         assert!(store.revoked_sessions(10_000).unwrap().is_empty());
