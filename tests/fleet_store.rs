@@ -1209,17 +1209,11 @@ async fn usage_reports_over_ten_million_rows() {
         ("the month's total", month.to_string(), 1),
     ];
     time_reports(&gw, &reports, expected_cost, "").await;
-    // Days are cut from `ts_ms / 900000`; PostgreSQL has no statistics for the expression, so
-    // it expects ten million groups, sorts every row and compiles the plan (JIT). Statistics
-    // on the expression (no index needed) let it hash ~3,000 buckets instead.
-    db.client
-        .batch_execute(
-            "CREATE STATISTICS tollgate_ledger_bucket ON (ts_ms / 900000) FROM tollgate_ledger; \
-             ANALYZE tollgate_ledger",
-        )
-        .await
-        .unwrap();
-    time_reports(&gw, &reports[2..4], expected_cost, " (with statistics on ts_ms / 900000)").await;
+    // Days are cut from `ts_ms / 900000`; the schema's statistics on that expression (migration
+    // 2) let PostgreSQL hash ~3,000 buckets instead of sorting ten million rows, once ANALYZE
+    // has filled them (autovacuum does after a bulk load; here, at once).
+    db.client.batch_execute("ANALYZE tollgate_ledger").await.unwrap();
+    time_reports(&gw, &reports, expected_cost, " (after ANALYZE)").await;
     // What PostgreSQL does for the month by team.
     let plan: Vec<String> = db
         .client
