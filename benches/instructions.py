@@ -12,6 +12,7 @@ instructions of every gateway thread (the ledger and audit writers included) are
   python3 benches/instructions.py --check         # fail if a kind grew past the baseline's margin
   python3 benches/instructions.py --update        # write the baseline (benches/results/instructions.json)
   python3 benches/instructions.py --profile DIR   # also keep the callgrind files, for callgrind_annotate
+  python3 benches/instructions.py --otel          # with every request traced to a local OTLP sink
 
 Needs release builds of `tollgate` and `tollgate-mock` (CARGO_TARGET_DIR honoured) and valgrind.
 """
@@ -70,8 +71,11 @@ def wait_http(port, path, timeout):
     raise RuntimeError(f"127.0.0.1:{port}{path} did not answer 200 within {timeout}s")
 
 
-def config(work, port, admin, upstream):
+def config(work, port, admin, upstream, otlp_port=None):
     key_hash = hashlib.sha256(KEY.encode()).hexdigest()
+    # Traced: every request, exported every 200 ms so each kind's spans leave within its window.
+    telemetry = (f'[telemetry]\notlp_endpoint = "http://127.0.0.1:{otlp_port}/v1/traces"\n'
+                 'sample_ratio = 1.0\nexport_interval = "200ms"\n') if otlp_port else ""
     text = f"""
 [server]
 threads = 1
@@ -86,7 +90,8 @@ address = "127.0.0.1:{admin}"
 path = "{work}/audit.jsonl"
 [store]
 path = "{work}/tollgate.db"
-{features(MODEL, upstream, key_hash, probe=False)}"""
+{features(MODEL, upstream, key_hash, probe=False)}
+{telemetry}"""
     path = work / "tollgate.toml"
     path.write_text(text)
     return path
@@ -143,7 +148,7 @@ def dumped_total(files_before, out_dir):
     raise RuntimeError("callgrind wrote no dump")
 
 
-def measure(n, profile_dir=None, bare=False):
+def measure(n, profile_dir=None, bare=False, otel=False):
     for tool in ("valgrind", "callgrind_control"):
         if not shutil.which(tool):
             raise SystemExit(f"error: {tool} is needed (Debian: apt-get install valgrind)")
@@ -160,12 +165,19 @@ def measure(n, profile_dir=None, bare=False):
         mock = subprocess.Popen([str(REL / "tollgate-mock"), "--listen", f"127.0.0.1:{upstream}"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         procs.append(mock)
+        otlp_port = None
+        if otel:
+            otlp_port = free_port()
+            sink = subprocess.Popen([sys.executable, str(ROOT / "benches" / "load" / "otlp_sink.py"), str(otlp_port)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            procs.append(sink)
+            wait_port(otlp_port, 30)
         env = dict(os.environ, BENCH_PROVIDER_KEY="bench-provider-key", TOLLGATE_LOG="warn")
         if bare:
             # Pingora's own proxy with nothing added: what any Pingora gateway pays.
             command = [str(REL / "examples" / "bare_pingora"), f"127.0.0.1:{port}", f"127.0.0.1:{upstream}", "1"]
         else:
-            command = [str(REL / "tollgate"), "run", "--config", str(config(work, port, admin, upstream))]
+            command = [str(REL / "tollgate"), "run", "--config", str(config(work, port, admin, upstream, otlp_port))]
         gw = subprocess.Popen(
             ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_dir}/callgrind.out.%p",
              *command],
@@ -254,9 +266,13 @@ def main():
     ap.add_argument("--update", action="store_true", help="write the measurement as the new baseline")
     ap.add_argument("--profile", metavar="DIR", help="keep the callgrind files in DIR")
     ap.add_argument("--bare", action="store_true", help="also measure the bare Pingora proxy (benches/load/bare_pingora.rs)")
+    ap.add_argument("--otel", action="store_true", help="also measure with every request traced (OTLP to a local sink)")
     args = ap.parse_args()
     got = measure(args.requests, args.profile)
     print(json.dumps({"instructions_per_request": got}))
+    if args.otel:
+        traced = measure(args.requests, otel=True)
+        print(json.dumps({"traced_instructions_per_request": traced}))
     if args.bare:
         bare = measure(args.requests, args.profile, bare=True)
         print(json.dumps({"bare_pingora_instructions_per_request": bare}))

@@ -824,7 +824,7 @@ async fn migrate_check_and_a_fleet_starting_together_on_an_empty_database() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "the ledger database is at schema version 4\n");
     let applied = schema(&db).await;
-    assert_eq!(applied.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(applied.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [1, 2, 3, 4]);
     let tables: Vec<String> = db
         .client
         .query("SELECT tablename::TEXT FROM pg_tables WHERE schemaname = 'public' ORDER BY 1", &[])
@@ -833,7 +833,17 @@ async fn migrate_check_and_a_fleet_starting_together_on_an_empty_database() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(tables, ["tollgate_alerts", "tollgate_keys", "tollgate_ledger", "tollgate_schema"]);
+    assert_eq!(
+        tables,
+        [
+            "tollgate_alerts",
+            "tollgate_keys",
+            "tollgate_ledger",
+            "tollgate_schema",
+            "tollgate_sso_people",
+            "tollgate_sso_sessions"
+        ]
+    );
 
     let out = tollgate(&["migrate", path], &env);
     assert!(out.status.success(), "{}", text(&out));
@@ -879,7 +889,7 @@ async fn migrate_check_and_a_fleet_starting_together_on_an_empty_database() {
         let b = s.spawn(|| start(&url, &cfg));
         (a.join().unwrap(), b.join().unwrap())
     });
-    assert_eq!(schema(&empty).await.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [1, 2, 3], "applied once");
+    assert_eq!(schema(&empty).await.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [1, 2, 3, 4], "applied once");
     assert_eq!(call(&a, &key.key, 0, false).await.0, 200);
     assert_eq!(call(&b, &key.key, 1, false).await.0, 200);
     empty.wait_rows(2, Duration::from_secs(10)).await;
