@@ -333,16 +333,7 @@ fn print(result: Result<String, String>) -> ExitCode {
 }
 
 fn admin_call(config: &std::path::Path, admin: AdminArgs, call: tollgate::cli::Call) -> ExitCode {
-    match tollgate::cli::run(config, admin.admin_url.as_deref(), admin.json, call) {
-        Ok(out) => {
-            let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    print(tollgate::cli::run(config, admin.admin_url.as_deref(), admin.json, call))
 }
 
 fn new_key() -> ExitCode {

@@ -206,6 +206,26 @@ fn start(idp: &Idp, mock_url: &str, token_lifetime: &str) -> Gateway {
     )
 }
 
+/// Approves a device sign-in as `user` (password `<user>-pw`) in the browser.
+fn approve(t: &Tools, url: &str, user: &str) -> std::process::Output {
+    Command::new("node")
+        .arg(repo().join("tests/sso/approve.mjs"))
+        .args([url, user, &format!("{user}-pw")])
+        .env("TOLLGATE_CONSOLE_NODE_PATH", &t.console_node_path)
+        .env("TOLLGATE_CHROMIUM", &t.chromium)
+        .output()
+        .unwrap()
+}
+
+/// The identity provider, the mock provider, and a gateway whose tokens live `token_lifetime`.
+async fn setup(token_lifetime: &str) -> (Tools, Idp, MockProvider, Gateway) {
+    let t = tools();
+    let idp = start_idp(&t);
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let gw = start(&idp, &mock.url(), token_lifetime);
+    (t, idp, mock, gw)
+}
+
 /// A person's machine: its own credentials folder.
 struct Machine {
     home: tempfile::TempDir,
@@ -242,13 +262,7 @@ impl Machine {
                 panic!("tollgate login printed {line:?}")
             })
             .to_string();
-        let approved = Command::new("node")
-            .arg(repo().join("tests/sso/approve.mjs"))
-            .args([&url, user, &format!("{user}-pw")])
-            .env("TOLLGATE_CONSOLE_NODE_PATH", &t.console_node_path)
-            .env("TOLLGATE_CHROMIUM", &t.chromium)
-            .output()
-            .unwrap();
+        let approved = approve(t, &url, user);
         let approval =
             String::from_utf8_lossy(&approved.stdout).trim().to_string() + &String::from_utf8_lossy(&approved.stderr);
         let deadline = Instant::now() + Duration::from_secs(40);
@@ -358,10 +372,7 @@ fn credentials_mode(machine: &Machine) -> u32 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn claude_code_after_tollgate_login_is_governed_as_the_person_and_their_team() {
-    let t = tools();
-    let idp = start_idp(&t);
-    let mock = MockProvider::start(Behavior::default()).await.unwrap();
-    let gw = start(&idp, &mock.url(), "1h");
+    let (t, _idp, _mock, gw) = setup("1h").await;
     let alice = Machine::new();
 
     let said = alice.login(&t, &gw, "alice").unwrap();
@@ -430,10 +441,7 @@ async fn claude_code_after_tollgate_login_is_governed_as_the_person_and_their_te
 
 #[tokio::test(flavor = "multi_thread")]
 async fn groups_give_models_budgets_and_settings_and_a_group_change_applies_at_the_next_token() {
-    let t = tools();
-    let idp = start_idp(&t);
-    let mock = MockProvider::start(Behavior::default()).await.unwrap();
-    let gw = start(&idp, &mock.url(), "1h");
+    let (t, idp, _mock, gw) = setup("1h").await;
     let (alice, bob, carol) = (Machine::new(), Machine::new(), Machine::new());
     alice.login(&t, &gw, "alice").unwrap();
     bob.login(&t, &gw, "bob").unwrap();
@@ -524,12 +532,9 @@ async fn groups_give_models_budgets_and_settings_and_a_group_change_applies_at_t
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_disabled_person_is_refused_within_a_token_lifetime_and_a_revocation_is_immediate() {
-    let t = tools();
-    let idp = start_idp(&t);
-    let mock = MockProvider::start(Behavior::default()).await.unwrap();
     // Tokens live 12 s: long enough for Bob's sign-in in the browser while Alice's is held,
     // short enough to wait one out.
-    let mut gw = start(&idp, &mock.url(), "12s");
+    let (t, idp, _mock, mut gw) = setup("12s").await;
     let (alice, bob) = (Machine::new(), Machine::new());
     alice.login(&t, &gw, "alice").unwrap();
     let ta = alice.token(false).unwrap();
@@ -618,10 +623,7 @@ async fn a_disabled_person_is_refused_within_a_token_lifetime_and_a_revocation_i
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_the_gateway_must_not_accept_get_401_in_the_anthropic_shape() {
     use tollgate::sso::token::{TokenClaims, TokenKeys, TOKEN_ISSUER};
-    let t = tools();
-    let idp = start_idp(&t);
-    let mock = MockProvider::start(Behavior::default()).await.unwrap();
-    let gw = start(&idp, &mock.url(), "1h");
+    let (t, idp, _mock, gw) = setup("1h").await;
     let alice = Machine::new();
     alice.login(&t, &gw, "alice").unwrap();
     let good = alice.token(false).unwrap();
@@ -666,13 +668,7 @@ async fn tokens_the_gateway_must_not_accept_get_401_in_the_anthropic_shape() {
         .json()
         .await
         .unwrap();
-    let approved = Command::new("node")
-        .arg(repo().join("tests/sso/approve.mjs"))
-        .args([start["verification_uri_complete"].as_str().unwrap(), "alice", "alice-pw"])
-        .env("TOLLGATE_CONSOLE_NODE_PATH", &t.console_node_path)
-        .env("TOLLGATE_CHROMIUM", &t.chromium)
-        .output()
-        .unwrap();
+    let approved = approve(&t, start["verification_uri_complete"].as_str().unwrap(), "alice");
     assert!(approved.status.success(), "{}", String::from_utf8_lossy(&approved.stderr));
     let tokens: Value = client()
         .post(format!("{}/token", idp.issuer))

@@ -317,8 +317,9 @@ async fn idle_upstream_connections_are_bounded_per_provider() {
     // Pingora's pool is not pinned down). Still bounded by the pool, not by the burst.
     let kept = connections_to(port);
     assert!((1..=3).contains(&kept), "idle connections kept to the provider: {kept}");
-    // They are reused: another request opens none.
+    // They are reused: another request opens none (the straggler above may close meanwhile).
     let resp = messages_request(&gw, &key).body(messages_body("claude-sonnet-4-5", false, 10)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(connections_to(port), kept);
+    let after = connections_to(port);
+    assert!((1..=kept).contains(&after), "connections after one more request: {after}, kept before: {kept}");
 }

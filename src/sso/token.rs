@@ -33,12 +33,9 @@ pub struct TokenClaims {
     pub exp: u64,
 }
 
-/// Why a gateway token was refused; the message never repeats the token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenError {
-    pub reason: &'static str,
-    pub message: String,
-}
+/// Why a gateway token was refused (a metric label and a message that never repeats the
+/// token): the same shape as a JWT issuer's refusals.
+pub use crate::auth::JwtError as TokenError;
 
 fn fail(reason: &'static str, message: impl Into<String>) -> TokenError {
     TokenError { reason, message: message.into() }
