@@ -8,7 +8,6 @@ use pingora_proxy::Session;
 
 use super::{ApiError, Gateway, RequestCtx, State};
 use crate::auth::{looks_like_jwt, presented_key, ApiKey, AuthError};
-use crate::sso::Sso;
 
 impl Gateway {
     /// The caller's key: from `server.key_header`, `x-api-key` or `Authorization: Bearer`, a
@@ -38,28 +37,22 @@ impl Gateway {
             }
             None => keys.authenticate(presented, SystemTime::now()),
         };
-        let key = match authenticated {
-            Ok(key) => key,
-            // A gateway token of a person signed in through the identity provider.
-            Err(AuthError::Unknown)
-                if state.sso.is_some() && presented.is_some_and(|t| looks_like_jwt(t) && Sso::is_gateway_token(t)) =>
-            {
-                let sso = state.sso.as_ref().expect("checked above");
-                sso.authenticate(presented.unwrap_or_default()).map_err(|e| {
-                    self.metrics.jwt_failures.with_label_values(&[e.reason]).inc();
-                    ApiError::authentication(e.message)
-                })?
-            }
-            // Not one of our keys: it may be a JWT from a trusted issuer.
-            Err(AuthError::Unknown) if !state.jwt.is_empty() && presented.is_some_and(looks_like_jwt) => {
-                state.jwt.verify(presented.unwrap_or_default()).map_err(|e| {
-                    self.metrics.jwt_failures.with_label_values(&[e.reason]).inc();
-                    ApiError::authentication(e.message)
-                })?
-            }
-            Err(e) => return Err(ApiError::authentication(e.to_string())),
+        let token = match (authenticated, presented) {
+            (Ok(key), _) => return Ok(key),
+            (Err(AuthError::Unknown), Some(t)) if looks_like_jwt(t) => t,
+            (Err(e), _) => return Err(ApiError::authentication(e.to_string())),
         };
-        Ok(key)
+        // Not one of our keys: a gateway token of a person signed in through the identity
+        // provider, or a JWT from a trusted issuer.
+        let verified = match state.sso.as_ref().and_then(|sso| sso.authenticate(token)) {
+            Some(verified) => verified,
+            None if !state.jwt.is_empty() => state.jwt.verify(token),
+            None => return Err(ApiError::authentication(AuthError::Unknown.to_string())),
+        };
+        verified.map_err(|e| {
+            self.metrics.jwt_failures.with_label_values(&[e.reason]).inc();
+            ApiError::authentication(e.message)
+        })
     }
 
     /// The `anonymous_key` of the listener that accepted a connection on `local`: the listener

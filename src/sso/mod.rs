@@ -96,12 +96,13 @@ struct Shared {
     refreshing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
+/// A verified token: cloned on every request that presents it, so reference counts only.
 #[derive(Clone)]
 struct Cached {
     key: Arc<ApiKey>,
     exp: u64,
-    sid: String,
-    user: String,
+    sid: Arc<str>,
+    user: Arc<str>,
 }
 
 /// A revoked id learnt here is kept this long even if the store does not list it yet.
@@ -157,49 +158,60 @@ impl Sso {
         })
     }
 
-    /// Whether `token` is a gateway token (by its key id), before any signature check.
-    pub fn is_gateway_token(token: &[u8]) -> bool {
-        let Ok(text) = std::str::from_utf8(token) else { return false };
+    /// Whether `text` is a gateway token (by its key id), before any signature check.
+    fn is_gateway_token(text: &str) -> bool {
         jsonwebtoken::decode_header(text).is_ok_and(|h| h.kid.is_some_and(|k| k.starts_with(KID_PREFIX)))
     }
 
     /// The principal a gateway token stands for: signature, expiry, revocation, the person not
-    /// disabled, and their groups mapped by the running config.
-    pub fn authenticate(&self, token: &[u8]) -> Result<Arc<ApiKey>, TokenError> {
+    /// disabled, and their groups mapped by the running config. `None` when `token` is not a
+    /// gateway token (another issuer's JWT): a token verified before costs a hash and a map
+    /// lookup, its header is read only the first time.
+    pub fn authenticate(&self, token: &[u8]) -> Option<Result<Arc<ApiKey>, TokenError>> {
         let now = now_secs();
         let digest = hash_key(token);
         let cached = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&digest).cloned();
         let entry = match cached {
             Some(c) if c.exp > now => c,
             _ => {
-                let text = std::str::from_utf8(token)
-                    .map_err(|_| TokenError { reason: "malformed", message: "the token is not text".into() })?;
-                let claims = self.keys.verify(text, now)?;
-                let key =
-                    self.groups.principal(&claims.user, &claims.groups, claims.exp).ok_or_else(|| TokenError {
-                        reason: "no_group",
-                        message: format!("{} is in no group this gateway serves", claims.user),
-                    })?;
-                let entry = Cached { key, exp: claims.exp, sid: claims.sid, user: claims.user };
-                let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-                if cache.len() >= CACHE_CAPACITY {
-                    cache.retain(|_, c| c.exp > now);
-                    if cache.len() >= CACHE_CAPACITY {
-                        cache.clear();
-                    }
+                let text = std::str::from_utf8(token).ok().filter(|t| Self::is_gateway_token(t))?;
+                match self.verify(text, digest, now) {
+                    Ok(entry) => entry,
+                    Err(e) => return Some(Err(e)),
                 }
-                cache.insert(digest, entry.clone());
-                entry
             }
         };
-        // Checked on every request, cached or not: a revocation applies at once.
-        if self.shared.revoked.read().unwrap_or_else(|p| p.into_inner()).contains_key(&entry.sid) {
+        Some(self.still_valid(entry))
+    }
+
+    /// Verifies a token not seen before and caches what it stands for.
+    fn verify(&self, text: &str, digest: KeyHash, now: u64) -> Result<Cached, TokenError> {
+        let claims = self.keys.verify(text, now)?;
+        let key = self.groups.principal(&claims.user, &claims.groups, claims.exp).ok_or_else(|| TokenError {
+            reason: "no_group",
+            message: format!("{} is in no group this gateway serves", claims.user),
+        })?;
+        let entry = Cached { key, exp: claims.exp, sid: claims.sid.into(), user: claims.user.into() };
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_CAPACITY {
+            cache.retain(|_, c| c.exp > now);
+            if cache.len() >= CACHE_CAPACITY {
+                cache.clear();
+            }
+        }
+        cache.insert(digest, entry.clone());
+        Ok(entry)
+    }
+
+    /// Checked on every request, cached or not: a revocation applies at once.
+    fn still_valid(&self, entry: Cached) -> Result<Arc<ApiKey>, TokenError> {
+        if self.shared.revoked.read().unwrap_or_else(|p| p.into_inner()).contains_key(&*entry.sid) {
             return Err(TokenError {
                 reason: "revoked",
                 message: "this sign-in was revoked: run `tollgate login`".into(),
             });
         }
-        if self.shared.disabled.read().unwrap_or_else(|p| p.into_inner()).contains(&entry.user) {
+        if self.shared.disabled.read().unwrap_or_else(|p| p.into_inner()).contains(&*entry.user) {
             return Err(TokenError {
                 reason: "disabled",
                 message: format!("{} is disabled in this gateway", entry.user),
@@ -210,7 +222,8 @@ impl Sso {
 
     /// The groups a valid gateway token carries (for the managed settings).
     pub fn token_groups(&self, token: &[u8]) -> Result<Vec<String>, TokenError> {
-        self.authenticate(token)?;
+        self.authenticate(token)
+            .unwrap_or_else(|| Err(TokenError { reason: "issuer", message: "not a token of this gateway".into() }))?;
         let text = std::str::from_utf8(token).unwrap_or_default();
         Ok(self.keys.verify(text, now_secs())?.groups)
     }
