@@ -234,7 +234,7 @@ COMPONENTS = [
     ("  answer: usage read at the end", "tollgate::proxy::meter::ResponseMeter::finish"),
     ("  response headers for the client", "tollgate::proxy::headers::response_for_client"),
     ("logging phase (usage record, settlement, metrics)", "<tollgate::proxy::Gateway as pingora_proxy::proxy_trait::ProxyHttp>::logging::{{closure}}"),
-    ("audit writer thread (JSON line)", "tollgate::audit::write_loop"),
+    ("audit writer thread (JSON line)", "tollgate::audit::write_batch"),
     ("ledger writer thread (SQLite insert)", "tollgate::store::sqlite::commit_queue"),
     ("memcpy (moves of large futures, mostly)", "__memcpy_avx_unaligned_erms"),
     ("allocation and free", "_rjem_malloc"),
@@ -248,9 +248,10 @@ def breakdown(profile, n):
     for line in out.splitlines():
         m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+(\S.*)$", line)
         if m and "=>" not in line:
-            name = m.group(2)
-            fn = name.split(":", 1)[1].rsplit(" [", 1)[0] if ":" in name else name
-            costs[fn] = max(costs.get(fn, 0), int(m.group(1).replace(",", "")))
+            name = m.group(2).rsplit(" [", 1)[0]
+            fn = name.split(":", 1)[1] if ":" in name else name
+            for k in {fn, name}:
+                costs[k] = max(costs.get(k, 0), int(m.group(1).replace(",", "")))
     rows = [("total", costs.get("PROGRAM TOTALS", max(costs.values(), default=0)))]
     for label, fn in COMPONENTS:
         rows.append((label, max((v for k, v in costs.items() if fn in k), default=0)))

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod alerts;
 pub mod audit;
+pub mod background;
 pub mod auth;
 pub mod blocking;
 pub mod cli;

@@ -10,6 +10,7 @@
 
 mod event;
 mod file;
+mod line;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,8 +31,6 @@ pub use file::{rotated_files, Rotation};
 
 /// One line of the log. Usage records are nearly every line: boxing them to even out the
 /// variants would cost an allocation per request.
-#[derive(serde::Serialize)]
-#[serde(untagged)]
 #[allow(clippy::large_enum_variant)]
 enum Entry {
     Usage(UsageRecord),
@@ -117,7 +116,10 @@ pub fn start(config: &AuditConfig, dropped: IntCounter) -> std::io::Result<(Audi
     let interval = config.flush_interval;
     let s = shared.clone();
     let thread =
-        std::thread::Builder::new().name("tollgate-audit".into()).spawn(move || write_loop(&s, file, interval))?;
+        std::thread::Builder::new().name("tollgate-audit".into()).spawn(move || {
+            crate::background::lower_priority();
+            write_loop(&s, file, interval)
+        })?;
     Ok((AuditLog { shared: shared.clone(), dropped }, AuditWriter { shared, thread }))
 }
 
@@ -137,20 +139,8 @@ fn write_loop(shared: &Shared, mut out: file::LogFile, flush_interval: Duration)
         }
         out.tick();
         std::mem::swap(&mut *shared.batch.lock().unwrap_or_else(|p| p.into_inner()), &mut spare);
-        for r in spare.drain(..) {
-            line.clear();
-            serde_json::to_writer(&mut line, &r).expect("audit entries serialize");
-            line.push(b'\n');
-            if let Err(e) = out.write_line(&line) {
-                match &r {
-                    Entry::Usage(u) => {
-                        tracing::error!(error = %e, request_id = %u.request_id, "cannot write usage record")
-                    }
-                    Entry::Event(ev) => tracing::error!(error = %e, event = ev.event, "cannot write audit event"),
-                }
-            }
-            dirty = true;
-        }
+        dirty |= !spare.is_empty();
+        write_batch(&mut out, &mut spare, &mut line);
         if dirty && (stopping || last_flush.elapsed() >= flush_interval) {
             if let Err(e) = out.flush() {
                 tracing::error!(error = %e, "cannot flush the audit log");
@@ -161,6 +151,26 @@ fn write_loop(shared: &Shared, mut out: file::LogFile, flush_interval: Duration)
         if stopping {
             out.close();
             return;
+        }
+    }
+}
+
+/// Writes out and empties a batch. Never inlined, so a profile shows the writer's cost per
+/// batch under one name.
+#[inline(never)]
+fn write_batch(out: &mut file::LogFile, batch: &mut Vec<Entry>, line: &mut Vec<u8>) {
+    for r in batch.drain(..) {
+        line.clear();
+        match &r {
+            Entry::Usage(u) => line::usage_record(u, line),
+            Entry::Event(ev) => serde_json::to_writer(&mut *line, ev).expect("audit events serialize"),
+        }
+        line.push(b'\n');
+        if let Err(e) = out.write_line(line) {
+            match &r {
+                Entry::Usage(u) => tracing::error!(error = %e, request_id = %u.request_id, "cannot write usage record"),
+                Entry::Event(ev) => tracing::error!(error = %e, event = ev.event, "cannot write audit event"),
+            }
         }
     }
 }

@@ -21,6 +21,19 @@ pub enum Outcome {
     Failed,
 }
 
+impl Outcome {
+    /// The name the audit log and the ledger write.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Complete => "complete",
+            Outcome::Incomplete => "incomplete",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::Rejected => "rejected",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
 /// Why a record's usage or cost is not the provider's own final count, and by which rule it was
 /// set instead (docs/pricing.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -145,4 +158,16 @@ pub struct AttemptRecord {
     /// When the attempt began (its trace span's start); not in the record.
     #[serde(skip)]
     pub started: Option<std::time::Instant>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_names_are_the_serialized_ones() {
+        for o in [Outcome::Complete, Outcome::Incomplete, Outcome::UpstreamError, Outcome::Rejected, Outcome::Failed] {
+            assert_eq!(serde_json::to_value(o).unwrap(), serde_json::Value::from(o.as_str()));
+        }
+    }
 }

@@ -23,6 +23,17 @@ pub enum Format {
     Vertex,
 }
 
+impl Format {
+    /// The name the usage record writes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Anthropic => "anthropic",
+            Format::Bedrock => "bedrock",
+            Format::Vertex => "vertex",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
     Messages,

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use pingora::connectors::http::Connector;
+use super::Connector;
 use pingora::http::RequestHeader;
 use pingora_load_balancing::health_check::HealthCheck;
 use pingora_load_balancing::Backend;
@@ -131,7 +131,7 @@ impl HealthCheck for Probe {
             return Ok(());
         };
         let peer = endpoint.0.peer().map_err(|e| pingora::Error::explain(pingora::ErrorType::ConnectError, e))?;
-        let (mut session, _) = self.connector.get_http_session(&*peer).await?;
+        let (mut session, _) = self.connector.session(&peer).await?;
         if self.kind == ProbeKind::Tcp {
             // Connected (and TLS handshaken): that is the whole check.
             return Ok(());

@@ -15,6 +15,7 @@ use crate::config::{EgressConfig, ProbeKind, ProviderConfig, ProviderKind};
 
 mod aws;
 mod betas;
+mod connector;
 mod egress;
 mod endpoint;
 mod google;
@@ -25,6 +26,7 @@ mod sigv4;
 pub use crate::config::UpstreamUrl;
 pub use aws::{http_client as aws_http_client, AwsCredentials, AwsSource};
 pub use betas::BetaPolicy;
+pub use connector::Connector;
 pub use egress::Egress;
 pub use endpoint::{Endpoint, EndpointRef, PeerSettings};
 pub use google::{unix_now, TokenSource};
@@ -81,7 +83,7 @@ pub struct Provider {
     pub egress: Option<Arc<Egress>>,
     /// This provider's own connection pool: idle connections are bounded per provider, so a
     /// burst to one cannot leave hundreds open, nor crowd out another's.
-    pub connector: pingora::connectors::http::Connector,
+    pub connector: Connector,
 }
 
 impl std::fmt::Debug for Provider {
@@ -132,7 +134,7 @@ impl Provider {
             Box::new(health::Probe {
                 kind: c.health.probe,
                 path: c.health.path.clone(),
-                connector: pingora::connectors::http::Connector::new(None),
+                connector: Connector::new(None),
                 threshold: c.health.probe_threshold.max(1),
                 provider: c.name.get_ref().clone(),
             }) as Box<dyn pingora_load_balancing::health_check::HealthCheck + Send + Sync>
@@ -155,9 +157,7 @@ impl Provider {
             first_byte_timeout: c.first_byte_timeout,
             idle_timeout: c.idle_timeout,
             pool_idle_timeout: c.pool_idle_timeout,
-            connector: pingora::connectors::http::Connector::new(Some(pingora::connectors::ConnectorOptions::new(
-                c.pool_size.unwrap_or(default_pool_size),
-            ))),
+            connector: Connector::new(Some(c.pool_size.unwrap_or(default_pool_size))),
         })
     }
 

@@ -170,7 +170,7 @@ impl Gateway {
         } else {
             Outcome::Complete
         };
-        provider.connector.release_http_session(up, &*peer, Some(provider.pool_idle_timeout)).await;
+        provider.connector.release(up, &*peer, provider.pool_idle_timeout).await;
         Ok(())
     }
 
@@ -187,7 +187,7 @@ impl Gateway {
         let status = ctx.status;
         let retry = up.response_header().map(super::fallback::retry_advice).unwrap_or_default();
         let body = read_small(&mut up, provider).await?;
-        provider.connector.release_http_session(up, peer, Some(provider.pool_idle_timeout)).await;
+        provider.connector.release(up, peer, provider.pool_idle_timeout).await;
         let body = match provider.kind {
             ProviderKind::Anthropic => bytes::Bytes::from(body),
             kind => super::fallback::provider_error(kind, status, &body),
@@ -217,7 +217,7 @@ impl Gateway {
         transcode: Transcode,
     ) -> Result<(), ApiError> {
         let body = read_small(&mut up, provider).await?;
-        provider.connector.release_http_session(up, peer, Some(provider.pool_idle_timeout)).await;
+        provider.connector.release(up, peer, provider.pool_idle_timeout).await;
         let answer = match transcode {
             Transcode::CountTokensForBedrock => crate::protocol::bedrock::count_tokens_for_bedrock_client(&body),
             _ => crate::protocol::bedrock::count_tokens_answer(&body),
@@ -253,7 +253,7 @@ impl Gateway {
                 }
             };
             if drained {
-                provider.connector.release_http_session(up, peer, Some(provider.pool_idle_timeout)).await;
+                provider.connector.release(up, peer, provider.pool_idle_timeout).await;
             }
         }
         ctx.take_metered(&meter.finish());
@@ -281,9 +281,7 @@ impl Gateway {
         let peer = &*peer;
         let mut attempt = 0;
         loop {
-            // Boxed: connecting (TLS handshake included) is a large future, and inline it would
-            // make every attempt's future that much larger to move.
-            let (mut up, reused) = Box::pin(provider.connector.get_http_session(peer)).await.map_err(|e| {
+            let (mut up, reused) = provider.connector.session(peer).await.map_err(|e| {
                 let timeout = matches!(e.etype(), ErrorType::ConnectTimedout | ErrorType::TLSHandshakeTimedout);
                 let kind = if timeout { "connect_timeout" } else { "connect_error" };
                 self.metrics.upstream_errors.with_label_values(&[&provider.name, kind]).inc();

@@ -49,7 +49,6 @@ pub struct LedgerRow {
 impl LedgerRow {
     pub fn from_record(r: &UsageRecord) -> Self {
         let time_ms = r.time.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default();
-        let outcome = serde_json::to_value(r.outcome).ok().and_then(|v| v.as_str().map(str::to_string));
         LedgerRow {
             request_id: r.request_id.clone(),
             time_ms,
@@ -60,7 +59,7 @@ impl LedgerRow {
             provider: r.provider.clone(),
             provider_model: r.provider_model.clone(),
             status: r.status,
-            outcome: outcome.unwrap_or_default(),
+            outcome: r.outcome.as_str().to_string(),
             stream: r.stream,
             input_tokens: r.usage.input_tokens,
             output_tokens: r.usage.output_tokens,

@@ -34,7 +34,10 @@ impl Exporter {
     pub(super) fn start(settings: Settings) -> std::io::Result<Self> {
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();
-        let thread = std::thread::Builder::new().name("tollgate-otel".into()).spawn(move || run(settings, &stop))?;
+        let thread = std::thread::Builder::new().name("tollgate-otel".into()).spawn(move || {
+            crate::background::lower_priority();
+            run(settings, &stop)
+        })?;
         Ok(Exporter { stopping, thread })
     }
 
