@@ -13,6 +13,7 @@ instructions of every gateway thread (the ledger and audit writers included) are
   python3 benches/instructions.py --update        # write the baseline (benches/results/instructions.json)
   python3 benches/instructions.py --profile DIR   # also keep the callgrind files, for callgrind_annotate
   python3 benches/instructions.py --otel          # with every request traced to a local OTLP sink
+  python3 benches/instructions.py --large         # the load benchmark's 53 KB request instead of 1 KB
 
 Needs release builds of `tollgate` and `tollgate-mock` (CARGO_TARGET_DIR honoured) and valgrind.
 """
@@ -97,7 +98,14 @@ path = "{work}/tollgate.db"
     return path
 
 
+# --large: the load benchmark's Claude Code-sized request (about 53 KB) instead.
+LARGE = False
+
+
 def body(stream):
+    if LARGE:
+        from bench import claude_code_body
+        return claude_code_body(stream)
     return json.dumps({
         "model": MODEL, "max_tokens": 1024, "stream": stream,
         "messages": [{"role": "user", "content": PROMPT}],
@@ -268,7 +276,13 @@ def main():
     ap.add_argument("--profile", metavar="DIR", help="keep the callgrind files in DIR")
     ap.add_argument("--bare", action="store_true", help="also measure the bare Pingora proxy (benches/load/bare_pingora.rs)")
     ap.add_argument("--otel", action="store_true", help="also measure with every request traced (OTLP to a local sink)")
+    ap.add_argument("--large", action="store_true",
+                    help="send the load benchmark's 53 KB Claude Code-sized request instead of the 1 KB one")
     args = ap.parse_args()
+    if args.large and (args.check or args.update):
+        raise SystemExit("error: the baseline is for the 1 KB request; --large measures, it does not check")
+    global LARGE
+    LARGE = args.large
     got = measure(args.requests, args.profile)
     print(json.dumps({"instructions_per_request": got}))
     if args.otel:

@@ -283,8 +283,8 @@ def targets(key):
 
 # ---- load ------------------------------------------------------------------------------------
 
-def body_file(stream):
-    """A Claude Code-sized request: three system blocks, 24 tools, metadata, about 70 KB."""
+def claude_code_body(stream):
+    """A Claude Code-sized request: three system blocks, 24 tools, metadata, about 53 KB."""
     tools = [{"name": f"Tool{i}", "description": f"Tool number {i}. " * 40,
               "input_schema": {"type": "object", "properties": {"path": {"type": "string"}, "limit": {"type": "integer"}},
                                "required": ["path"]}} for i in range(24)]
@@ -296,8 +296,12 @@ def body_file(stream):
             "tools": tools,
             "metadata": {"user_id": json.dumps({"device_id": "d", "session_id": "s"})},
             "messages": [{"role": "user", "content": [{"type": "text", "text": "Explain src/main.rs. " * 400}]}]}
+    return json.dumps(body).encode()
+
+
+def body_file(stream):
     path = WORK / f"body-{'stream' if stream else 'json'}.json"
-    path.write_bytes(json.dumps(body).encode())
+    path.write_bytes(claude_code_body(stream))
     return path
 
 

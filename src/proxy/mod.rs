@@ -177,12 +177,11 @@ impl Gateway {
             self.metrics.client_refused.with_label_values(&[reason]).inc();
         })?;
         // JSON is UTF-8 (RFC 8259 §8.1): refuse anything else here rather than let the provider
-        // refuse it after the request was reserved and sent.
-        if let Err(e) = std::str::from_utf8(&raw) {
-            return Err(ApiError::invalid_request(format!(
-                "the body is not valid UTF-8: invalid byte at offset {}",
-                e.valid_up_to()
-            )));
+        // refuse it after the request was reserved and sent. Checked with SIMD (a quarter of
+        // std's cost on a large prompt); std finds the offset for the refusal.
+        if simdutf8::basic::from_utf8(&raw).is_err() {
+            let at = std::str::from_utf8(&raw).err().map_or(0, |e| e.valid_up_to());
+            return Err(ApiError::invalid_request(format!("the body is not valid UTF-8: invalid byte at offset {at}")));
         }
         // Every format becomes the Messages body; the client's own body is kept for a provider
         // that speaks the same format, which gets it unchanged.
