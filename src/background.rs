@@ -1,60 +1,83 @@
-//! Scheduling priority for the threads that work after the answer has gone: the ledger and
-//! audit writers, the telemetry exporter and the alerts loop.
+//! Scheduling priority for the threads that work after the answer has gone: the SQLite ledger
+//! writer, the audit log's compressor, the telemetry exporter and the alerts loop.
 //!
-//! They run [`NICENESS`] steps nicer than the process. The proxy's workers then win the core
-//! whenever they have a request to serve, so a writer flushing a large batch delays other
-//! writing, not a client. Niceness 5 weighs a writer at about a third of a worker: on a
-//! saturated core it still gets a fifth of the time, more than the ledger and audit writers
-//! need per request, so their queues do not grow without bound.
+//! They run [`NICENESS`] steps nicer than the process. The proxy's workers then get the larger
+//! share of a busy core, so a writer flushing a large batch takes less of it from clients.
+//! Niceness 5 weighs a thread at about a third of a worker: on a saturated core it still gets
+//! a fifth of the time, more than the ledger writer needs per request, so its queue does not
+//! grow without bound.
+//!
+//! Not lowered, on purpose: the audit writer (its queue is bounded and drops lines when full,
+//! so starving it would lose records) and the PostgreSQL store's runtime (it also serves the
+//! budget reseed and sign-in queries that requests wait on).
 
 /// How much nicer than the process the background threads run.
 pub const NICENESS: i32 = 5;
 
-/// Lowers the calling thread's priority by [`NICENESS`] (Linux sets niceness per thread).
-/// Failing to is logged and otherwise harmless: the thread runs at the process's priority.
+/// Sets the calling thread to the process's niceness plus [`NICENESS`] (Linux sets niceness per
+/// thread, and a thread inherits its creator's: the target is absolute, so a thread started by
+/// a lowered one is not lowered twice). Failing to is logged and otherwise harmless: the thread
+/// runs at the process's priority.
 pub fn lower_priority() {
     #[cfg(target_os = "linux")]
     {
-        // SAFETY: plain syscalls on the calling thread's own id; errno is thread-local.
-        let result = unsafe {
-            let tid = libc::gettid() as libc::id_t;
-            *libc::__errno_location() = 0;
-            let current = libc::getpriority(libc::PRIO_PROCESS, tid);
-            if current == -1 && *libc::__errno_location() != 0 {
-                Err(std::io::Error::last_os_error())
-            } else if libc::setpriority(libc::PRIO_PROCESS, tid, (current + NICENESS).min(19)) != 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(())
+        let result = process_niceness().and_then(|base| {
+            // SAFETY: a plain syscall on the calling thread's own id.
+            let tid = unsafe { libc::gettid() } as libc::id_t;
+            match unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, (base + NICENESS).min(19)) } {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
             }
-        };
+        });
         if let Err(e) = result {
             tracing::warn!(error = %e, "cannot lower a background thread's priority; it runs at the proxy's");
         }
     }
 }
 
-/// The calling thread's niceness.
+/// The main thread's niceness, which is what `nice` and systemd's `Nice=` set for the process.
 #[cfg(target_os = "linux")]
-pub fn niceness() -> i32 {
-    // SAFETY: as above.
-    unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+fn process_niceness() -> std::io::Result<i32> {
+    // SAFETY: plain syscalls; errno is thread-local, cleared first because -1 is a valid answer.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let n = libc::getpriority(libc::PRIO_PROCESS, libc::getpid() as libc::id_t);
+        if n == -1 && *libc::__errno_location() != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n)
+    }
 }
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 
+    fn thread_niceness() -> i32 {
+        // SAFETY: as above.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    }
+
     #[test]
-    fn a_background_thread_is_nicer_than_its_spawner_and_only_it() {
-        let before = niceness();
-        let inside = std::thread::spawn(|| {
+    fn a_background_thread_is_nicer_than_the_process_once_and_only_it() {
+        let base = process_niceness().unwrap();
+        let before = thread_niceness();
+        let (inside, grandchild) = std::thread::spawn(|| {
             lower_priority();
-            niceness()
+            let inside = thread_niceness();
+            // A thread started by a lowered one, lowering itself too, ends at the same level.
+            let grandchild = std::thread::spawn(|| {
+                lower_priority();
+                thread_niceness()
+            })
+            .join()
+            .unwrap();
+            (inside, grandchild)
         })
         .join()
         .unwrap();
-        assert_eq!(inside, (before + NICENESS).min(19));
-        assert_eq!(niceness(), before, "the spawning thread keeps its priority");
+        assert_eq!(inside, (base + NICENESS).min(19));
+        assert_eq!(grandchild, inside);
+        assert_eq!(thread_niceness(), before, "the spawning thread keeps its priority");
     }
 }

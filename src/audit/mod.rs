@@ -116,10 +116,7 @@ pub fn start(config: &AuditConfig, dropped: IntCounter) -> std::io::Result<(Audi
     let interval = config.flush_interval;
     let s = shared.clone();
     let thread =
-        std::thread::Builder::new().name("tollgate-audit".into()).spawn(move || {
-            crate::background::lower_priority();
-            write_loop(&s, file, interval)
-        })?;
+        std::thread::Builder::new().name("tollgate-audit".into()).spawn(move || write_loop(&s, file, interval))?;
     Ok((AuditLog { shared: shared.clone(), dropped }, AuditWriter { shared, thread }))
 }
 

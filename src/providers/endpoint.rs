@@ -119,6 +119,9 @@ impl Endpoint {
         }
         let mut peer = HttpPeer::new(addr, self.url.tls, self.url.host.clone());
         let o = &mut peer.options;
+        // HTTP/1.1 only, said outright: the provider connector is Pingora's HTTP/1 one, which
+        // would speak HTTP/1 on a connection a server had agreed to run as h2.
+        o.alpn = pingora::protocols::ALPN::H1;
         o.connection_timeout = Some(self.settings.connect_timeout);
         // TCP and TLS together.
         o.total_connection_timeout = Some(self.settings.connect_timeout * 2);

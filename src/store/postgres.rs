@@ -269,7 +269,6 @@ impl PostgresStore {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("tollgate-ledger")
-            .on_thread_start(crate::background::lower_priority)
             .enable_all()
             .build()
             .map_err(|e| StoreError::Other(format!("the ledger's runtime: {e}")))?;
