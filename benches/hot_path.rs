@@ -76,7 +76,7 @@ fn request_body(c: &mut Criterion) {
             b.iter(|| black_box(tollgate::protocol::references::scan(black_box(&body), false, 20)))
         });
         g.bench_function(BenchmarkId::new("utf8_check", name), |b| {
-            b.iter(|| black_box(std::str::from_utf8(black_box(&body)).is_ok()))
+            b.iter(|| black_box(simdutf8::basic::from_utf8(black_box(&body)).is_ok()))
         });
         g.bench_function(BenchmarkId::new("one_hour_cache_check", name), |b| {
             b.iter(|| black_box(tollgate::protocol::references::asks_one_hour_cache(black_box(&body))))
