@@ -13,19 +13,21 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("protocol", &[]),
     ("config", &[]),
     ("blocking", &[]),
+    ("background", &[]),
     ("metrics", &[]),
     // Money, then what is counted and where it goes.
     ("metering", &["config", "glob", "protocol"]),
     ("limits", &["blocking", "config", "metering", "metrics"]),
     ("providers", &["config", "glob"]),
-    ("store", &["blocking", "config", "limits", "metering", "metrics"]),
+    ("store", &["background", "blocking", "config", "limits", "metering", "metrics"]),
     ("auth", &["config", "glob", "limits", "store"]),
     // Sign-in with the identity provider: gateway tokens over keys' principals.
     ("sso", &["auth", "config", "limits", "store"]),
     ("routing", &["config", "glob", "limits", "metering", "providers"]),
     ("tls", &["config"]),
-    ("audit", &["config", "metering"]),
-    ("telemetry", &["config", "metering"]),
+    // The audit line writes the usage record's own types (protocol's `Usage`).
+    ("audit", &["background", "config", "metering", "protocol"]),
+    ("telemetry", &["background", "config", "metering"]),
     ("connections", &[]),
     ("mock", &["protocol"]),
     // The live state, then what serves it.
@@ -59,7 +61,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // The engineer's side of sign-in: an HTTP client of the gateway, nothing more.
     ("login", &[]),
     ("refresh", &["auth", "providers", "runtime"]),
-    ("alerts", &["config", "limits", "metering", "metrics", "runtime", "store"]),
+    ("alerts", &["background", "config", "limits", "metering", "metrics", "runtime", "store"]),
     (
         "server",
         &[
