@@ -299,9 +299,19 @@ def claude_code_body(stream):
     return json.dumps(body).encode()
 
 
+# --small-body: one short user message (about 0.9 KB), the request the instruction count uses.
+SMALL_BODY = False
+
+
+def small_body(stream):
+    text = "Explain what this function does and suggest a better name for it. " * 12
+    return json.dumps({"model": MODEL, "max_tokens": 1024, "stream": stream,
+                       "messages": [{"role": "user", "content": text}]}).encode()
+
+
 def body_file(stream):
     path = WORK / f"body-{'stream' if stream else 'json'}.json"
-    path.write_bytes(claude_code_body(stream))
+    path.write_bytes(small_body(stream) if SMALL_BODY else claude_code_body(stream))
     return path
 
 
@@ -398,7 +408,8 @@ def report(results, args):
               f"- Versions: Tollgate {v['tollgate']} (Pingora {v['pingora']}, {v['rustc']}), LiteLLM {v['litellm']} "
               f"(Python {v['python']}, 1 worker)",
               f"- Pinning: gateway on CPU {v['pinning']['gateway']}; load generator and mock on CPU {v['pinning']['other']}",
-              f"- Body: {results['body_bytes']} bytes (3 system blocks, 24 tools); streams: 36 SSE events, "
+              f"- Body: {results['body_bytes']} bytes "
+              f"({'one user message' if SMALL_BODY else '3 system blocks, 24 tools'}); streams: 36 SSE events, "
               f"{STREAM_DELAY_MS} ms apart; burst: 50 text deltas sent at once; held streams: 66 events, "
               f"{HOLD_DELAY_MS} ms apart",
               f"- Gateway worker threads: {THREADS}" + ("" if THREADS == 1 else " (gateway not pinned: both cores)"),
@@ -496,7 +507,11 @@ def main():
     ap.add_argument("--targets", default="direct,bare-pingora,tollgate,litellm")
     ap.add_argument("--threads", type=int, default=1,
                     help="gateway worker threads (Tollgate and bare Pingora); above 1 the gateway is not pinned")
+    ap.add_argument("--small-body", action="store_true",
+                    help="a 0.9 KB request (one user message) instead of the 53 KB Claude Code-sized one")
     args = ap.parse_args()
+    global SMALL_BODY
+    SMALL_BODY = args.small_body
     global THREADS
     THREADS = args.threads
     WORK.mkdir(parents=True, exist_ok=True)
