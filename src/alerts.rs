@@ -63,10 +63,7 @@ impl Alerts {
 pub fn start(runtime: Arc<Runtime>) -> std::io::Result<Alerts> {
     let stopping = Arc::new(AtomicBool::new(false));
     let stop = stopping.clone();
-    let thread = std::thread::Builder::new().name("tollgate-alerts".into()).spawn(move || {
-        crate::background::lower_priority();
-        run(&runtime, &stop)
-    })?;
+    let thread = crate::background::spawn("tollgate-alerts", move || run(&runtime, &stop))?;
     Ok(Alerts { stopping, thread })
 }
 

@@ -14,6 +14,17 @@
 /// How much nicer than the process the background threads run.
 pub const NICENESS: i32 = 5;
 
+/// Starts a named thread that runs at the background priority from its first instruction.
+pub fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<T>> {
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        lower_priority();
+        f()
+    })
+}
+
 /// Sets the calling thread to the process's niceness plus [`NICENESS`] (Linux sets niceness per
 /// thread, and a thread inherits its creator's: the target is absolute, so a thread started by
 /// a lowered one is not lowered twice). Failing to is logged and otherwise harmless: the thread

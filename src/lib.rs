@@ -6,8 +6,8 @@
 pub mod admin;
 pub mod alerts;
 pub mod audit;
-pub mod background;
 pub mod auth;
+pub mod background;
 pub mod blocking;
 pub mod cli;
 pub mod config;

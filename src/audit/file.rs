@@ -247,8 +247,7 @@ impl Compressor {
     fn start(live: &Path, keep: usize) -> std::io::Result<Self> {
         let (queue, files) = mpsc::channel::<PathBuf>();
         let live = live.to_path_buf();
-        let thread = std::thread::Builder::new().name("tollgate-audit-gzip".into()).spawn(move || {
-            crate::background::lower_priority();
+        let thread = crate::background::spawn("tollgate-audit-gzip", move || {
             for file in files {
                 if let Err(e) = compress(&file) {
                     tracing::warn!(file = %file.display(), error = %e, "cannot compress a rotated audit log; it stays as it is");

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use super::Connector;
+use async_trait::async_trait;
 use pingora::http::RequestHeader;
 use pingora_load_balancing::health_check::HealthCheck;
 use pingora_load_balancing::Backend;

@@ -170,7 +170,7 @@ impl Gateway {
         } else {
             Outcome::Complete
         };
-        provider.connector.release(up, &*peer, provider.pool_idle_timeout).await;
+        provider.connector.release(up, &peer, provider.pool_idle_timeout).await;
         Ok(())
     }
 

@@ -251,7 +251,7 @@ impl Gateway {
                     );
                     if error_body.is_some() {
                         if let Ok(peer) = endpoint.peer() {
-                            provider.connector.release(up, &*peer, provider.pool_idle_timeout).await;
+                            provider.connector.release(up, &peer, provider.pool_idle_timeout).await;
                         }
                     }
                     let raw = error_body.filter(|b| !b.is_empty()).unwrap_or_else(|| {

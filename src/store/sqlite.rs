@@ -162,22 +162,17 @@ impl SqliteStore {
             stopping: AtomicBool::new(false),
         });
         let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("tollgate-ledger".into())
-            .spawn(move || {
-                crate::background::lower_priority();
-                loop {
-                    std::thread::park_timeout(flush_interval);
-                    if let Err(e) = commit_queue(&s) {
-                        // The rows stay queued and are tried again next time: none is lost.
-                        tracing::error!(error = %e, "cannot write the ledger; will retry");
-                    }
-                    if s.stopping.load(Ordering::Acquire) {
-                        return;
-                    }
-                }
-            })
-            .map_err(|e| StoreError::Other(format!("cannot start the ledger writer: {e}")))?;
+        let thread = crate::background::spawn("tollgate-ledger", move || loop {
+            std::thread::park_timeout(flush_interval);
+            if let Err(e) = commit_queue(&s) {
+                // The rows stay queued and are tried again next time: none is lost.
+                tracing::error!(error = %e, "cannot write the ledger; will retry");
+            }
+            if s.stopping.load(Ordering::Acquire) {
+                return;
+            }
+        })
+        .map_err(|e| StoreError::Other(format!("cannot start the ledger writer: {e}")))?;
         Ok(SqliteStore { shared, reader: Mutex::new(reader), thread: Mutex::new(Some(thread)) })
     }
 }

@@ -34,10 +34,7 @@ impl Exporter {
     pub(super) fn start(settings: Settings) -> std::io::Result<Self> {
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();
-        let thread = std::thread::Builder::new().name("tollgate-otel".into()).spawn(move || {
-            crate::background::lower_priority();
-            run(settings, &stop)
-        })?;
+        let thread = crate::background::spawn("tollgate-otel", move || run(settings, &stop))?;
         Ok(Exporter { stopping, thread })
     }
 

@@ -127,16 +127,6 @@ fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
-fn outcome_name(o: Outcome) -> &'static str {
-    match o {
-        Outcome::Complete => "complete",
-        Outcome::Incomplete => "incomplete",
-        Outcome::UpstreamError => "upstream_error",
-        Outcome::Rejected => "rejected",
-        Outcome::Failed => "failed",
-    }
-}
-
 /// A low-cardinality `error.type` for an abandoned attempt.
 fn error_class(status: Option<u16>, why: &str) -> String {
     if let Some(s) = status {
@@ -185,7 +175,7 @@ fn spans(
     a.extend(str_attr("tollgate.team", &r.team));
     a.extend(str_attr("tollgate.user", &r.user));
     a.extend(str_attr("tollgate.provider", &r.provider));
-    a.push(("tollgate.outcome", Value::Str(outcome_name(r.outcome).into())));
+    a.push(("tollgate.outcome", Value::Str(r.outcome.as_str().into())));
     a.push(("tollgate.stream", Value::Bool(r.stream)));
     if let Some(e) = r.usage_estimated {
         a.push(("tollgate.usage_estimated", Value::Str(e.as_str().into())));
@@ -194,7 +184,7 @@ fn spans(
     a.push(("url.path", Value::Str(r.path.clone())));
     a.push(("http.response.status_code", Value::Int(i64::from(r.status))));
     if r.outcome != Outcome::Complete {
-        a.push(("error.type", Value::Str(outcome_name(r.outcome).into())));
+        a.push(("error.type", Value::Str(r.outcome.as_str().into())));
     }
     // As the HTTP conventions have it for a server: a refusal (4xx) is the client's error,
     // not the span's; a 5xx, a failure or a cut answer is.
@@ -213,7 +203,7 @@ fn spans(
         start_unix_nanos: start,
         end_unix_nanos: end,
         attributes: a,
-        error: failed.then(|| r.error.clone().unwrap_or_else(|| outcome_name(r.outcome).into())),
+        error: failed.then(|| r.error.clone().unwrap_or_else(|| r.outcome.as_str().into())),
     });
     for attempt in &r.attempts {
         let offset = attempt.started.map_or(0, |s| s.saturating_duration_since(started).as_nanos() as u64);
