@@ -72,8 +72,9 @@ fn request_body(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("peek", name), |b| {
             b.iter(|| black_box(peek_request(black_box(&body)).unwrap()))
         });
-        g.bench_function(BenchmarkId::new("references_scan", name), |b| {
-            b.iter(|| black_box(tollgate::protocol::references::scan(black_box(&body), false, 20)))
+        // What a budgeted request pays: the peek and the reference scan in one walk.
+        g.bench_function(BenchmarkId::new("peek_and_scan", name), |b| {
+            b.iter(|| black_box(tollgate::protocol::references::peek_and_scan(black_box(&body), 20).unwrap()))
         });
         g.bench_function(BenchmarkId::new("utf8_check", name), |b| {
             b.iter(|| black_box(simdutf8::basic::from_utf8(black_box(&body)).is_ok()))

@@ -26,18 +26,38 @@ fn err<T>(what: &'static str, at: usize) -> Result<T, JsonError> {
     Err(JsonError { what, at })
 }
 
+/// What a walk over the document can watch for besides the top-level members: every string at
+/// any depth, keys included, and every escape inside one. The walk stops at both anyway, so a
+/// caller looking for words in the body watches them here instead of scanning it again.
+pub trait Watch {
+    /// `span` is a string token, quotes included; called in document order.
+    fn string(&mut self, body: &[u8], span: Range<usize>);
+    /// `at` is the backslash of an escape inside a string (`\\` is one escape, not two).
+    fn escape(&mut self, body: &[u8], at: usize);
+}
+
+/// Watches nothing; the walk compiles to what it would be without the hooks.
+impl Watch for () {
+    #[inline(always)]
+    fn string(&mut self, _: &[u8], _: Range<usize>) {}
+    #[inline(always)]
+    fn escape(&mut self, _: &[u8], _: usize) {}
+}
+
 /// Calls `visit(key, value_span)` for every top-level member of the object in `body`.
 /// Keys are passed unescaped. The whole input is checked for balanced structure.
 pub fn scan_object(
     body: &[u8],
     mut visit: impl FnMut(&str, Range<usize>) -> Result<(), JsonError>,
 ) -> Result<(), JsonError> {
-    scan_members(body, |key, _member, value| visit(key, value))
+    scan_members(body, &mut (), |key, _member, value| visit(key, value))
 }
 
-/// Like [`scan_object`], with the span of the whole member (key to end of value) too.
-fn scan_members(
+/// Like [`scan_object`], with the span of the whole member (key to end of value) too, and
+/// every string and escape shown to `watch`.
+fn scan_members<W: Watch>(
     body: &[u8],
+    watch: &mut W,
     mut visit: impl FnMut(&str, Range<usize>, Range<usize>) -> Result<(), JsonError>,
 ) -> Result<(), JsonError> {
     let mut i = skip_ws(body, 0);
@@ -53,7 +73,7 @@ fn scan_members(
             return err("expected a string key", i);
         }
         let key_start = i;
-        let key_end = skip_string(body, i)?;
+        let key_end = skip_string(body, i, watch)?;
         let raw_key = &body[i + 1..key_end - 1];
         let key_owned;
         let key = if raw_key.contains(&b'\\') {
@@ -68,7 +88,7 @@ fn scan_members(
             return err("expected ':' after key", i);
         }
         let start = skip_ws(body, i + 1);
-        let end = skip_value(body, start)?;
+        let end = skip_value(body, start, watch)?;
         visit(key, key_start..end, start..end)?;
         i = skip_ws(body, end);
         match body.get(i) {
@@ -100,15 +120,17 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
 
 /// `i` is at an opening quote; returns the index just past the closing quote.
 #[inline]
-fn skip_string(b: &[u8], i: usize) -> Result<usize, JsonError> {
+fn skip_string<W: Watch>(b: &[u8], i: usize, watch: &mut W) -> Result<usize, JsonError> {
     let mut j = i + 1;
     loop {
         match memchr2(b'"', b'\\', &b[j.min(b.len())..]) {
             Some(off) => {
                 let k = j + off;
                 if b[k] == b'"' {
+                    watch.string(b, i..k + 1);
                     return Ok(k + 1);
                 }
+                watch.escape(b, k);
                 // A backslash escapes exactly the next byte as far as finding the end goes
                 // (`\uXXXX` continues with hex digits, never a quote).
                 j = k + 2;
@@ -118,10 +140,10 @@ fn skip_string(b: &[u8], i: usize) -> Result<usize, JsonError> {
     }
 }
 
-fn skip_value(b: &[u8], i: usize) -> Result<usize, JsonError> {
+fn skip_value<W: Watch>(b: &[u8], i: usize, watch: &mut W) -> Result<usize, JsonError> {
     match b.get(i) {
-        Some(b'"') => skip_string(b, i),
-        Some(b'{') | Some(b'[') => skip_nested(b, i),
+        Some(b'"') => skip_string(b, i, watch),
+        Some(b'{') | Some(b'[') => skip_nested(b, i, watch),
         Some(c) if c.is_ascii_digit() || matches!(c, b'-' | b't' | b'f' | b'n') => {
             let mut j = i;
             while let Some(c) = b.get(j) {
@@ -137,14 +159,14 @@ fn skip_value(b: &[u8], i: usize) -> Result<usize, JsonError> {
     }
 }
 
-fn skip_nested(b: &[u8], i: usize) -> Result<usize, JsonError> {
+fn skip_nested<W: Watch>(b: &[u8], i: usize, watch: &mut W) -> Result<usize, JsonError> {
     let mut stack = [0u8; MAX_DEPTH];
     let mut depth = 0usize;
     let mut j = i;
     while j < b.len() {
         match b[j] {
             b'"' => {
-                j = skip_string(b, j)?;
+                j = skip_string(b, j, watch)?;
                 continue;
             }
             open @ (b'{' | b'[') => {
@@ -195,8 +217,13 @@ pub struct RequestPeek {
 /// last one, so letting it through would let a client pass one model to the gateway's checks and
 /// another to the provider.
 pub fn peek_request(body: &[u8]) -> Result<RequestPeek, JsonError> {
+    peek_request_watching(body, &mut ())
+}
+
+/// [`peek_request`], showing `watch` every string and escape in the body on the way.
+pub fn peek_request_watching(body: &[u8], watch: &mut impl Watch) -> Result<RequestPeek, JsonError> {
     let mut peek = RequestPeek::default();
-    scan_object(body, |key, span| {
+    scan_members(body, watch, |key, _member, span| {
         match key {
             "model" => {
                 if peek.model.is_some() {
@@ -250,7 +277,7 @@ pub fn rewrite_members(body: &[u8], drop: &[&str], add: &[(&str, &[u8])]) -> Res
     let mut out = bytes::BytesMut::with_capacity(body.len() + 64);
     out.extend_from_slice(b"{");
     let mut first = true;
-    scan_members(body, |key, member, _| {
+    scan_members(body, &mut (), |key, member, _| {
         if !drop.contains(&key) {
             if !first {
                 out.extend_from_slice(b",");

@@ -9,63 +9,20 @@
 //! cache writes without their TTL split. And one more way a prompt outgrows its bytes: a PDF,
 //! billed per page as text plus an image.
 //!
-//! One pass finds every candidate; each hit is confirmed from the bytes around it (`"type":
-//! "url"` is a source type, `"url": ...` in a tool's input is not). The needles include their
-//! quotes, so text inside a JSON string (where quotes are escaped) never matches. A hit that
-//! survives is at worst a false positive, which only makes a reservation larger.
+//! The facts come from the string tokens of the body, checked as the top-level peek's walk
+//! passes each one ([`json_peek::Watch`]): a needle counts only as a whole JSON string, so text
+//! that mentions one (its quotes escaped inside another string) never matches, and each hit is
+//! confirmed from the bytes around it (`"type": "url"` is a source type, `"url": ...` in a
+//! tool's input is not). A hit that survives is at worst a false positive, which only makes a
+//! reservation larger. A body that escapes printable ASCII could spell a needle the bytes do not
+//! show, so it is read the slow, exact way instead.
 
+use std::ops::Range;
 use std::sync::OnceLock;
 
 use serde_json::Value;
 
-const NEEDLES: [&str; 10] = [
-    "\"ttl\"",
-    "\"url\"",
-    "\"file\"",
-    "\"container_upload\"",
-    "\"web_",
-    "\"code_execution_",
-    "\"application/pdf\"",
-    "\"image\"",
-    // Escapes the needles above could hide behind (see `escapes_ascii`).
-    "\\u00",
-    "\\/",
-];
-
-/// The needles that can start with `first` then `second`. Every needle starts with `"` or `\`
-/// and no two share their first two bytes but `"container_upload"` and `"code_execution_`.
-fn candidates(first: u8, second: u8) -> &'static [usize] {
-    match (first, second) {
-        (b'"', b't') => &[0],
-        (b'"', b'u') => &[1],
-        (b'"', b'f') => &[2],
-        (b'"', b'c') => &[3, 5],
-        (b'"', b'w') => &[4],
-        (b'"', b'a') => &[6],
-        (b'"', b'i') => &[7],
-        (b'\\', b'u') => &[8],
-        (b'\\', b'/') => &[9],
-        _ => &[],
-    }
-}
-
-/// Every needle in `body`, left to right and without overlap, as (needle, start, end): what a
-/// multi-pattern automaton reports, since at most one needle starts at any byte. One `memchr2`
-/// iterator over the two bytes needles start with, then a comparison at each hit.
-fn needles(body: &[u8]) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
-    // Hits inside a match just found (only its closing quote can be one) are passed over.
-    let mut end = 0;
-    memchr::memchr2_iter(b'"', b'\\', body).filter_map(move |start| {
-        if start < end {
-            return None;
-        }
-        let rest = &body[start..];
-        let second = rest.get(1).copied().unwrap_or(0);
-        let &i = candidates(rest[0], second).iter().find(|&&i| rest.starts_with(NEEDLES[i].as_bytes()))?;
-        end = start + NEEDLES[i].len();
-        Some((i, start, end))
-    })
-}
+use super::json_peek::{self, JsonError, RequestPeek, Watch};
 
 /// The most tokens one image can cost: the provider scales images down to a bounded size
 /// (about 1.15 megapixels, or 3.75 on the newest models, at 750 pixels a token), so a few
@@ -97,48 +54,96 @@ const FILE_SOURCE: &str = "source.type = \"file\"";
 const CONTAINER_UPLOAD: &str = "type = \"container_upload\"";
 const SERVER_TOOL: &str = "tools[].type (a server tool)";
 
-/// Scans a Messages body. `mcp_servers` comes from the top-level peek; `default_uses` is what
-/// a server tool without `max_uses` is assumed to use.
+/// Peeks at a Messages body ([`json_peek::peek_request`]) and finds what it reaches beyond its
+/// bytes in the same walk. `default_uses` is what a server tool without `max_uses` is assumed to
+/// use.
+pub fn peek_and_scan(body: &[u8], default_uses: u64) -> Result<(RequestPeek, Reach), JsonError> {
+    let mut seen = Seen::default();
+    let peek = json_peek::peek_request_watching(body, &mut seen)?;
+    let reach = seen.finish(body, peek.mcp_servers, default_uses);
+    Ok((peek, reach))
+}
+
+/// Scans a Messages body on its own (the peek's walk, without keeping the peek). `mcp_servers`
+/// comes from the top-level peek. A body that is not a JSON object reaches nothing.
 pub fn scan(body: &[u8], mcp_servers: bool, default_uses: u64) -> Reach {
-    let mut reach = Reach::default();
-    if mcp_servers {
-        reach.by_reference = Some("mcp_servers");
+    let mut seen = Seen::default();
+    if json_peek::peek_request_watching(body, &mut seen).is_err() {
+        seen = Seen::default();
     }
-    let mut server_tools = false;
-    for (needle, start, end) in needles(body) {
-        let typed = || is_type_value(body, start);
-        match needle {
-            0 => reach.cache_1h |= value_is(body, end, b"\"1h\""),
-            1 if typed() => {
+    seen.finish(body, mcp_servers, default_uses)
+}
+
+/// What the walk saw, string by string.
+#[derive(Default)]
+struct Seen {
+    reach: Reach,
+    server_tools: bool,
+    /// An escape of printable ASCII (`\u0075`) or of `/`: the body must be read exactly.
+    escaped: bool,
+}
+
+impl Watch for Seen {
+    #[inline]
+    fn string(&mut self, body: &[u8], span: Range<usize>) {
+        let s = &body[span.clone()];
+        // The byte after the opening quote tells the few strings worth a look from the rest.
+        let Some(&first) = s.get(1) else { return };
+        let typed = || is_type_value(body, span.start);
+        let reach = &mut self.reach;
+        match first {
+            b't' if s == b"\"ttl\"" => reach.cache_1h |= value_is(body, span.end, b"\"1h\""),
+            b'u' if s == b"\"url\"" && typed() => {
                 reach.by_reference.get_or_insert(URL_SOURCE);
             }
-            2 if typed() => {
+            b'f' if s == b"\"file\"" && typed() => {
                 reach.by_reference.get_or_insert(FILE_SOURCE);
             }
-            3 if typed() => {
+            b'c' if s == b"\"container_upload\"" && typed() => {
                 reach.by_reference.get_or_insert(CONTAINER_UPLOAD);
             }
-            4 | 5 if typed() => server_tools = true,
-            6 => reach.pdf = true,
-            7 if typed() => reach.images += 1,
-            8 if escapes_ascii(&body[end..]) => return walk(body, mcp_servers, default_uses),
-            9 => return walk(body, mcp_servers, default_uses),
+            b'c' | b'w' if (s.starts_with(b"\"code_execution_") || s.starts_with(b"\"web_")) && typed() => {
+                self.server_tools = true
+            }
+            b'a' if s == b"\"application/pdf\"" && is_value_of(body, span.start, b"\"media_type\"") => reach.pdf = true,
+            b'i' if s == b"\"image\"" && typed() => reach.images += 1,
             _ => {}
         }
     }
-    if server_tools {
-        #[derive(serde::Deserialize)]
-        struct Body {
-            #[serde(default)]
-            tools: Option<Vec<Value>>,
-        }
-        match serde_json::from_slice::<Body>(body) {
-            Ok(b) => add_server_tools(&mut reach, b.tools.as_deref().unwrap_or_default(), default_uses),
-            // A duplicated key (the provider keeps the last): read it as the provider would.
-            Err(_) => return walk(body, mcp_servers, default_uses),
+
+    #[inline]
+    fn escape(&mut self, body: &[u8], at: usize) {
+        match body.get(at + 1) {
+            Some(b'/') => self.escaped = true,
+            Some(b'u') => self.escaped |= escapes_ascii(&body[at + 2..]),
+            _ => {}
         }
     }
-    reach
+}
+
+impl Seen {
+    fn finish(self, body: &[u8], mcp_servers: bool, default_uses: u64) -> Reach {
+        if self.escaped {
+            return walk(body, mcp_servers, default_uses);
+        }
+        let mut reach = self.reach;
+        if mcp_servers {
+            reach.by_reference = Some("mcp_servers");
+        }
+        if self.server_tools {
+            #[derive(serde::Deserialize)]
+            struct Body {
+                #[serde(default)]
+                tools: Option<Vec<Value>>,
+            }
+            match serde_json::from_slice::<Body>(body) {
+                Ok(b) => add_server_tools(&mut reach, b.tools.as_deref().unwrap_or_default(), default_uses),
+                // A duplicated key (the provider keeps the last): read it as the provider would.
+                Err(_) => return walk(body, mcp_servers, default_uses),
+            }
+        }
+        reach
+    }
 }
 
 /// Only whether some `cache_control` asks for a 1-hour TTL: the one fact pricing needs from a
@@ -149,10 +154,10 @@ pub fn asks_one_hour_cache(body: &[u8]) -> bool {
     finder.find_iter(body).any(|at| value_is(body, at + 5, b"\"1h\""))
 }
 
-/// `\u00XX` spelling a printable ASCII character. No common encoder writes those (they write
-/// the character itself), but a client could, to hide a needle from the byte scan.
+/// `after` follows `\u`: `00XX` spelling a printable ASCII character. No common encoder writes
+/// those (they write the character itself), but a client could, to hide a needle from the scan.
 fn escapes_ascii(after: &[u8]) -> bool {
-    matches!(after, [b'2'..=b'7', _, ..])
+    matches!(after, [b'0', b'0', b'2'..=b'7', _, ..])
 }
 
 /// The slow, exact path for bodies that escape ASCII: the whole document, walked. Duplicate
@@ -203,9 +208,14 @@ fn walk(body: &[u8], mcp_servers: bool, default_uses: u64) -> Reach {
 /// The bytes before `at`, skipping white space, are `"type":` (so the string at `at` is the
 /// value of a `type` member).
 fn is_type_value(body: &[u8], at: usize) -> bool {
+    is_value_of(body, at, b"\"type\"")
+}
+
+/// The bytes before `at`, skipping white space, are `key` (quoted) and a colon.
+fn is_value_of(body: &[u8], at: usize, key: &[u8]) -> bool {
     let before = trim_end(&body[..at]);
     match before.strip_suffix(b":") {
-        Some(key) => trim_end(key).ends_with(b"\"type\""),
+        Some(k) => trim_end(k).ends_with(key),
         None => false,
     }
 }
@@ -251,35 +261,78 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn each_needle_is_a_candidate_for_its_first_two_bytes() {
-        for (i, n) in NEEDLES.iter().enumerate() {
-            let b = n.as_bytes();
-            assert!(candidates(b[0], b[1]).contains(&i), "{n}");
-        }
-        // And no two needles could match at one byte unless listed together.
-        for (i, a) in NEEDLES.iter().enumerate() {
-            for b in &NEEDLES[i + 1..] {
-                assert!(!a.starts_with(b) && !b.starts_with(a), "{a} {b}");
-            }
-        }
+    /// JSON values made of the keys and strings the scan looks for, mixed with others; some
+    /// strings hold escaped quotes, backslashes and the needles as text.
+    fn value() -> impl Strategy<Value = Value> {
+        const KEYS: [&str; 12] =
+            ["type", "ttl", "url", "file", "media_type", "source", "tools", "max_uses", "name", "content", "t", "x"];
+        const WORDS: [&str; 16] = [
+            "url",
+            "file",
+            "image",
+            "container_upload",
+            "application/pdf",
+            "1h",
+            "5m",
+            "type",
+            "web_search_20250305",
+            "web_fetch_20250910",
+            "code_execution_20250825",
+            "web",
+            "ttl",
+            "say \"url\" and \"image\"",
+            "a\\\"type\": \"url",
+            "C:\\u0075rl/x",
+        ];
+        let leaf = prop_oneof![
+            proptest::sample::select(&WORDS[..]).prop_map(|w| Value::String(w.to_owned())),
+            (0u64..600).prop_map(Value::from),
+            Just(Value::Null),
+        ];
+        leaf.prop_recursive(5, 64, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::vec((proptest::sample::select(&KEYS[..]), inner), 0..6)
+                    .prop_map(|members| Value::Object(members.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())),
+            ]
+        })
     }
 
     proptest! {
-        /// The scan finds what Aho-Corasick's standard non-overlapping search finds, on text
-        /// made of needles, their pieces, quotes and backslashes.
+        /// On any document a JSON encoder writes, the scan finds what the exact walk finds.
         #[test]
-        fn finds_what_an_automaton_finds(parts in proptest::collection::vec(0usize..24, 0..40)) {
-            const PIECES: [&str; 14] = ["\"", "\\", "u", "00", "/", "t", "ttl", "web", "_", "co", "de", "x", " ", ":"];
-            let body: String = parts
-                .iter()
-                .map(|&p| if p < NEEDLES.len() { NEEDLES[p] } else { PIECES[p - NEEDLES.len()] })
-                .collect();
-            let ac = aho_corasick::AhoCorasick::new(NEEDLES).unwrap();
-            let want: Vec<_> = ac.find_iter(&body).map(|m| (m.pattern().as_usize(), m.start(), m.end())).collect();
-            let got: Vec<_> = needles(body.as_bytes()).collect();
-            prop_assert_eq!(got, want, "{:?}", body);
+        fn finds_what_the_exact_walk_finds(doc in proptest::collection::vec((proptest::sample::select(&["messages", "tools", "system", "x"][..]), value()), 0..4), pretty: bool) {
+            let doc = Value::Object(doc.into_iter().map(|(k, v)| (k.to_owned(), v)).collect());
+            let body = if pretty { serde_json::to_vec_pretty(&doc) } else { serde_json::to_vec(&doc) }.unwrap();
+            prop_assert_eq!(scan(&body, false, 7), walk(&body, false, 7), "{}", String::from_utf8_lossy(&body));
         }
+
+        /// Escaping any byte of a string's text the way a client could (`\u00XX`) changes nothing.
+        #[test]
+        fn escaped_ascii_changes_nothing(doc in value(), at in any::<proptest::sample::Index>()) {
+            let doc = serde_json::json!({ "messages": [doc] });
+            let plain = serde_json::to_string(&doc).unwrap();
+            // Escape one letter of the text (never a quote, a backslash or structure).
+            let letters: Vec<usize> = plain.char_indices()
+                .filter(|&(i, c)| c.is_ascii_lowercase() && plain[..i].matches('"').count() % 2 == 1)
+                .map(|(i, _)| i)
+                .collect();
+            prop_assume!(!letters.is_empty());
+            let i = letters[at.index(letters.len())];
+            let escaped = format!("{}\\u{:04x}{}", &plain[..i], plain.as_bytes()[i], &plain[i + 1..]);
+            prop_assume!(serde_json::from_str::<Value>(&escaped).ok() == Some(doc.clone()));
+            prop_assert_eq!(scan(escaped.as_bytes(), false, 7), scan(plain.as_bytes(), false, 7), "{}", escaped);
+        }
+    }
+
+    #[test]
+    fn the_peek_and_the_scan_agree_with_their_separate_calls() {
+        let body = br#"{"model":"m","max_tokens":9,"mcp_servers":[{"url":"u"}],"messages":[{"role":"user","content":[{"type":"image","source":{"type":"url","url":"https://x"}}]}]}"#;
+        let (peek, reach) = peek_and_scan(body, 3).unwrap();
+        assert_eq!(peek, json_peek::peek_request(body).unwrap());
+        assert_eq!(reach, scan(body, true, 3));
+        assert_eq!((reach.by_reference, reach.images), (Some("mcp_servers"), 1));
+        assert!(peek_and_scan(b"{\"a\":[}", 3).is_err());
     }
 
     #[test]

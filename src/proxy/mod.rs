@@ -199,7 +199,14 @@ impl Gateway {
             Call::VertexCountTokens => (from_vertex(&raw, None)?, None, Some(raw)),
             Call::Messages | Call::CountTokens => (raw, None, None),
         };
-        let mut peek = peek_request(&body)?;
+        // What the body reaches beyond its bytes matters to a budget's bound, and the peek's
+        // walk finds it on the way; without a budget, pricing needs only the cache TTL.
+        let (mut peek, reach) = if budgeted && !call.counts_tokens() {
+            let (peek, reach) = references::peek_and_scan(&body, state.server_tool_uses)?;
+            (peek, Some(reach))
+        } else {
+            (peek_request(&body)?, None)
+        };
         let (requested, model_span) =
             peek.model.take().ok_or_else(|| ApiError::invalid_request("model: field required"))?;
         ctx.stream = peek.stream;
@@ -218,20 +225,16 @@ impl Gateway {
         ctx.route = Some(route.clone());
         // Every route is admitted; token counting is free, so it takes a request slot and
         // reserves nothing.
-        let reach;
+        let reach = reach.unwrap_or_else(|| Reach {
+            cache_1h: !call.counts_tokens() && references::asks_one_hour_cache(&body),
+            ..Reach::default()
+        });
         let generation = if call.counts_tokens() {
             None
         } else {
             if peek.max_tokens_invalid {
                 return Err(ApiError::invalid_request("max_tokens: must be a whole number from 1 up"));
             }
-            // What the body reaches beyond its bytes matters to a budget's bound; without one,
-            // pricing needs only the cache TTL.
-            reach = if budgeted {
-                references::scan(&body, peek.mcp_servers, state.server_tool_uses)
-            } else {
-                Reach { cache_1h: references::asks_one_hour_cache(&body), ..Reach::default() }
-            };
             ctx.cache_1h = reach.cache_1h;
             Some(Generation { body_len: body.len(), peek: &peek, reach: &reach })
         };
