@@ -79,9 +79,6 @@ fn request_body(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("utf8_check", name), |b| {
             b.iter(|| black_box(simdutf8::basic::from_utf8(black_box(&body)).is_ok()))
         });
-        g.bench_function(BenchmarkId::new("one_hour_cache_check", name), |b| {
-            b.iter(|| black_box(tollgate::protocol::references::asks_one_hour_cache(black_box(&body))))
-        });
         let span = peek_request(&body).unwrap().model.unwrap().1;
         g.bench_function(BenchmarkId::new("model_rewrite", name), |b| {
             b.iter(|| black_box(replace_string_value(black_box(&body), span.clone(), "claude-sonnet-4-5-20250929")))

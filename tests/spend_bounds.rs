@@ -136,6 +136,37 @@ async fn by_reference_prompts_can_be_refused_under_a_budget() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escapes_do_not_hide_content_fetched_by_reference() {
+    let mock = MockProvider::start(Behavior::default()).await.unwrap();
+    let key = new_key();
+    let gw = start_gateway(&config(
+        &mock.url(),
+        &key,
+        "budget = { usd = 100, period = \"daily\" }",
+        "[controls]\nby_reference = \"refuse\"",
+    ));
+    // `"\u0075rl"` is `"url"` to the provider, and `https:\/\/` a URL.
+    let escaped = r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":[
+        {"type":"image","source":{"type":"\u0075rl","url":"https:\/\/example.com\/big.png"}}]}]}"#;
+    let resp = messages_request(&gw, &key).body(escaped).send().await.unwrap();
+    assert_eq!(resp.status(), 403);
+    let text = message(&resp.text().await.unwrap());
+    assert!(text.starts_with("source.type = \"url\": "), "{text}");
+    // A body the exact reading cannot hold (a number past a 64-bit float) is refused under a
+    // budget: what it reaches could not be known.
+    let unreadable = r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":[
+        {"type":"image","source":{"type":"url","url":"https:\/\/example.com\/big.png"}}]},
+        {"role":"assistant","content":[{"type":"tool_use","id":"t","name":"n","input":{"a":1e400}}]},
+        {"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":"ok"}]}]}"#;
+    let resp = messages_request(&gw, &key).body(unreadable).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert!(v["error"]["message"].as_str().unwrap().contains("cannot read exactly"), "{v}");
+    assert!(mock.received().is_empty(), "no refused request reaches the provider");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_tokens_out_of_range_is_refused_before_anything_is_reserved() {
     let mock = MockProvider::start(Behavior::default()).await.unwrap();
     let key = new_key();

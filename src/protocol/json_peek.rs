@@ -12,8 +12,10 @@ use std::ops::Range;
 
 use memchr::memchr2;
 
-/// Nesting deeper than this is refused, as serde_json refuses it by default.
-const MAX_DEPTH: usize = 128;
+/// Nesting deeper than this below the top-level object is refused. serde_json reads at most 127
+/// levels, the top-level object included; a body the peek passes must be one the exact readers
+/// (the reference walk, the translations) can read too.
+const MAX_DEPTH: usize = 126;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{what} at byte {at}")]
@@ -348,6 +350,17 @@ mod tests {
         ] {
             assert!(peek_request(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn nesting_stops_where_serde_json_stops() {
+        let nested = |levels: usize| format!("{{\"a\":{}{}}}", "[".repeat(levels), "]".repeat(levels));
+        let deepest = nested(MAX_DEPTH);
+        assert!(peek_request(deepest.as_bytes()).is_ok());
+        assert!(serde_json::from_str::<serde_json::Value>(&deepest).is_ok());
+        let deeper = nested(MAX_DEPTH + 1);
+        assert_eq!(peek_request(deeper.as_bytes()).unwrap_err().what, "nesting too deep");
+        assert!(serde_json::from_str::<serde_json::Value>(&deeper).is_err());
     }
 
     #[test]

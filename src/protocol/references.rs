@@ -18,7 +18,6 @@
 //! show, so it is read the slow, exact way instead.
 
 use std::ops::Range;
-use std::sync::OnceLock;
 
 use serde_json::Value;
 
@@ -47,6 +46,9 @@ pub struct Reach {
     pub pdf: bool,
     /// Image blocks in the body: each may cost up to [`IMAGE_MAX_TOKENS`] whatever its size.
     pub images: u64,
+    /// The body had to be read exactly and could not be (a number beyond a 64-bit float, a
+    /// lone surrogate): nothing above can be trusted, so a budget must not admit it.
+    pub unreadable: bool,
 }
 
 const URL_SOURCE: &str = "source.type = \"url\"";
@@ -62,16 +64,6 @@ pub fn peek_and_scan(body: &[u8], default_uses: u64) -> Result<(RequestPeek, Rea
     let peek = json_peek::peek_request_watching(body, &mut seen)?;
     let reach = seen.finish(body, peek.mcp_servers, default_uses);
     Ok((peek, reach))
-}
-
-/// Scans a Messages body on its own (the peek's walk, without keeping the peek). `mcp_servers`
-/// comes from the top-level peek. A body that is not a JSON object reaches nothing.
-pub fn scan(body: &[u8], mcp_servers: bool, default_uses: u64) -> Reach {
-    let mut seen = Seen::default();
-    if json_peek::peek_request_watching(body, &mut seen).is_err() {
-        seen = Seen::default();
-    }
-    seen.finish(body, mcp_servers, default_uses)
 }
 
 /// What the walk saw, string by string.
@@ -124,7 +116,7 @@ impl Watch for Seen {
 impl Seen {
     fn finish(self, body: &[u8], mcp_servers: bool, default_uses: u64) -> Reach {
         if self.escaped {
-            return walk(body, mcp_servers, default_uses);
+            return exactly(body, mcp_servers, default_uses);
         }
         let mut reach = self.reach;
         if mcp_servers {
@@ -139,19 +131,11 @@ impl Seen {
             match serde_json::from_slice::<Body>(body) {
                 Ok(b) => add_server_tools(&mut reach, b.tools.as_deref().unwrap_or_default(), default_uses),
                 // A duplicated key (the provider keeps the last): read it as the provider would.
-                Err(_) => return walk(body, mcp_servers, default_uses),
+                Err(_) => return exactly(body, mcp_servers, default_uses),
             }
         }
         reach
     }
-}
-
-/// Only whether some `cache_control` asks for a 1-hour TTL: the one fact pricing needs from a
-/// request no budget applies to. One `memmem` pass, several times faster than [`scan`].
-pub fn asks_one_hour_cache(body: &[u8]) -> bool {
-    static TTL: OnceLock<memchr::memmem::Finder<'static>> = OnceLock::new();
-    let finder = TTL.get_or_init(|| memchr::memmem::Finder::new(b"\"ttl\""));
-    finder.find_iter(body).any(|at| value_is(body, at + 5, b"\"1h\""))
 }
 
 /// `after` follows `\u`: `00XX` spelling a printable ASCII character. No common encoder writes
@@ -160,16 +144,21 @@ fn escapes_ascii(after: &[u8]) -> bool {
     matches!(after, [b'0', b'0', b'2'..=b'7', _, ..])
 }
 
+/// [`walk`], or an unreadable reach when serde_json cannot read the body.
+fn exactly(body: &[u8], mcp_servers: bool, default_uses: u64) -> Reach {
+    walk(body, mcp_servers, default_uses).unwrap_or(Reach { unreadable: true, ..Reach::default() })
+}
+
 /// The slow, exact path for bodies that escape ASCII: the whole document, walked. Duplicate
-/// keys keep their last value, as the provider's parser does.
-fn walk(body: &[u8], mcp_servers: bool, default_uses: u64) -> Reach {
+/// keys keep their last value, as the provider's parser does. `None` when serde_json cannot
+/// read the body (the peek has passed it, so its structure is sound; its numbers or escapes
+/// are not).
+fn walk(body: &[u8], mcp_servers: bool, default_uses: u64) -> Option<Reach> {
     let mut reach = Reach::default();
     if mcp_servers {
         reach.by_reference = Some("mcp_servers");
     }
-    let Ok(doc) = serde_json::from_slice::<Value>(body) else {
-        return reach;
-    };
+    let doc = serde_json::from_slice::<Value>(body).ok()?;
     fn visit(v: &Value, reach: &mut Reach) {
         match v {
             Value::Object(o) => {
@@ -202,7 +191,7 @@ fn walk(body: &[u8], mcp_servers: bool, default_uses: u64) -> Reach {
     if let Some(tools) = doc.get("tools").and_then(Value::as_array) {
         add_server_tools(&mut reach, tools, default_uses);
     }
-    reach
+    Some(reach)
 }
 
 /// The bytes before `at`, skipping white space, are `"type":` (so the string at `at` is the
@@ -238,12 +227,19 @@ fn trim_start(b: &[u8]) -> &[u8] {
     &b[start..]
 }
 
+/// A `max_uses` as a lenient validator could read it: `5`, `5.0`, `"5"` (rounded up).
+fn uses(v: &Value) -> Option<u64> {
+    v.as_u64()
+        .or_else(|| v.as_f64().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f.ceil() as u64))
+        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+}
+
 /// Sums the uses the `tools` allow to web search and web fetch, and notes any server tool (one
 /// that runs at the provider and brings content back).
 fn add_server_tools(reach: &mut Reach, tools: &[Value], default_uses: u64) {
     for t in tools {
         let Some(kind) = t.get("type").and_then(Value::as_str) else { continue };
-        let uses = t.get("max_uses").and_then(Value::as_u64).unwrap_or(default_uses);
+        let uses = t.get("max_uses").and_then(uses).unwrap_or(default_uses);
         if kind.starts_with("web_search_") {
             reach.web_searches = reach.web_searches.saturating_add(uses);
         } else if kind.starts_with("web_fetch_") {
@@ -261,12 +257,22 @@ mod tests {
 
     use super::*;
 
+    fn scan(body: &[u8], default_uses: u64) -> Reach {
+        peek_and_scan(body, default_uses).expect("a JSON object").1
+    }
+
+    /// What the exact walk reads, with the peek's `mcp_servers`.
+    fn exact(body: &[u8], default_uses: u64) -> Reach {
+        let peek = json_peek::peek_request(body).expect("a JSON object");
+        walk(body, peek.mcp_servers, default_uses).expect("readable")
+    }
+
     /// JSON values made of the keys and strings the scan looks for, mixed with others; some
-    /// strings hold escaped quotes, backslashes and the needles as text.
+    /// strings hold escaped quotes, backslashes, slashes, digits and the needles as text.
     fn value() -> impl Strategy<Value = Value> {
         const KEYS: [&str; 12] =
             ["type", "ttl", "url", "file", "media_type", "source", "tools", "max_uses", "name", "content", "t", "x"];
-        const WORDS: [&str; 16] = [
+        const WORDS: [&str; 17] = [
             "url",
             "file",
             "image",
@@ -283,6 +289,7 @@ mod tests {
             "say \"url\" and \"image\"",
             "a\\\"type\": \"url",
             "C:\\u0075rl/x",
+            "https://x/1.png",
         ];
         let leaf = prop_oneof![
             proptest::sample::select(&WORDS[..]).prop_map(|w| Value::String(w.to_owned())),
@@ -298,30 +305,68 @@ mod tests {
         })
     }
 
+    /// A body: a top-level object of such values (`mcp_servers` among its keys).
+    fn body() -> impl Strategy<Value = Value> {
+        const TOP: [&str; 5] = ["messages", "tools", "system", "mcp_servers", "x"];
+        proptest::collection::vec((proptest::sample::select(&TOP[..]), value()), 0..4)
+            .prop_map(|members| Value::Object(members.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()))
+    }
+
+    /// `json` with `space` after every `:` and `,` outside strings.
+    fn spaced(json: &str, space: &str) -> String {
+        let (mut out, mut in_string, mut escaped) = (String::new(), false, false);
+        for c in json.chars() {
+            out.push(c);
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if in_string => escaped = true,
+                '"' => in_string = !in_string,
+                ':' | ',' if !in_string => out.push_str(space),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// The byte offsets of the characters a client could escape as `\u00XX` (or `\/`): printable
+    /// ASCII inside a string, keys included, that is not itself part of an escape.
+    fn escapable(json: &str) -> Vec<usize> {
+        let (mut out, mut in_string, mut escaped) = (Vec::new(), false, false);
+        for (i, c) in json.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if in_string => escaped = true,
+                '"' => in_string = !in_string,
+                ' '..='~' if in_string => out.push(i),
+                _ => {}
+            }
+        }
+        out
+    }
+
     proptest! {
-        /// On any document a JSON encoder writes, the scan finds what the exact walk finds.
+        /// On any document a JSON encoder writes, with any spacing, the scan finds what the
+        /// exact walk finds.
         #[test]
-        fn finds_what_the_exact_walk_finds(doc in proptest::collection::vec((proptest::sample::select(&["messages", "tools", "system", "x"][..]), value()), 0..4), pretty: bool) {
-            let doc = Value::Object(doc.into_iter().map(|(k, v)| (k.to_owned(), v)).collect());
-            let body = if pretty { serde_json::to_vec_pretty(&doc) } else { serde_json::to_vec(&doc) }.unwrap();
-            prop_assert_eq!(scan(&body, false, 7), walk(&body, false, 7), "{}", String::from_utf8_lossy(&body));
+        fn finds_what_the_exact_walk_finds(doc in body(), space in proptest::sample::select(&["", " ", "\t", "\n  "][..]), pretty: bool) {
+            let json = if pretty { serde_json::to_string_pretty(&doc) } else { serde_json::to_string(&doc) }.unwrap();
+            let body = spaced(&json, space);
+            prop_assert_eq!(scan(body.as_bytes(), 7), exact(body.as_bytes(), 7), "{}", body);
         }
 
-        /// Escaping any byte of a string's text the way a client could (`\u00XX`) changes nothing.
+        /// Escaping any printable character of a string (`\u00XX`, or `\/` for a slash), as a
+        /// client hiding a needle could, changes nothing.
         #[test]
-        fn escaped_ascii_changes_nothing(doc in value(), at in any::<proptest::sample::Index>()) {
-            let doc = serde_json::json!({ "messages": [doc] });
+        fn escapes_change_nothing(doc in body(), at in any::<proptest::sample::Index>(), solidus: bool) {
             let plain = serde_json::to_string(&doc).unwrap();
-            // Escape one letter of the text (never a quote, a backslash or structure).
-            let letters: Vec<usize> = plain.char_indices()
-                .filter(|&(i, c)| c.is_ascii_lowercase() && plain[..i].matches('"').count() % 2 == 1)
-                .map(|(i, _)| i)
-                .collect();
-            prop_assume!(!letters.is_empty());
-            let i = letters[at.index(letters.len())];
-            let escaped = format!("{}\\u{:04x}{}", &plain[..i], plain.as_bytes()[i], &plain[i + 1..]);
-            prop_assume!(serde_json::from_str::<Value>(&escaped).ok() == Some(doc.clone()));
-            prop_assert_eq!(scan(escaped.as_bytes(), false, 7), scan(plain.as_bytes(), false, 7), "{}", escaped);
+            let places = escapable(&plain);
+            prop_assume!(!places.is_empty());
+            let i = places[at.index(places.len())];
+            let c = plain.as_bytes()[i];
+            let escape = if c == b'/' && solidus { "\\/".to_owned() } else { format!("\\u{c:04x}") };
+            let escaped = format!("{}{escape}{}", &plain[..i], &plain[i + 1..]);
+            prop_assert_eq!(serde_json::from_str::<Value>(&escaped).unwrap(), doc);
+            prop_assert_eq!(scan(escaped.as_bytes(), 7), exact(plain.as_bytes(), 7), "{}", escaped);
         }
     }
 
@@ -330,9 +375,34 @@ mod tests {
         let body = br#"{"model":"m","max_tokens":9,"mcp_servers":[{"url":"u"}],"messages":[{"role":"user","content":[{"type":"image","source":{"type":"url","url":"https://x"}}]}]}"#;
         let (peek, reach) = peek_and_scan(body, 3).unwrap();
         assert_eq!(peek, json_peek::peek_request(body).unwrap());
-        assert_eq!(reach, scan(body, true, 3));
+        assert_eq!(reach, exact(body, 3));
         assert_eq!((reach.by_reference, reach.images), (Some("mcp_servers"), 1));
         assert!(peek_and_scan(b"{\"a\":[}", 3).is_err());
+    }
+
+    #[test]
+    fn a_body_the_exact_walk_cannot_read_is_unreadable() {
+        // An escape sends the body to the exact walk; serde_json cannot hold 1e400.
+        let body =
+            br#"{"messages":[{"role":"user","content":[{"type":"image","source":{"type":"url","url":"https:\/\/x"}}]},
+            {"role":"assistant","content":[{"type":"tool_use","id":"t","name":"n","input":{"a":1e400}}]}]}"#;
+        let reach = scan(body, 3);
+        assert!(reach.unreadable);
+        // A server tool sends the body to serde too.
+        let tools = br#"{"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":5,"x":1e400}]}"#;
+        assert!(scan(tools, 3).unreadable);
+        // Without either, the fast path needs no exact read.
+        let plain = br#"{"messages":[{"role":"user","content":"x"}],"x":1e400}"#;
+        assert!(!scan(plain, 3).unreadable);
+    }
+
+    #[test]
+    fn max_uses_is_read_leniently() {
+        for (max_uses, want) in [("5", 5), ("5.0", 5), ("4.2", 5), ("\"6\"", 6), ("-1", 7), ("null", 7)] {
+            let body =
+                format!(r#"{{"tools":[{{"type":"web_search_20250305","name":"web_search","max_uses":{max_uses}}}]}}"#);
+            assert_eq!(scan(body.as_bytes(), 7).web_searches, want, "{max_uses}");
+        }
     }
 
     #[test]
@@ -342,26 +412,26 @@ mod tests {
         let body = br#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"fetch \"url\" and file_id"},
             {"role":"assistant","content":[{"type":"tool_use","id":"t","name":"Read","input":{"file_id":"f1","url":"u"}}]}],
             "tools":[{"name":"WebFetch","input_schema":{"properties":{"url":{"type":"string"},"file_id":{"type":"string"}}}}]}"#;
-        assert_eq!(scan(body, false, 10), Reach::default());
+        assert_eq!(scan(body, 10), Reach::default());
     }
 
     #[test]
     fn escaped_ascii_is_read_as_the_provider_reads_it() {
         let url = br#"{"messages":[{"role":"user","content":[{"type":"image","source":{"t\u0079pe":"\u0075rl","url":"https:\/\/x"}}]}],
             "system":[{"type":"text","text":"x","cache_control":{"type":"ephemeral","ttl":"1\u0068"}}]}"#;
-        let r = scan(url, false, 10);
+        let r = scan(url, 10);
         assert_eq!((r.by_reference, r.images, r.cache_1h), (Some(URL_SOURCE), 1, true));
         let tool = br#"{"tools":[{"type":"web\u005fsearch_20250305","name":"web_search","max_uses":4}]}"#;
-        assert_eq!(scan(tool, false, 10).web_searches, 4);
+        assert_eq!(scan(tool, 10).web_searches, 4);
         // Non-ASCII escapes (what JSON.stringify writes for control characters) keep the fast path.
         let ansi = br#"{"messages":[{"role":"user","content":"\u001b[31mred"}]}"#;
-        assert_eq!(scan(ansi, false, 10), Reach::default());
+        assert_eq!(scan(ansi, 10), Reach::default());
     }
 
     #[test]
     fn a_duplicated_max_uses_counts_as_the_provider_reads_it() {
         let body = br#"{"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":2,"max_uses":500}]}"#;
-        assert_eq!(scan(body, false, 10).web_searches, 500);
+        assert_eq!(scan(body, 10).web_searches, 500);
     }
 
     #[test]
@@ -369,40 +439,45 @@ mod tests {
         let body = br#"{"messages":[{"role":"user","content":[{"type":"image","source":{"type":"base64","media_type":"image/png","data":"iVBO"}},
             {"type": "image","source":{"type":"base64","media_type":"image/png","data":"iVBO"}},
             {"type":"document","source":{"type":"base64","media_type":"application/pdf","data":"JVBE"}}]}]}"#;
-        let r = scan(body, false, 10);
+        let r = scan(body, 10);
         assert_eq!((r.images, r.pdf, r.by_reference), (2, true, None));
     }
 
     #[test]
     fn sources_by_reference() {
         let url = br#"{"messages":[{"role":"user","content":[{"type":"image","source":{"type" : "url","url":"https://x"}}]}]}"#;
-        assert_eq!(scan(url, false, 10).by_reference, Some("source.type = \"url\""));
+        assert_eq!(scan(url, 10).by_reference, Some("source.type = \"url\""));
         let file =
             br#"{"messages":[{"role":"user","content":[{"type":"document","source":{"type":"file","file_id":"f"}}]}]}"#;
-        assert_eq!(scan(file, false, 10).by_reference, Some("source.type = \"file\""));
-        assert_eq!(scan(b"{}", true, 10).by_reference, Some("mcp_servers"));
+        assert_eq!(scan(file, 10).by_reference, Some("source.type = \"file\""));
+        assert_eq!(
+            scan(br#"{"mcp_servers":[{"type":"url","url":"https://m","name":"m"}]}"#, 10).by_reference,
+            Some("mcp_servers")
+        );
+        assert_eq!(scan(br#"{"mcp_servers":[]}"#, 10).by_reference, None);
     }
 
     #[test]
     fn server_tools_and_their_uses() {
         let body = br#"{"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":5},
             {"type":"web_fetch_20250910","name":"web_fetch"},{"name":"web_search","input_schema":{}}]}"#;
-        let r = scan(body, false, 7);
+        let r = scan(body, 7);
         assert_eq!((r.web_searches, r.web_fetches), (5, 7));
         assert!(r.by_reference.is_some());
         // A custom tool merely named like one is not a server tool.
         let custom = br#"{"tools":[{"name":"web_search_v2","type":"custom","input_schema":{}}]}"#;
-        assert_eq!(scan(custom, false, 7), Reach::default());
+        assert_eq!(scan(custom, 7), Reach::default());
     }
 
     #[test]
     fn one_hour_cache_writes() {
         let body = br#"{"system":[{"type":"text","text":"x","cache_control":{"type":"ephemeral","ttl": "1h"}}]}"#;
-        assert!(scan(body, false, 0).cache_1h);
-        assert!(asks_one_hour_cache(body));
-        assert!(!asks_one_hour_cache(br#"{"cache_control":{"type":"ephemeral","ttl":"5m"}}"#));
+        assert!(scan(body, 0).cache_1h);
+        assert!(!scan(br#"{"cache_control":{"type":"ephemeral","ttl":"5m"}}"#, 0).cache_1h);
+        // Escaped, as a client could write it.
+        assert!(scan(br#"{"cache_control":{"type":"ephemeral","ttl":"1h"}}"#, 0).cache_1h);
         let five =
             br#"{"system":[{"type":"text","text":"\"ttl\": \"1h\"","cache_control":{"type":"ephemeral","ttl":"5m"}}]}"#;
-        assert!(!scan(five, false, 0).cache_1h);
+        assert!(!scan(five, 0).cache_1h);
     }
 }

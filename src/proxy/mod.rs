@@ -199,14 +199,19 @@ impl Gateway {
             Call::VertexCountTokens => (from_vertex(&raw, None)?, None, Some(raw)),
             Call::Messages | Call::CountTokens => (raw, None, None),
         };
-        // What the body reaches beyond its bytes matters to a budget's bound, and the peek's
-        // walk finds it on the way; without a budget, pricing needs only the cache TTL.
-        let (mut peek, reach) = if budgeted && !call.counts_tokens() {
-            let (peek, reach) = references::peek_and_scan(&body, state.server_tool_uses)?;
-            (peek, Some(reach))
+        // What the body reaches beyond its bytes matters to a budget's bound (and its cache TTL
+        // to pricing): the peek's walk finds it on the way. Token counting needs neither.
+        let (mut peek, reach) = if call.counts_tokens() {
+            (peek_request(&body)?, Reach::default())
         } else {
-            (peek_request(&body)?, None)
+            references::peek_and_scan(&body, state.server_tool_uses)?
         };
+        if budgeted && reach.unreadable {
+            return Err(ApiError::invalid_request(
+                "the body holds a number beyond a 64-bit float or an unpaired surrogate escape, which the gateway \
+                 cannot read exactly to bound its cost, and a budget applies",
+            ));
+        }
         let (requested, model_span) =
             peek.model.take().ok_or_else(|| ApiError::invalid_request("model: field required"))?;
         ctx.stream = peek.stream;
@@ -225,10 +230,6 @@ impl Gateway {
         ctx.route = Some(route.clone());
         // Every route is admitted; token counting is free, so it takes a request slot and
         // reserves nothing.
-        let reach = reach.unwrap_or_else(|| Reach {
-            cache_1h: !call.counts_tokens() && references::asks_one_hour_cache(&body),
-            ..Reach::default()
-        });
         let generation = if call.counts_tokens() {
             None
         } else {
