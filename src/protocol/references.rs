@@ -19,8 +19,6 @@
 
 use std::ops::Range;
 
-use serde_json::Value;
-
 use super::json_peek::{self, JsonError, RequestPeek, Watch};
 
 /// The most tokens one image can cost: the provider scales images down to a bounded size
@@ -46,9 +44,10 @@ pub struct Reach {
     pub pdf: bool,
     /// Image blocks in the body: each may cost up to [`IMAGE_MAX_TOKENS`] whatever its size.
     pub images: u64,
-    /// The body had to be read exactly and could not be (a number beyond a 64-bit float, a
-    /// lone surrogate): nothing above can be trusted, so a budget must not admit it.
-    pub unreadable: bool,
+    /// The body had to be read exactly and serde_json could not read it (a number beyond a
+    /// 64-bit float, a lone surrogate, a grammar mistake the peek does not check): why. What
+    /// the bytes showed is above, but not all of it, so a budget must not admit the request.
+    pub unreadable: Option<String>,
 }
 
 const URL_SOURCE: &str = "source.type = \"url\"";
@@ -115,24 +114,25 @@ impl Watch for Seen {
 
 impl Seen {
     fn finish(self, body: &[u8], mcp_servers: bool, default_uses: u64) -> Reach {
-        if self.escaped {
-            return exactly(body, mcp_servers, default_uses);
-        }
-        let mut reach = self.reach;
+        let mut reach = if self.escaped {
+            match read(body, Read::Exact, default_uses) {
+                Ok(exact) => exact,
+                // What the bytes showed still holds; a budget refuses the rest.
+                Err(e) => Reach { unreadable: Some(e.to_string()), ..self.reach },
+            }
+        } else if self.server_tools {
+            // The tools as the provider reads them (a duplicated key keeps its last value).
+            match read(body, Read::Tools, default_uses) {
+                Ok(tools) => {
+                    Reach { by_reference: self.reach.by_reference.or(tools.by_reference), ..tools.merged(self.reach) }
+                }
+                Err(e) => Reach { unreadable: Some(e.to_string()), ..self.reach },
+            }
+        } else {
+            self.reach
+        };
         if mcp_servers {
             reach.by_reference = Some("mcp_servers");
-        }
-        if self.server_tools {
-            #[derive(serde::Deserialize)]
-            struct Body {
-                #[serde(default)]
-                tools: Option<Vec<Value>>,
-            }
-            match serde_json::from_slice::<Body>(body) {
-                Ok(b) => add_server_tools(&mut reach, b.tools.as_deref().unwrap_or_default(), default_uses),
-                // A duplicated key (the provider keeps the last): read it as the provider would.
-                Err(_) => return exactly(body, mcp_servers, default_uses),
-            }
         }
         reach
     }
@@ -144,54 +144,221 @@ fn escapes_ascii(after: &[u8]) -> bool {
     matches!(after, [b'0', b'0', b'2'..=b'7', _, ..])
 }
 
-/// [`walk`], or an unreadable reach when serde_json cannot read the body.
-fn exactly(body: &[u8], mcp_servers: bool, default_uses: u64) -> Reach {
-    walk(body, mcp_servers, default_uses).unwrap_or(Reach { unreadable: true, ..Reach::default() })
+/// What a serde reading of the body looks at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// Everything: sources, images, PDFs, TTLs and the tools, escapes decoded.
+    Exact,
+    /// Only the top-level `tools`; the rest is skipped unread.
+    Tools,
 }
 
-/// The slow, exact path for bodies that escape ASCII: the whole document, walked. Duplicate
-/// keys keep their last value, as the provider's parser does. `None` when serde_json cannot
-/// read the body (the peek has passed it, so its structure is sound; its numbers or escapes
-/// are not).
-fn walk(body: &[u8], mcp_servers: bool, default_uses: u64) -> Option<Reach> {
+/// Reads the body with serde_json's parser (escapes decoded, nesting limited as the peek
+/// limits it) without building the document: each object keeps only the few member values the
+/// reach depends on while its members go by, so memory stays bounded by the nesting, whatever
+/// the body's size. A member given twice counts each time (at worst a larger reservation),
+/// except the top-level `tools`, whose last value is the one the provider reads.
+fn read(body: &[u8], what: Read, default_uses: u64) -> Result<Reach, serde_json::Error> {
+    use serde::de::DeserializeSeed;
     let mut reach = Reach::default();
-    if mcp_servers {
-        reach.by_reference = Some("mcp_servers");
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let walk = Walk { reach: &mut reach, what, default_uses, keep: false, place: Place::Top };
+    walk.deserialize(&mut de)?;
+    de.end()?;
+    Ok(reach)
+}
+
+impl Reach {
+    /// `self`'s tool counts with everything else `other` found.
+    fn merged(self, other: Reach) -> Reach {
+        Reach { web_searches: self.web_searches, web_fetches: self.web_fetches, ..other }
     }
-    let doc = serde_json::from_slice::<Value>(body).ok()?;
-    fn visit(v: &Value, reach: &mut Reach) {
-        match v {
-            Value::Object(o) => {
-                let source = match o.get("type").and_then(Value::as_str) {
-                    Some("url") => Some(URL_SOURCE),
-                    Some("file") => Some(FILE_SOURCE),
-                    Some("container_upload") => Some(CONTAINER_UPLOAD),
-                    Some("image") => {
-                        reach.images += 1;
-                        None
-                    }
-                    _ => None,
-                };
-                if let Some(field) = source {
-                    reach.by_reference.get_or_insert(field);
-                }
-                if o.get("media_type").and_then(Value::as_str) == Some("application/pdf") {
-                    reach.pdf = true;
-                }
-                if o.get("ttl").and_then(Value::as_str) == Some("1h") {
-                    reach.cache_1h = true;
-                }
-                o.values().for_each(|v| visit(v, reach));
-            }
-            Value::Array(a) => a.iter().for_each(|v| visit(v, reach)),
-            _ => {}
+}
+
+/// One value of the body, read by [`read`].
+struct Walk<'r> {
+    reach: &'r mut Reach,
+    what: Read,
+    default_uses: u64,
+    /// The value's string matters to the object it is in (a `type`, say).
+    keep: bool,
+    place: Place,
+}
+
+/// Where a value is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// The body's top-level object.
+    Top,
+    /// The top-level `tools` array.
+    Tools,
+    /// One of its tools.
+    Tool,
+    /// Anywhere else.
+    Inside,
+}
+
+/// What a value comes to for the object or array around it.
+enum Got {
+    Nothing,
+    Text(String),
+    Number(u64),
+    /// An object: its `type` and `max_uses`.
+    Object(Option<String>, Option<u64>),
+}
+
+impl Got {
+    /// A `max_uses` as a lenient validator could read it: `5`, `5.0`, `"5"`, `"5.0"` (rounded up).
+    fn uses(self) -> Option<u64> {
+        let up = |f: f64| (f.is_finite() && f >= 0.0).then(|| f.ceil() as u64);
+        match self {
+            Got::Number(n) => Some(n),
+            Got::Text(s) => s.trim().parse().ok().or_else(|| s.trim().parse().ok().and_then(up)),
+            _ => None,
         }
     }
-    visit(&doc, &mut reach);
-    if let Some(tools) = doc.get("tools").and_then(Value::as_array) {
-        add_server_tools(&mut reach, tools, default_uses);
+}
+
+/// The member names the reach depends on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Key {
+    Type,
+    MediaType,
+    Ttl,
+    MaxUses,
+    Tools,
+    Other,
+}
+
+/// No type name or count is longer; a longer string is not kept.
+const MAX_KEPT: usize = 256;
+
+impl<'de> serde::de::DeserializeSeed<'de> for Walk<'_> {
+    type Value = Got;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Got, D::Error> {
+        d.deserialize_any(self)
     }
-    Some(reach)
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Key {
+    type Value = Key;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Key, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Key {
+    type Value = Key;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a member name")
+    }
+    fn visit_str<E>(self, key: &str) -> Result<Key, E> {
+        Ok(match key {
+            "type" => Key::Type,
+            "media_type" => Key::MediaType,
+            "ttl" => Key::Ttl,
+            "max_uses" => Key::MaxUses,
+            "tools" => Key::Tools,
+            _ => Key::Other,
+        })
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Walk<'_> {
+    type Value = Got;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Got, E> {
+        Ok(Got::Nothing)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Got, E> {
+        Ok(Got::Nothing)
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<Got, E> {
+        Ok(Got::Number(n))
+    }
+    fn visit_f64<E>(self, f: f64) -> Result<Got, E> {
+        Ok(if f.is_finite() && f >= 0.0 { Got::Number(f.ceil() as u64) } else { Got::Nothing })
+    }
+    fn visit_unit<E>(self) -> Result<Got, E> {
+        Ok(Got::Nothing)
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Got, E> {
+        Ok(if self.keep && s.len() <= MAX_KEPT { Got::Text(s.to_owned()) } else { Got::Nothing })
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Got, A::Error> {
+        let Walk { reach, what, default_uses, place, .. } = self;
+        let tools = place == Place::Tools;
+        let inner = if tools { Place::Tool } else { Place::Inside };
+        loop {
+            let element = Walk { reach: &mut *reach, what, default_uses, keep: false, place: inner };
+            let got = match seq.next_element_seed(element)? {
+                Some(got) => got,
+                None => return Ok(Got::Nothing),
+            };
+            // A server tool: it runs at the provider and brings content back, some for a fee.
+            if let (true, Got::Object(Some(kind), uses)) = (tools, got) {
+                let uses = uses.unwrap_or(default_uses);
+                if kind.starts_with("web_search_") {
+                    reach.web_searches = reach.web_searches.saturating_add(uses);
+                } else if kind.starts_with("web_fetch_") {
+                    reach.web_fetches = reach.web_fetches.saturating_add(uses);
+                } else if !kind.starts_with("code_execution_") {
+                    continue;
+                }
+                reach.by_reference.get_or_insert(SERVER_TOOL);
+            }
+        }
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Got, A::Error> {
+        let Walk { reach, what, default_uses, place, .. } = self;
+        let exact = what == Read::Exact;
+        let (mut kind, mut uses) = (None, None);
+        while let Some(key) = map.next_key_seed(Key::Other)? {
+            let tools = place == Place::Top && key == Key::Tools;
+            let of_tool = place == Place::Tool && matches!(key, Key::Type | Key::MaxUses);
+            if !exact && !tools && !of_tool {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                continue;
+            }
+            if tools {
+                // The provider reads the last `tools`: an earlier one's counts do not stand.
+                (reach.web_searches, reach.web_fetches) = (0, 0);
+            }
+            let inner = if tools { Place::Tools } else { Place::Inside };
+            let value = Walk { reach: &mut *reach, what, default_uses, keep: key != Key::Other, place: inner };
+            match (key, map.next_value_seed(value)?) {
+                (Key::Type, Got::Text(t)) => {
+                    if exact {
+                        let source = match t.as_str() {
+                            "url" => Some(URL_SOURCE),
+                            "file" => Some(FILE_SOURCE),
+                            "container_upload" => Some(CONTAINER_UPLOAD),
+                            "image" => {
+                                reach.images += 1;
+                                None
+                            }
+                            _ => None,
+                        };
+                        if let Some(field) = source {
+                            reach.by_reference.get_or_insert(field);
+                        }
+                    }
+                    kind = Some(t);
+                }
+                (Key::Type, _) => kind = None,
+                (Key::MediaType, Got::Text(t)) if exact && t == "application/pdf" => reach.pdf = true,
+                (Key::Ttl, Got::Text(t)) if exact && t == "1h" => reach.cache_1h = true,
+                (Key::MaxUses, got) => uses = got.uses(),
+                _ => {}
+            }
+        }
+        Ok(Got::Object(kind, uses))
+    }
 }
 
 /// The bytes before `at`, skipping white space, are `"type":` (so the string at `at` is the
@@ -227,33 +394,10 @@ fn trim_start(b: &[u8]) -> &[u8] {
     &b[start..]
 }
 
-/// A `max_uses` as a lenient validator could read it: `5`, `5.0`, `"5"` (rounded up).
-fn uses(v: &Value) -> Option<u64> {
-    v.as_u64()
-        .or_else(|| v.as_f64().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f.ceil() as u64))
-        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
-}
-
-/// Sums the uses the `tools` allow to web search and web fetch, and notes any server tool (one
-/// that runs at the provider and brings content back).
-fn add_server_tools(reach: &mut Reach, tools: &[Value], default_uses: u64) {
-    for t in tools {
-        let Some(kind) = t.get("type").and_then(Value::as_str) else { continue };
-        let uses = t.get("max_uses").and_then(uses).unwrap_or(default_uses);
-        if kind.starts_with("web_search_") {
-            reach.web_searches = reach.web_searches.saturating_add(uses);
-        } else if kind.starts_with("web_fetch_") {
-            reach.web_fetches = reach.web_fetches.saturating_add(uses);
-        } else if !kind.starts_with("code_execution_") {
-            continue;
-        }
-        reach.by_reference.get_or_insert(SERVER_TOOL);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
+    use serde_json::Value;
 
     use super::*;
 
@@ -264,7 +408,11 @@ mod tests {
     /// What the exact walk reads, with the peek's `mcp_servers`.
     fn exact(body: &[u8], default_uses: u64) -> Reach {
         let peek = json_peek::peek_request(body).expect("a JSON object");
-        walk(body, peek.mcp_servers, default_uses).expect("readable")
+        let mut reach = read(body, Read::Exact, default_uses).expect("readable");
+        if peek.mcp_servers {
+            reach.by_reference = Some("mcp_servers");
+        }
+        reach
     }
 
     /// JSON values made of the keys and strings the scan looks for, mixed with others; some
@@ -387,18 +535,51 @@ mod tests {
             br#"{"messages":[{"role":"user","content":[{"type":"image","source":{"type":"url","url":"https:\/\/x"}}]},
             {"role":"assistant","content":[{"type":"tool_use","id":"t","name":"n","input":{"a":1e400}}]}]}"#;
         let reach = scan(body, 3);
-        assert!(reach.unreadable);
-        // A server tool sends the body to serde too.
+        assert_eq!(reach.unreadable.as_deref(), Some("number out of range at line 2 column 100"));
+        // What the bytes showed still stands.
+        assert_eq!((reach.by_reference, reach.images), (Some(URL_SOURCE), 1));
+        // A server tool sends the body to serde too, but only the tools' types and uses are read.
         let tools = br#"{"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":5,"x":1e400}]}"#;
-        assert!(scan(tools, 3).unreadable);
+        assert_eq!((scan(tools, 3).unreadable, scan(tools, 3).web_searches), (None, 5));
+        let tools = br#"{"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":1e400}]}"#;
+        assert!(scan(tools, 3).unreadable.is_some());
         // Without either, the fast path needs no exact read.
         let plain = br#"{"messages":[{"role":"user","content":"x"}],"x":1e400}"#;
-        assert!(!scan(plain, 3).unreadable);
+        assert_eq!(scan(plain, 3).unreadable, None);
+    }
+
+    #[test]
+    fn every_escape_of_every_needle_is_seen() {
+        let bodies = [
+            r#"{"messages":[{"role":"user","content":[{"type":"image","source":{"type":"url","url":"https://x/a.png"}}]}]}"#,
+            r#"{"messages":[{"role":"user","content":[{"type":"document","source":{"type":"file","file_id":"f"}}]}]}"#,
+            r#"{"messages":[{"role":"user","content":[{"type":"container_upload","file_id":"f"}]}]}"#,
+            r#"{"messages":[{"role":"user","content":[{"type":"document","source":{"type":"base64","media_type":"application/pdf","data":"JVBE"}}]}]}"#,
+            r#"{"system":[{"type":"text","text":"x","cache_control":{"type":"ephemeral","ttl":"1h"}}]}"#,
+            r#"{"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":4},{"type":"web_fetch_20250910","name":"web_fetch","max_uses":"3"},{"type":"code_execution_20250825","name":"code_execution"}]}"#,
+        ];
+        for plain in bodies {
+            let want = exact(plain.as_bytes(), 7);
+            assert_ne!(want, Reach::default(), "{plain}");
+            for i in escapable(plain) {
+                let c = plain.as_bytes()[i];
+                let mut escapes = vec![format!("\\u{c:04x}"), format!("\\u{c:04X}")];
+                if c == b'/' {
+                    escapes.push("\\/".to_owned());
+                }
+                for escape in escapes {
+                    let escaped = format!("{}{escape}{}", &plain[..i], &plain[i + 1..]);
+                    assert_eq!(scan(escaped.as_bytes(), 7), want, "{escaped}");
+                }
+            }
+        }
     }
 
     #[test]
     fn max_uses_is_read_leniently() {
-        for (max_uses, want) in [("5", 5), ("5.0", 5), ("4.2", 5), ("\"6\"", 6), ("-1", 7), ("null", 7)] {
+        for (max_uses, want) in
+            [("5", 5), ("5.0", 5), ("4.2", 5), ("\"6\"", 6), ("\"50.0\"", 50), ("-1", 7), ("null", 7)]
+        {
             let body =
                 format!(r#"{{"tools":[{{"type":"web_search_20250305","name":"web_search","max_uses":{max_uses}}}]}}"#);
             assert_eq!(scan(body.as_bytes(), 7).web_searches, want, "{max_uses}");
@@ -475,7 +656,7 @@ mod tests {
         assert!(scan(body, 0).cache_1h);
         assert!(!scan(br#"{"cache_control":{"type":"ephemeral","ttl":"5m"}}"#, 0).cache_1h);
         // Escaped, as a client could write it.
-        assert!(scan(br#"{"cache_control":{"type":"ephemeral","ttl":"1h"}}"#, 0).cache_1h);
+        assert!(scan(br#"{"cache_control":{"type":"ephemeral","t\u0074l":"\u0031\u0068"}}"#, 0).cache_1h);
         let five =
             br#"{"system":[{"type":"text","text":"\"ttl\": \"1h\"","cache_control":{"type":"ephemeral","ttl":"5m"}}]}"#;
         assert!(!scan(five, 0).cache_1h);

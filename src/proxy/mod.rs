@@ -206,11 +206,10 @@ impl Gateway {
         } else {
             references::peek_and_scan(&body, state.server_tool_uses)?
         };
-        if budgeted && reach.unreadable {
-            return Err(ApiError::invalid_request(
-                "the body holds a number beyond a 64-bit float or an unpaired surrogate escape, which the gateway \
-                 cannot read exactly to bound its cost, and a budget applies",
-            ));
+        if let (true, Some(why)) = (budgeted, &reach.unreadable) {
+            return Err(ApiError::invalid_request(format!(
+                "the body cannot be read exactly ({why}), so its cost cannot be bounded, and a budget applies"
+            )));
         }
         let (requested, model_span) =
             peek.model.take().ok_or_else(|| ApiError::invalid_request("model: field required"))?;
