@@ -98,8 +98,8 @@ async fn by_reference_prompts_reserve_the_context_window() {
     assert_eq!(spent, budget);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn by_reference_prompts_can_be_refused_under_a_budget() {
+/// A gateway whose key has a budget and whose policy refuses content fetched by reference.
+async fn refusing_by_reference() -> (MockProvider, TestKey, Gateway) {
     let mock = MockProvider::start(Behavior::default()).await.unwrap();
     let key = new_key();
     let gw = start_gateway(&config(
@@ -108,6 +108,12 @@ async fn by_reference_prompts_can_be_refused_under_a_budget() {
         "budget = { usd = 100, period = \"daily\" }",
         "[controls]\nby_reference = \"refuse\"",
     ));
+    (mock, key, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_reference_prompts_can_be_refused_under_a_budget() {
+    let (mock, key, gw) = refusing_by_reference().await;
     let resp = messages_request(&gw, &key).body(by_reference_body()).send().await.unwrap();
     assert_eq!(resp.status(), 403);
     let v: Value = resp.json().await.unwrap();
@@ -137,14 +143,7 @@ async fn by_reference_prompts_can_be_refused_under_a_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn escapes_do_not_hide_content_fetched_by_reference() {
-    let mock = MockProvider::start(Behavior::default()).await.unwrap();
-    let key = new_key();
-    let gw = start_gateway(&config(
-        &mock.url(),
-        &key,
-        "budget = { usd = 100, period = \"daily\" }",
-        "[controls]\nby_reference = \"refuse\"",
-    ));
+    let (mock, key, gw) = refusing_by_reference().await;
     // `"\u0075rl"` is `"url"` to the provider, and `https:\/\/` a URL.
     let escaped = r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":[
         {"type":"image","source":{"type":"\u0075rl","url":"https:\/\/example.com\/big.png"}}]}]}"#;

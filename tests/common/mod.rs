@@ -91,47 +91,55 @@ struct Sections<'a> {
 
 /// Writes the harness's tables (with `extra` lines), then `config`, and starts the binary on it.
 fn launch(extra: Sections<'_>, envs: &[(&str, &str)], config: &str) -> Gateway {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let admin_port = other_port(port);
-    let audit_path = dir.path().join("audit.jsonl");
-    let mut store = String::new();
-    if !extra.store.contains("flush_interval") {
-        store.push_str("flush_interval = \"50ms\"\n");
+    // Another test's gateway can take a port between `free_port` and the bind: then this one
+    // exits, and is started again on other ports.
+    for attempt in 1.. {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let admin_port = other_port(port);
+        let audit_path = dir.path().join("audit.jsonl");
+        let mut store = String::new();
+        if !extra.store.contains("flush_interval") {
+            store.push_str("flush_interval = \"50ms\"\n");
+        }
+        if !extra.store.contains("spool") {
+            store.push_str(&format!("spool = \"{}/spool.jsonl\"\n", dir.path().display()));
+        }
+        store.push_str(extra.store);
+        let text = format!(
+            "[server]\nthreads = 2\ngrace_period = \"5s\"\nupgrade_socket = \"{d}/upgrade.sock\"\npid_file = \"{d}/pid\"\n{server}\n\
+             [[listener]]\naddress = \"127.0.0.1:{port}\"\n{listener}\n\
+             [admin]\naddress = \"127.0.0.1:{admin_port}\"\n{admin}\n\
+             [audit]\npath = \"{audit}\"\nflush_interval = \"20ms\"\n{audit_extra}\n\n\
+             [store]\npath = \"{d}/tollgate.db\"\n{store}\n\n{config}",
+            d = dir.path().display(),
+            audit = audit_path.display(),
+            server = extra.server,
+            listener = extra.listener,
+            admin = extra.admin,
+            audit_extra = extra.audit,
+        );
+        let config_path = dir.path().join("tollgate.toml");
+        std::fs::write(&config_path, text).unwrap();
+        let mut gw = Gateway {
+            child: None,
+            port,
+            admin_port,
+            dir,
+            audit_path,
+            config_path,
+            envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env_remove: extra.env_remove.to_vec(),
+            log_to_file: extra.log_to_file,
+        };
+        gw.spawn();
+        match gw.listening() {
+            Ok(()) => return gw,
+            Err(e) if attempt < 3 && e.stolen => continue,
+            Err(e) => panic!("{}", e.why),
+        }
     }
-    if !extra.store.contains("spool") {
-        store.push_str(&format!("spool = \"{}/spool.jsonl\"\n", dir.path().display()));
-    }
-    store.push_str(extra.store);
-    let text = format!(
-        "[server]\nthreads = 2\ngrace_period = \"5s\"\nupgrade_socket = \"{d}/upgrade.sock\"\npid_file = \"{d}/pid\"\n{server}\n\
-         [[listener]]\naddress = \"127.0.0.1:{port}\"\n{listener}\n\
-         [admin]\naddress = \"127.0.0.1:{admin_port}\"\n{admin}\n\
-         [audit]\npath = \"{audit}\"\nflush_interval = \"20ms\"\n{audit_extra}\n\n\
-         [store]\npath = \"{d}/tollgate.db\"\n{store}\n\n{config}",
-        d = dir.path().display(),
-        audit = audit_path.display(),
-        server = extra.server,
-        listener = extra.listener,
-        admin = extra.admin,
-        audit_extra = extra.audit,
-    );
-    let config_path = dir.path().join("tollgate.toml");
-    std::fs::write(&config_path, text).unwrap();
-    let mut gw = Gateway {
-        child: None,
-        port,
-        admin_port,
-        dir,
-        audit_path,
-        config_path,
-        envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        env_remove: extra.env_remove.to_vec(),
-        log_to_file: extra.log_to_file,
-    };
-    gw.spawn();
-    gw.wait_listening();
-    gw
+    unreachable!()
 }
 
 /// Starts the gateway on a complete config written by an earlier [`start_gateway`] (its ports
@@ -139,6 +147,33 @@ fn launch(extra: Sections<'_>, envs: &[(&str, &str)], config: &str) -> Gateway {
 pub fn start_gateway_raw(full_config: &str) -> Gateway {
     let body_start = full_config.find("[[provider]]").expect("a config with providers");
     start_gateway(&full_config[body_start..])
+}
+
+/// Why a gateway is not listening: it exited, and whether another process holds its port.
+struct NotListening {
+    stolen: bool,
+    why: String,
+}
+
+/// Process `pid` holds a socket listening on 127.0.0.1:`port` (read from /proc: the socket's
+/// inode in /proc/net/tcp, among the process's open files).
+fn listens(pid: u32, port: u16) -> bool {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let local = format!("0100007F:{port:04X}");
+    let inodes: Vec<String> = tcp
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 9 && f[1] == local && f[3] == "0A")
+        .map(|f| format!("socket:[{}]", f[9]))
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .any(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
 }
 
 impl Gateway {
@@ -220,17 +255,30 @@ impl Gateway {
     }
 
     fn wait_listening(&mut self) {
+        if let Err(e) = self.listening() {
+            panic!("{}", e.why);
+        }
+    }
+
+    /// Waits (up to 20 s) until this gateway's own process listens on both its ports: a
+    /// connection alone could reach another test's gateway that took a port first.
+    fn listening(&mut self) -> Result<(), NotListening> {
         let deadline = Instant::now() + Duration::from_secs(20);
+        let pid = self.child.as_ref().map(|c| c.id());
         for port in [self.port, self.admin_port] {
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            while !pid.is_some_and(|pid| listens(pid, port)) {
                 // A gateway that exited at start will not listen: say so at once, with its log.
                 if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                    panic!("the gateway exited ({status}) before listening on {port}\n{}", self.log());
+                    self.child = None;
+                    let stolen = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+                    let why = format!("the gateway exited ({status}) before listening on {port}\n{}", self.log());
+                    return Err(NotListening { stolen, why });
                 }
                 assert!(Instant::now() < deadline, "gateway did not start listening on {port}\n{}", self.log());
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        Ok(())
     }
 
     /// Waits (up to 10 s) until at least `n` usage records are written.
