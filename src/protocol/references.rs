@@ -123,9 +123,12 @@ impl Seen {
         } else if self.server_tools {
             // The tools as the provider reads them (a duplicated key keeps its last value).
             match read(body, Read::Tools, default_uses) {
-                Ok(tools) => {
-                    Reach { by_reference: self.reach.by_reference.or(tools.by_reference), ..tools.merged(self.reach) }
-                }
+                Ok(tools) => Reach {
+                    web_searches: tools.web_searches,
+                    web_fetches: tools.web_fetches,
+                    by_reference: self.reach.by_reference.or(tools.by_reference),
+                    ..self.reach
+                },
                 Err(e) => Reach { unreadable: Some(e.to_string()), ..self.reach },
             }
         } else {
@@ -168,13 +171,6 @@ fn read(body: &[u8], what: Read, default_uses: u64) -> Result<Reach, serde_json:
     Ok(reach)
 }
 
-impl Reach {
-    /// `self`'s tool counts with everything else `other` found.
-    fn merged(self, other: Reach) -> Reach {
-        Reach { web_searches: self.web_searches, web_fetches: self.web_fetches, ..other }
-    }
-}
-
 /// One value of the body, read by [`read`].
 struct Walk<'r> {
     reach: &'r mut Reach,
@@ -210,13 +206,17 @@ enum Got {
 impl Got {
     /// A `max_uses` as a lenient validator could read it: `5`, `5.0`, `"5"`, `"5.0"` (rounded up).
     fn uses(self) -> Option<u64> {
-        let up = |f: f64| (f.is_finite() && f >= 0.0).then(|| f.ceil() as u64);
         match self {
             Got::Number(n) => Some(n),
-            Got::Text(s) => s.trim().parse().ok().or_else(|| s.trim().parse().ok().and_then(up)),
+            Got::Text(s) => s.trim().parse().ok().or_else(|| s.trim().parse().ok().and_then(rounded_up)),
             _ => None,
         }
     }
+}
+
+/// A non-negative number as a whole count, rounded up; nothing for a negative or infinite one.
+fn rounded_up(f: f64) -> Option<u64> {
+    (f.is_finite() && f >= 0.0).then(|| f.ceil() as u64)
 }
 
 /// The member names the reach depends on.
@@ -280,7 +280,7 @@ impl<'de> serde::de::Visitor<'de> for Walk<'_> {
         Ok(Got::Number(n))
     }
     fn visit_f64<E>(self, f: f64) -> Result<Got, E> {
-        Ok(if f.is_finite() && f >= 0.0 { Got::Number(f.ceil() as u64) } else { Got::Nothing })
+        Ok(rounded_up(f).map_or(Got::Nothing, Got::Number))
     }
     fn visit_unit<E>(self) -> Result<Got, E> {
         Ok(Got::Nothing)

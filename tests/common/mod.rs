@@ -93,53 +93,59 @@ struct Sections<'a> {
 fn launch(extra: Sections<'_>, envs: &[(&str, &str)], config: &str) -> Gateway {
     // Another test's gateway can take a port between `free_port` and the bind: then this one
     // exits, and is started again on other ports.
-    for attempt in 1.. {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let admin_port = other_port(port);
-        let audit_path = dir.path().join("audit.jsonl");
-        let mut store = String::new();
-        if !extra.store.contains("flush_interval") {
-            store.push_str("flush_interval = \"50ms\"\n");
-        }
-        if !extra.store.contains("spool") {
-            store.push_str(&format!("spool = \"{}/spool.jsonl\"\n", dir.path().display()));
-        }
-        store.push_str(extra.store);
-        let text = format!(
-            "[server]\nthreads = 2\ngrace_period = \"5s\"\nupgrade_socket = \"{d}/upgrade.sock\"\npid_file = \"{d}/pid\"\n{server}\n\
-             [[listener]]\naddress = \"127.0.0.1:{port}\"\n{listener}\n\
-             [admin]\naddress = \"127.0.0.1:{admin_port}\"\n{admin}\n\
-             [audit]\npath = \"{audit}\"\nflush_interval = \"20ms\"\n{audit_extra}\n\n\
-             [store]\npath = \"{d}/tollgate.db\"\n{store}\n\n{config}",
-            d = dir.path().display(),
-            audit = audit_path.display(),
-            server = extra.server,
-            listener = extra.listener,
-            admin = extra.admin,
-            audit_extra = extra.audit,
-        );
-        let config_path = dir.path().join("tollgate.toml");
-        std::fs::write(&config_path, text).unwrap();
-        let mut gw = Gateway {
-            child: None,
-            port,
-            admin_port,
-            dir,
-            audit_path,
-            config_path,
-            envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            env_remove: extra.env_remove.to_vec(),
-            log_to_file: extra.log_to_file,
-        };
-        gw.spawn();
-        match gw.listening() {
-            Ok(()) => return gw,
-            Err(e) if attempt < 3 && e.stolen => continue,
+    let mut attempt = 1;
+    loop {
+        match launch_once(&extra, envs, config) {
+            Ok(gw) => return gw,
+            Err(e) if e.stolen && attempt < 3 => attempt += 1,
             Err(e) => panic!("{}", e.why),
         }
     }
-    unreachable!()
+}
+
+/// [`launch`] on two free ports, once.
+fn launch_once(extra: &Sections<'_>, envs: &[(&str, &str)], config: &str) -> Result<Gateway, NotListening> {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin_port = other_port(port);
+    let audit_path = dir.path().join("audit.jsonl");
+    let mut store = String::new();
+    if !extra.store.contains("flush_interval") {
+        store.push_str("flush_interval = \"50ms\"\n");
+    }
+    if !extra.store.contains("spool") {
+        store.push_str(&format!("spool = \"{}/spool.jsonl\"\n", dir.path().display()));
+    }
+    store.push_str(extra.store);
+    let text = format!(
+        "[server]\nthreads = 2\ngrace_period = \"5s\"\nupgrade_socket = \"{d}/upgrade.sock\"\npid_file = \"{d}/pid\"\n{server}\n\
+         [[listener]]\naddress = \"127.0.0.1:{port}\"\n{listener}\n\
+         [admin]\naddress = \"127.0.0.1:{admin_port}\"\n{admin}\n\
+         [audit]\npath = \"{audit}\"\nflush_interval = \"20ms\"\n{audit_extra}\n\n\
+         [store]\npath = \"{d}/tollgate.db\"\n{store}\n\n{config}",
+        d = dir.path().display(),
+        audit = audit_path.display(),
+        server = extra.server,
+        listener = extra.listener,
+        admin = extra.admin,
+        audit_extra = extra.audit,
+    );
+    let config_path = dir.path().join("tollgate.toml");
+    std::fs::write(&config_path, text).unwrap();
+    let mut gw = Gateway {
+        child: None,
+        port,
+        admin_port,
+        dir,
+        audit_path,
+        config_path,
+        envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        env_remove: extra.env_remove.to_vec(),
+        log_to_file: extra.log_to_file,
+    };
+    gw.spawn();
+    gw.listening()?;
+    Ok(gw)
 }
 
 /// Starts the gateway on a complete config written by an earlier [`start_gateway`] (its ports
