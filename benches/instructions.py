@@ -260,11 +260,13 @@ def breakdown(profile, n):
             for k in {fn, name}:
                 costs[k] = max(costs.get(k, 0), int(m.group(1).replace(",", "")))
     rows = [("total", costs.get("PROGRAM TOTALS", max(costs.values(), default=0)))]
+    # A function the optimizer inlined everywhere (fat LTO does this to small ones) has no
+    # entry of its own: None, and its cost is in its callers' rows.
     for label, fn in COMPONENTS:
-        rows.append((label, max((v for k, v in costs.items() if fn in k), default=0)))
+        rows.append((label, max((v for k, v in costs.items() if fn in k), default=None)))
     if any(fn == "_rjem_malloc" for _, fn in COMPONENTS):
-        rows[-1] = (rows[-1][0], rows[-1][1] + max((v for k, v in costs.items() if "_rjem_sdallocx" in k), default=0))
-    return [(label, round(v / n)) for label, v in rows]
+        rows[-1] = (rows[-1][0], (rows[-1][1] or 0) + max((v for k, v in costs.items() if "_rjem_sdallocx" in k), default=0))
+    return [(label, None if v is None else round(v / n)) for label, v in rows]
 
 
 def main():
@@ -295,7 +297,7 @@ def main():
             print(f"\n{kind}: instructions per request, by part (inclusive)\n")
             print("| part | instructions |\n|---|---|")
             for label, v in breakdown(pathlib.Path(args.profile) / f"callgrind.{kind}.out", args.requests):
-                print(f"| {label} | {v:,} |")
+                print(f"| {label} | {'inlined: in its caller' if v is None else f'{v:,}'} |")
     if args.update:
         base = json.loads(BASELINE.read_text()) if BASELINE.exists() else {"margin": 0.05}
         base["instructions_per_request"] = got

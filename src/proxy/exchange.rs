@@ -29,6 +29,10 @@ const STALE_RETRIES: usize = 2;
 
 impl Gateway {
     /// Streams the chosen attempt's answer to the client, metering it on the way.
+    ///
+    /// This future is held for the whole answer, a long stream's included, so the paths few
+    /// answers take (an error to reshape, a token count, a client gone) are boxed: their
+    /// futures would otherwise set its size.
     pub(super) async fn stream_answer(
         &self,
         session: &mut Session,
@@ -49,10 +53,10 @@ impl Gateway {
         // An error from a provider that speaks another format than the client's is reshaped;
         // from one that speaks the client's own, it streams through as it came.
         if !upstream_header.status.is_success() && !same_format(ctx.format, provider.kind) {
-            return self.answer_provider_error(session, ctx, up, provider, &peer).await;
+            return Box::pin(self.answer_provider_error(session, ctx, up, provider, &peer)).await;
         }
         if matches!(transcode, Transcode::BedrockCountTokens | Transcode::CountTokensForBedrock) {
-            return self.answer_count(session, ctx, up, provider, &peer, transcode).await;
+            return Box::pin(self.answer_count(session, ctx, up, provider, &peer, transcode)).await;
         }
         // The meter reads SSE. A Bedrock event stream is decoded for it; the client gets SSE,
         // or the frames as they came when it speaks Bedrock itself. An SSE stream goes to a
@@ -78,7 +82,7 @@ impl Gateway {
 
         session.set_write_timeout(Some(self.client_write_timeout));
         if session.write_response_header(Box::new(out), false).await.is_err() {
-            return self.client_gone(ctx, meter, up, provider, &peer).await;
+            return Box::pin(self.client_gone(ctx, meter, up, provider, &peer)).await;
         }
         up.set_read_timeout(Some(provider.idle_timeout));
         // (what the meter reads, what the client gets) for one upstream chunk.
@@ -124,7 +128,7 @@ impl Gateway {
                     ctx.ttfb = Some(ctx.start.elapsed());
                 }
                 if session.write_response_body(Some(chunk), false).await.is_err() {
-                    return self.client_gone(ctx, meter, up, provider, &peer).await;
+                    return Box::pin(self.client_gone(ctx, meter, up, provider, &peer)).await;
                 }
             }
             match end {

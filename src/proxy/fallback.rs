@@ -178,24 +178,29 @@ impl Gateway {
                     let remaining = deadline.saturating_duration_since(now);
                     let timeout = provider.first_byte_timeout.min(remaining);
                     let cut_by_deadline = timeout < provider.first_byte_timeout;
-                    let result = match self.upstream_request(session, &provider, &endpoint, &credential, &out) {
-                        // The deadline bounds the whole attempt, writing a large body included.
-                        // Whether the request was written whole when it struck is not known:
-                        // count it as written.
-                        // Pingora's timer wheel: no syscall to arm it on every attempt.
-                        Ok(r) => pingora_timeout::fast_timeout::fast_timeout(
-                            remaining,
-                            self.send(&provider, &endpoint, r, out.body.clone(), timeout),
-                        )
-                        .await
-                        .unwrap_or_else(|_| {
-                            let error = ApiError::gateway_timeout(format!("model {}: deadline reached", route.name));
-                            Err(SendError { error, written: true })
-                        }),
-                        Err(error) => Err(SendError { error, written: false }),
-                    };
-                    record.latency_ms = attempt_started.elapsed().as_secs_f64() * 1e3;
-                    let mut up = match result {
+                    // Sent and timed in one expression down to `up`: a named result would keep a
+                    // slot of its own beside `up`'s in this future, for the whole answer.
+                    let mut up = match {
+                        let sent = match self.upstream_request(session, &provider, &endpoint, &credential, &out) {
+                            // The deadline bounds the whole attempt, writing a large body included.
+                            // Whether the request was written whole when it struck is not known:
+                            // count it as written.
+                            // Pingora's timer wheel: no syscall to arm it on every attempt.
+                            Ok(r) => pingora_timeout::fast_timeout::fast_timeout(
+                                remaining,
+                                self.send(&provider, &endpoint, r, out.body.clone(), timeout),
+                            )
+                            .await
+                            .unwrap_or_else(|_| {
+                                let error =
+                                    ApiError::gateway_timeout(format!("model {}: deadline reached", route.name));
+                                Err(SendError { error, written: true })
+                            }),
+                            Err(error) => Err(SendError { error, written: false }),
+                        };
+                        record.latency_ms = attempt_started.elapsed().as_secs_f64() * 1e3;
+                        sent
+                    } {
                         Ok(up) => up,
                         Err(SendError { error: e, written }) => {
                             // A timeout the deadline shortened says nothing about the endpoint.
