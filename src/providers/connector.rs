@@ -34,9 +34,11 @@ impl Connector {
 
     /// Returns a connection whose exchange is over to the pool, if it can be reused.
     ///
-    /// Boxed: Pingora's release future (about 3 KB, for the shutdown of a connection it will
-    /// not keep) would otherwise widen every future that awaits it, and those are held for
-    /// the whole answer: a long stream would keep 3 KB it uses only at its end.
+    /// Boxed: the release future is about 3 KB (the connection is held by value at each level
+    /// of Pingora's release) and would otherwise widen every future that awaits it, and those
+    /// are held for the whole answer: a long stream would keep 3 KB it uses only at its end.
+    /// Every answer pays one allocation here instead, which costs less than moving 3 KB more
+    /// through every level of the request's future.
     pub fn release<'a>(
         &'a self,
         session: HttpSession,
