@@ -239,7 +239,7 @@ async fn sighup_reopens_the_file_an_outside_rotator_moved() {
     std::fs::rename(&gw.audit_path, &moved).unwrap();
     // Before the signal: still the moved file.
     send(&gw, &key, false).await;
-    std::thread::sleep(Duration::from_millis(200));
+    wait_lines(&moved, 4);
     gw.signal("HUP");
     let deadline = Instant::now() + Duration::from_secs(5);
     while !gw.audit_path.exists() {
@@ -249,9 +249,18 @@ async fn sighup_reopens_the_file_an_outside_rotator_moved() {
     for _ in 0..2 {
         send(&gw, &key, false).await;
     }
-    std::thread::sleep(Duration::from_millis(300));
+    wait_lines(&gw.audit_path, 2);
     assert_eq!(lines_of(&moved).len(), 4);
     assert_eq!(lines_of(&gw.audit_path).len(), 2);
+}
+
+/// Waits (up to 10 s) until the file at `path` holds `n` whole lines.
+fn wait_lines(path: &Path, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() || lines_of(path).len() < n {
+        assert!(Instant::now() < deadline, "{} never held {n} lines", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `store.record_refused = false`: a key hammering on its rate limit leaves ledger rows only
@@ -266,6 +275,8 @@ async fn refusals_can_stay_out_of_the_ledger() {
         statuses.push(send(&gw, &key, false).await.0);
     }
     assert_eq!(statuses, [200, 200, 429, 429, 429, 429, 429, 429, 429, 429]);
+    // Every request's record is written after its row is queued: then the ledger has them all.
+    wait_records(&gw, 10);
     let usage = admin_usage(&gw).await;
     assert_eq!(usage["rows"][0]["requests"], 2, "{usage}");
     assert_eq!(usage["rows"].as_array().unwrap().len(), 1, "{usage}");
@@ -281,6 +292,7 @@ async fn refusals_can_stay_out_of_the_ledger() {
     for _ in 0..10 {
         send(&gw, &key, false).await;
     }
+    wait_records(&gw, 10);
     assert_eq!(admin_usage(&gw).await["rows"][0]["requests"], 10);
 }
 

@@ -258,6 +258,9 @@ async fn team_budget_is_shared_and_unpriced_models_are_refused() {
     let usage = usage_at_worst_case();
     assert_eq!(send(&gw, &key, &[("x-mock-usage", &usage)]).await.0, 200);
     assert_eq!(send(&gw, &other, &[("x-mock-usage", &usage)]).await.0, 200);
+    // Both settled (a request's record is written after it settles): until then the next one
+    // would be told the budget is held by requests in flight (429), not spent.
+    gw.wait_for_records(2);
     let (status, _, text) = send(&gw, &key, &[]).await;
     assert_eq!(status, 403);
     assert!(text.contains("monthly budget of team \"t\""), "{text}");

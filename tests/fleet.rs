@@ -925,8 +925,15 @@ async fn redis_over_tls_with_a_password_and_a_private_ca() {
     let usage = worst_usage();
     let worst = [("x-mock-usage", usage.as_str())];
     let mut statuses = Vec::new();
-    for _ in 0..5 {
-        statuses.push(send(&gw, &key, body(), &worst).await.0);
+    while statuses.len() < 5 {
+        let (status, _, text) = send(&gw, &key, body(), &worst).await;
+        // A reservation settles in Redis after the answer is sent: until it has, the next
+        // request is told the budget is held by requests in flight. Ask again.
+        if status == 429 && text.contains("held by requests in flight") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        statuses.push(status);
     }
     assert_eq!(statuses, [200, 200, 200, 403, 403], "three worst cases fit the budget");
 

@@ -884,6 +884,8 @@ async fn jwt_principal_spend_survives_a_restart() {
     for _ in 0..2 {
         assert_eq!(send_full(&gw, &alice, false, &worst).await.status, 200);
     }
+    // Settled first (the record is written after that), or the budget is only held: 429.
+    gw.wait_for_records(2);
     assert_eq!(send_full(&gw, &alice, false, &worst).await.status, 403);
     assert!(gw.stop().success());
 

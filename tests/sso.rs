@@ -388,9 +388,18 @@ async fn claude_code_after_tollgate_login_is_governed_as_the_person_and_their_te
     assert_eq!(result["is_error"], false, "{stdout}");
 
     // Every request Claude Code made is the person's, in their team, on their own key scope.
-    gw.wait_for_records(1);
-    let records = gw.records();
-    assert!(!records.is_empty());
+    // Claude Code has exited, but its last request's record may still be on its way: a row is
+    // queued for the ledger before its record is written, so wait until the two agree.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (records, usage) = loop {
+        let records = gw.records();
+        let usage = admin(&gw, reqwest::Method::GET, "/admin/usage?group_by=user,team").await;
+        if !records.is_empty() && usage["rows"][0]["requests"].as_u64() == Some(records.len() as u64) {
+            break (records, usage);
+        }
+        assert!(Instant::now() < deadline, "{} records; the ledger: {usage}", records.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     for r in &records {
         assert_eq!(r["user"], "alice@example.com", "{r}");
         assert_eq!(r["team"], "eng", "{r}");
@@ -399,7 +408,6 @@ async fn claude_code_after_tollgate_login_is_governed_as_the_person_and_their_te
         assert_eq!(r["status"], 200, "{r}");
     }
     // And the ledger says the same, to the nano-dollar of the audit records.
-    let usage = admin(&gw, reqwest::Method::GET, "/admin/usage?group_by=user,team").await;
     let rows = usage["rows"].as_array().cloned().unwrap_or_default();
     let cost: u64 = records.iter().map(|r| r["cost_nanos"].as_u64().unwrap()).sum();
     assert_eq!(rows.len(), 1, "{usage}");
@@ -469,7 +477,7 @@ async fn groups_give_models_budgets_and_settings_and_a_group_change_applies_at_t
     assert_eq!((status, body["error"]["type"].as_str()), (403, Some("permission_error")), "{body}");
 
     // Each person's own budget is their first group's, counting what they spent.
-    gw.wait_for_records(3);
+    gw.wait_for_records(4);
     let spent = |user: &str| {
         tollgate::metering::usd(
             gw.records().iter().filter(|r| r["user"] == user).map(|r| r["cost_nanos"].as_u64().unwrap()).sum(),
