@@ -23,13 +23,18 @@ impl Connector {
     }
 
     /// A pooled connection to `peer`, or a new one; the flag says whether it was pooled.
-    pub async fn session(&self, peer: &HttpPeer) -> pingora::Result<(HttpSession, bool)> {
+    ///
+    /// The connection comes boxed. It is about 470 bytes, and every future that holds it for
+    /// the answer (the attempt's, the answer's) would otherwise keep a slot of that size: the
+    /// box takes the future a request holds for its whole answer, a long stream's included,
+    /// into a smaller allocation class.
+    pub async fn session(&self, peer: &HttpPeer) -> pingora::Result<(Box<HttpSession>, bool)> {
         if let Some(h1) = self.h1.reused_http_session(peer).await {
-            return Ok((HttpSession::H1(h1), true));
+            return Ok((Box::new(HttpSession::H1(h1)), true));
         }
         // Boxed: connecting (the TLS handshake included) is a large future, built only here.
         let (h1, reused) = Box::pin(self.h1.get_http_session(peer)).await?;
-        Ok((HttpSession::H1(h1), reused))
+        Ok((Box::new(HttpSession::H1(h1)), reused))
     }
 
     /// Returns a connection whose exchange is over to the pool, if it can be reused.
@@ -41,12 +46,12 @@ impl Connector {
     /// through every level of the request's future.
     pub fn release<'a>(
         &'a self,
-        session: HttpSession,
+        session: Box<HttpSession>,
         peer: &'a HttpPeer,
         idle_timeout: std::time::Duration,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
-            if let HttpSession::H1(h1) = session {
+            if let HttpSession::H1(h1) = *session {
                 self.h1.release_http_session(h1, peer, Some(idle_timeout)).await;
             }
         })

@@ -37,7 +37,7 @@ impl Gateway {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        mut up: HttpSession,
+        mut up: Box<HttpSession>,
         provider: &Provider,
         // Held until the answer ends: the endpoint counts this request as in flight.
         in_flight: InFlight,
@@ -184,7 +184,7 @@ impl Gateway {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        mut up: HttpSession,
+        mut up: Box<HttpSession>,
         provider: &Provider,
         peer: &HttpPeer,
     ) -> Result<(), ApiError> {
@@ -215,7 +215,7 @@ impl Gateway {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        mut up: HttpSession,
+        mut up: Box<HttpSession>,
         provider: &Provider,
         peer: &HttpPeer,
         transcode: Transcode,
@@ -241,7 +241,7 @@ impl Gateway {
         &self,
         ctx: &mut RequestCtx,
         mut meter: ResponseMeter,
-        mut up: HttpSession,
+        mut up: Box<HttpSession>,
         provider: &Provider,
         peer: &HttpPeer,
     ) -> Result<(), ApiError> {
@@ -277,7 +277,7 @@ impl Gateway {
         req: RequestHeader,
         body: Bytes,
         first_byte_timeout: Duration,
-    ) -> Result<HttpSession, SendError> {
+    ) -> Result<Box<HttpSession>, SendError> {
         let unwritten = |error| SendError { error, written: false };
         let peer = endpoint
             .peer()
