@@ -210,22 +210,50 @@ async fn non_stream_round_trip_with_bearer_key() {
 async fn one_megabyte_body_is_forwarded_with_only_model_rewritten() {
     let s = setup().await;
     let original = messages_body("sonnet", false, 1 << 20);
+    let received = forwarded_with_model_rewritten(&s, &original, 0).await;
+    assert!(received > 1 << 20);
+}
+
+/// A large body goes upstream as pieces of the client's bytes around the new `model` value;
+/// wherever the value sits (first, between two large members, last), the provider must get
+/// exactly the body with that value changed, and a `content-length` that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_with_model_anywhere_arrive_exact() {
+    let s = setup().await;
+    let pad = "p".repeat(40_000);
+    let message = format!(r#"[{{"role":"user","content":"{pad}"}}]"#);
+    let short_message = format!(r#"[{{"role":"user","content":"{}"}}]"#, "q".repeat(8_500));
+    let bodies = [
+        format!(r#"{{"model":"sonnet","max_tokens":64,"messages":{message}}}"#),
+        format!(r#"{{"max_tokens":64,"messages":{message},"model":"sonnet","system":"{pad}"}}"#),
+        format!(r#"{{"max_tokens":64,"messages":{message},"model":"sonnet"}}"#),
+        // Just over the size from which the body goes in pieces, the value in the middle.
+        format!(r#"{{"system":"{}","model":"sonnet","max_tokens":64,"messages":{short_message}}}"#, "s".repeat(8_000)),
+    ];
+    for (i, original) in bodies.iter().enumerate() {
+        forwarded_with_model_rewritten(&s, original, i).await;
+    }
+}
+
+/// Sends `original` (model `sonnet`) and checks that the provider got it with only the model's
+/// value changed, as its `index`-th request; returns the length it got.
+async fn forwarded_with_model_rewritten(s: &Setup, original: &str, index: usize) -> usize {
     let resp = client()
         .post(s.gw.url("/v1/messages"))
         .header("x-api-key", &s.alice.key)
         .header("anthropic-version", "2023-06-01")
-        .body(original.clone())
+        .body(original.to_string())
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 200);
-    let received = &s.mock.received()[0];
+    assert_eq!(resp.status(), 200, "body {index}");
+    let received = &s.mock.received()[index];
     let expected = original.replacen("\"model\":\"sonnet\"", "\"model\":\"claude-sonnet-4-5-20250929\"", 1);
     assert_ne!(expected, original);
-    assert!(received.body.len() > 1 << 20);
-    assert_eq!(received.body.len(), expected.len());
-    assert!(received.body == expected.as_bytes(), "only the model value may change");
-    assert_eq!(received.headers["content-length"], expected.len().to_string());
+    assert_eq!(received.body.len(), expected.len(), "body {index}");
+    assert!(received.body == expected.as_bytes(), "body {index}: only the model value may change");
+    assert_eq!(received.headers["content-length"], expected.len().to_string(), "body {index}");
+    received.body.len()
 }
 
 /// Sends a request and checks the gateway's own error: status, Anthropic shape, request id.

@@ -190,6 +190,10 @@ def tollgate_config(upstream_port, key_hash, fleet=False, otel=False):
     # Every request traced (sampling 100 %) and exported to a sink that takes each batch.
     telemetry = (f'[telemetry]\notlp_endpoint = "http://127.0.0.1:{PORTS["otlp"]}/v1/traces"\nsample_ratio = 1.0'
                  if otel else "")
+    # Every start gets an empty ledger and audit log: a SQLite file grown by earlier runs makes
+    # each insert dearer (a later run's writer took half as much CPU again per request).
+    for old in [*WORK.glob("tollgate.db*"), *WORK.glob("tollgate-audit.jsonl*")]:
+        old.unlink()
     (WORK / "tollgate.toml").write_text(f"""
 {fleet_tables}
 [server]

@@ -32,7 +32,7 @@ pub use endpoint::{Endpoint, EndpointRef, PeerSettings};
 pub use google::{unix_now, TokenSource};
 pub use health::{now_ms, HealthPolicy, PassiveHealth};
 pub use pool::{Balancer, Pool, Schedule, Selection};
-pub use sigv4::{payload_hash, AwsSigner};
+pub use sigv4::{payload_hash, payload_hash_of, AwsSigner};
 
 /// One credential of a provider, with its own cool-down (a 429 is often per key).
 #[derive(Debug)]

@@ -82,13 +82,32 @@ impl AwsSigner {
 
 /// A request body's SHA-256 as SigV4 signs it (lowercase hex).
 pub fn payload_hash(body: &[u8]) -> String {
+    payload_hash_of([body])
+}
+
+/// The SHA-256 of a body written in pieces, as of the pieces joined.
+pub fn payload_hash_of<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> String {
     use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(body))
+    let mut hasher = sha2::Sha256::new();
+    for piece in pieces {
+        hasher.update(piece);
+    }
+    hex::encode(hasher.finalize())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_body_in_pieces_hashes_as_the_body_joined() {
+        let body = br#"{"model":"claude-sonnet-4-5-20250929","messages":[]}"#;
+        assert_eq!(payload_hash_of([&body[..9], &body[9..37], &body[37..]]), payload_hash(body));
+        // SHA-256 of nothing, as AWS documents it for an empty payload.
+        let empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        assert_eq!(payload_hash_of(std::iter::empty::<&[u8]>()), empty);
+        assert_eq!(payload_hash(b""), empty);
+    }
 
     /// AWS's published SigV4 test suite (the copy shipped in the aws-sigv4 crate,
     /// `aws-signing-test-suite/v4`): credentials, region, service and time of every case.

@@ -5,6 +5,7 @@
 
 use bytes::Bytes;
 
+use super::payload::Payload;
 use super::{with_model, ApiError};
 use crate::config::ProviderKind;
 use crate::protocol::inbound::Format;
@@ -34,7 +35,7 @@ pub(super) struct Answer {
 
 /// One deployment's request.
 pub(super) struct Outbound {
-    pub body: Bytes,
+    pub body: Payload,
     /// The path to send to; `None` keeps the client's (with its query).
     pub path: Option<String>,
     pub transcode: Transcode,
@@ -126,7 +127,7 @@ pub(super) fn outbound(provider: &Provider, req: &Inbound<'_>, model_id: &str) -
 fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: &Betas) -> Result<Outbound, ApiError> {
     match provider.kind {
         ProviderKind::Anthropic => Ok(Outbound {
-            body: with_model(req.body.clone(), req.model_span.clone(), req.requested, model_id),
+            body: with_model(req.body, req.model_span.clone(), req.requested, model_id),
             path: match req.format {
                 Format::Anthropic => None,
                 _ if req.count_tokens => Some("/v1/messages/count_tokens".into()),
@@ -155,10 +156,10 @@ fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: 
             let drop_headers: &'static [&'static str] = &["anthropic-version", "anthropic-beta"];
             Ok(if req.count_tokens {
                 Outbound {
-                    body: match as_it_came {
+                    body: Payload::whole(match as_it_came {
                         Some(body) => body,
                         None => bedrock::count_tokens_body(&rebuilt()?),
-                    },
+                    }),
                     path: Some(bedrock::count_tokens_path(model_id)),
                     // A Bedrock client reads Bedrock's own answer.
                     transcode: if req.format == Format::Bedrock {
@@ -174,10 +175,10 @@ fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: 
                 }
             } else {
                 Outbound {
-                    body: match as_it_came {
+                    body: Payload::whole(match as_it_came {
                         Some(body) => body,
                         None => rebuilt()?,
-                    },
+                    }),
                     path: Some(bedrock::invoke_path(model_id, req.stream)),
                     transcode: if req.stream { Transcode::BedrockStream } else { Transcode::None },
                     drop_headers,
@@ -202,11 +203,11 @@ fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: 
                             .model
                             .map(|(_, span)| span)
                             .ok_or_else(|| ApiError::invalid_request("model: field required"))?;
-                        with_model(original.clone(), span, req.requested, model_id)
+                        with_model(original, span, req.requested, model_id)
                     }
                     _ => {
-                        let with_id = with_model(req.body.clone(), req.model_span.clone(), req.requested, model_id);
-                        vertex::count_tokens_body(&with_id)?
+                        let with_id = with_model(req.body, req.model_span.clone(), req.requested, model_id);
+                        Payload::whole(vertex::count_tokens_body(&with_id.to_bytes())?)
                     }
                 };
                 Outbound {
@@ -221,10 +222,10 @@ fn outbound_with(provider: &Provider, req: &Inbound<'_>, model_id: &str, betas: 
                 }
             } else {
                 // A Vertex client's body goes to Vertex as it came.
-                let body = match (req.format, req.original) {
+                let body = Payload::whole(match (req.format, req.original) {
                     (Format::Vertex, Some(original)) => original.clone(),
                     _ => vertex::request_body(req.body)?,
-                };
+                });
                 Outbound {
                     body,
                     path: Some(vertex::predict_path(project, region, model_id, req.stream)),

@@ -16,6 +16,7 @@ use super::errors::{for_client, same_format};
 use super::fallback::InFlight;
 use super::headers::response_for_client;
 use super::meter::ResponseMeter;
+use super::payload::Payload;
 use super::{ApiError, Gateway, RequestCtx};
 use crate::config::ProviderKind;
 use crate::metering::Outcome;
@@ -270,12 +271,15 @@ impl Gateway {
     /// retried on another connection, but only while the request was not yet written whole.
     /// Once it was, the provider may be generating, and billing, the answer, so nothing is sent
     /// again here; the error says the request was written ([`SendError::written`]).
+    ///
+    /// The body goes as its pieces ([`Payload`]), each a write bounded by the provider's idle
+    /// timeout; the attempt's deadline bounds them all.
     pub(super) async fn send(
         &self,
         provider: &Provider,
         endpoint: &Endpoint,
         req: RequestHeader,
-        body: Bytes,
+        body: &Payload,
         first_byte_timeout: Duration,
     ) -> Result<Box<HttpSession>, SendError> {
         let unwritten = |error| SendError { error, written: false };
@@ -298,7 +302,9 @@ impl Gateway {
             up.set_write_timeout(Some(provider.idle_timeout));
             let written = async {
                 up.write_request_header(Box::new(req.clone())).await?;
-                up.write_request_body(body.clone(), true).await?;
+                for piece in body.pieces() {
+                    up.write_request_body(piece.clone(), false).await?;
+                }
                 up.finish_request_body().await
             }
             .await;

@@ -188,7 +188,7 @@ impl Gateway {
                             // Pingora's timer wheel: no syscall to arm it on every attempt.
                             Ok(r) => pingora_timeout::fast_timeout::fast_timeout(
                                 remaining,
-                                self.send(&provider, &endpoint, r, out.body.clone(), timeout),
+                                self.send(&provider, &endpoint, r, &out.body, timeout),
                             )
                             .await
                             .unwrap_or_else(|_| {
@@ -384,7 +384,9 @@ impl Gateway {
             Auth::SigV4(signer) => {
                 let host = endpoint.host_header.to_str().unwrap_or_default();
                 let url = format!("{}://{host}{target}", endpoint.url.scheme());
-                let hash = out.payload_hash.get_or_init(|| crate::providers::payload_hash(&out.body));
+                let hash = out
+                    .payload_hash
+                    .get_or_init(|| crate::providers::payload_hash_of(out.body.pieces().map(|p| &p[..])));
                 let signed = signer
                     .sign_hashed(
                         "POST",

@@ -19,6 +19,7 @@ mod headers;
 mod identity;
 mod meter;
 mod models;
+mod payload;
 mod sso;
 
 use std::collections::HashMap;
@@ -36,6 +37,7 @@ use pingora_proxy::{ProxyHttp, Session};
 pub use context::{Client, RequestCtx};
 pub use errors::ApiError;
 pub use headers::REQUEST_ID_HEADER;
+use payload::Payload;
 
 use crate::audit::AuditLog;
 use crate::config::Config;
@@ -43,7 +45,7 @@ use crate::limits::ScopeKind;
 use crate::metering::Outcome;
 use crate::metrics::Metrics;
 use crate::protocol::inbound::{from_bedrock, from_vertex, parse_path, Call};
-use crate::protocol::json_peek::{peek_request, replace_string_value};
+use crate::protocol::json_peek::peek_request;
 use crate::protocol::references::{self, Reach};
 use crate::runtime::Runtime;
 use crate::runtime::{SharedState, State};
@@ -337,13 +339,13 @@ fn session_key(req: &pingora::http::RequestHeader, body: &[u8], metadata: Option
         .unwrap_or_default()
 }
 
-/// The body with `model` set to `model_id`. Takes the original by value so that, when a copy is
-/// made, the original is freed now rather than held for the whole answer.
-fn with_model(body: Bytes, span: std::ops::Range<usize>, requested: &str, model_id: &str) -> Bytes {
+/// The body with `model` set to `model_id`: the client's own bytes when that is the name it
+/// asked for, else its bytes around the new value (see [`Payload`]).
+fn with_model(body: &Bytes, span: std::ops::Range<usize>, requested: &str, model_id: &str) -> Payload {
     if model_id == requested {
-        body
+        Payload::whole(body.clone())
     } else {
-        replace_string_value(&body, span, model_id)
+        Payload::with_string(body, span, model_id)
     }
 }
 
