@@ -12,6 +12,8 @@ use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::protocol::json_peek::replace_string_value;
+
 /// Below this size a body with a replaced value is copied into one buffer. A judgement, not a
 /// measured crossing: copying 16 KiB takes about a microsecond, a write of its own (a syscall,
 /// over TLS a record) a few.
@@ -34,23 +36,19 @@ impl Payload {
 
     /// `body` with the JSON string at `span` (its quotes included) replaced by `value`.
     pub fn with_string(body: &Bytes, span: Range<usize>, value: &str) -> Self {
+        let small_before = span.start < MERGE_BELOW;
+        let small_after = body.len() - span.end < MERGE_BELOW;
+        if body.len() < PIECES_FROM || (small_before && small_after) {
+            return Payload::whole(replace_string_value(body, span, value));
+        }
         let quoted = serde_json::to_string(value).expect("a string always serializes");
         let (before, after) = (&body[..span.start], &body[span.end..]);
-        if body.len() < PIECES_FROM {
-            return Payload::whole(joined(&[before, quoted.as_bytes(), after]));
-        }
-        match (before.len() < MERGE_BELOW, after.len() < MERGE_BELOW) {
-            (true, true) => Payload::whole(joined(&[before, quoted.as_bytes(), after])),
-            (true, false) => {
-                Payload { pieces: [joined(&[before, quoted.as_bytes()]), body.slice(span.end..), Bytes::new()] }
-            }
-            (false, true) => {
-                Payload { pieces: [body.slice(..span.start), joined(&[quoted.as_bytes(), after]), Bytes::new()] }
-            }
-            (false, false) => {
-                Payload { pieces: [body.slice(..span.start), Bytes::from(quoted), body.slice(span.end..)] }
-            }
-        }
+        let pieces = match (small_before, small_after) {
+            (true, _) => [joined(&[before, quoted.as_bytes()]), body.slice(span.end..), Bytes::new()],
+            (_, true) => [body.slice(..span.start), joined(&[quoted.as_bytes(), after]), Bytes::new()],
+            _ => [body.slice(..span.start), Bytes::from(quoted), body.slice(span.end..)],
+        };
+        Payload { pieces }
     }
 
     pub fn len(&self) -> usize {
@@ -62,11 +60,12 @@ impl Payload {
         self.pieces.iter().filter(|p| !p.is_empty())
     }
 
-    /// The body as one buffer: the first piece as it is when there is only one, else a copy.
+    /// The body as one buffer: the piece itself when there is only one, else a copy.
     pub fn to_bytes(&self) -> Bytes {
-        match self.pieces().count() {
-            0 => Bytes::new(),
-            1 => self.pieces().next().cloned().unwrap_or_default(),
+        let mut pieces = self.pieces();
+        match (pieces.next(), pieces.next()) {
+            (None, _) => Bytes::new(),
+            (Some(only), None) => only.clone(),
             _ => joined(&self.pieces().map(|p| &p[..]).collect::<Vec<_>>()),
         }
     }
@@ -98,7 +97,7 @@ mod tests {
 
     /// The copy the pieces stand for.
     fn expected(b: &Bytes, span: &Range<usize>, value: &str) -> Vec<u8> {
-        crate::protocol::json_peek::replace_string_value(b, span.clone(), value).to_vec()
+        replace_string_value(b, span.clone(), value).to_vec()
     }
 
     fn written(p: &Payload) -> Vec<u8> {
