@@ -110,6 +110,8 @@ struct Held {
     /// renewed nothing.
     access_key_id: String,
     expires: Option<SystemTime>,
+    /// The last moment these sign: a little before `expires` ([`super::signing_life`]).
+    sign_until: Option<SystemTime>,
     refresh_at: Option<SystemTime>,
 }
 
@@ -138,6 +140,7 @@ impl AwsCredentials {
             access_key_id: c.access_key_id().to_string(),
             identity: c.into(),
             expires: None,
+            sign_until: None,
             refresh_at: None,
         });
         AwsCredentials {
@@ -157,7 +160,7 @@ impl AwsCredentials {
     /// The identity to sign with now, or why there is none.
     pub fn identity(&self) -> Result<Identity, String> {
         match self.held.load().as_ref() {
-            Some(h) if h.expires.is_none_or(|e| SystemTime::now() < e) => Ok(h.identity.clone()),
+            Some(h) if h.sign_until.is_none_or(|e| SystemTime::now() < e) => Ok(h.identity.clone()),
             held => {
                 let why = self.state.lock().unwrap_or_else(|p| p.into_inner()).1.clone();
                 let since = *self.fetching_since.lock().unwrap_or_else(|p| p.into_inner());
@@ -208,6 +211,7 @@ impl AwsCredentials {
                     identity: h.identity.clone(),
                     access_key_id: h.access_key_id.clone(),
                     expires: h.expires,
+                    sign_until: h.sign_until,
                     refresh_at: Some(SystemTime::UNIX_EPOCH),
                 })
             })
@@ -240,6 +244,7 @@ impl AwsCredentials {
                             identity: h.identity.clone(),
                             access_key_id: h.access_key_id.clone(),
                             expires: h.expires,
+                            sign_until: h.sign_until,
                             refresh_at: Some(now + wait),
                         })));
                         state.1 = None;
@@ -267,6 +272,7 @@ impl AwsCredentials {
                             identity: h.identity.clone(),
                             access_key_id: h.access_key_id.clone(),
                             expires: h.expires,
+                            sign_until: h.sign_until,
                             refresh_at: retry,
                         })));
                     }
@@ -285,6 +291,7 @@ impl AwsCredentials {
                     identity: creds.into(),
                     access_key_id,
                     expires,
+                    sign_until: expires.map(|e| now + super::signing_life(e.duration_since(now).unwrap_or_default())),
                     refresh_at,
                 })));
                 state.1 = None;

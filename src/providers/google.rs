@@ -33,6 +33,7 @@ fn default_token_uri() -> String {
 struct Held {
     header: HeaderValue,
     refresh_at: Instant,
+    /// The last moment this token is sent: a little before it expires ([`super::signing_life`]).
     expires_at: Instant,
 }
 
@@ -243,11 +244,12 @@ impl TokenSource {
             serde_json::from_slice::<TokenAnswer>(&b).map_err(|e| format!("token endpoint answer unreadable: {e}"))
         });
         self.hold(parsed.map(|t| {
-            // Renewed when a fifth of its life is left (at most five minutes before the end).
-            // A life outside a second to a day is an endpoint's mistake: clamped, so a zero
-            // does not ask again at every pass and a huge one does not overflow.
+            // Renewed when a fifth of its life is left (at most five minutes) before it stops
+            // being sent. A life outside a second to a day is an endpoint's mistake: clamped,
+            // so a zero does not ask again at every pass and a huge one does not overflow.
             let life = Duration::from_secs(t.expires_in.clamp(1, 86_400));
-            (t.access_token, life, (life / 5).min(Duration::from_secs(300)))
+            let margin = life - super::signing_life(life);
+            (t.access_token, life, (life / 5).min(Duration::from_secs(300)) + margin)
         }));
     }
 
@@ -264,7 +266,7 @@ impl TokenSource {
                     self.held.store(Some(std::sync::Arc::new(Held {
                         header,
                         refresh_at: now + life - early,
-                        expires_at: now + life,
+                        expires_at: now + super::signing_life(life),
                     })));
                     state.1 = None;
                 }

@@ -34,6 +34,17 @@ pub use health::{now_ms, HealthPolicy, PassiveHealth};
 pub use pool::{Balancer, Pool, Schedule, Selection};
 pub use sigv4::{payload_hash, payload_hash_of, AwsSigner};
 
+/// How long before their expiry fetched credentials stop signing: a request signed a moment
+/// before the end reaches the provider after it, and is refused there (AWS answers 403
+/// "The security token included in the request is expired"). Two seconds cover the trip and
+/// a small clock skew; a quarter of the life is the most taken from very short-lived ones.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
+
+/// How much of a credential's `life` (from now) it may sign for.
+fn signing_life(life: Duration) -> Duration {
+    life - EXPIRY_MARGIN.min(life / 4)
+}
+
 /// One credential of a provider, with its own cool-down (a 429 is often per key).
 #[derive(Debug)]
 pub struct Credential {
@@ -396,4 +407,18 @@ fn load_ca(path: &std::path::Path) -> Result<Arc<CaType>, String> {
         return Err(format!("ca_file {} holds no certificates", path.display()));
     }
     Ok(Arc::from(certs.into_boxed_slice()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_stop_signing_a_little_before_they_expire() {
+        let s = Duration::from_secs;
+        assert_eq!(signing_life(s(3600)), s(3598));
+        assert_eq!(signing_life(s(6)), Duration::from_millis(4500));
+        assert_eq!(signing_life(s(1)), Duration::from_millis(750));
+        assert_eq!(signing_life(Duration::ZERO), Duration::ZERO);
+    }
 }
