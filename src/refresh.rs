@@ -134,6 +134,8 @@ async fn fetch_token(client: reqwest::Client, source: Arc<TokenSource>) {
         source.refresh_from_library().await;
         return;
     }
+    // The token's life counts from the ask, not the answer: a slow answer shortens it.
+    let asked = std::time::Instant::now();
     let fetched = async {
         let assertion = source.assertion(crate::providers::unix_now())?;
         let form = [("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"), ("assertion", &assertion)];
@@ -150,7 +152,7 @@ async fn fetch_token(client: reqwest::Client, source: Arc<TokenSource>) {
         }
         read_capped(resp, MAX_TOKEN_BYTES).await.map_err(|e| format!("token endpoint: {e}"))
     };
-    source.apply(fetched.await);
+    source.apply(fetched.await, asked);
 }
 
 /// Reads a response body, refusing it past `max` bytes (as it arrives, not after).

@@ -572,7 +572,7 @@ async fn vertex_renews_gce_tokens_under_load_without_a_failed_request() {
 /// ones. Not one request fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_issuer_outage_shorter_than_the_keys_life_fails_no_request() {
-    let cloud = stand_in(Duration::from_secs(24), StandInSettings::default()).await;
+    let cloud = stand_in(Duration::from_secs(30), StandInSettings::default()).await;
     let realm = cloud.realm().clone();
     let mock = realm_mock(&realm).await;
     let key = new_key();
@@ -585,13 +585,14 @@ async fn an_issuer_outage_shorter_than_the_keys_life_fails_no_request() {
         .with("AWS_EC2_METADATA_DISABLED", "true");
     let gw = env.start(&bedrock_config(&mock, "", &key));
     assert_eq!(realm.minted("sts-web-identity"), 1, "fetched at start");
-    // The renewal is due half-way through the 24 s: it meets the outage.
+    // The renewal is due half-way through the 30 s: it meets the outage.
     cloud.fail_next(3);
 
-    // Load until the renewal after the outage has signed for a second and a half (at most 30 s;
-    // the held keys expire 23 to 24 s after start).
+    // Load until the renewal after the outage has signed for a second and a half (at most 36 s;
+    // the held keys expire 29 to 30 s after start and stop signing 2 s before that; the retry
+    // comes about 20 s after start: the outage's three tries with the SDK's backoff, then 5 s).
     let renewed = Mutex::new(None::<Instant>);
-    let report = load_until(&gw, &key, 3, Duration::from_secs(30), || {
+    let report = load_until(&gw, &key, 3, Duration::from_secs(36), || {
         let mut at = renewed.lock().unwrap();
         if at.is_none() && realm.minted("sts-web-identity") >= 2 {
             *at = Some(Instant::now());

@@ -266,8 +266,9 @@ impl AwsCredentials {
                 if let Some(why) = stale {
                     tracing::warn!(source = %self.source.describe(), "AWS credentials not renewed: {why}");
                     if let Some(h) = held {
-                        // Try again later, half-way to the held keys' end, or in a few seconds.
-                        let retry = h.expires.map(|e| now + e.duration_since(now).unwrap_or_default() / 2);
+                        // Try again later, half-way to when the held keys stop signing, or in a
+                        // few seconds.
+                        let retry = h.sign_until.map(|e| now + e.duration_since(now).unwrap_or_default() / 2);
                         self.held.store(Some(std::sync::Arc::new(Held {
                             identity: h.identity.clone(),
                             access_key_id: h.access_key_id.clone(),

@@ -33,7 +33,8 @@ fn default_token_uri() -> String {
 struct Held {
     header: HeaderValue,
     refresh_at: Instant,
-    /// The last moment this token is sent: a little before it expires ([`super::signing_life`]).
+    /// The last moment this token is sent: a little before it expires for a service-account
+    /// token ([`super::signing_life`]), the end of the hold for one from Google's library.
     expires_at: Instant,
 }
 
@@ -188,7 +189,8 @@ impl TokenSource {
             // one held here is dead too, and signing with it would earn clients a provider's 401.
             self.held.store(None);
         }
-        self.hold(answer.map(|token| (token, LIBRARY_TOKEN_HOLD, LIBRARY_TOKEN_HOLD - LIBRARY_WAIT)));
+        // The library's answer carries no expiry: held for a fixed time, asked again soon.
+        self.hold(Instant::now(), answer.map(|token| (token, LIBRARY_TOKEN_HOLD, LIBRARY_WAIT)));
     }
 
     /// The signed assertion for the token endpoint, valid one hour from `now` (Unix seconds).
@@ -233,8 +235,9 @@ impl TokenSource {
         }
     }
 
-    /// Applies the token endpoint's answer (or the error getting it).
-    pub fn apply(&self, answer: Result<Vec<u8>, String>) {
+    /// Applies the token endpoint's answer (or the error getting it) to a request sent at
+    /// `asked`: the token's life counts from then, so a slow answer does not stretch it.
+    pub fn apply(&self, answer: Result<Vec<u8>, String>, asked: Instant) {
         #[derive(Deserialize)]
         struct TokenAnswer {
             access_token: String,
@@ -243,30 +246,33 @@ impl TokenSource {
         let parsed = answer.and_then(|b| {
             serde_json::from_slice::<TokenAnswer>(&b).map_err(|e| format!("token endpoint answer unreadable: {e}"))
         });
-        self.hold(parsed.map(|t| {
-            // Renewed when a fifth of its life is left (at most five minutes) before it stops
-            // being sent. A life outside a second to a day is an endpoint's mistake: clamped,
-            // so a zero does not ask again at every pass and a huge one does not overflow.
-            let life = Duration::from_secs(t.expires_in.clamp(1, 86_400));
-            let margin = life - super::signing_life(life);
-            (t.access_token, life, (life / 5).min(Duration::from_secs(300)) + margin)
-        }));
+        self.hold(
+            asked,
+            parsed.map(|t| {
+                // Sent until just before it expires ([`super::signing_life`]), renewed when a
+                // fifth of its life (at most five minutes) is left before then. A life outside
+                // a second to a day is an endpoint's mistake: clamped, so a zero does not ask
+                // again at every pass and a huge one does not overflow.
+                let life = Duration::from_secs(t.expires_in.clamp(1, 86_400));
+                let sign_for = super::signing_life(life);
+                (t.access_token, sign_for, sign_for - (life / 5).min(Duration::from_secs(300)))
+            }),
+        );
     }
 
-    /// Holds a token for `life`, to be renewed `early` before its end; or keeps the one held
-    /// and notes why there is no new one.
-    fn hold(&self, token: Result<(String, Duration, Duration), String>) {
-        let now = Instant::now();
+    /// Holds a token, sent for `sign_for` from `since` and renewed `renew_after` it; or keeps
+    /// the one held and notes why there is no new one.
+    fn hold(&self, since: Instant, token: Result<(String, Duration, Duration), String>) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.0 = Some(now);
+        state.0 = Some(Instant::now());
         match token {
-            Ok((token, life, early)) => match HeaderValue::from_str(&format!("Bearer {token}")) {
+            Ok((token, sign_for, renew_after)) => match HeaderValue::from_str(&format!("Bearer {token}")) {
                 Ok(mut header) => {
                     header.set_sensitive(true);
                     self.held.store(Some(std::sync::Arc::new(Held {
                         header,
-                        refresh_at: now + life - early,
-                        expires_at: now + super::signing_life(life),
+                        refresh_at: since + renew_after,
+                        expires_at: since + sign_for,
                     })));
                     state.1 = None;
                 }
