@@ -58,10 +58,11 @@ pub struct RequestCtx {
 
 impl RequestCtx {
     pub fn new() -> Self {
+        let time = SystemTime::now();
         RequestCtx {
-            id: new_request_id(),
+            id: new_request_id(time),
             start: Instant::now(),
-            time: SystemTime::now(),
+            time,
             in_flight: false,
             probe: false,
             key: None,
@@ -194,8 +195,30 @@ pub struct Client {
     pub session_id: Option<String>,
 }
 
-/// `req_` and 24 hex digits: unique enough to find one request in a year of logs.
-fn new_request_id() -> String {
+/// `req_`, the request's time in milliseconds (12 hex digits) and 80 random bits (20 more):
+/// unique across a fleet, and in time order. The ledger's primary key is this id, so a new
+/// row's index entry lands at the end of the index rather than on a random page of it, which
+/// in a ledger of millions of rows cost a disk read and a page write per insert.
+fn new_request_id(time: SystemTime) -> String {
+    let ms = time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64) & 0xffff_ffff_ffff;
     let bits: u128 = rand::random();
-    format!("req_{:024x}", bits >> 32)
+    format!("req_{ms:012x}{:020x}", bits >> 48)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_unique_and_in_time_order() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_600_000_123);
+        let a = new_request_id(t);
+        assert_eq!(a.len(), 36, "{a}");
+        assert!(a.starts_with("req_019ada5b2e7b"), "the time in ms, in hex: {a}");
+        assert!(a[4..].bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
+        let later = new_request_id(t + Duration::from_millis(1));
+        assert!(later > a, "{later} sorts after {a}");
+        let same: std::collections::HashSet<String> = (0..1000).map(|_| new_request_id(t)).collect();
+        assert_eq!(same.len(), 1000, "80 random bits tell requests of the same millisecond apart");
+    }
 }
