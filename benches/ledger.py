@@ -4,7 +4,9 @@
 The ledger's primary key is the request id. A random id puts each new index entry on a random
 page of the index: once the index outgrows SQLite's page cache, an insert reads a page from the
 file and the commit writes it back, so a row costs more the larger the ledger. A time-ordered
-id (`req_` + the time in ms + random bits, as the gateway issues) lands at the index's end.
+id (`req_` + the time in ms + random bits, as the gateway issues) lands at the index's end,
+or, in a ledger an older gateway filled with random ids, at one point inside it (the last
+column).
 
 The schema is read from `src/store/sqlite.rs` and opened with the store's pragmas (WAL,
 `synchronous = NORMAL`, SQLite's default cache), so the measurement follows the code. Each
@@ -60,7 +62,7 @@ def rows(make_id, start_ms, first, count, per_ms):
 INSERT = "INSERT OR IGNORE INTO ledger VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 
 
-def cell(directory, make_id, size, measured, batch, per_ms):
+def cell(directory, fill_id, make_id, size, measured, batch, per_ms):
     path = directory / "ledger.db"
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(f"{path}{suffix}"):
@@ -75,7 +77,7 @@ def cell(directory, make_id, size, measured, batch, per_ms):
     while done < size:
         n = min(50_000, size - done)
         db.execute("BEGIN")
-        db.executemany(INSERT, rows(make_id, start_ms, done, n, per_ms))
+        db.executemany(INSERT, rows(fill_id, start_ms, done, n, per_ms))
         db.execute("COMMIT")
         done += n
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -105,15 +107,16 @@ def main():
     ap.add_argument("--per-ms", type=int, default=1, help="rows a millisecond in the filled history")
     args = ap.parse_args()
     print(f"SQLite {sqlite3.sqlite_version}; {args.rows} rows timed a cell, {args.batch} a commit")
-    print("| rows in the ledger | file | random id: µs a row | time-ordered id: µs a row |")
-    print("|---|---|---|---|")
+    print("| rows in the ledger | file | random ids: µs a row | time-ordered ids | time-ordered after random |")
+    print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         directory = pathlib.Path(tmp)
         for size in (int(s) for s in args.sizes.split(",")):
-            r, _, mb = cell(directory, random_id, size, args.rows, args.batch, args.per_ms)
-            o, count, _ = cell(directory, ordered_id, size, args.rows, args.batch, args.per_ms)
+            r, _, mb = cell(directory, random_id, random_id, size, args.rows, args.batch, args.per_ms)
+            o, count, _ = cell(directory, ordered_id, ordered_id, size, args.rows, args.batch, args.per_ms)
             assert count == size + args.rows + args.batch, f"rows lost: {count}"
-            print(f"| {size:,} | {mb:,.0f} MB | {r:.1f} | {o:.1f} |", flush=True)
+            u = cell(directory, random_id, ordered_id, size, args.rows, args.batch, args.per_ms)[0] if size else o
+            print(f"| {size:,} | {mb:,.0f} MB | {r:.1f} | {o:.1f} | {u:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -231,7 +231,7 @@ mod tests {
 
     fn minimal() -> UsageRecord {
         UsageRecord {
-            request_id: "req_0123456789abcdef01234567".into(),
+            request_id: "req_019ada5b2e7b0123456789abcdef0123".into(),
             time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_796_000_000_123),
             key_id: None,
             user: None,
