@@ -196,9 +196,9 @@ pub struct Client {
 }
 
 /// `req_`, the request's time in milliseconds (12 hex digits) and 80 random bits (20 more):
-/// unique across a fleet, and in time order. The ledger's primary key is this id, so a new
-/// row's index entry lands at the end of the index rather than on a random page of it, which
-/// in a ledger of millions of rows cost a disk read and a page write per insert.
+/// unique across a fleet, and roughly in time order. The ledger's primary key is this id, so
+/// a new row's index entry goes to one busy place in the index rather than to a random page
+/// of it, which in a ledger of millions of rows cost a page read and write per insert.
 fn new_request_id(time: SystemTime) -> String {
     let ms = time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64) & 0xffff_ffff_ffff;
     let bits: u128 = rand::random();
