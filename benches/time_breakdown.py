@@ -9,7 +9,7 @@ Record while the load benchmark holds the pinned gateway busy (its json cell at 
 first after start-up and lasts --duration seconds):
 
     python3 benches/load/bench.py --targets tollgate --duration 10 --concurrency 64 --hold 0 &
-    sleep 6; pid=$(pgrep -f 'release/tollgate run')
+    sleep 6; pid=$(pgrep -f '^[^ ]*release/tollgate run')   # anchored: not the shell running this
     perf record -e cpu-clock -F 400 --call-graph dwarf,8192 -p "$pid" -o tollgate.data -- sleep 3
     perf script -i tollgate.data -F comm,tid,ip,sym > tollgate.txt
     python3 benches/time_breakdown.py tollgate.txt 163
