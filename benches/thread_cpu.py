@@ -23,7 +23,6 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "load"))
 import instructions  # noqa: E402  (its gateway configuration and helpers)
-from bench import claude_code_body, small_body, pin_plan, pinned  # noqa: E402
+from bench import claude_code_body, small_body, pin_plan, pinned, stop  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
 
@@ -108,14 +107,7 @@ def main():
         print(f"| all | {total:.2f} | {total / n * 1e6:.1f} |")
     finally:
         for p in reversed(procs):
-            try:
-                os.killpg(p.pid, signal.SIGINT)
-                p.wait(timeout=15)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            stop(p)
         shutil.rmtree(work, ignore_errors=True)
 
 
